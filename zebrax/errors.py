@@ -1,0 +1,21 @@
+"""Errors meant for people: each names the file, key or field at fault and what was expected."""
+
+
+class ZebraxError(Exception):
+    """Base class of every error zebrax raises on purpose; the CLI prints it as one line."""
+
+
+class ConfigError(ZebraxError, ValueError):
+    """A configuration field has a value the model cannot be built with."""
+
+
+class ConversionError(ZebraxError):
+    """A checkpoint cannot be read or does not match its config."""
+
+
+class CheckpointError(ZebraxError):
+    """A zebrax checkpoint directory is missing, incomplete or of an unknown format."""
+
+
+class InvalidArgument(ZebraxError, ValueError):
+    """A call's argument is out of range (e.g. ``max_new_tokens < 1``)."""

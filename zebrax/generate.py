@@ -1,0 +1,127 @@
+"""Autoregressive generation over any zebrax model with a decode cache.
+
+One jitted prefill fills a preallocated cache with the (left-padded) prompts; one jitted decode
+loop (``lax.while_loop`` around ``decode_step``) samples a token, feeds it back, and stops when every
+row has produced an end-of-sequence token or ``max_new_tokens`` are done. Shapes depend only on the
+batch size, the bucketed prompt length and the bucketed cache length, so a new prompt length or a new
+``max_new_tokens`` rarely recompiles; temperature, top-p and the step limit are traced values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zebrax.errors import InvalidArgument
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (and >= minimum) up to 1024, then the next multiple of 1024."""
+    if n <= 1024:
+        return max(minimum, 1 << max(0, (n - 1)).bit_length())
+    return -(-n // 1024) * 1024
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """logits ``[B, V]`` → tokens ``[B]``: argmax when temperature is 0, else nucleus sampling.
+
+    Nucleus: keep the most likely tokens whose cumulative probability (of the tokens before them)
+    is below ``top_p``; the most likely token is always kept.
+    """
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)
+    masked = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    sampled = jax.random.categorical(key, masked, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+class Generator:
+    """Jitted prefill and decode loop for one Flax module (``module.init_cache(config, B, S)``)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.prefill = jax.jit(self._prefill, static_argnames="max_len")
+        self.decode = jax.jit(self._decode, static_argnames="capacity")
+
+    def _prefill(self, params, tokens, token_mask, *, max_len: int):
+        """tokens, token_mask ``[B, Lp]`` (left-padded) → (logits of the last token ``[B, V]``, cache)."""
+        positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0).astype(jnp.int32)
+        cache = self.module.init_cache(self.module.config, tokens.shape[0], max_len)
+        logits, cache = self.module.apply(
+            {"params": params}, tokens, positions, token_mask, cache=cache, last_only=True
+        )
+        return logits[:, 0], cache
+
+    def decode_step(self, params, cache, tokens):
+        """Feed tokens ``[B]`` at the next slot → (next-token logits ``[B, V]``, cache)."""
+        positions = jnp.sum(cache.kv_mask, axis=1, dtype=jnp.int32)[:, None]
+        logits, cache = self.module.apply(
+            {"params": params}, tokens[:, None], positions, jnp.ones_like(positions, bool), cache=cache
+        )
+        return logits[:, 0], cache
+
+    def _decode(self, params, cache, logits, key, max_new_tokens, temperature, top_p, eos_ids, pad_id,
+                *, capacity: int):
+        """Sample up to ``max_new_tokens`` (<= capacity) tokens → (tokens ``[B, capacity]``, steps run)."""
+        batch = logits.shape[0]
+
+        def cond(state):
+            step, _, _, _, _, done = state
+            return (step < max_new_tokens) & ~jnp.all(done)
+
+        def body(state):
+            step, cache, logits, key, out, done = state
+            key, sub = jax.random.split(key)
+            tokens = jnp.where(done, pad_id, sample(logits, sub, temperature, top_p))
+            out = out.at[:, step].set(tokens)
+            done = done | jnp.isin(tokens, eos_ids)
+            logits, cache = self.decode_step(params, cache, tokens)
+            return step + 1, cache, logits, key, out, done
+
+        out = jnp.full((batch, capacity), pad_id, jnp.int32)
+        init = (jnp.zeros((), jnp.int32), cache, logits, key, out, jnp.zeros((batch,), bool))
+        step, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
+        return out, step
+
+    def __call__(
+        self,
+        params,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Sequence[int] = (),
+        pad_id: int = 0,
+    ) -> tuple[np.ndarray, int]:
+        """Generate for prompts of any lengths → (new tokens ``[B, steps]`` padded with pad_id, steps)."""
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise InvalidArgument("generate: every prompt needs at least one token")
+        prompt_len = bucket_length(max(lengths))
+        max_len = bucket_length(prompt_len + max_new_tokens)
+        tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
+        mask = np.zeros((len(prompts), prompt_len), bool)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):] = p
+            mask[i, prompt_len - len(p):] = True
+        logits, cache = self.prefill(params, tokens, mask, max_len=max_len)
+        out, steps = self.decode(
+            params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), jnp.float32(temperature),
+            jnp.float32(top_p), jnp.asarray(list(eos_ids) or [-1], jnp.int32), jnp.int32(pad_id),
+            capacity=max_len - prompt_len,
+        )
+        steps = int(steps)
+        return np.asarray(out[:, :steps]), steps
+
+
+__all__ = ["Generator", "bucket_length", "sample"]

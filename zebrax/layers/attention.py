@@ -1,0 +1,44 @@
+"""Grouped-query attention of the Llama teacher, with RoPE and an optional KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from zebrax import ops
+from zebrax.cache import KVCache, Slots
+from zebrax.config import LlamaConfig
+from zebrax.layers.linear import Linear
+from zebrax.layers.rope import apply_rope, inv_frequencies
+
+
+class Attention(nn.Module):
+    """x ``[B, L, embed]`` → ``[B, L, embed]``.
+
+    q ``[B, L, heads, head_dim]``, k and v ``[B, L, kv_heads, head_dim]``; RoPE on q and k; with a
+    cache the new keys and values are written at ``slots.offset`` and attention runs over the cache.
+    """
+
+    config: LlamaConfig
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, slots: Slots, cache: KVCache | None = None):
+        cfg = self.config
+        kw = dict(use_bias=cfg.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = Linear((h, d), ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(x)
+        k = Linear((g, d), ("embed",), ("kv_heads", "head_dim"), name="k_proj", **kw)(x)
+        v = Linear((g, d), ("embed",), ("kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        inv_freq = inv_frequencies(d, cfg.rope_theta, cfg.rope_scaling)
+        q, k = apply_rope(q, slots.positions, inv_freq), apply_rope(k, slots.positions, inv_freq)
+        if cache is not None:
+            cache = cache.update(k, v, slots.offset)
+            k, v = cache.k, cache.v
+        out = ops.attention(q, k, v, kv_mask=slots.kv_mask, q_offset=slots.offset, impl=self.impl)
+        out = Linear((x.shape[-1],), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
+        return out, cache
+
+    @staticmethod
+    def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
+        return KVCache.init(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, cfg.dtype)

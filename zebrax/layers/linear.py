@@ -1,0 +1,80 @@
+"""Linear maps and embeddings whose parameters carry logical axis names."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """``y = x · kernel (+ bias)``, contracting the last ``len(in_axes)`` axes of x.
+
+    kernel: ``[*in_shape, *features]`` with logical axes ``in_axes + out_axes``; bias: ``[*features]``.
+    Example: the attention output map contracts ``[B, L, heads, head_dim]`` with a
+    ``[heads, head_dim, embed]`` kernel.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    kernel_init: nn.initializers.Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        in_shape = x.shape[-n_in:]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self._fan_in_init(in_shape), self.in_axes + self.out_axes),
+            (*in_shape, *self.features),
+            self.param_dtype,
+        )
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
+                self.features, self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+    def _fan_in_init(self, in_shape):
+        """The kernel init sees a 2-D ``[fan_in, fan_out]`` matrix, whatever the axis split."""
+        fan_in = int(np.prod(in_shape))
+
+        def init(key, shape, dtype):
+            return self.kernel_init(key, (fan_in, int(np.prod(shape[len(in_shape):]))), dtype).reshape(shape)
+
+        return init
+
+
+class Embed(nn.Module):
+    """Token embedding ``[vocab, embed]``; ``attend`` gives the tied LM head."""
+
+    num_embeddings: int
+    features: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens ``[B, L]`` int → ``[B, L, embed]``."""
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x ``[..., embed]`` → logits ``[..., vocab]``."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))

@@ -1,0 +1,25 @@
+"""The SwiGLU MLP of Llama: ``down(silu(gate(x)) ⊙ up(x))``."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from zebrax.layers.linear import Linear
+
+
+class SwiGLU(nn.Module):
+    """x ``[B, L, embed]`` → ``[B, L, embed]`` through an ``intermediate_size`` hidden layer."""
+
+    intermediate_size: int
+    use_bias: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        m = (self.intermediate_size,)
+        gate = Linear(m, ("embed",), ("mlp",), name="gate_proj", **kw)(x)
+        up = Linear(m, ("embed",), ("mlp",), name="up_proj", **kw)(x)
+        return Linear((x.shape[-1],), ("mlp",), ("embed",), name="down_proj", **kw)(nn.silu(gate) * up)
