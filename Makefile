@@ -10,7 +10,6 @@ STAMP  := $(VENV)/.zebrax-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	# torch first: the CPU build (a bare `torch` would pull a multi-GB CUDA build)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
@@ -22,14 +21,14 @@ run: $(STAMP)
 	$(VENV)/bin/zebrax run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(VENV)/bin/zebrax run >/dev/null
-	$(VENV)/bin/zebrax bench forward artifacts/smollm2-135m-instruct
+	scripts/bench_forward.sh
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

@@ -62,10 +62,8 @@ class Model:
             raise InvalidArgument(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
         if not 0.0 < top_p <= 1.0 or temperature < 0:
             raise InvalidArgument(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        is_array = isinstance(tokens, np.ndarray) or (
-            hasattr(tokens, "shape") and getattr(tokens, "ndim", 0) == 2
-        )
-        prompts = [list(map(int, row)) for row in np.asarray(tokens)] if is_array else [list(map(int, p)) for p in tokens]
+        is_array = not isinstance(tokens, (list, tuple))
+        prompts = [list(map(int, p)) for p in (np.asarray(tokens) if is_array else tokens)]
         eos = () if ignore_eos else self.config.eos_token_id
         new, _ = self._generator(
             self.params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -73,7 +71,7 @@ class Model:
         )
         if is_array:
             return np.concatenate([np.asarray(tokens, np.int32), new], axis=1)
-        return [p + _until_eos(row, eos) for p, row in zip(prompts, new.tolist())]
+        return [p + _until_eos(row, eos) for p, row in zip(prompts, new.tolist(), strict=True)]
 
     @property
     def pad_id(self) -> int:
@@ -110,7 +108,8 @@ class Model:
         return self.tokenizer
 
     def __repr__(self) -> str:
-        return f"Model({type(self.config).__name__}, layers={self.config.num_hidden_layers}, params={self.num_params:,})"
+        c = self.config
+        return f"Model({type(c).__name__}, layers={c.num_hidden_layers}, params={self.num_params:,})"
 
 
 def _until_eos(row: list[int], eos: Sequence[int]) -> list[int]:

@@ -78,7 +78,7 @@ def load_config(path: str | os.PathLike):
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(
-            f"{config_file}: not a zebrax checkpoint (no \"format\": \"zebrax\"); convert it first with `zebrax convert`"
+            f"{config_file}: not a zebrax checkpoint (no \"format\": \"zebrax\"); convert it with `zebrax convert`"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")

@@ -141,7 +141,8 @@ def cmd_info(args):
         return
     for key, value in info.items():
         if key != "config":
-            print(f"{key:>22}: {value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key:>22}: {value}")
+            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            print(f"{key:>22}: {shown}")
 
 
 def cmd_bench(args):

@@ -134,6 +134,8 @@ class GGUFSource:
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as e:
-            raise ConversionError(f"{self.path}: cannot rebuild the tokenizer from metadata ({first_line(e)})") from None
+            raise ConversionError(
+                f"{self.path}: cannot rebuild the tokenizer from metadata ({first_line(e)})"
+            ) from None
         tok.save_pretrained(str(dst))
         return True

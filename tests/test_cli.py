@@ -1,0 +1,61 @@
+"""The command line, end to end: info, generate, run, bench, and `python -m zebrax`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from zebrax.cli import main
+
+
+def test_info_json_on_a_preset(capsys):
+    assert main(["info", "llama3_1_8b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["layers"], info["params"]) == ("preset", 32, 8_030_261_248)
+    assert info["cache_bytes_per_token"] == 131072 and info["cache_state_bytes"] == 0
+
+
+def test_info_on_a_checkpoint(capsys, tiny_llama):
+    _, _, ckpt = tiny_llama("gqa_llama3_untied")
+    assert main(["info", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "cache_bytes_per_token: 576" in out  # 3 layers x (k, v) x 2 heads x 12 x 4 B
+
+
+def test_info_on_something_unknown_lists_the_presets(capsys):
+    assert main(["info", "llama9"]) == 1
+    err = capsys.readouterr().err
+    assert "llama9" in err and "llama3_1_8b" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_without_a_tokenizer_says_so(capsys, tiny_llama):
+    assert main(["generate", str(tiny_llama("gqa_llama3_untied")[2]), "--prompt", "hi"]) == 1
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_misspelt_gin_binding_is_an_error_naming_it(capsys):
+    assert main(["run", "--gin", "run.promt = 'x'"]) == 1
+    assert "promt" in capsys.readouterr().err
+
+
+def test_run_and_generate_chat_on_the_embedded_teacher(smollm2_checkpoint, capsys):
+    assert main(["run", "--gin", f"run.output = '{smollm2_checkpoint}'", "--gin", "run.max_new_tokens = 24"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and '"params": 134515008' in out
+    proc = subprocess.run(
+        [sys.executable, "-m", "zebrax", "generate", str(smollm2_checkpoint), "--chat", "--prompt",
+         "What is the capital of Germany?", "--max-new-tokens", "16"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Berlin" in proc.stdout
+
+
+def test_bench_forward_reports_both_implementations(tiny_llama):
+    import zebrax
+    from zebrax.bench import bench_forward
+
+    result = bench_forward(zebrax.load(tiny_llama("tied_bias_bin")[2]), batch=1, seq_len=8, repeats=1)
+    assert result["zebrax_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    json.dumps(result)

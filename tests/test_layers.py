@@ -1,0 +1,50 @@
+"""Layer pieces against independent definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zebrax.config import RopeScaling
+from zebrax.layers.rope import apply_rope, inv_frequencies
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        RopeScaling(),
+        RopeScaling("linear", factor=4.0),
+        RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=64),
+    ],
+)
+def test_rope_frequencies_match_transformers(scaling):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": scaling.rope_type, "rope_theta": 500000.0}
+    if scaling.rope_type != "default":
+        params.update(factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+                      high_freq_factor=scaling.high_freq_factor,
+                      original_max_position_embeddings=scaling.original_max_position_embeddings)
+    config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=params)
+    if scaling.rope_type == "default":
+        want = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    else:
+        want, _ = ROPE_INIT_FUNCTIONS[scaling.rope_type](config, "cpu")
+    np.testing.assert_allclose(inv_frequencies(128, 500000.0, scaling), want.numpy(), rtol=1e-6)
+
+
+def test_rope_is_a_rotation_and_relative():
+    """Norms are kept, and <rope(q, m), rope(k, n)> depends only on m - n."""
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, 1, 1, 1, 16)).astype(np.float32)
+    inv = inv_frequencies(16, 10000.0, RopeScaling())
+
+    def rot(x, pos):
+        return np.asarray(apply_rope(x, np.array([[pos]]), inv))
+
+    np.testing.assert_allclose(np.linalg.norm(rot(q, 37)), np.linalg.norm(q), rtol=1e-5)
+    dot = lambda m, n: float((rot(q, m) * rot(k, n)).sum())  # noqa: E731
+    np.testing.assert_allclose(dot(10, 3), dot(107, 100), rtol=1e-4)
