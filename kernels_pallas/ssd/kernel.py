@@ -1,0 +1,245 @@
+"""Chunked SSD as Pallas kernels: a forward kernel and a backward kernel joined by ``jax.custom_vjp``.
+
+Layout: one program per (batch, head); it walks the sequence chunk by chunk with ``lax.fori_loop``,
+carrying the ``[head_dim, d_state]`` state, so the same kernel lowers on GPU (Triton: grid axes run in
+parallel, the chunk loop stays inside the program) and TPU (Mosaic), and runs with ``interpret=True``
+on the CPU. Inside a chunk of ``q`` positions, with ``u = x·dt``, ``cum`` the within-chunk cumulative
+sum of ``dt·A``, ``S`` the state entering the chunk::
+
+    decay[i, j] = exp(cum_i − cum_j) for i >= j, else 0                          [q, q]
+    y           = ((C Bᵀ) ∘ decay) u + exp(cum) ∘ (C Sᵀ)                          [q, p]
+    S'          = exp(cum_last) S + uᵀ diag(exp(cum_last − cum)) B               [p, n]
+
+The forward kernel also stores each chunk's entering state; the backward kernel walks the chunks in
+reverse, carrying dS, and returns du, dB, dC (per head), d cum and d(initial state). Everything that is
+not the scan (u = x·dt, the cumulative sums, padding, the D skip, summing dB/dC over the heads of a
+group) is plain JAX around the kernels, differentiated by JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.ssd.reference import add_skip
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """chunk: positions per in-kernel chunk (the ``[chunk, chunk]`` tiles); head_dim and d_state are
+    zero-padded to ``lane_multiple`` (a power of two for Triton, 128 lanes for Mosaic TPU)."""
+
+    chunk: int
+    lane_multiple: int = 16
+
+    @classmethod
+    def for_backend(cls, backend: str, chunk_size: int) -> BlockSizes:
+        """The SSD result does not depend on the chunk length, so the kernel picks one its backend likes."""
+        if backend == "tpu":
+            return cls(chunk=max(128, -(-chunk_size // 128) * 128), lane_multiple=16)
+        chunk = _next_power_of_two(max(chunk_size, 16))
+        return cls(chunk=min(chunk, 64) if backend == "gpu" else chunk)
+
+    def padded(self, dim: int) -> int:
+        """head_dim / d_state after padding: a power of two >= lane_multiple."""
+        return max(self.lane_multiple, _next_power_of_two(dim))
+
+    def validate(self, backend: str) -> None:
+        """Block rules interpret mode does not check: Triton wants power-of-two tiles with dot operands
+        >= 16; Mosaic slices the lane axis of the ``[1, L]`` cumulative sums in chunks of 128."""
+        if self.chunk < 16 or self.chunk & (self.chunk - 1):
+            raise ValueError(f"BlockSizes.chunk={self.chunk} must be a power of two >= 16")
+        if backend == "tpu" and self.chunk % 128:
+            raise ValueError(f"BlockSizes.chunk={self.chunk} must be a multiple of 128 on TPU")
+
+
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """Float32 matrix product of 2-D blocks, transposes folded into the contraction."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _row_sum(t):
+    return jnp.sum(t, axis=1, keepdims=True)
+
+
+def _chunk_decay(col, row, causal):
+    """exp(cum_i − cum_j) below the diagonal, 0 above (masked before the exp: no overflow)."""
+    return jnp.exp(jnp.where(causal, col - row, -jnp.inf))
+
+
+def _forward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, s0_ref, y_ref, states_ref, final_ref, *, q, n_chunks):
+    causal = lax.broadcasted_iota(jnp.int32, (q, q), 0) >= lax.broadcasted_iota(jnp.int32, (q, q), 1)
+
+    def chunk(c, state):
+        rows = pl.ds(pl.multiple_of(c * q, q), q)
+        u, col, row = u_ref[rows, :], col_ref[rows, :], row_ref[:, rows]  # [q, p], [q, 1], [1, q]
+        B, C = b_ref[rows, :], c_ref[rows, :]  # [q, n]
+        states_ref[pl.ds(c, 1), :, :] = state[None]
+        scores = _dot(C, B, trans_b=True) * _chunk_decay(col, row, causal)
+        y_ref[rows, :] = _dot(scores, u) + jnp.exp(col) * _dot(C, state, trans_b=True)
+        last = col[q - 1:q, :]  # [1, 1]
+        return jnp.exp(last) * state + _dot(u * jnp.exp(last - col), B, trans_a=True)
+
+    final_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
+
+
+def _backward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
+                     du_ref, db_ref, dc_ref, dcol_ref, drow_ref, ds0_ref, *, q, n_chunks):
+    causal = lax.broadcasted_iota(jnp.int32, (q, q), 0) >= lax.broadcasted_iota(jnp.int32, (q, q), 1)
+    is_last = lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
+
+    def chunk(i, d_state):
+        c = n_chunks - 1 - i
+        rows = pl.ds(pl.multiple_of(c * q, q), q)
+        u, col, row = u_ref[rows, :], col_ref[rows, :], row_ref[:, rows]
+        B, C, dy = b_ref[rows, :], c_ref[rows, :], dy_ref[rows, :]
+        state = states_ref[pl.ds(c, 1), :, :][0]  # [p, n] entering this chunk
+        decay = _chunk_decay(col, row, causal)
+        G = _dot(C, B, trans_b=True)
+        last = col[q - 1:q, :]
+        e, w, e_last = jnp.exp(col), jnp.exp(last - col), jnp.exp(last)  # [q, 1], [q, 1], [1, 1]
+        # y = (G ∘ decay) u + e ∘ (C Sᵀ)
+        d_scores = _dot(dy, u, trans_b=True) * decay  # dG
+        T = d_scores * G  # d(decay) ∘ decay
+        u_dS = _dot(u, d_state)  # [q, n]
+        du_ref[rows, :] = _dot(G * decay, dy, trans_a=True) + w * _dot(B, d_state, trans_b=True)
+        dc_ref[rows, :] = _dot(d_scores, B) + e * _dot(dy, state)
+        db_ref[rows, :] = _dot(d_scores, C, trans_a=True) + w * u_dS
+        de = _row_sum(dy * _dot(C, state, trans_b=True))
+        dw = _row_sum(u_dS * B)
+        d_last = jnp.sum(dw * w, axis=0, keepdims=True) + jnp.sum(_row_sum(state * d_state), axis=0,
+                                                                 keepdims=True) * e_last
+        dcol_ref[rows, :] = _row_sum(T) + de * e - dw * w + jnp.where(is_last, d_last, 0.0)
+        drow_ref[:, rows] = -jnp.sum(T, axis=0, keepdims=True)
+        return e_last * d_state + _dot(dy * e, C, trans_a=True)
+
+    ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
+
+
+def _specs(b, h, g, length, p, n, n_chunks):
+    """BlockSpecs per (batch, head) program; B and C come from the head's group."""
+    r = h // g
+    head = lambda *tail: pl.BlockSpec((None, None, *tail), lambda i, j: (i, j) + (0,) * len(tail))  # noqa: E731
+    group = pl.BlockSpec((None, None, length, n), lambda i, j: (i, j // r, 0, 0))
+    return {
+        "seq_p": head(length, p), "col": head(length, 1), "row": head(1, length), "group": group,
+        "seq_n": head(length, n), "state": head(p, n), "states": head(n_chunks, p, n),
+    }
+
+
+def _compiler_params(interpret: bool):
+    if interpret:
+        return None
+    if jax.default_backend() == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _forward(u, cum, B, C, s0, q, interpret):
+    b, h, length, p = u.shape
+    g, n = B.shape[1], B.shape[-1]
+    n_chunks = length // q
+    s = _specs(b, h, g, length, p, n, n_chunks)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, q=q, n_chunks=n_chunks),
+        grid=(b, h),
+        in_specs=[s["seq_p"], s["col"], s["row"], s["group"], s["group"], s["state"]],
+        out_specs=[s["seq_p"], s["states"], s["state"]],
+        out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, n_chunks, p, n), f32),
+                   jax.ShapeDtypeStruct((b, h, p, n), f32)],
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="ssd_forward",
+    )(u, cum[..., None], cum[:, :, None, :], B, C, s0)
+
+
+def _backward(u, cum, B, C, states, dy, dfinal, q, interpret):
+    b, h, length, p = u.shape
+    g, n = B.shape[1], B.shape[-1]
+    n_chunks = length // q
+    s = _specs(b, h, g, length, p, n, n_chunks)
+    f32 = jnp.float32
+    return pl.pallas_call(
+        functools.partial(_backward_kernel, q=q, n_chunks=n_chunks),
+        grid=(b, h),
+        in_specs=[s["seq_p"], s["col"], s["row"], s["group"], s["group"], s["states"], s["seq_p"], s["state"]],
+        out_specs=[s["seq_p"], s["seq_n"], s["seq_n"], s["col"], s["row"], s["state"]],
+        out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, length, n), f32),
+                   jax.ShapeDtypeStruct((b, h, length, n), f32), jax.ShapeDtypeStruct((b, h, length, 1), f32),
+                   jax.ShapeDtypeStruct((b, h, 1, length), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
+        interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="ssd_backward",
+    )(u, cum[..., None], cum[:, :, None, :], B, C, states, dy, dfinal)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def ssd_scan(u, cum, B, C, initial_state, q: int, interpret: bool):
+    """The kernel-level scan on padded, head-major float32 arrays.
+
+    u ``[b, h, L, p]`` (x·dt), cum ``[b, h, L]`` (within-chunk cumulative dt·A), B/C ``[b, g, L, n]``,
+    initial_state ``[b, h, p, n]``; L a multiple of q → (y ``[b, h, L, p]`` without the D skip, final state).
+    """
+    y, _, final = _forward(u, cum, B, C, initial_state, q, interpret)
+    return y, final
+
+
+def _ssd_scan_fwd(u, cum, B, C, initial_state, q, interpret):
+    y, states, final = _forward(u, cum, B, C, initial_state, q, interpret)
+    return (y, final), (u, cum, B, C, states)
+
+
+def _ssd_scan_bwd(q, interpret, residuals, cotangents):
+    u, cum, B, C, states = residuals
+    dy, dfinal = cotangents
+    du, dB, dC, dcol, drow, ds0 = _backward(u, cum, B, C, states, dy, dfinal, q, interpret)
+    b, h, length, n = dB.shape
+    g = B.shape[1]
+    per_group = lambda t: t.reshape(b, g, h // g, length, n).sum(axis=2)  # noqa: E731
+    return du, dcol[..., 0] + drow[:, :, 0, :], per_group(dB), per_group(dC), ds0
+
+
+ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
+
+
+def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, block_sizes: BlockSizes | None = None,
+               interpret: bool | None = None):
+    """Same contract as ``ssd_reference``: x ``[b, l, h, p]``, dt ``[b, l, h]``, A ``[h]``, B/C ``[b, l, g, n]``,
+    D ``[h]``, initial_state ``[b, h, p, n]`` → (y in x's dtype, final state float32). Differentiable."""
+    backend = jax.default_backend()
+    interpret = backend not in ("gpu", "tpu") if interpret is None else interpret
+    blocks = block_sizes or BlockSizes.for_backend("interpret" if interpret else backend, chunk_size)
+    blocks.validate("interpret" if interpret else backend)
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    q, p_pad, n_pad = blocks.chunk, blocks.padded(p), blocks.padded(n)
+    pad_len = -length % q
+    f32 = jnp.float32
+
+    def padded(t, last):  # [b, l, heads, last] → [b, heads, L, last_padded], zeros appended
+        t = jnp.pad(t.astype(f32), [(0, 0), (0, pad_len), (0, 0), (0, last - t.shape[-1])])
+        return jnp.swapaxes(t, 1, 2)
+
+    u = padded(x.astype(f32) * dt.astype(f32)[..., None], p_pad)
+    a = jnp.swapaxes(jnp.pad(dt.astype(f32) * A.astype(f32), [(0, 0), (0, pad_len), (0, 0)]), 1, 2)  # [b, h, L]
+    cum = jnp.cumsum(a.reshape(b, h, -1, q), axis=-1).reshape(b, h, -1)
+    s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
+    s0 = jnp.pad(s0, [(0, 0), (0, 0), (0, p_pad - p), (0, n_pad - n)])
+    y, final = ssd_scan(u, cum, padded(B, n_pad), padded(C, n_pad), s0, q, interpret)
+    y = jnp.swapaxes(y[:, :, :length, :p], 1, 2)
+    return add_skip(y, x, D).astype(x.dtype), final[:, :, :p, :n]

@@ -1,0 +1,42 @@
+"""The SSD recurrence itself, one time step at a time: the definition the kernels are tested against.
+
+Per head h, with group g(h) = h // (heads // groups) supplying B and C::
+
+    S_t = exp(dt_t · A) · S_{t-1} + dt_t · x_t ⊗ B_t          S: [head_dim, d_state]
+    y_t = S_t · C_t + D · x_t
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def repeat_groups(t: jax.Array, heads: int) -> jax.Array:
+    """[b, l, g, n] → [b, l, heads, n]: group g serves heads g·(heads/g) … (g+1)·(heads/g) − 1."""
+    return jnp.repeat(t, heads // t.shape[2], axis=2)
+
+
+def add_skip(y: jax.Array, x: jax.Array, D: jax.Array | None) -> jax.Array:
+    """y + D·x in float32 (D per head)."""
+    return y if D is None else y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
+
+
+def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None):
+    """x ``[b, l, h, p]``, dt ``[b, l, h]``, A ``[h]``, B/C ``[b, l, g, n]``, D ``[h]``, state ``[b, h, p, n]``
+    → (y ``[b, l, h, p]`` in x's dtype, final state float32). ``lax.scan`` over time, float32."""
+    b, _, h, p = x.shape
+    n = B.shape[-1]
+    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+    state = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else f32(initial_state)
+
+    def step(state, inputs):
+        x_t, dt_t, B_t, C_t = inputs  # [b, h, p], [b, h], [b, h, n], [b, h, n]
+        decay = jnp.exp(dt_t * f32(A))[:, :, None, None]
+        state = decay * state + jnp.einsum("bhp,bhn->bhpn", x_t * dt_t[..., None], B_t)
+        return state, jnp.einsum("bhpn,bhn->bhp", state, C_t)
+
+    time_major = lambda t: jnp.moveaxis(f32(t), 1, 0)  # noqa: E731
+    inputs = (time_major(x), time_major(dt), time_major(repeat_groups(B, h)), time_major(repeat_groups(C, h)))
+    state, y = jax.lax.scan(step, state, inputs)
+    return add_skip(jnp.moveaxis(y, 0, 1), x, D).astype(x.dtype), state

@@ -1,0 +1,112 @@
+"""The state-space dual (SSD) scan of Mamba2, behind one signature.
+
+Per head h, with the group g(h) = h // (heads // groups) supplying B and C::
+
+    S_t = exp(dt_t · A) · S_{t-1} + dt_t · x_t ⊗ B_t          S: [head_dim, d_state]
+    y_t = S_t · C_t + D · x_t
+
+``impl``: ``reference`` (the recurrence, ``lax.scan`` over time: the definition), ``chunked`` (the SSD
+algorithm in jax.numpy: quadratic attention-like form inside each chunk, a recurrence across chunks),
+``pallas`` (``kernels_pallas.ssd``: forward and backward kernels), ``auto`` (Pallas on GPU and TPU,
+chunked elsewhere). Every impl accumulates in float32 and returns y in x's dtype, the state in float32.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.ssd.reference import add_skip, ssd_reference
+from zebrax.errors import InvalidArgument
+
+
+class SSDImpl(str, enum.Enum):
+    REFERENCE = "reference"
+    CHUNKED = "chunked"
+    PALLAS = "pallas"
+    AUTO = "auto"
+
+
+def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: str | SSDImpl = "auto"):
+    """x ``[b, l, h, p]``, dt ``[b, l, h]`` (already softplus'd and biased), A ``[h]``,
+    B and C ``[b, l, g, n]`` (g divides h), D ``[h]`` or None, initial_state ``[b, h, p, n]`` or None
+    → (y ``[b, l, h, p]``, final_state ``[b, h, p, n]`` float32)."""
+    _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size)
+    impl = SSDImpl(impl)
+    if impl is SSDImpl.AUTO:
+        impl = SSDImpl.PALLAS if jax.default_backend() in ("gpu", "tpu") else SSDImpl.CHUNKED
+    if impl is SSDImpl.REFERENCE:
+        return ssd_reference(x, dt, A, B, C, D, initial_state=initial_state)
+    if impl is SSDImpl.CHUNKED:
+        return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)
+    from kernels_pallas.ssd import ssd_pallas
+
+    return ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)
+
+
+def _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    expected = {
+        "dt": (dt.shape, (b, l, h)), "A": (A.shape, (h,)), "B": (B.shape, (b, l, g, n)), "C": (C.shape, (b, l, g, n)),
+    }
+    if D is not None:
+        expected["D"] = (D.shape, (h,))
+    if initial_state is not None:
+        expected["initial_state"] = (initial_state.shape, (b, h, p, n))
+    for name, (got, want) in expected.items():
+        if tuple(got) != want:
+            raise InvalidArgument(f"ssd: {name} has shape {tuple(got)}, expected {want} for x {tuple(x.shape)}")
+    if h % g:
+        raise InvalidArgument(f"ssd: groups={g} must divide heads={h}")
+    if chunk_size < 1:
+        raise InvalidArgument(f"ssd: chunk_size={chunk_size} must be >= 1")
+
+
+def segsum(a):
+    """a ``[..., T]`` → ``[..., T, T]`` with ``out[i, j] = a[j+1] + … + a[i]`` for i >= j, −inf above the
+    diagonal. Built from masked cumulative sums, never from differences of large prefix sums."""
+    t = a.shape[-1]
+    strictly_lower = jnp.tril(jnp.ones((t, t), bool), -1)
+    sums = jnp.cumsum(jnp.where(strictly_lower, a[..., :, None], 0.0), axis=-2)
+    return jnp.where(jnp.tril(jnp.ones((t, t), bool)), sums, -jnp.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None):
+    """The SSD algorithm: b batch, c chunk, l/s positions in a chunk, g group, r head in group, p head dim,
+    n state. B and C stay per group (never repeated to heads)."""
+    b, length, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r, q = h // g, chunk_size
+    pad = -length % q
+    f32 = lambda t: jnp.pad(t.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))  # noqa: E731
+    c = (length + pad) // q
+    xdt = (f32(x) * f32(dt)[..., None]).reshape(b, c, q, g, r, p)
+    a = (f32(dt) * A.astype(jnp.float32)).reshape(b, c, q, g, r)
+    Bc, Cc = f32(B).reshape(b, c, q, g, n), f32(C).reshape(b, c, q, g, n)
+
+    a = jnp.moveaxis(a, 2, -1)  # [b, c, g, r, q]
+    a_cum = jnp.cumsum(a, axis=-1)
+    # 1. inside each chunk: masked, decayed attention-like product
+    decay = jnp.exp(segsum(a))  # [b, c, g, r, l, s]
+    scores = jnp.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    y_diag = jnp.einsum("bcgls,bcgrls,bcsgrp->bclgrp", scores, decay, xdt)
+    # 2. the state each chunk adds, decayed to the chunk's end
+    to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # [b, c, g, r, l]
+    chunk_states = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", Bc, to_end, xdt)
+    # 3. across chunks: the state entering each chunk
+    init = jnp.zeros((b, 1, g, r, p, n), jnp.float32) if initial_state is None else (
+        initial_state.astype(jnp.float32).reshape(b, 1, g, r, p, n)
+    )
+    chunk_states = jnp.concatenate([init, chunk_states], axis=1)  # [b, c+1, ...]
+    chunk_totals = jnp.moveaxis(a_cum[..., -1], 1, -1)  # [b, g, r, c]
+    chunk_decay = jnp.exp(segsum(jnp.pad(chunk_totals, [(0, 0)] * 3 + [(1, 0)])))  # [b, g, r, c+1, c+1]
+    states = jnp.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, chunk_states)
+    states, final = states[:, :-1], states[:, -1]
+    # 4. the entering state read out inside each chunk
+    y_off = jnp.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, states, jnp.exp(a_cum))
+    y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :length]
+    return add_skip(y, x, D).astype(x.dtype), final.reshape(b, h, p, n)
+
