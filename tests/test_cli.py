@@ -12,7 +12,7 @@ from zebrax.cli import main
 def test_info_json_on_a_preset(capsys):
     assert main(["info", "llama3_1_8b", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert (info["kind"], info["layers"], info["params"]) == ("preset", 32, 8_030_261_248)
+    assert (info["kind"], info["num_hidden_layers"], info["params"]) == ("preset", 32, 8_030_261_248)
     assert info["cache_bytes_per_token"] == 131072 and info["cache_state_bytes"] == 0
 
 

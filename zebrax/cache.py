@@ -21,13 +21,20 @@ class Slots:
     """Where the tokens of one call sit.
 
     positions ``[B, L]`` int32: RoPE positions of the new tokens (padding excluded from the count);
+    token_mask ``[B, L]`` bool: which new tokens are real (left padding is False);
     kv_mask ``[B, S]`` bool: which key slots hold real tokens (S = L without a cache);
     offset ``[]`` int32: the slot of the first new token (0 without a cache).
     """
 
     positions: jax.Array
+    token_mask: jax.Array
     kv_mask: jax.Array
     offset: jax.Array
+
+    @classmethod
+    def without_cache(cls, positions: jax.Array, token_mask: jax.Array) -> Slots:
+        mask = token_mask.astype(bool)
+        return cls(positions=positions, token_mask=mask, kv_mask=mask, offset=jnp.zeros((), jnp.int32))
 
 
 @struct.dataclass
@@ -52,6 +59,21 @@ class KVCache:
 
 
 @struct.dataclass
+class SSMCache:
+    """Decode state of one Mamba2 layer, constant in length: conv ``[B, conv_dim, kernel - 1]`` (the last
+    inputs of the causal conv), ssm ``[B, heads, head_dim, d_state]`` float32."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, conv_dim: int, conv_kernel: int, heads: int, head_dim: int, d_state: int,
+             dtype) -> SSMCache:
+        return cls(conv=jnp.zeros((batch, conv_dim, conv_kernel - 1), dtype),
+                   ssm=jnp.zeros((batch, heads, head_dim, d_state), jnp.float32))
+
+
+@struct.dataclass
 class Cache:
     """index ``[]`` int32 (next free slot), kv_mask ``[B, S]`` bool, layers: one cache per layer."""
 
@@ -71,8 +93,9 @@ class Cache:
 
     def slots(self, positions: jax.Array, token_mask: jax.Array) -> Slots:
         """The slots of ``L`` new tokens written at ``index``."""
-        kv_mask = jax.lax.dynamic_update_slice(self.kv_mask, token_mask.astype(bool), (0, self.index))
-        return Slots(positions=positions, kv_mask=kv_mask, offset=self.index)
+        token_mask = token_mask.astype(bool)
+        kv_mask = jax.lax.dynamic_update_slice(self.kv_mask, token_mask, (0, self.index))
+        return Slots(positions=positions, token_mask=token_mask, kv_mask=kv_mask, offset=self.index)
 
     def advance(self, slots: Slots, layers: tuple[Any, ...], num_new: int) -> Cache:
         return Cache(index=self.index + num_new, kv_mask=slots.kv_mask, layers=tuple(layers))

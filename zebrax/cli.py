@@ -40,10 +40,10 @@ _GIN_REGISTERED = []
 def _gin():
     import gin
 
-    from zebrax.config import LlamaConfig, RopeScaling
+    from zebrax.config import LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
 
     if not _GIN_REGISTERED:
-        for fn in (LlamaConfig, RopeScaling, run):
+        for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
             gin.external_configurable(fn, module="zebrax")
         _GIN_REGISTERED.append(True)
     return gin
@@ -64,9 +64,13 @@ def parse_gin(files: list[str | Path], bindings: list[str]):
     return gin
 
 
+def model(config):
+    """What a preset binds: ``model.config = @LlamaConfig()`` (or any other config class)."""
+    return config
+
+
 def preset_config(name: str):
     """A model config from ``configs/models/NAME.gin`` (or a path to a .gin file)."""
-    from zebrax.config import LlamaConfig
     from zebrax.errors import ZebraxError
 
     path = Path(name) if name.endswith(".gin") else CONFIGS / "models" / f"{name}.gin"
@@ -74,7 +78,7 @@ def preset_config(name: str):
         known = sorted(p.stem for p in (CONFIGS / "models").glob("*.gin"))
         raise ZebraxError(f"{name}: neither a zebrax checkpoint nor a preset; presets: {', '.join(known)}")
     gin = parse_gin([path], [])
-    return gin.get_configurable(LlamaConfig)()
+    return gin.get_configurable(model)()
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -118,12 +122,7 @@ def describe(path_or_preset: str) -> dict:
         "source": str(path_or_preset),
         "kind": "checkpoint" if is_ckpt else "preset",
         "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "heads": config.num_attention_heads,
-        "kv_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "vocab_size": config.vocab_size,
+        **config.summary(),
         "params": params,
         "param_bytes": params * dtype_bytes(config.param_dtype),
         "dtype": config.dtype,

@@ -28,6 +28,23 @@ def require_positive(cfg: Any, *names: str) -> None:
         require(isinstance(value, int) and value > 0, cfg, f"{name}={value!r} must be a positive integer")
 
 
+def normalise_token_ids(cfg: Any) -> None:
+    """eos_token_id as a tuple (chat models stop on several ids), checked against vocab_size; dtypes checked."""
+    eos = cfg.eos_token_id
+    object.__setattr__(cfg, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos or ()))
+    for tok in cfg.eos_token_id:
+        require(0 <= tok < cfg.vocab_size, cfg, f"eos_token_id {tok} is outside vocab_size={cfg.vocab_size}")
+    for name in ("dtype", "param_dtype"):
+        require(getattr(cfg, name) in DTYPES, cfg, f"{name}={getattr(cfg, name)!r} is not one of {DTYPES}")
+
+
+def unknown_fields(cls, d: dict) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known - {"model_type"})
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; valid fields are {sorted(known)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. ``llama3`` is Llama-3.1/3.2's; ``linear`` divides every frequency."""
@@ -99,9 +116,7 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id or ()))
+        normalise_token_ids(self)
         require_positive(
             self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
@@ -115,10 +130,6 @@ class LlamaConfig:
         require(self.head_dim % 2 == 0, self, f"head_dim={self.head_dim} must be even for RoPE")
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         require(self.rope_theta > 0, self, f"rope_theta={self.rope_theta} must be > 0")
-        for name in ("dtype", "param_dtype"):
-            require(getattr(self, name) in DTYPES, self, f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
-        for tok in self.eos_token_id:
-            require(0 <= tok < self.vocab_size, self, f"eos_token_id {tok} is outside vocab_size={self.vocab_size}")
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -135,14 +146,16 @@ class LlamaConfig:
         d["eos_token_id"] = list(self.eos_token_id)
         return {"model_type": self.model_type, **d}
 
+    def summary(self) -> dict:
+        """The sizes that identify the model, by field name (for `zebrax info` and error messages)."""
+        names = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "intermediate_size", "vocab_size")
+        return {n: getattr(self, n) for n in names}
+
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:
-        d = dict(d)
-        d.pop("model_type", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; valid fields are {sorted(known)}")
+        unknown_fields(cls, d)
+        d = {k: v for k, v in d.items() if k != "model_type"}
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
@@ -207,3 +220,169 @@ class LlamaConfig:
 
 def dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """One Mamba2 mixer (METHOD §3), covering both shapes in use.
+
+    Standard Mamba2 (mamba_ssm, transformers): x has ``n_heads`` heads of ``head_dim``; B and C have
+    ``n_groups`` groups of ``d_state``. Zebra's attention-shaped variant sets ``xb_heads`` (the teacher's
+    KV heads): x and B then have ``xb_heads`` heads, like V and K, repeated to the heads and groups after
+    the conv; C has ``n_groups = n_heads`` groups, like Q. ``in_proj`` rows: ``[z, x, B, C, dt]``.
+    The gated RMSNorm normalises each of the ``n_groups`` groups of y.
+    """
+
+    d_model: int = 768
+    d_inner: int = 1536
+    n_heads: int = 24
+    head_dim: int = 64
+    d_state: int = 128
+    n_groups: int = 1
+    xb_heads: int | None = None
+    conv_kernel: int = 4
+    use_conv_bias: bool = True
+    use_bias: bool = False
+    chunk_size: int = 256
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
+        object.__setattr__(self, "A_init_range", tuple(float(v) for v in self.A_init_range))
+        require_positive(self, "d_model", "d_inner", "n_heads", "head_dim", "d_state", "n_groups", "conv_kernel",
+                         "chunk_size")
+        require(
+            self.n_heads * self.head_dim == self.d_inner,
+            self,
+            f"n_heads={self.n_heads} x head_dim={self.head_dim} = {self.n_heads * self.head_dim} "
+            f"!= d_inner={self.d_inner}",
+        )
+        require(self.n_heads % self.n_groups == 0, self,
+                f"n_groups={self.n_groups} must divide n_heads={self.n_heads}")
+        if self.xb_heads is not None:
+            require_positive(self, "xb_heads")
+            require(self.n_heads % self.xb_heads == 0 and self.n_groups % self.xb_heads == 0, self,
+                    f"xb_heads={self.xb_heads} must divide n_heads={self.n_heads} and n_groups={self.n_groups}")
+        require(0 <= self.dt_limit[0] < self.dt_limit[1], self, f"dt_limit={self.dt_limit} must be (low, high), "
+                "0 <= low < high")
+        require(0 < self.dt_min <= self.dt_max, self, f"need 0 < dt_min={self.dt_min} <= dt_max={self.dt_max}")
+        require(0 < self.A_init_range[0] <= self.A_init_range[1], self,
+                f"A_init_range={self.A_init_range} must be (low, high) with 0 < low <= high")
+        require(self.norm_eps > 0, self, f"norm_eps={self.norm_eps} must be > 0")
+
+    @property
+    def x_heads(self) -> int:
+        """Heads of x before repetition (n_heads, or xb_heads in the attention-shaped variant)."""
+        return self.xb_heads or self.n_heads
+
+    @property
+    def b_groups(self) -> int:
+        """Groups of B before repetition (n_groups, or xb_heads in the attention-shaped variant)."""
+        return self.xb_heads or self.n_groups
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: x, B and C."""
+        return self.x_heads * self.head_dim + (self.b_groups + self.n_groups) * self.d_state
+
+    def in_proj_sizes(self) -> dict[str, int]:
+        """Widths of the ``in_proj`` output, in row order."""
+        return {"z": self.d_inner, "x": self.x_heads * self.head_dim, "B": self.b_groups * self.d_state,
+                "C": self.n_groups * self.d_state, "dt": self.n_heads}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2LMConfig:
+    """A pure Mamba2 language model (transformers' ``Mamba2ForCausalLM``): blocks of
+    ``h = h + Mixer(RMSNorm(h))``, no MLP; final RMSNorm and LM head."""
+
+    vocab_size: int = 50280
+    num_hidden_layers: int = 24
+    mixer: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    residual_in_fp32: bool = True
+    bos_token_id: int | None = 0
+    eos_token_id: tuple[int, ...] = (0,)
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    model_type = "mamba2"
+
+    def __post_init__(self):
+        if isinstance(self.mixer, dict):
+            object.__setattr__(self, "mixer", Mamba2Config(**self.mixer))
+        normalise_token_ids(self)
+        require_positive(self, "vocab_size", "num_hidden_layers")
+        require(self.norm_eps > 0, self, f"norm_eps={self.norm_eps} must be > 0")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.mixer.d_model
+
+    def replace(self, **changes) -> Mamba2LMConfig:
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> dict:
+        """The sizes that identify the model, by field name (for `zebrax info` and error messages)."""
+        m = self.mixer
+        return {"num_hidden_layers": self.num_hidden_layers, "d_model": m.d_model, "d_inner": m.d_inner,
+                "n_heads": m.n_heads, "head_dim": m.head_dim, "d_state": m.d_state, "n_groups": m.n_groups,
+                "xb_heads": m.xb_heads, "vocab_size": self.vocab_size}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return {"model_type": self.model_type, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Mamba2LMConfig:
+        unknown_fields(cls, d)
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        if isinstance(d.get("mixer"), dict):
+            unknown_fields(Mamba2Config, d["mixer"])
+            d["mixer"] = Mamba2Config(**d["mixer"])
+        return cls(**d)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> Mamba2LMConfig:
+        """Translate transformers' ``Mamba2Config`` JSON."""
+        hidden = d["hidden_size"]
+        d_inner = int(d.get("expand", 2) * hidden)
+        mixer = Mamba2Config(
+            d_model=hidden, d_inner=d_inner, n_heads=d["num_heads"], head_dim=d.get("head_dim", 64),
+            d_state=d.get("state_size", 128), n_groups=d.get("n_groups", 1), conv_kernel=d.get("conv_kernel", 4),
+            use_conv_bias=d.get("use_conv_bias", True), use_bias=d.get("use_bias", False),
+            chunk_size=d.get("chunk_size", 256), dt_limit=tuple(d.get("time_step_limit", (0.0, float("inf")))),
+            dt_min=d.get("time_step_min", 1e-3), dt_max=d.get("time_step_max", 0.1),
+            dt_init_floor=d.get("time_step_floor", 1e-4), norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        )
+        eos = d.get("eos_token_id")
+        return cls(
+            vocab_size=d["vocab_size"], num_hidden_layers=d["num_hidden_layers"], mixer=mixer,
+            norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=d.get("tie_word_embeddings", True),
+            residual_in_fp32=d.get("residual_in_fp32", True), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=() if eos is None else eos, pad_token_id=d.get("pad_token_id"),
+        )
+
+    def to_hf_dict(self) -> dict:
+        m = self.mixer
+        if m.xb_heads is not None:
+            raise ConfigError("Mamba2LMConfig: the attention-shaped mixer (xb_heads) has no transformers equivalent")
+        return {
+            "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "vocab_size": self.vocab_size,
+            "hidden_size": m.d_model, "num_hidden_layers": self.num_hidden_layers, "expand": m.d_inner / m.d_model,
+            "num_heads": m.n_heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
+            "conv_kernel": m.conv_kernel, "use_conv_bias": m.use_conv_bias, "use_bias": m.use_bias,
+            "chunk_size": m.chunk_size, "time_step_limit": list(m.dt_limit), "time_step_min": m.dt_min,
+            "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor, "layer_norm_epsilon": self.norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "residual_in_fp32": self.residual_in_fp32,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_id),
+            "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
+        }

@@ -22,6 +22,15 @@ def add_skip(y: jax.Array, x: jax.Array, D: jax.Array | None) -> jax.Array:
     return y if D is None else y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
 
 
+def ssd_step(x, dt, A, B, C, state):
+    """One time step: x ``[b, h, p]``, dt ``[b, h]``, A ``[h]``, B/C ``[b, h, n]`` (per head), state
+    ``[b, h, p, n]`` → (S_t · C_t ``[b, h, p]`` (no D skip), new state), float32."""
+    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+    decay = jnp.exp(f32(dt) * f32(A))[:, :, None, None]
+    state = decay * f32(state) + jnp.einsum("bhp,bhn->bhpn", f32(x) * f32(dt)[..., None], f32(B))
+    return jnp.einsum("bhpn,bhn->bhp", state, f32(C)), state
+
+
 def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None):
     """x ``[b, l, h, p]``, dt ``[b, l, h]``, A ``[h]``, B/C ``[b, l, g, n]``, D ``[h]``, state ``[b, h, p, n]``
     → (y ``[b, l, h, p]`` in x's dtype, final state float32). ``lax.scan`` over time, float32."""
@@ -31,10 +40,9 @@ def ssd_reference(x, dt, A, B, C, D=None, *, initial_state=None):
     state = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else f32(initial_state)
 
     def step(state, inputs):
-        x_t, dt_t, B_t, C_t = inputs  # [b, h, p], [b, h], [b, h, n], [b, h, n]
-        decay = jnp.exp(dt_t * f32(A))[:, :, None, None]
-        state = decay * state + jnp.einsum("bhp,bhn->bhpn", x_t * dt_t[..., None], B_t)
-        return state, jnp.einsum("bhpn,bhn->bhp", state, C_t)
+        x_t, dt_t, B_t, C_t = inputs
+        y_t, state = ssd_step(x_t, dt_t, A, B_t, C_t, state)
+        return state, y_t
 
     time_major = lambda t: jnp.moveaxis(f32(t), 1, 0)  # noqa: E731
     inputs = (time_major(x), time_major(dt), time_major(repeat_groups(B, h)), time_major(repeat_groups(C, h)))

@@ -1,7 +1,8 @@
 """Checkpoint conversion: the only package that knows foreign layouts.
 
-``convert(src, dst)`` reads an HF directory (safetensors, sharded or not, or ``pytorch_model.bin``)
-or a ``.gguf`` file and writes a zebrax checkpoint (see ``zebrax.checkpoint``).
+``convert(src, dst)`` reads an HF directory (safetensors, sharded or not, or ``pytorch_model.bin``) of a
+Llama, Mistral or Mamba2 model, or a Llama ``.gguf`` file, and writes a zebrax checkpoint (see
+``zebrax.checkpoint``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from zebrax import checkpoint
 from zebrax.config import DTYPES
 from zebrax.convert.gguf import GGUFSource
 from zebrax.convert.hf import HFSource
-from zebrax.convert.llama import params_from_hf
+from zebrax.convert.architectures import TENSOR_MAPS
+from zebrax.convert.mapping import params_from_hf
 from zebrax.errors import ConfigError, ConversionError
 
 
@@ -34,7 +36,7 @@ def open_source(src: str | os.PathLike) -> HFSource | GGUFSource:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Convert a Llama checkpoint at ``src`` into a zebrax checkpoint at ``dst``; returns ``dst``.
+    """Convert the checkpoint at ``src`` into a zebrax checkpoint at ``dst``; returns ``dst``.
 
     ``dtype`` is the parameter and compute dtype of the result. The destination appears only when
     the conversion is complete; an existing one is replaced only with ``overwrite=True``.
@@ -44,7 +46,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
     source = open_source(src)
     config = source.config.replace(dtype=dtype, param_dtype=dtype)
     with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
-        params = params_from_hf(config, source.tensors(), dtype)
+        params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype)
         checkpoint.save(tmp, config, params)
         del params
         source.save_tokenizer(tmp / "tokenizer")

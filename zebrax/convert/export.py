@@ -1,4 +1,4 @@
-"""zebrax Llama parameters → transformers layout: an HF directory, or an in-memory torch model."""
+"""zebrax parameters → transformers layout: an HF directory, or an in-memory torch model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from zebrax import checkpoint
-from zebrax.convert.llama import hf_tensors
+from zebrax.convert.architectures import TENSOR_MAPS
+from zebrax.convert.mapping import hf_tensors
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -20,7 +21,8 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = 
     params = checkpoint.load_params(src, config)
     with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        save_file(dict(hf_tensors(params)), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tensors = dict(hf_tensors(TENSOR_MAPS[config.model_type], params))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer = checkpoint.tokenizer_dir(src)
         if tokenizer is not None:
             for f in tokenizer.iterdir():
@@ -29,15 +31,18 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = 
 
 
 def to_transformers(config, params):
-    """A float32 ``transformers.LlamaForCausalLM`` holding the same weights (for parity and benchmarks)."""
+    """A float32 transformers model (``LlamaForCausalLM``, ``Mamba2ForCausalLM``) holding the same weights,
+    for parity tests and benchmarks."""
     import torch
     import transformers
 
-    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
-    model = transformers.LlamaForCausalLM(hf_config).to(torch.float32).eval()
-    state = {name: torch.from_numpy(w) for name, w in hf_tensors(params)}
+    hf = config.to_hf_dict()
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
+    tensor_map = TENSOR_MAPS[config.model_type]
+    state = {name: torch.from_numpy(w) for name, w in hf_tensors(tensor_map, params)}
     if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state["lm_head.weight"] = state[tensor_map.hf_name(("embed_tokens", "embedding"))]
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:

@@ -1,5 +1,5 @@
 """Read llama.cpp GGUF files: dequantise each tensor, undo the rotary row permutation of Q and K,
-and rename to transformers' Llama names so the one mapping in ``convert/llama.py`` applies.
+and rename to transformers' Llama names so the Llama tensor map in ``convert/architectures.py`` applies.
 
 llama.cpp stores ``attn_q``/``attn_k`` rows interleaved per head (pairs ``(i, i + D/2)`` adjacent);
 HF checkpoints keep them half-split. Config, special tokens and chat template come from the file's

@@ -1,4 +1,5 @@
-"""Read transformers checkpoints: ``config.json`` + safetensors (single or sharded) or ``pytorch_model.bin``.
+"""Read transformers checkpoints: ``config.json`` + safetensors (single or sharded) or ``pytorch_model.bin``,
+for the architectures in ``convert/architectures.py`` (Llama, Mistral without sliding window, Mamba2).
 
 Tensors are read one at a time. ``.bin`` files are opened with ``torch.load(weights_only=True)``,
 which refuses every pickle that is not plain tensors: nothing from the file is ever executed.
@@ -13,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zebrax.config import LlamaConfig
+from zebrax.convert.architectures import ARCHITECTURES
 from zebrax.errors import ConfigError, ConversionError
-
-SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
 )
@@ -32,7 +31,7 @@ def first_line(e: BaseException) -> str:
 
 
 class HFSource:
-    """A transformers Llama checkpoint: a directory, or a weights file with ``config.json`` beside it."""
+    """A transformers checkpoint: a directory, or a weights file with ``config.json`` beside it."""
 
     def __init__(self, path: Path):
         self.directory = path if path.is_dir() else path.parent
@@ -62,7 +61,7 @@ class HFSource:
                 raise ConversionError(f"{index}: names shard {shard.name}, which is missing")
         return shards
 
-    def _read_config(self) -> LlamaConfig:
+    def _read_config(self):
         try:
             d = json.loads(self.config_file.read_text())
         except ValueError as e:
@@ -70,11 +69,11 @@ class HFSource:
         if not isinstance(d, dict):
             raise ConversionError(f"{self.config_file}: expected a JSON object")
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED:
+        if model_type not in ARCHITECTURES:
             archs = ", ".join(d.get("architectures") or []) or "none given"
             raise ConversionError(
                 f"{self.config_file}: unsupported architecture (model_type {model_type!r}, architectures: {archs});"
-                f" zebrax converts {', '.join(SUPPORTED.values())}"
+                f" zebrax converts model_type {', '.join(sorted(ARCHITECTURES))}"
             )
         if model_type == "mistral" and d.get("sliding_window") is not None:
             raise ConversionError(f"{self.config_file}: sliding_window={d['sliding_window']} is not supported")
@@ -84,7 +83,7 @@ class HFSource:
             if eos is not None:
                 d["eos_token_id"] = eos
         try:
-            return LlamaConfig.from_hf_dict(d)
+            return ARCHITECTURES[model_type][0].from_hf_dict(d)
         except KeyError as e:
             raise ConversionError(f"{self.config_file}: missing key {e}") from None
         except (ConfigError, TypeError) as e:

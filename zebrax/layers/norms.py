@@ -28,3 +28,24 @@ class RMSNorm(nn.Module):
             (x.shape[-1],), self.param_dtype,
         )
         return rms_normalize(x, self.eps).astype(self.dtype) * scale.astype(self.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba2's output norm: ``scale ⊙ RMSNorm(y ⊙ silu(z))``, normalised separately over each of ``groups``
+    equal slices of the last axis (float32 inside)."""
+
+    groups: int = 1
+    eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        width = y.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("ssm_inner",)), (width,), self.param_dtype
+        )
+        gated = y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))
+        grouped = gated.reshape(*gated.shape[:-1], self.groups, width // self.groups)
+        normed = rms_normalize(grouped, self.eps).reshape(gated.shape)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)

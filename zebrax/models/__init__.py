@@ -7,12 +7,14 @@ import jax
 import jax.numpy as jnp
 
 from zebrax.cache import cache_sizes as measure_cache
-from zebrax.config import LlamaConfig
+from zebrax.config import LlamaConfig, Mamba2LMConfig
 from zebrax.errors import ConfigError
 from zebrax.models.llama import LlamaForCausalLM
+from zebrax.models.mamba2 import Mamba2ForCausalLM
 
 REGISTRY = {
     LlamaConfig.model_type: (LlamaConfig, LlamaForCausalLM),
+    Mamba2LMConfig.model_type: (Mamba2LMConfig, Mamba2ForCausalLM),
 }
 
 
@@ -57,6 +59,6 @@ def cache_sizes(config) -> tuple[int, int]:
 
 
 __all__ = [
-    "REGISTRY", "LlamaForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict", "logical_axes",
+    "REGISTRY", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict", "logical_axes",
     "param_count",
 ]

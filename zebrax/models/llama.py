@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from zebrax.cache import Cache, Slots
 from zebrax.config import LlamaConfig
-from zebrax.layers import Attention, Embed, Linear, RMSNorm, SwiGLU
+from zebrax.layers import Attention, RMSNorm, SwiGLU
+from zebrax.models.common import embed, lm_head, make_slots
 
 
 class DecoderBlock(nn.Module):
@@ -21,7 +21,8 @@ class DecoderBlock(nn.Module):
     def __call__(self, x: jax.Array, slots: Slots, cache=None):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        h, cache = Attention(cfg, self.impl, name="self_attn")(RMSNorm(name="input_layernorm", **norm)(x), slots, cache)
+        attention = Attention(cfg, self.impl, name="self_attn")
+        h, cache = attention(RMSNorm(name="input_layernorm", **norm)(x), slots, cache)
         x = x + h
         mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, name="mlp")
         return x + mlp(RMSNorm(name="post_attention_layernorm", **norm)(x)), cache
@@ -41,34 +42,16 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
         cfg = self.config
-        b, length = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        if token_mask is None:
-            token_mask = jnp.ones((b, length), bool)
-        if cache is None:
-            slots = Slots(positions=positions, kv_mask=token_mask.astype(bool), offset=jnp.zeros((), jnp.int32))
-        else:
-            slots = cache.slots(positions, token_mask)
-
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed_tokens")
-        x = embed(tokens)
+        slots = make_slots(tokens, positions, token_mask, cache)
+        x, embedding = embed(cfg, tokens)
         new_layers = []
         for i in range(cfg.num_hidden_layers):
             x, layer_cache = DecoderBlock(cfg, self.impl, name=f"layers_{i}")(
                 x, slots, None if cache is None else cache.layers[i]
             )
             new_layers.append(layer_cache)
-        if last_only:
-            x = x[:, -1:]
-        x = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, name="lm_head")(x)
-        new_cache = None if cache is None else cache.advance(slots, tuple(new_layers), length)
-        return logits.astype(jnp.float32), new_cache
+        logits = lm_head(cfg, x, embedding, cfg.rms_norm_eps, last_only)
+        return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
 
     @staticmethod
     def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:

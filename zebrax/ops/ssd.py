@@ -18,7 +18,7 @@ import enum
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.ssd.reference import add_skip, ssd_reference
+from kernels_pallas.ssd.reference import add_skip, repeat_groups, ssd_reference, ssd_step
 from zebrax.errors import InvalidArgument
 
 
@@ -110,3 +110,11 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None):
     y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :length]
     return add_skip(y, x, D).astype(x.dtype), final.reshape(b, h, p, n)
 
+
+
+def ssd_decode_step(x, dt, A, B, C, D, state):
+    """One new token in O(1): x ``[b, h, p]``, dt ``[b, h]``, A ``[h]``, B/C ``[b, g, n]``, D ``[h]`` or None,
+    state ``[b, h, p, n]`` → (y ``[b, h, p]`` in x's dtype, new state float32)."""
+    h = x.shape[1]
+    y, state = ssd_step(x, dt, A, repeat_groups(B[:, None], h)[:, 0], repeat_groups(C[:, None], h)[:, 0], state)
+    return add_skip(y, x, D).astype(x.dtype), state

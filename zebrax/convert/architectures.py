@@ -1,0 +1,56 @@
+"""The architectures zebrax converts: transformers ``model_type`` → (config translation, tensor map)."""
+
+from __future__ import annotations
+
+from zebrax.config import LlamaConfig, Mamba2LMConfig
+from zebrax.convert.mapping import CONV, FLAT, LINEAR, LINEAR_2, SAME, TensorMap
+
+LLAMA = TensorMap(
+    top_level={
+        "model.embed_tokens.weight": (("embed_tokens", "embedding"), SAME),
+        "model.norm.weight": (("norm", "scale"), SAME),
+        "lm_head.weight": (("lm_head", "kernel"), LINEAR),
+    },
+    per_layer={
+        "input_layernorm.weight": (("input_layernorm", "scale"), SAME),
+        "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), SAME),
+        **{f"self_attn.{p}_proj.weight": (("self_attn", f"{p}_proj", "kernel"), LINEAR) for p in "qkv"},
+        **{f"self_attn.{p}_proj.bias": (("self_attn", f"{p}_proj", "bias"), FLAT) for p in "qkv"},
+        "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), LINEAR_2),
+        "self_attn.o_proj.bias": (("self_attn", "o_proj", "bias"), FLAT),
+        **{f"mlp.{p}_proj.weight": (("mlp", f"{p}_proj", "kernel"), LINEAR) for p in ("gate", "up", "down")},
+        **{f"mlp.{p}_proj.bias": (("mlp", f"{p}_proj", "bias"), FLAT) for p in ("gate", "up", "down")},
+    },
+    layer_prefix="model.layers",
+)
+
+MAMBA2 = TensorMap(
+    top_level={
+        "backbone.embeddings.weight": (("embed_tokens", "embedding"), SAME),
+        "backbone.norm_f.weight": (("norm", "scale"), SAME),
+        "lm_head.weight": (("lm_head", "kernel"), LINEAR),
+    },
+    per_layer={
+        "norm.weight": (("norm", "scale"), SAME),
+        "mixer.in_proj.weight": (("mixer", "in_proj", "kernel"), LINEAR),
+        "mixer.in_proj.bias": (("mixer", "in_proj", "bias"), SAME),
+        "mixer.conv1d.weight": (("mixer", "conv_kernel"), CONV),
+        "mixer.conv1d.bias": (("mixer", "conv_bias"), SAME),
+        "mixer.dt_bias": (("mixer", "dt_bias"), SAME),
+        "mixer.A_log": (("mixer", "A_log"), SAME),
+        "mixer.D": (("mixer", "D"), SAME),
+        "mixer.norm.weight": (("mixer", "norm", "scale"), SAME),
+        "mixer.out_proj.weight": (("mixer", "out_proj", "kernel"), LINEAR),
+        "mixer.out_proj.bias": (("mixer", "out_proj", "bias"), SAME),
+    },
+    layer_prefix="backbone.layers",
+    aliases={"backbone.embedding.weight": "backbone.embeddings.weight"},  # mamba_ssm's name
+)
+
+# transformers model_type → (zebrax config class, tensor map)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LLAMA),
+    "mistral": (LlamaConfig, LLAMA),
+    "mamba2": (Mamba2LMConfig, MAMBA2),
+}
+TENSOR_MAPS = {LlamaConfig.model_type: LLAMA, Mamba2LMConfig.model_type: MAMBA2}

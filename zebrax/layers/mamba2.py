@@ -1,0 +1,124 @@
+"""The Mamba2 mixer: in_proj → causal depthwise conv → SSD scan → gated RMSNorm → out_proj.
+
+One module covers the standard Mamba2 and Zebra's attention-shaped variant (``Mamba2Config.xb_heads``):
+x and B are repeated to the heads and groups after the conv, as GQA repeats V and K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zebrax import ops
+from zebrax.cache import SSMCache
+from zebrax.config import Mamba2Config
+from zebrax.layers.linear import Linear
+from zebrax.layers.norms import GatedRMSNorm
+
+
+def _dt_bias_init(cfg: Mamba2Config):
+    """softplus⁻¹ of dt ~ exp(U(log dt_min, log dt_max)), floored at dt_init_floor."""
+
+    def init(key, shape, dtype):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = jnp.maximum(dt, cfg.dt_init_floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def _a_log_init(cfg: Mamba2Config):
+    """A_log = log A, A ~ U(A_init_range)."""
+
+    def init(key, shape, dtype):
+        low, high = cfg.A_init_range
+        return jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dtype)
+
+    return init
+
+
+def _conv_init(key, shape, dtype):
+    """PyTorch's Conv1d default for a depthwise conv: U(±1/sqrt(kernel))."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Mamba2Mixer(nn.Module):
+    """x ``[B, L, d_model]`` → ``[B, L, d_model]``; with a cache, the conv and SSM states are read and returned.
+
+    ``token_mask`` ``[B, L]`` marks real tokens: padded positions are no-op steps (zero conv input,
+    dt = 0), so left padding does not change the state.
+    """
+
+    config: Mamba2Config
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_mask: jax.Array, cache: SSMCache | None = None):
+        cfg = self.config
+        b, length, _ = x.shape
+        sizes = cfg.in_proj_sizes()
+        proj = Linear((sum(sizes.values()),), ("embed",), ("ssm_in",), use_bias=cfg.use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="in_proj")(x)
+        z, xbc, dt = jnp.split(proj, [sizes["z"], sizes["z"] + cfg.conv_dim], axis=-1)
+        mask = token_mask[..., None]
+
+        xbc, conv_state = self._conv(xbc * mask, cache)
+        xbc = nn.silu(xbc) * mask
+        xs, B, C = jnp.split(xbc, [sizes["x"], sizes["x"] + sizes["B"]], axis=-1)
+        xs = jnp.repeat(xs.reshape(b, length, cfg.x_heads, cfg.head_dim), cfg.n_heads // cfg.x_heads, axis=2)
+        B = jnp.repeat(B.reshape(b, length, cfg.b_groups, cfg.d_state), cfg.n_groups // cfg.b_groups, axis=2)
+        C = C.reshape(b, length, cfg.n_groups, cfg.d_state)
+
+        dt_bias = self._param("dt_bias", _dt_bias_init(cfg))
+        A = -jnp.exp(self._param("A_log", _a_log_init(cfg)).astype(jnp.float32))
+        D = self._param("D", nn.initializers.ones)
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+        dt = jnp.clip(dt, *cfg.dt_limit) * mask
+
+        if cache is not None and length == 1:
+            y, ssm_state = ops.ssd_decode_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, cache.ssm)
+            y = y[:, None]
+        else:
+            y, ssm_state = ops.ssd(xs, dt, A, B, C, D, chunk_size=cfg.chunk_size,
+                                   initial_state=None if cache is None else cache.ssm, impl=self.impl)
+        y = GatedRMSNorm(cfg.n_groups, cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(
+            y.reshape(b, length, cfg.d_inner), z
+        )
+        out = Linear((x.shape[-1],), ("ssm_inner",), ("embed",), use_bias=cfg.use_bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="out_proj")(y)
+        return out, None if cache is None else SSMCache(conv=conv_state, ssm=ssm_state)
+
+    def _param(self, name, init):
+        return self.param(name, nn.with_logical_partitioning(init, ("ssm_heads",)), (self.config.n_heads,),
+                          self.param_dtype)
+
+    def _conv(self, xbc: jax.Array, cache: SSMCache | None):
+        """Causal depthwise conv over time: xbc ``[B, L, conv_dim]``; the kernel-1 inputs before the first
+        come from the cache (zeros without one). Returns the conv output and the new conv state."""
+        cfg = self.config
+        k = cfg.conv_kernel
+        kernel = self.param("conv_kernel", nn.with_logical_partitioning(_conv_init, ("conv", "ssm_conv")),
+                            (k, cfg.conv_dim), self.param_dtype).astype(self.dtype)
+        if cache is None:
+            history = jnp.zeros((xbc.shape[0], k - 1, cfg.conv_dim), xbc.dtype)
+        else:
+            history = jnp.swapaxes(cache.conv, 1, 2).astype(xbc.dtype)
+        padded = jnp.concatenate([history, xbc], axis=1)  # [B, k - 1 + L, conv_dim]
+        length = xbc.shape[1]
+        out = sum(padded[:, i:i + length] * kernel[i] for i in range(k))
+        if cfg.use_conv_bias:
+            bias = self.param("conv_bias", nn.with_logical_partitioning(_conv_init, ("ssm_conv",)), (cfg.conv_dim,),
+                              self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        return out, jnp.swapaxes(padded[:, padded.shape[1] - (k - 1):], 1, 2)
+
+    @staticmethod
+    def init_cache(cfg: Mamba2Config, batch: int, dtype) -> SSMCache:
+        return SSMCache.init(batch, cfg.conv_dim, cfg.conv_kernel, cfg.n_heads, cfg.head_dim, cfg.d_state, dtype)

@@ -1,0 +1,60 @@
+"""A pure Mamba2 language model (transformers' ``Mamba2ForCausalLM``)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zebrax.cache import Cache, Slots
+from zebrax.config import Mamba2LMConfig
+from zebrax.layers import RMSNorm
+from zebrax.layers.mamba2 import Mamba2Mixer
+from zebrax.models.common import embed, lm_head, make_slots
+
+
+class Mamba2Block(nn.Module):
+    """``h = h + Mamba2Mixer(RMSNorm(h))``; the residual stream stays float32 with ``residual_in_fp32``."""
+
+    config: Mamba2LMConfig
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, slots: Slots, cache=None):
+        cfg = self.config
+        normed = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
+        h, cache = Mamba2Mixer(cfg.mixer, cfg.dtype, cfg.param_dtype, self.impl, name="mixer")(
+            normed, slots.token_mask, cache
+        )
+        residual = x.astype(jnp.float32) if cfg.residual_in_fp32 else x
+        return (residual + h).astype(residual.dtype), cache
+
+
+class Mamba2ForCausalLM(nn.Module):
+    """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32; same call as ``LlamaForCausalLM``.
+
+    Its decode cache is constant in length: per layer a conv state and an SSM state.
+    """
+
+    config: Mamba2LMConfig
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
+        cfg = self.config
+        slots = make_slots(tokens, positions, token_mask, cache)
+        x, embedding = embed(cfg, tokens)
+        new_layers = []
+        for i in range(cfg.num_hidden_layers):
+            x, layer_cache = Mamba2Block(cfg, self.impl, name=f"layers_{i}")(
+                x, slots, None if cache is None else cache.layers[i]
+            )
+            new_layers.append(layer_cache)
+        logits = lm_head(cfg, x, embedding, cfg.norm_eps, last_only)
+        return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
+
+    @staticmethod
+    def init_cache(cfg: Mamba2LMConfig, batch: int, max_len: int) -> Cache:
+        return Cache.init(batch, max_len, tuple(
+            Mamba2Mixer.init_cache(cfg.mixer, batch, cfg.dtype) for _ in range(cfg.num_hidden_layers)
+        ))
