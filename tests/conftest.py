@@ -51,6 +51,37 @@ TINY_LLAMAS = {
 }
 
 
+# name -> (transformers Mamba2Config kwargs, save_pretrained kwargs)
+TINY_MAMBA2S = {
+    # 2 groups, in/out projection biases, chunk 8 < sequence, untied, safetensors
+    "groups2_bias": (
+        dict(vocab_size=123, hidden_size=48, expand=2, num_heads=6, head_dim=16, n_groups=2, state_size=8,
+             num_hidden_layers=2, chunk_size=8, use_bias=True, tie_word_embeddings=False),
+        dict(safe_serialization=True),
+    ),
+    # 3 groups, conv kernel 3, expand 1, tied embeddings, chunk 4, PyTorch .bin
+    "groups3_tied_bin": (
+        dict(vocab_size=90, hidden_size=36, expand=1, num_heads=6, head_dim=6, n_groups=3, state_size=10,
+             num_hidden_layers=2, chunk_size=4, conv_kernel=3, tie_word_embeddings=True),
+        dict(safe_serialization=False),
+    ),
+}
+
+
+def make_hf_mamba2(directory: Path, name: str, seed: int = 0):
+    """Create, save and return a tiny random ``transformers.Mamba2ForCausalLM`` (float32, eval mode)."""
+    import torch
+    import transformers
+
+    config_kw, save_kw = TINY_MAMBA2S[name]
+    torch.manual_seed(seed)
+    config = transformers.Mamba2Config(initializer_range=0.1, bos_token_id=1, eos_token_id=3, pad_token_id=0,
+                                       **config_kw)
+    model = transformers.Mamba2ForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(directory, **save_kw)
+    return model
+
+
 def make_hf_llama(directory: Path, name: str, seed: int = 0):
     """Create, save and return a tiny random ``transformers.LlamaForCausalLM`` (float32, eval mode)."""
     import torch
@@ -70,6 +101,16 @@ def make_hf_llama(directory: Path, name: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """name -> (transformers model, HF directory, zebrax checkpoint directory); built once per session."""
+    return _converted(tmp_path_factory, make_hf_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba2(tmp_path_factory):
+    """name -> (transformers model, HF directory, zebrax checkpoint directory); built once per session."""
+    return _converted(tmp_path_factory, make_hf_mamba2)
+
+
+def _converted(tmp_path_factory, make):
     import zebrax
 
     cache = {}
@@ -77,7 +118,7 @@ def tiny_llama(tmp_path_factory):
     def get(name: str):
         if name not in cache:
             root = tmp_path_factory.mktemp(name)
-            model = make_hf_llama(root / "hf", name)
+            model = make(root / "hf", name)
             zebrax.convert(root / "hf", root / "zebrax")
             cache[name] = (model, root / "hf", root / "zebrax")
         return cache[name]

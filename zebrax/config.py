@@ -296,6 +296,11 @@ class Mamba2Config:
                 "C": self.n_groups * self.d_state, "dt": self.n_heads}
 
 
+def _hf_float(v) -> float:
+    """transformers writes non-finite floats into config.json as ``{"__float__": "Infinity"}``."""
+    return float(v["__float__"]) if isinstance(v, dict) else float(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mamba2LMConfig:
     """A pure Mamba2 language model (transformers' ``Mamba2ForCausalLM``): blocks of
@@ -359,7 +364,8 @@ class Mamba2LMConfig:
             d_model=hidden, d_inner=d_inner, n_heads=d["num_heads"], head_dim=d.get("head_dim", 64),
             d_state=d.get("state_size", 128), n_groups=d.get("n_groups", 1), conv_kernel=d.get("conv_kernel", 4),
             use_conv_bias=d.get("use_conv_bias", True), use_bias=d.get("use_bias", False),
-            chunk_size=d.get("chunk_size", 256), dt_limit=tuple(d.get("time_step_limit", (0.0, float("inf")))),
+            chunk_size=d.get("chunk_size", 256),
+            dt_limit=tuple(_hf_float(v) for v in d.get("time_step_limit", (0.0, float("inf")))),
             dt_min=d.get("time_step_min", 1e-3), dt_max=d.get("time_step_max", 0.1),
             dt_init_floor=d.get("time_step_floor", 1e-4), norm_eps=d.get("layer_norm_epsilon", 1e-5),
         )
@@ -373,11 +379,12 @@ class Mamba2LMConfig:
 
     def to_hf_dict(self) -> dict:
         m = self.mixer
-        if m.xb_heads is not None:
-            raise ConfigError("Mamba2LMConfig: the attention-shaped mixer (xb_heads) has no transformers equivalent")
+        if m.xb_heads is not None or m.d_inner % m.d_model:
+            raise ConfigError("Mamba2LMConfig: transformers' Mamba2 has no attention-shaped mixer (xb_heads) and "
+                              f"needs d_inner a multiple of d_model; got xb_heads={m.xb_heads}, d_inner={m.d_inner}")
         return {
             "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "vocab_size": self.vocab_size,
-            "hidden_size": m.d_model, "num_hidden_layers": self.num_hidden_layers, "expand": m.d_inner / m.d_model,
+            "hidden_size": m.d_model, "num_hidden_layers": self.num_hidden_layers, "expand": m.d_inner // m.d_model,
             "num_heads": m.n_heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
             "conv_kernel": m.conv_kernel, "use_conv_bias": m.use_conv_bias, "use_bias": m.use_bias,
             "chunk_size": m.chunk_size, "time_step_limit": list(m.dt_limit), "time_step_min": m.dt_min,

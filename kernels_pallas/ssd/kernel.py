@@ -56,10 +56,11 @@ class BlockSizes:
     def validate(self, backend: str) -> None:
         """Block rules interpret mode does not check: Triton wants power-of-two tiles with dot operands
         >= 16; Mosaic slices the lane axis of the ``[1, L]`` cumulative sums in chunks of 128."""
-        if self.chunk < 16 or self.chunk & (self.chunk - 1):
+        if backend == "tpu":
+            if self.chunk % 128:
+                raise ValueError(f"BlockSizes.chunk={self.chunk} must be a multiple of 128 on TPU")
+        elif self.chunk < 16 or self.chunk & (self.chunk - 1):
             raise ValueError(f"BlockSizes.chunk={self.chunk} must be a power of two >= 16")
-        if backend == "tpu" and self.chunk % 128:
-            raise ValueError(f"BlockSizes.chunk={self.chunk} must be a multiple of 128 on TPU")
 
 
 def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
@@ -226,7 +227,7 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, b
     blocks = block_sizes or BlockSizes.for_backend("interpret" if interpret else backend, chunk_size)
     blocks.validate("interpret" if interpret else backend)
     b, length, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
+    n = B.shape[3]
     q, p_pad, n_pad = blocks.chunk, blocks.padded(p), blocks.padded(n)
     pad_len = -length % q
     f32 = jnp.float32

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from zebrax import checkpoint
 from zebrax.config import DTYPES
+from zebrax.convert.architectures import TENSOR_MAPS
 from zebrax.convert.gguf import GGUFSource
 from zebrax.convert.hf import HFSource
-from zebrax.convert.architectures import TENSOR_MAPS
 from zebrax.convert.mapping import params_from_hf
 from zebrax.errors import ConfigError, ConversionError
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from zebrax.convert.architectures import ARCHITECTURES
 from zebrax.errors import ConfigError, ConversionError
+
 WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin",
 )

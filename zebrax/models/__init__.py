@@ -59,6 +59,6 @@ def cache_sizes(config) -> tuple[int, int]:
 
 
 __all__ = [
-    "REGISTRY", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict", "logical_axes",
-    "param_count",
+    "REGISTRY", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict",
+    "logical_axes", "param_count",
 ]

@@ -47,10 +47,11 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: st
 
 
 def _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size):
-    b, l, h, p = x.shape
+    b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     expected = {
-        "dt": (dt.shape, (b, l, h)), "A": (A.shape, (h,)), "B": (B.shape, (b, l, g, n)), "C": (C.shape, (b, l, g, n)),
+        "dt": (dt.shape, (b, length, h)), "A": (A.shape, (h,)), "B": (B.shape, (b, length, g, n)),
+        "C": (C.shape, (b, length, g, n)),
     }
     if D is not None:
         expected["D"] = (D.shape, (h,))

@@ -1,0 +1,65 @@
+"""zebrax Mamba2 LM vs transformers' Mamba2ForCausalLM (its PyTorch path) on tiny random checkpoints (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zebrax
+from tests.conftest import TINY_MAMBA2S
+
+LOGIT_ATOL = 1e-4  # fp32, max |Δlogit|
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MAMBA2S))
+def test_logits_match_transformers(tiny_mamba2, name, rng):
+    hf, _, ckpt = tiny_mamba2(name)
+    model = zebrax.load(ckpt)
+    tokens = rng.integers(0, model.config.vocab_size, (2, 29))  # 29: odd, several chunks plus a ragged tail
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens)).logits.numpy()
+    got = model.logits(tokens)
+    assert want.std() > 0.3, "random logits too small for the tolerance to mean anything"
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MAMBA2S))
+def test_greedy_generation_matches_transformers(tiny_mamba2, name, rng):
+    hf, _, ckpt = tiny_mamba2(name)
+    model = zebrax.load(ckpt)
+    prompt = rng.integers(4, model.config.vocab_size, (2, 9))
+    tokens = torch.from_numpy(prompt)
+    want = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=16, do_sample=False,
+                       eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=16, ignore_eos=True), want)
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_mamba2, rng):
+    """Padding is a no-op step for the conv and the SSM state."""
+    model = zebrax.load(tiny_mamba2("groups2_bias")[2])
+    prompts = [rng.integers(4, model.config.vocab_size, n).tolist() for n in (2, 13, 6)]
+    batched = model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    for prompt, out in zip(prompts, batched, strict=True):
+        assert out == model.generate([prompt], max_new_tokens=8, ignore_eos=True)[0]
+
+
+def test_decode_state_is_constant_in_length(tiny_mamba2):
+    model = zebrax.load(tiny_mamba2("groups2_bias")[2])
+    m = model.config.mixer
+    per_layer = (m.d_inner + 2 * m.n_groups * m.d_state) * (m.conv_kernel - 1) * 4 + m.n_heads * m.head_dim * m.d_state * 4
+    assert model.cache_bytes_per_token() == 0
+    assert model.cache_state_bytes() == model.config.num_hidden_layers * per_layer
+
+
+def test_export_round_trip(tiny_mamba2, tmp_path, rng):
+    import transformers
+
+    from zebrax.convert.export import export
+
+    hf, _, ckpt = tiny_mamba2("groups3_tied_bin")
+    export(ckpt, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.from_numpy(rng.integers(0, 90, (2, 11)))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), rtol=0, atol=1e-6)
