@@ -59,3 +59,12 @@ def test_bench_forward_reports_both_implementations(tiny_llama):
     result = bench_forward(zebrax.load(tiny_llama("tied_bias_bin")[2]), batch=1, seq_len=8, repeats=1)
     assert result["zebrax_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
     json.dumps(result)
+
+
+def test_bench_ssd_reports_every_impl_and_the_lm_ratio():
+    from zebrax.bench import bench_ssd
+
+    result = bench_ssd(lengths=(64,), repeats=1)
+    assert set(result["op"][0]) >= {"reference_ms", "chunked_64_ms", "chunked_256_ms", "pallas_ms"}
+    assert result["mamba2_lm_forward"][0]["speedup_vs_transformers"] > 0
+    json.dumps(result)

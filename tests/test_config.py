@@ -90,3 +90,20 @@ def test_presets_have_the_published_sizes(preset, params, cache_bytes):
     config = preset_config(preset)
     assert param_count(config) == params
     assert cache_sizes(config) == (cache_bytes, 0)
+
+
+def test_mamba2_preset_matches_transformers_parameter_count():
+    """configs/models/mamba2_130m.gin against transformers' Mamba2ForCausalLM of the same sizes (meta device)."""
+    import torch
+    import transformers
+
+    from zebrax.cli import preset_config
+    from zebrax.models import cache_sizes
+
+    config = preset_config("mamba2_130m")
+    with torch.device("meta"):
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**config.to_hf_dict()))
+    assert param_count(config) == sum(p.numel() for p in hf.parameters()) == 128_989_632
+    m = config.mixer  # bf16 conv state, fp32 SSM state, per layer; nothing grows with length
+    state = ((m.d_inner + 2 * m.d_state) * (m.conv_kernel - 1) * 2 + m.n_heads * m.head_dim * m.d_state * 4) * 24
+    assert cache_sizes(config) == (0, state)

@@ -1,68 +1,133 @@
-"""Benchmarks that print JSON. Timings alternate between the implementations compared, in one process,
-so that the machine's drift hits both alike; report medians and the ratio."""
+"""Benchmarks that print JSON. The implementations compared are timed alternately in one process, so the
+machine's drift hits them alike; each figure is a median over the repeats, after one warm-up call."""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each no-argument function, calls interleaved round-robin; first call is warm-up."""
+    for fn in fns.values():
         fn()
-        out.append(time.perf_counter() - t)
-    return out
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> dict:
+    import torch
+
+    return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+            "cpu": platform.processor() or platform.machine(), "jax": jax.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _torch_forward(hf, tokens: np.ndarray) -> Callable[[], object]:
+    import torch
+
+    t = torch.from_numpy(tokens.astype(np.int64))
+
+    def run():
+        with torch.inference_mode():
+            return hf(t).logits.sum().item()
+
+    return run
+
+
+def _zebrax_forward(model, tokens: np.ndarray) -> Callable[[], object]:
+    mask = np.ones(tokens.shape, bool)
+    return lambda: jax.block_until_ready(model._forward(model.params, tokens, mask))
 
 
 def bench_forward(model, *, batch: int = 4, seq_len: int = 256, repeats: int = 5, seed: int = 0) -> dict:
     """Prefill (one full forward pass with logits) tokens/s: zebrax (jit) vs transformers (PyTorch eager),
-    same weights in float32, measured alternately."""
-    import torch
-
+    same weights in float32."""
     from zebrax.convert.export import to_transformers
 
     tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq_len), dtype=np.int32)
-    mask = np.ones(tokens.shape, bool)
-    hf = to_transformers(model.config, model.params)
-    hf_tokens = torch.from_numpy(tokens.astype(np.int64))
-
-    def run_zebrax():
-        jax.block_until_ready(model._forward(model.params, tokens, mask))
-
-    def run_hf():
-        with torch.inference_mode():
-            hf(hf_tokens).logits.sum().item()
-
-    compile_s = _time(run_zebrax, 1)[0]
-    run_hf()  # warm-up
-    zebrax_s, hf_s = [], []
-    for _ in range(repeats):
-        zebrax_s += _time(run_zebrax, 1)
-        hf_s += _time(run_hf, 1)
+    t = time.perf_counter()
+    _zebrax_forward(model, tokens)()
+    compile_s = time.perf_counter() - t
+    s = compare({"zebrax": _zebrax_forward(model, tokens),
+                 "transformers": _torch_forward(to_transformers(model.config, model.params), tokens)}, repeats)
     n = batch * seq_len
-    z, h = statistics.median(zebrax_s), statistics.median(hf_s)
     return {
-        "benchmark": "forward",
-        "model": repr(model),
-        "dtype": model.config.dtype,
-        "batch": batch,
-        "seq_len": seq_len,
-        "repeats": repeats,
-        "zebrax_tokens_per_s": round(n / z, 1),
-        "transformers_tokens_per_s": round(n / h, 1),
-        "speedup_vs_transformers": round(h / z, 3),
-        "zebrax_median_s": round(z, 4),
-        "transformers_median_s": round(h, 4),
-        "zebrax_compile_s": round(compile_s, 2),
-        "backend": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "jax": jax.__version__,
-        "torch": torch.__version__,
+        "benchmark": "forward", "model": repr(model), "dtype": model.config.dtype, "batch": batch,
+        "seq_len": seq_len, "repeats": repeats,
+        "zebrax_tokens_per_s": round(n / s["zebrax"], 1),
+        "transformers_tokens_per_s": round(n / s["transformers"], 1),
+        "speedup_vs_transformers": round(s["transformers"] / s["zebrax"], 3),
+        "zebrax_median_s": round(s["zebrax"], 4), "transformers_median_s": round(s["transformers"], 4),
+        "zebrax_compile_s": round(compile_s, 2), **machine(),
     }
+
+
+def _ssd_inputs(length: int, heads: int, head_dim: int, d_state: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return dict(x=arr(1, length, heads, head_dim), dt=jax.nn.softplus(arr(1, length, heads) - 2.0),
+                A=-jnp.exp(arr(heads) * 0.5), B=arr(1, length, 1, d_state), C=arr(1, length, 1, d_state),
+                D=jnp.ones(heads))
+
+
+def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_max_len: int = 512) -> dict:
+    """The SSD op (reference scan, chunked, Pallas) and a Mamba2 LM forward, zebrax vs transformers.
+
+    Op shape: batch 1, 8 heads x 64, d_state 64, one group. LM: 4 layers, d_model 256, expand 2, 8 heads x 64,
+    d_state 64, chunk 256, vocab 1024, random weights (transformers' init), batch 1, float32.
+    On a CPU the Pallas kernel runs in interpret mode (an emulation, timed only up to
+    ``pallas_interpret_max_len``); on a GPU or TPU it runs compiled.
+    """
+    import torch
+    import transformers
+
+    from zebrax.api import Model
+    from zebrax.config import Mamba2LMConfig
+    from zebrax.convert.architectures import MAMBA2
+    from zebrax.convert.mapping import params_from_hf
+    from zebrax.ops import ssd
+
+    compiled = jax.default_backend() in ("gpu", "tpu")
+    op_rows = []
+    for length in lengths:
+        args = _ssd_inputs(length, 8, 64, 64)
+        fns = {}
+        for name, impl, chunk in (("reference", "reference", 256), ("chunked_256", "chunked", 256),
+                                  ("chunked_64", "chunked", 64), ("pallas", "pallas", 256)):
+            if name == "pallas" and not compiled and length > pallas_interpret_max_len:
+                continue
+            f = jax.jit(lambda a, impl=impl, chunk=chunk: ssd(**a, chunk_size=chunk, impl=impl)[0])
+            fns[name] = lambda f=f, args=args: jax.block_until_ready(f(args))
+        s = compare(fns, repeats)
+        op_rows.append({"seq_len": length, **{f"{k}_ms": round(v * 1e3, 2) for k, v in s.items()},
+                        **{f"{k}_speedup_vs_reference": round(s["reference"] / v, 2) for k, v in s.items()
+                           if k != "reference"}})
+
+    torch.manual_seed(0)
+    hf_config = transformers.Mamba2Config(vocab_size=1024, hidden_size=256, expand=2, num_heads=8, head_dim=64,
+                                          n_groups=1, state_size=64, num_hidden_layers=4, chunk_size=256)
+    hf = transformers.Mamba2ForCausalLM(hf_config).eval()
+    config = Mamba2LMConfig.from_hf_dict(hf_config.to_dict())
+    tensors = (("memory", k, v.float().numpy()) for k, v in hf.state_dict().items())
+    model = Model(config, params_from_hf(MAMBA2, config, tensors))
+    lm_rows = []
+    for length in lengths:
+        tokens = np.random.default_rng(length).integers(0, 1024, (1, length), dtype=np.int32)
+        s = compare({"zebrax": _zebrax_forward(model, tokens), "transformers": _torch_forward(hf, tokens)}, repeats)
+        lm_rows.append({"seq_len": length, "zebrax_ms": round(s["zebrax"] * 1e3, 1),
+                        "transformers_ms": round(s["transformers"] * 1e3, 1),
+                        "speedup_vs_transformers": round(s["transformers"] / s["zebrax"], 2)})
+    return {"benchmark": "ssd", "repeats": repeats, "pallas_mode": "compiled" if compiled else "interpret",
+            "op": op_rows, "mamba2_lm_forward": lm_rows, **machine()}

@@ -5,6 +5,7 @@
     zebrax generate CKPT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
     zebrax info CKPT_OR_PRESET [--json]
     zebrax bench forward CKPT [--batch B] [--seq-len L] [--repeats R]
+    zebrax bench ssd [--lengths L ...] [--repeats R]
     zebrax run [GIN_FILE ...] [--gin PARAM=VALUE ...]
 """
 
@@ -146,10 +147,14 @@ def cmd_info(args):
 
 def cmd_bench(args):
     import zebrax
-    from zebrax.bench import bench_forward
+    from zebrax import bench
 
-    model = zebrax.load(args.ckpt)
-    print(json.dumps(bench_forward(model, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats), indent=2))
+    if args.bench == "forward":
+        result = bench.bench_forward(zebrax.load(args.ckpt), batch=args.batch, seq_len=args.seq_len,
+                                     repeats=args.repeats)
+    else:
+        result = bench.bench_ssd(lengths=tuple(args.lengths), repeats=args.repeats)
+    print(json.dumps(result, indent=2))
 
 
 def run(
@@ -225,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--seq-len", type=int, default=256)
     bf.add_argument("--repeats", type=int, default=5)
     bf.set_defaults(fn=cmd_bench)
+    bs = bsub.add_parser("ssd", help="SSD impls vs the reference scan; Mamba2 LM forward vs transformers")
+    bs.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    bs.add_argument("--repeats", type=int, default=5)
+    bs.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")
     r.add_argument("gin_files", nargs="*", metavar="GIN_FILE")

@@ -47,7 +47,8 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_mamba2, rng):
 def test_decode_state_is_constant_in_length(tiny_mamba2):
     model = zebrax.load(tiny_mamba2("groups2_bias")[2])
     m = model.config.mixer
-    per_layer = (m.d_inner + 2 * m.n_groups * m.d_state) * (m.conv_kernel - 1) * 4 + m.n_heads * m.head_dim * m.d_state * 4
+    conv = (m.d_inner + 2 * m.n_groups * m.d_state) * (m.conv_kernel - 1) * 4
+    per_layer = conv + m.n_heads * m.head_dim * m.d_state * 4
     assert model.cache_bytes_per_token() == 0
     assert model.cache_state_bytes() == model.config.num_hidden_layers * per_layer
 

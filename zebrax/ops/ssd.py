@@ -9,6 +9,10 @@ Per head h, with the group g(h) = h // (heads // groups) supplying B and C::
 algorithm in jax.numpy: quadratic attention-like form inside each chunk, a recurrence across chunks),
 ``pallas`` (``kernels_pallas.ssd``: forward and backward kernels), ``auto`` (Pallas on GPU and TPU,
 chunked elsewhere). Every impl accumulates in float32 and returns y in x's dtype, the state in float32.
+
+``chunk_size`` is the block length of the algorithm. The result does not depend on it (up to float
+rounding), so it is a speed setting: ``chunked`` uses it as given; ``pallas`` lets its ``BlockSizes`` adapt
+it to the backend's tile rules; ``auto`` on a CPU caps it at ``CPU_CHUNK``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import jax.numpy as jnp
 
 from kernels_pallas.ssd.reference import add_skip, repeat_groups, ssd_reference, ssd_step
 from zebrax.errors import InvalidArgument
+
+CPU_CHUNK = 64  # block length `auto` uses for the chunked path on a CPU (measured in docs/benchmarks.md)
 
 
 class SSDImpl(str, enum.Enum):
@@ -36,7 +42,10 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: st
     _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size)
     impl = SSDImpl(impl)
     if impl is SSDImpl.AUTO:
-        impl = SSDImpl.PALLAS if jax.default_backend() in ("gpu", "tpu") else SSDImpl.CHUNKED
+        if jax.default_backend() in ("gpu", "tpu"):
+            impl = SSDImpl.PALLAS
+        else:  # the result does not depend on the block length; on a CPU short blocks are fastest
+            impl, chunk_size = SSDImpl.CHUNKED, min(chunk_size, CPU_CHUNK)
     if impl is SSDImpl.REFERENCE:
         return ssd_reference(x, dt, A, B, C, D, initial_state=initial_state)
     if impl is SSDImpl.CHUNKED:
@@ -77,7 +86,8 @@ def segsum(a):
 
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None):
     """The SSD algorithm: b batch, c chunk, l/s positions in a chunk, g group, r head in group, p head dim,
-    n state. B and C stay per group (never repeated to heads)."""
+    n state. B and C stay per group (never repeated to heads). Inside a chunk the decay is
+    ``exp(cum_l − cum_s)`` from the within-chunk cumulative sum (float32), as in mamba_ssm's kernels."""
     b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r, q = h // g, chunk_size
@@ -85,32 +95,31 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None):
     f32 = lambda t: jnp.pad(t.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))  # noqa: E731
     c = (length + pad) // q
     xdt = (f32(x) * f32(dt)[..., None]).reshape(b, c, q, g, r, p)
-    a = (f32(dt) * A.astype(jnp.float32)).reshape(b, c, q, g, r)
     Bc, Cc = f32(B).reshape(b, c, q, g, n), f32(C).reshape(b, c, q, g, n)
-
-    a = jnp.moveaxis(a, 2, -1)  # [b, c, g, r, q]
-    a_cum = jnp.cumsum(a, axis=-1)
+    a = (f32(dt) * A.astype(jnp.float32)).reshape(b, c, q, g, r)
+    a_cum = jnp.cumsum(jnp.moveaxis(a, 2, -1), axis=-1)  # [b, c, g, r, l]
     # 1. inside each chunk: masked, decayed attention-like product
-    decay = jnp.exp(segsum(a))  # [b, c, g, r, l, s]
+    causal = jnp.tril(jnp.ones((q, q), bool))
+    decay = jnp.exp(jnp.where(causal, a_cum[..., :, None] - a_cum[..., None, :], -jnp.inf))  # [b, c, g, r, l, s]
     scores = jnp.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
-    y_diag = jnp.einsum("bcgls,bcgrls,bcsgrp->bclgrp", scores, decay, xdt)
+    y_diag = jnp.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * decay, xdt)
     # 2. the state each chunk adds, decayed to the chunk's end
-    to_end = jnp.exp(a_cum[..., -1:] - a_cum)  # [b, c, g, r, l]
-    chunk_states = jnp.einsum("bclgn,bcgrl,bclgrp->bcgrpn", Bc, to_end, xdt)
-    # 3. across chunks: the state entering each chunk
+    to_end = jnp.moveaxis(jnp.exp(a_cum[..., -1:] - a_cum), -1, 2)[..., None]  # [b, c, l, g, r, 1]
+    chunk_states = jnp.einsum("bclgn,bclgrp->bcgrpn", Bc, xdt * to_end)
+    # 3. across chunks: the state entering each chunk (z: target chunk, c: source; index 0 = initial state)
     init = jnp.zeros((b, 1, g, r, p, n), jnp.float32) if initial_state is None else (
         initial_state.astype(jnp.float32).reshape(b, 1, g, r, p, n)
     )
-    chunk_states = jnp.concatenate([init, chunk_states], axis=1)  # [b, c+1, ...]
+    chunk_states = jnp.concatenate([init, chunk_states], axis=1)
     chunk_totals = jnp.moveaxis(a_cum[..., -1], 1, -1)  # [b, g, r, c]
     chunk_decay = jnp.exp(segsum(jnp.pad(chunk_totals, [(0, 0)] * 3 + [(1, 0)])))  # [b, g, r, c+1, c+1]
     states = jnp.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay, chunk_states)
     states, final = states[:, :-1], states[:, -1]
     # 4. the entering state read out inside each chunk
-    y_off = jnp.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, states, jnp.exp(a_cum))
+    from_start = jnp.moveaxis(jnp.exp(a_cum), -1, 2)[..., None]  # [b, c, l, g, r, 1]
+    y_off = jnp.einsum("bclgn,bcgrpn->bclgrp", Cc, states) * from_start
     y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :length]
     return add_skip(y, x, D).astype(x.dtype), final.reshape(b, h, p, n)
-
 
 
 def ssd_decode_step(x, dt, A, B, C, D, state):
