@@ -82,13 +82,14 @@ def _forward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, s0_ref, y_ref, states
     causal = lax.broadcasted_iota(jnp.int32, (q, q), 0) >= lax.broadcasted_iota(jnp.int32, (q, q), 1)
 
     def chunk(c, state):
-        rows = pl.ds(pl.multiple_of(c * q, q), q)
+        start = pl.multiple_of(c * q, q)
+        rows = pl.ds(start, q)
         u, col, row = u_ref[rows, :], col_ref[rows, :], row_ref[:, rows]  # [q, p], [q, 1], [1, q]
         B, C = b_ref[rows, :], c_ref[rows, :]  # [q, n]
-        states_ref[pl.ds(c, 1), :, :] = state[None]
+        last = col_ref[pl.ds(start + q - 1, 1), :]  # [1, 1]: loaded, since Triton cannot slice a value
+        states_ref[c] = state
         scores = _dot(C, B, trans_b=True) * _chunk_decay(col, row, causal)
         y_ref[rows, :] = _dot(scores, u) + jnp.exp(col) * _dot(C, state, trans_b=True)
-        last = col[q - 1:q, :]  # [1, 1]
         return jnp.exp(last) * state + _dot(u * jnp.exp(last - col), B, trans_a=True)
 
     final_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
@@ -101,13 +102,14 @@ def _backward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, states_ref, dy_ref, 
 
     def chunk(i, d_state):
         c = n_chunks - 1 - i
-        rows = pl.ds(pl.multiple_of(c * q, q), q)
+        start = pl.multiple_of(c * q, q)
+        rows = pl.ds(start, q)
         u, col, row = u_ref[rows, :], col_ref[rows, :], row_ref[:, rows]
         B, C, dy = b_ref[rows, :], c_ref[rows, :], dy_ref[rows, :]
-        state = states_ref[pl.ds(c, 1), :, :][0]  # [p, n] entering this chunk
+        last = col_ref[pl.ds(start + q - 1, 1), :]
+        state = states_ref[c]  # [p, n] entering this chunk
         decay = _chunk_decay(col, row, causal)
         G = _dot(C, B, trans_b=True)
-        last = col[q - 1:q, :]
         e, w, e_last = jnp.exp(col), jnp.exp(last - col), jnp.exp(last)  # [q, 1], [q, 1], [1, 1]
         # y = (G ∘ decay) u + e ∘ (C Sᵀ)
         d_scores = _dot(dy, u, trans_b=True) * decay  # dG
@@ -138,10 +140,10 @@ def _specs(b, h, g, length, p, n, n_chunks):
     }
 
 
-def _compiler_params(interpret: bool):
-    if interpret:
+def _compiler_params(backend: str):
+    if backend not in ("gpu", "tpu"):
         return None
-    if jax.default_backend() == "tpu":
+    if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
@@ -150,7 +152,7 @@ def _compiler_params(interpret: bool):
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def _forward(u, cum, B, C, s0, q, interpret):
+def _forward(u, cum, B, C, s0, q, backend):
     b, h, length, p = u.shape
     g, n = B.shape[1], B.shape[-1]
     n_chunks = length // q
@@ -163,13 +165,13 @@ def _forward(u, cum, B, C, s0, q, interpret):
         out_specs=[s["seq_p"], s["states"], s["state"]],
         out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, n_chunks, p, n), f32),
                    jax.ShapeDtypeStruct((b, h, p, n), f32)],
-        interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        interpret=backend not in ("gpu", "tpu"),
+        compiler_params=_compiler_params(backend),
         name="ssd_forward",
     )(u, cum[..., None], cum[:, :, None, :], B, C, s0)
 
 
-def _backward(u, cum, B, C, states, dy, dfinal, q, interpret):
+def _backward(u, cum, B, C, states, dy, dfinal, q, backend):
     b, h, length, p = u.shape
     g, n = B.shape[1], B.shape[-1]
     n_chunks = length // q
@@ -183,32 +185,33 @@ def _backward(u, cum, B, C, states, dy, dfinal, q, interpret):
         out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, length, n), f32),
                    jax.ShapeDtypeStruct((b, h, length, n), f32), jax.ShapeDtypeStruct((b, h, length, 1), f32),
                    jax.ShapeDtypeStruct((b, h, 1, length), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
-        interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        interpret=backend not in ("gpu", "tpu"),
+        compiler_params=_compiler_params(backend),
         name="ssd_backward",
     )(u, cum[..., None], cum[:, :, None, :], B, C, states, dy, dfinal)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def ssd_scan(u, cum, B, C, initial_state, q: int, interpret: bool):
+def ssd_scan(u, cum, B, C, initial_state, q: int, backend: str):
     """The kernel-level scan on padded, head-major float32 arrays.
 
     u ``[b, h, L, p]`` (x·dt), cum ``[b, h, L]`` (within-chunk cumulative dt·A), B/C ``[b, g, L, n]``,
     initial_state ``[b, h, p, n]``; L a multiple of q → (y ``[b, h, L, p]`` without the D skip, final state).
+    ``backend`` "gpu" (Triton) or "tpu" (Mosaic) compiles the kernels; anything else interprets them.
     """
-    y, _, final = _forward(u, cum, B, C, initial_state, q, interpret)
+    y, _, final = _forward(u, cum, B, C, initial_state, q, backend)
     return y, final
 
 
-def _ssd_scan_fwd(u, cum, B, C, initial_state, q, interpret):
-    y, states, final = _forward(u, cum, B, C, initial_state, q, interpret)
+def _ssd_scan_fwd(u, cum, B, C, initial_state, q, backend):
+    y, states, final = _forward(u, cum, B, C, initial_state, q, backend)
     return (y, final), (u, cum, B, C, states)
 
 
-def _ssd_scan_bwd(q, interpret, residuals, cotangents):
+def _ssd_scan_bwd(q, backend, residuals, cotangents):
     u, cum, B, C, states = residuals
     dy, dfinal = cotangents
-    du, dB, dC, dcol, drow, ds0 = _backward(u, cum, B, C, states, dy, dfinal, q, interpret)
+    du, dB, dC, dcol, drow, ds0 = _backward(u, cum, B, C, states, dy, dfinal, q, backend)
     b, h, length, n = dB.shape
     g = B.shape[1]
     per_group = lambda t: t.reshape(b, g, h // g, length, n).sum(axis=2)  # noqa: E731
@@ -219,13 +222,18 @@ ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
 
 
 def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, block_sizes: BlockSizes | None = None,
-               interpret: bool | None = None):
+               interpret: bool | None = None, backend: str | None = None):
     """Same contract as ``ssd_reference``: x ``[b, l, h, p]``, dt ``[b, l, h]``, A ``[h]``, B/C ``[b, l, g, n]``,
-    D ``[h]``, initial_state ``[b, h, p, n]`` → (y in x's dtype, final state float32). Differentiable."""
-    backend = jax.default_backend()
-    interpret = backend not in ("gpu", "tpu") if interpret is None else interpret
-    blocks = block_sizes or BlockSizes.for_backend("interpret" if interpret else backend, chunk_size)
-    blocks.validate("interpret" if interpret else backend)
+    D ``[h]``, initial_state ``[b, h, p, n]`` → (y in x's dtype, final state float32). Differentiable.
+
+    ``backend`` ("gpu", "tpu"; default: the current one) picks the lowering, block sizes and compiler
+    parameters; ``interpret=True`` (the default off GPU and TPU) runs the kernels as plain JAX instead.
+    """
+    backend = backend or jax.default_backend()
+    if interpret or (interpret is None and backend not in ("gpu", "tpu")):
+        backend = "interpret"
+    blocks = block_sizes or BlockSizes.for_backend(backend, chunk_size)
+    blocks.validate(backend)
     b, length, h, p = x.shape
     n = B.shape[3]
     q, p_pad, n_pad = blocks.chunk, blocks.padded(p), blocks.padded(n)
@@ -241,6 +249,6 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, b
     cum = jnp.cumsum(a.reshape(b, h, -1, q), axis=-1).reshape(b, h, -1)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
     s0 = jnp.pad(s0, [(0, 0), (0, 0), (0, p_pad - p), (0, n_pad - n)])
-    y, final = ssd_scan(u, cum, padded(B, n_pad), padded(C, n_pad), s0, q, interpret)
+    y, final = ssd_scan(u, cum, padded(B, n_pad), padded(C, n_pad), s0, q, backend)
     y = jnp.swapaxes(y[:, :, :length, :p], 1, 2)
     return add_skip(y, x, D).astype(x.dtype), final[:, :, :p, :n]
