@@ -48,3 +48,23 @@ def test_rope_is_a_rotation_and_relative():
     np.testing.assert_allclose(np.linalg.norm(rot(q, 37)), np.linalg.norm(q), rtol=1e-5)
     dot = lambda m, n: float((rot(q, m) * rot(k, n)).sum())  # noqa: E731
     np.testing.assert_allclose(dot(10, 3), dot(107, 100), rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{}, {"mscale": 0.707, "mscale_all_dim": 0.707}, {"mscale_all_dim": 1.0}])
+def test_yarn_frequencies_and_factors_match_transformers(extra):
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from zebrax.layers.rope import attention_factor, softmax_scale
+
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0, "original_max_position_embeddings": 64,
+              "beta_fast": 32.0, "beta_slow": 1.0, **extra}
+    config = transformers.DeepseekV3Config(qk_rope_head_dim=16, qk_nope_head_dim=16, rope_parameters=params,
+                                           max_position_embeddings=2048)
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    scaling = RopeScaling("yarn", factor=32.0, original_max_position_embeddings=64, **extra)
+    np.testing.assert_allclose(inv_frequencies(16, 10000.0, scaling), want.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(attention_factor(scaling), want_factor, rtol=1e-7)
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    np.testing.assert_allclose(softmax_scale(32, scaling), yarn_apply_mscale(params, 32 ** -0.5), rtol=1e-7)

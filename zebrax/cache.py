@@ -59,6 +59,22 @@ class KVCache:
 
 
 @struct.dataclass
+class LatentCache:
+    """The MLA cache of one layer: kv ``[B, S, kv_lora_rank + qk_rope_head_dim]``, the latent ``c_kv`` and the
+    rotated shared key ``k_pe`` of every token."""
+
+    kv: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, max_len: int, latent_dim: int, dtype) -> LatentCache:
+        return cls(kv=jnp.zeros((batch, max_len, latent_dim), dtype))
+
+    def update(self, kv: jax.Array, offset: jax.Array) -> LatentCache:
+        """Write ``[B, L, latent_dim]`` at slots ``offset … offset + L - 1``."""
+        return LatentCache(kv=jax.lax.dynamic_update_slice(self.kv, kv.astype(self.kv.dtype), (0, offset, 0)))
+
+
+@struct.dataclass
 class SSMCache:
     """Decode state of one Mamba2 layer, constant in length: conv ``[B, conv_dim, kernel - 1]`` (the last
     inputs of the causal conv), ssm ``[B, heads, head_dim, d_state]`` float32."""

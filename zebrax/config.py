@@ -13,7 +13,7 @@ from typing import Any
 from zebrax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def require(ok: bool, cfg: Any, message: str) -> None:
@@ -47,13 +47,21 @@ def unknown_fields(cls, d: dict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. ``llama3`` is Llama-3.1/3.2's; ``linear`` divides every frequency."""
+    """RoPE frequency scaling. ``llama3`` is Llama-3.1/3.2's; ``linear`` divides every frequency; ``yarn`` is
+    DeepSeek's YaRN (``beta_fast``/``beta_slow`` ramp; cos/sin scaled by ``attention_factor``, by default
+    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` or ``0.1·ln(factor) + 1``; the softmax scale
+    multiplied by ``mscale(factor, mscale_all_dim)²`` when ``mscale_all_dim`` is set)."""
 
     rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
 
     def __post_init__(self):
         require(self.rope_type in ROPE_TYPES, self, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
@@ -66,6 +74,10 @@ class RopeScaling:
                 f"high_freq_factor={self.high_freq_factor}, low_freq_factor={self.low_freq_factor}",
             )
             require_positive(self, "original_max_position_embeddings")
+        if self.rope_type == "yarn":
+            require_positive(self, "original_max_position_embeddings")
+            require(self.beta_fast > self.beta_slow > 0, self,
+                    f"yarn needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
 
     @classmethod
     def from_hf_dict(cls, d: dict | None) -> RopeScaling:
@@ -392,4 +404,164 @@ class Mamba2LMConfig:
             "tie_word_embeddings": self.tie_word_embeddings, "residual_in_fp32": self.residual_in_fp32,
             "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_id),
             "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V3 form, METHOD §2).
+
+    ``q = W_qb · [RMSNorm] · W_qa x`` (or a full ``q_proj`` when ``q_lora_rank`` is None), split per head into
+    ``q_nope`` and ``q_pe``; ``[c_kv ; k_pe] = W_kva x`` with one shared RoPE key; ``[k_nope ; v] = W_kvb c_kv``
+    in ``kv_groups`` groups (= n_heads for DeepSeek, the teacher's KV heads for Zebra), repeated to the heads.
+    The decode cache holds ``kv_lora_rank + qk_rope_head_dim`` values per token.
+    """
+
+    d_model: int = 2048
+    n_heads: int = 32
+    kv_groups: int = 32
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    q_latent_norm: bool = False
+    kv_latent_norm: bool = False
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+    rope_interleave: bool = False
+    attention_bias: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        require_positive(self, "d_model", "n_heads", "kv_groups", "kv_lora_rank", "qk_nope_head_dim",
+                         "qk_rope_head_dim", "v_head_dim")
+        if self.q_lora_rank is not None:
+            require_positive(self, "q_lora_rank")
+        require(self.n_heads % self.kv_groups == 0, self,
+                f"kv_groups={self.kv_groups} must divide n_heads={self.n_heads}")
+        require(self.qk_rope_head_dim % 2 == 0, self, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        require(self.norm_eps > 0 and self.rope_theta > 0, self,
+                f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token: ``kv_lora_rank + qk_rope_head_dim``."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepseekV3Config:
+    """A dense DeepSeek-V3-family model (every layer a SwiGLU MLP, no MoE): Llama's pre-norm blocks with
+    MLA attention. transformers' ``DeepseekV3ForCausalLM`` with ``first_k_dense_replace >= num_hidden_layers``;
+    also the format of MLA models made by other tools (TransMLA)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 16
+    attention: MLAConfig = dataclasses.field(default_factory=MLAConfig)
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: tuple[int, ...] = (1,)
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    model_type = "deepseek_v3"
+
+    def __post_init__(self):
+        if isinstance(self.attention, dict):
+            object.__setattr__(self, "attention", MLAConfig(**self.attention))
+        normalise_token_ids(self)
+        require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "max_position_embeddings")
+        require(self.attention.d_model == self.hidden_size, self,
+                f"attention.d_model={self.attention.d_model} must equal hidden_size={self.hidden_size}")
+        require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+
+    def replace(self, **changes) -> DeepseekV3Config:
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> dict:
+        a = self.attention
+        return {"num_hidden_layers": self.num_hidden_layers, "hidden_size": self.hidden_size, "n_heads": a.n_heads,
+                "kv_groups": a.kv_groups, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
+                "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+                "v_head_dim": a.v_head_dim, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return {"model_type": self.model_type, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeepseekV3Config:
+        unknown_fields(cls, d)
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        if isinstance(d.get("attention"), dict):
+            unknown_fields(MLAConfig, d["attention"])
+            d["attention"] = MLAConfig(**{**d["attention"], "rope_scaling": RopeScaling(**d["attention"]["rope_scaling"])})
+        return cls(**d)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> DeepseekV3Config:
+        """Translate transformers' ``DeepseekV3Config`` JSON (dense models only)."""
+        layers = d["num_hidden_layers"]
+        dense = d.get("first_k_dense_replace", 3)
+        if dense is not None and dense < layers and d.get("n_routed_experts"):
+            raise ConfigError(f"DeepseekV3Config: first_k_dense_replace={dense} < num_hidden_layers={layers}: "
+                              "MoE layers are not supported (set first_k_dense_replace to the layer count)")
+        heads = d["num_attention_heads"]
+        if d.get("num_key_value_heads") not in (None, heads):
+            raise ConfigError(f"DeepseekV3Config: num_key_value_heads={d['num_key_value_heads']} != "
+                              f"num_attention_heads={heads}: kv_b_proj makes one K/V per head")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        attention = MLAConfig(
+            d_model=d["hidden_size"], n_heads=heads, kv_groups=heads, q_lora_rank=d.get("q_lora_rank"),
+            kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
+            qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
+            q_latent_norm=d.get("q_lora_rank") is not None, kv_latent_norm=True, norm_eps=1e-6,
+            rope_theta=float(rope_theta), rope_scaling=RopeScaling.from_hf_dict(rope),
+            rope_interleave=bool(d.get("rope_interleave", True)), attention_bias=bool(d.get("attention_bias", False)),
+        )
+        eos = d.get("eos_token_id")
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=layers, attention=attention, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=() if eos is None else eos, pad_token_id=d.get("pad_token_id"),
+        )
+
+    def to_hf_dict(self) -> dict:
+        a = self.attention
+        if a.kv_groups != a.n_heads or a.kv_latent_norm is False or a.q_latent_norm != (a.q_lora_rank is not None):
+            raise ConfigError("DeepseekV3Config: transformers' DeepseekV3 needs kv_groups == n_heads and the latent "
+                              "norms (kv always, q with q_lora_rank)")
+        rope = {"rope_type": a.rope_scaling.rope_type, "rope_theta": a.rope_theta}
+        if a.rope_scaling.rope_type != "default":
+            rope.update({k: v for k, v in dataclasses.asdict(a.rope_scaling).items()
+                         if k != "rope_type" and v is not None})
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.n_heads, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
+            "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+            "v_head_dim": a.v_head_dim, "first_k_dense_replace": self.num_hidden_layers, "n_routed_experts": 1,
+            "rope_parameters": rope, "rope_interleave": a.rope_interleave, "attention_bias": a.attention_bias,
+            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id), "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
         }

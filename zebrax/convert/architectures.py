@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zebrax.config import LlamaConfig, Mamba2LMConfig
+from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
 from zebrax.convert.mapping import CONV, FLAT, LINEAR, LINEAR_2, SAME, TensorMap
 
 LLAMA = TensorMap(
@@ -47,10 +47,32 @@ MAMBA2 = TensorMap(
     aliases={"backbone.embedding.weight": "backbone.embeddings.weight"},  # mamba_ssm's name
 )
 
+_MLP_AND_NORMS = {k: v for k, v in LLAMA.per_layer.items() if not k.startswith("self_attn.")}
+DEEPSEEK_V3 = TensorMap(
+    top_level=LLAMA.top_level,
+    per_layer={
+        **_MLP_AND_NORMS,
+        "self_attn.q_proj.weight": (("self_attn", "q_proj", "kernel"), LINEAR),
+        "self_attn.q_a_proj.weight": (("self_attn", "q_a_proj", "kernel"), LINEAR),
+        "self_attn.q_a_proj.bias": (("self_attn", "q_a_proj", "bias"), SAME),
+        "self_attn.q_a_layernorm.weight": (("self_attn", "q_a_layernorm", "scale"), SAME),
+        "self_attn.q_b_proj.weight": (("self_attn", "q_b_proj", "kernel"), LINEAR),
+        "self_attn.kv_a_proj_with_mqa.weight": (("self_attn", "kv_a_proj_with_mqa", "kernel"), LINEAR),
+        "self_attn.kv_a_proj_with_mqa.bias": (("self_attn", "kv_a_proj_with_mqa", "bias"), SAME),
+        "self_attn.kv_a_layernorm.weight": (("self_attn", "kv_a_layernorm", "scale"), SAME),
+        "self_attn.kv_b_proj.weight": (("self_attn", "kv_b_proj"), LINEAR),
+        "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), LINEAR_2),
+        "self_attn.o_proj.bias": (("self_attn", "o_proj", "bias"), SAME),
+    },
+    layer_prefix="model.layers",
+)
+
 # transformers model_type → (zebrax config class, tensor map)
 ARCHITECTURES = {
     "llama": (LlamaConfig, LLAMA),
     "mistral": (LlamaConfig, LLAMA),
     "mamba2": (Mamba2LMConfig, MAMBA2),
+    "deepseek_v3": (DeepseekV3Config, DEEPSEEK_V3),
 }
-TENSOR_MAPS = {LlamaConfig.model_type: LLAMA, Mamba2LMConfig.model_type: MAMBA2}
+TENSOR_MAPS = {LlamaConfig.model_type: LLAMA, Mamba2LMConfig.model_type: MAMBA2,
+               DeepseekV3Config.model_type: DEEPSEEK_V3}

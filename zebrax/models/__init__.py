@@ -7,14 +7,16 @@ import jax
 import jax.numpy as jnp
 
 from zebrax.cache import cache_sizes as measure_cache
-from zebrax.config import LlamaConfig, Mamba2LMConfig
+from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
 from zebrax.errors import ConfigError
+from zebrax.models.deepseek_v3 import DeepseekV3ForCausalLM
 from zebrax.models.llama import LlamaForCausalLM
 from zebrax.models.mamba2 import Mamba2ForCausalLM
 
 REGISTRY = {
     LlamaConfig.model_type: (LlamaConfig, LlamaForCausalLM),
     Mamba2LMConfig.model_type: (Mamba2LMConfig, Mamba2ForCausalLM),
+    DeepseekV3Config.model_type: (DeepseekV3Config, DeepseekV3ForCausalLM),
 }
 
 
@@ -59,6 +61,6 @@ def cache_sizes(config) -> tuple[int, int]:
 
 
 __all__ = [
-    "REGISTRY", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict",
+    "REGISTRY", "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict",
     "logical_axes", "param_count",
 ]

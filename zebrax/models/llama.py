@@ -1,4 +1,7 @@
-"""The Llama teacher: embeddings, pre-norm decoder blocks, final norm, LM head."""
+"""The Llama teacher: embeddings, pre-norm decoder blocks, final norm, LM head.
+
+The block is shared with the DeepSeek-V3 (MLA) stack; only the attention module differs.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +9,30 @@ import flax.linen as nn
 import jax
 
 from zebrax.cache import Cache, Slots
-from zebrax.config import LlamaConfig
+from zebrax.config import DeepseekV3Config, LlamaConfig
 from zebrax.layers import Attention, RMSNorm, SwiGLU
+from zebrax.layers.mla import MLAttention
 from zebrax.models.common import embed, lm_head, make_slots
+
+
+def attention_module(cfg, impl: str) -> nn.Module:
+    """The block's attention: MLA for a DeepSeek-V3 config, grouped-query attention for a Llama config."""
+    if isinstance(cfg, DeepseekV3Config):
+        return MLAttention(cfg.attention, cfg.dtype, cfg.param_dtype, impl, name="self_attn")
+    return Attention(cfg, impl, name="self_attn")
 
 
 class DecoderBlock(nn.Module):
     """``h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h))``."""
 
-    config: LlamaConfig
+    config: LlamaConfig | DeepseekV3Config
     impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, slots: Slots, cache=None):
         cfg = self.config
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        attention = Attention(cfg, self.impl, name="self_attn")
+        attention = attention_module(cfg, self.impl)
         h, cache = attention(RMSNorm(name="input_layernorm", **norm)(x), slots, cache)
         x = x + h
         mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, name="mlp")

@@ -1,6 +1,6 @@
 """Ops with one signature and several implementations behind an ``impl`` argument."""
 
-from zebrax.ops.attention import AttentionImpl, attention
+from zebrax.ops.attention import AttentionImpl, attention, latent_attention
 from zebrax.ops.ssd import SSDImpl, ssd, ssd_decode_step
 
-__all__ = ["AttentionImpl", "SSDImpl", "attention", "ssd", "ssd_decode_step"]
+__all__ = ["AttentionImpl", "SSDImpl", "attention", "latent_attention", "ssd", "ssd_decode_step"]

@@ -57,3 +57,22 @@ def attention_reference(q, k, v, *, kv_mask, q_offset, scale):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
     return out.reshape(b, lq, h, v.shape[-1])
+
+
+def latent_attention(
+    q: jax.Array,
+    latent: jax.Array,
+    *,
+    value_dim: int,
+    kv_mask: jax.Array | None = None,
+    q_offset: jax.Array | int = 0,
+    scale: float,
+    impl: str | AttentionImpl = AttentionImpl.AUTO,
+) -> jax.Array:
+    """MLA's absorbed attention over the latent cache: one KV head whose key is the whole latent and whose
+    value is its first ``value_dim`` entries (``c_kv`` of ``[c_kv ; k_pe]``).
+
+    q ``[B, Lq, H, D]`` (queries already in latent space), latent ``[B, S, D]`` → ``[B, Lq, H, value_dim]``.
+    """
+    kv = latent[:, :, None, :]
+    return attention(q, kv, kv[..., :value_dim], kv_mask=kv_mask, q_offset=q_offset, scale=scale, impl=impl)
