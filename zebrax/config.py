@@ -510,7 +510,9 @@ class DeepseekV3Config:
         d = {k: v for k, v in d.items() if k != "model_type"}
         if isinstance(d.get("attention"), dict):
             unknown_fields(MLAConfig, d["attention"])
-            d["attention"] = MLAConfig(**{**d["attention"], "rope_scaling": RopeScaling(**d["attention"]["rope_scaling"])})
+            attention = dict(d["attention"])
+            attention["rope_scaling"] = RopeScaling(**attention["rope_scaling"])
+            d["attention"] = MLAConfig(**attention)
         return cls(**d)
 
     @classmethod

@@ -61,6 +61,6 @@ def cache_sizes(config) -> tuple[int, int]:
 
 
 __all__ = [
-    "REGISTRY", "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build", "cache_sizes", "config_from_dict",
-    "logical_axes", "param_count",
+    "REGISTRY", "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build",
+    "cache_sizes", "config_from_dict", "logical_axes", "param_count",
 ]
