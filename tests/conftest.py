@@ -82,6 +82,46 @@ def make_hf_mamba2(directory: Path, name: str, seed: int = 0):
     return model
 
 
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0}
+# name -> (transformers DeepseekV3Config kwargs, save_pretrained kwargs); every layer dense
+TINY_DEEPSEEKS = {
+    # low-rank query with its latent norm, YaRN (mscale on both), interleaved RoPE pairs, safetensors
+    "q_lora_yarn": (
+        dict(vocab_size=111, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+             q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
+             rope_parameters=_YARN, rope_interleave=True),
+        dict(safe_serialization=True),
+    ),
+    # full q_proj, default RoPE in half-split layout, attention biases, tied embeddings, PyTorch .bin
+    "full_q_bias_tied_bin": (
+        dict(vocab_size=90, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=5,
+             q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=7,
+             rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rope_interleave=False,
+             attention_bias=True, tie_word_embeddings=True),
+        dict(safe_serialization=False),
+    ),
+}
+
+
+def make_hf_deepseek(directory: Path, name: str, seed: int = 0):
+    """Create, save and return a tiny random dense ``transformers.DeepseekV3ForCausalLM`` (float32, eval mode)."""
+    import torch
+    import transformers
+
+    config_kw, save_kw = TINY_DEEPSEEKS[name]
+    torch.manual_seed(seed)
+    layers = config_kw["num_hidden_layers"]
+    config = transformers.DeepseekV3Config(
+        num_key_value_heads=config_kw["num_attention_heads"], first_k_dense_replace=layers, n_routed_experts=4,
+        max_position_embeddings=256, initializer_range=0.1, bos_token_id=1, eos_token_id=3, pad_token_id=0,
+        **config_kw,
+    )
+    model = transformers.DeepseekV3ForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(directory, **save_kw)
+    return model
+
+
 def make_hf_llama(directory: Path, name: str, seed: int = 0):
     """Create, save and return a tiny random ``transformers.LlamaForCausalLM`` (float32, eval mode)."""
     import torch
@@ -108,6 +148,12 @@ def tiny_llama(tmp_path_factory):
 def tiny_mamba2(tmp_path_factory):
     """name -> (transformers model, HF directory, zebrax checkpoint directory); built once per session."""
     return _converted(tmp_path_factory, make_hf_mamba2)
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek(tmp_path_factory):
+    """name -> (transformers model, HF directory, zebrax checkpoint directory); built once per session."""
+    return _converted(tmp_path_factory, make_hf_deepseek)
 
 
 def _converted(tmp_path_factory, make):

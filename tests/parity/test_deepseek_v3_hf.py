@@ -1,0 +1,72 @@
+"""zebrax MLA models vs transformers' DeepseekV3ForCausalLM (dense) on tiny random checkpoints (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zebrax
+from tests.conftest import TINY_DEEPSEEKS
+
+LOGIT_ATOL = 1e-4  # fp32, max |Δlogit|
+
+
+@pytest.mark.parametrize("name", sorted(TINY_DEEPSEEKS))
+def test_logits_match_transformers(tiny_deepseek, name, rng):
+    hf, _, ckpt = tiny_deepseek(name)
+    model = zebrax.load(ckpt)
+    tokens = rng.integers(0, model.config.vocab_size, (2, 29))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(tokens)).logits.numpy()
+    got = model.logits(tokens)
+    assert want.std() > 0.3, "random logits too small for the tolerance to mean anything"
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_DEEPSEEKS))
+def test_greedy_generation_with_the_absorbed_latent_cache_matches_transformers(tiny_deepseek, name, rng):
+    hf, _, ckpt = tiny_deepseek(name)
+    model = zebrax.load(ckpt)
+    prompt = rng.integers(4, model.config.vocab_size, (2, 9))
+    tokens = torch.from_numpy(prompt)
+    want = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=16, do_sample=False,
+                       eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=16, ignore_eos=True), want)
+
+
+def test_config_translation(tiny_deepseek):
+    hf, _, ckpt = tiny_deepseek("q_lora_yarn")
+    a = zebrax.load(ckpt).config.attention
+    assert (a.q_lora_rank, a.kv_lora_rank, a.kv_groups, a.q_latent_norm, a.kv_latent_norm) == (20, 24, 4, True, True)
+    assert a.rope_interleave and a.rope_scaling.rope_type == "yarn" and a.rope_scaling.mscale_all_dim == 1.0
+    assert zebrax.load(ckpt).num_params == sum(p.numel() for p in hf.parameters())
+
+
+def test_export_round_trip(tiny_deepseek, tmp_path, rng):
+    import transformers
+
+    from zebrax.convert.export import export
+
+    hf, _, ckpt = tiny_deepseek("full_q_bias_tied_bin")
+    export(ckpt, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.from_numpy(rng.integers(0, 90, (2, 11)))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), rtol=0, atol=1e-6)
+
+
+def test_moe_checkpoints_are_refused(tiny_deepseek, tmp_path, capsys):
+    import json
+    import shutil
+
+    from zebrax.cli import main
+
+    src = shutil.copytree(tiny_deepseek("q_lora_yarn")[1], tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    config["first_k_dense_replace"] = 1
+    (src / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "first_k_dense_replace=1" in err and "MoE" in err and not (tmp_path / "out").exists()
