@@ -26,11 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.common import compiler_params, dot, lane_padded, next_power_of_two, resolve_backend
 from kernels_pallas.ssd.reference import add_skip
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +43,12 @@ class BlockSizes:
         """The SSD result does not depend on the chunk length, so the kernel picks one its backend likes."""
         if backend == "tpu":
             return cls(chunk=max(128, -(-chunk_size // 128) * 128), lane_multiple=16)
-        chunk = _next_power_of_two(max(chunk_size, 16))
+        chunk = next_power_of_two(max(chunk_size, 16))
         return cls(chunk=min(chunk, 64) if backend == "gpu" else chunk)
 
     def padded(self, dim: int) -> int:
         """head_dim / d_state after padding: a power of two >= lane_multiple."""
-        return max(self.lane_multiple, _next_power_of_two(dim))
+        return lane_padded(dim, self.lane_multiple)
 
     def validate(self, backend: str) -> None:
         """Block rules interpret mode does not check: Triton wants power-of-two tiles with dot operands
@@ -61,12 +58,6 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.chunk={self.chunk} must be a multiple of 128 on TPU")
         elif self.chunk < 16 or self.chunk & (self.chunk - 1):
             raise ValueError(f"BlockSizes.chunk={self.chunk} must be a power of two >= 16")
-
-
-def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
-    """Float32 matrix product of 2-D blocks, transposes folded into the contraction."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _row_sum(t):
@@ -88,9 +79,9 @@ def _forward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, s0_ref, y_ref, states
         B, C = b_ref[rows, :], c_ref[rows, :]  # [q, n]
         last = col_ref[pl.ds(start + q - 1, 1), :]  # [1, 1]: loaded, since Triton cannot slice a value
         states_ref[c] = state
-        scores = _dot(C, B, trans_b=True) * _chunk_decay(col, row, causal)
-        y_ref[rows, :] = _dot(scores, u) + jnp.exp(col) * _dot(C, state, trans_b=True)
-        return jnp.exp(last) * state + _dot(u * jnp.exp(last - col), B, trans_a=True)
+        scores = dot(C, B, trans_b=True) * _chunk_decay(col, row, causal)
+        y_ref[rows, :] = dot(scores, u) + jnp.exp(col) * dot(C, state, trans_b=True)
+        return jnp.exp(last) * state + dot(u * jnp.exp(last - col), B, trans_a=True)
 
     final_ref[...] = lax.fori_loop(0, n_chunks, chunk, s0_ref[...])
 
@@ -109,22 +100,22 @@ def _backward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, states_ref, dy_ref, 
         last = col_ref[pl.ds(start + q - 1, 1), :]
         state = states_ref[c]  # [p, n] entering this chunk
         decay = _chunk_decay(col, row, causal)
-        G = _dot(C, B, trans_b=True)
+        G = dot(C, B, trans_b=True)
         e, w, e_last = jnp.exp(col), jnp.exp(last - col), jnp.exp(last)  # [q, 1], [q, 1], [1, 1]
         # y = (G ∘ decay) u + e ∘ (C Sᵀ)
-        d_scores = _dot(dy, u, trans_b=True) * decay  # dG
+        d_scores = dot(dy, u, trans_b=True) * decay  # dG
         T = d_scores * G  # d(decay) ∘ decay
-        u_dS = _dot(u, d_state)  # [q, n]
-        du_ref[rows, :] = _dot(G * decay, dy, trans_a=True) + w * _dot(B, d_state, trans_b=True)
-        dc_ref[rows, :] = _dot(d_scores, B) + e * _dot(dy, state)
-        db_ref[rows, :] = _dot(d_scores, C, trans_a=True) + w * u_dS
-        de = _row_sum(dy * _dot(C, state, trans_b=True))
+        u_dS = dot(u, d_state)  # [q, n]
+        du_ref[rows, :] = dot(G * decay, dy, trans_a=True) + w * dot(B, d_state, trans_b=True)
+        dc_ref[rows, :] = dot(d_scores, B) + e * dot(dy, state)
+        db_ref[rows, :] = dot(d_scores, C, trans_a=True) + w * u_dS
+        de = _row_sum(dy * dot(C, state, trans_b=True))
         dw = _row_sum(u_dS * B)
         d_last = jnp.sum(dw * w, axis=0, keepdims=True) + jnp.sum(_row_sum(state * d_state), axis=0,
                                                                  keepdims=True) * e_last
         dcol_ref[rows, :] = _row_sum(T) + de * e - dw * w + jnp.where(is_last, d_last, 0.0)
         drow_ref[:, rows] = -jnp.sum(T, axis=0, keepdims=True)
-        return e_last * d_state + _dot(dy * e, C, trans_a=True)
+        return e_last * d_state + dot(dy * e, C, trans_a=True)
 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
 
@@ -138,18 +129,6 @@ def _specs(b, h, g, length, p, n, n_chunks):
         "seq_p": head(length, p), "col": head(length, 1), "row": head(1, length), "group": group,
         "seq_n": head(length, n), "state": head(p, n), "states": head(n_chunks, p, n),
     }
-
-
-def _compiler_params(backend: str):
-    if backend not in ("gpu", "tpu"):
-        return None
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
 def _forward(u, cum, B, C, s0, q, backend):
@@ -166,7 +145,7 @@ def _forward(u, cum, B, C, s0, q, backend):
         out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, n_chunks, p, n), f32),
                    jax.ShapeDtypeStruct((b, h, p, n), f32)],
         interpret=backend not in ("gpu", "tpu"),
-        compiler_params=_compiler_params(backend),
+        compiler_params=compiler_params(backend, 2),
         name="ssd_forward",
     )(u, cum[..., None], cum[:, :, None, :], B, C, s0)
 
@@ -186,7 +165,7 @@ def _backward(u, cum, B, C, states, dy, dfinal, q, backend):
                    jax.ShapeDtypeStruct((b, h, length, n), f32), jax.ShapeDtypeStruct((b, h, length, 1), f32),
                    jax.ShapeDtypeStruct((b, h, 1, length), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
         interpret=backend not in ("gpu", "tpu"),
-        compiler_params=_compiler_params(backend),
+        compiler_params=compiler_params(backend, 2),
         name="ssd_backward",
     )(u, cum[..., None], cum[:, :, None, :], B, C, states, dy, dfinal)
 
@@ -229,9 +208,7 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, b
     ``backend`` ("gpu", "tpu"; default: the current one) picks the lowering, block sizes and compiler
     parameters; ``interpret=True`` (the default off GPU and TPU) runs the kernels as plain JAX instead.
     """
-    backend = backend or jax.default_backend()
-    if interpret or (interpret is None and backend not in ("gpu", "tpu")):
-        backend = "interpret"
+    backend = resolve_backend(backend, interpret)
     blocks = block_sizes or BlockSizes.for_backend(backend, chunk_size)
     blocks.validate(backend)
     b, length, h, p = x.shape

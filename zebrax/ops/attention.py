@@ -1,4 +1,4 @@
-"""Causal multi-head attention with grouped KV heads, behind one signature.
+"""Causal multi-head attention with grouped KV heads, and MLA's latent attention, behind one signature each.
 
 Slots, not positions, define causality: query ``i`` sits in key slot ``q_offset + i`` and sees key
 slots ``j <= q_offset + i`` for which ``kv_mask`` is true. The same call serves a full forward pass
@@ -11,12 +11,23 @@ from __future__ import annotations
 import enum
 
 import jax
-import jax.numpy as jnp
+
+from kernels_pallas.flash_attention.reference import attention_reference
+from kernels_pallas.mla_decode.reference import latent_attention_reference
+from zebrax.errors import InvalidArgument
 
 
 class AttentionImpl(str, enum.Enum):
     REFERENCE = "reference"  # plain jnp: scores materialised, softmax in float32
-    AUTO = "auto"  # the fastest implementation that compiles on the current backend
+    PALLAS = "pallas"  # kernels_pallas: flash attention (forward + backward), MLA decode (forward)
+    AUTO = "auto"  # Pallas where it compiles (GPU, TPU), the reference elsewhere
+
+
+def _resolve(impl: str | AttentionImpl) -> AttentionImpl:
+    impl = AttentionImpl(impl)
+    if impl is AttentionImpl.AUTO:
+        return AttentionImpl.PALLAS if jax.default_backend() in ("gpu", "tpu") else AttentionImpl.REFERENCE
+    return impl
 
 
 def attention(
@@ -34,29 +45,14 @@ def attention(
     ``G`` divides ``H``; query head ``h`` reads KV head ``h // (H // G)``. ``kv_mask`` ``[B, Lk]``
     bool (None: all keys real). ``scale`` defaults to ``Dqk ** -0.5``.
     """
-    impl = AttentionImpl(impl)
     if q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention: {k.shape[2]} KV heads must divide {q.shape[2]} query heads")
+        raise InvalidArgument(f"attention: {k.shape[2]} KV heads must divide {q.shape[2]} query heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # AUTO resolves to REFERENCE until a kernel is registered for the backend.
+    if _resolve(impl) is AttentionImpl.PALLAS:
+        from kernels_pallas.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
     return attention_reference(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
-
-
-def attention_reference(q, k, v, *, kv_mask, q_offset, scale):
-    """The definition: materialised scores, float32 softmax."""
-    b, lq, h, _ = q.shape
-    lk, g = k.shape[1], k.shape[2]
-    qg = q.reshape(b, lq, g, h // g, q.shape[-1])
-    scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k, preferred_element_type=jnp.float32) * scale
-    allowed = jnp.arange(lk)[None, :] <= (q_offset + jnp.arange(lq))[:, None]  # [Lq, Lk]
-    allowed = allowed[None, None, None]
-    if kv_mask is not None:
-        allowed = allowed & kv_mask[:, None, None, None, :]
-    # A finite floor (not -inf) keeps fully masked rows (left padding) free of NaN.
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
-    return out.reshape(b, lq, h, v.shape[-1])
 
 
 def latent_attention(
@@ -73,6 +69,10 @@ def latent_attention(
     value is its first ``value_dim`` entries (``c_kv`` of ``[c_kv ; k_pe]``).
 
     q ``[B, Lq, H, D]`` (queries already in latent space), latent ``[B, S, D]`` → ``[B, Lq, H, value_dim]``.
+    The Pallas kernel (split along the cache, forward only) serves decoding; training uses the materialised path.
     """
-    kv = latent[:, :, None, :]
-    return attention(q, kv, kv[..., :value_dim], kv_mask=kv_mask, q_offset=q_offset, scale=scale, impl=impl)
+    if _resolve(impl) is AttentionImpl.PALLAS:
+        from kernels_pallas.mla_decode import mla_decode
+
+        return mla_decode(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
+    return latent_attention_reference(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale)

@@ -1,0 +1,117 @@
+"""MLA decode as a Pallas kernel: a few new tokens' queries attend over the latent cache, split along the
+cache length (flash-decoding) with a combine step.
+
+The latent ``[c_kv ; k_pe]`` is read once per block and serves as both key and value (the value is its
+first ``value_dim`` entries), as FlashMLA's "MQA mode" does. Every head of every new token is one row of
+a ``[rows, D]`` query tile, so the arithmetic intensity is ~2·rows FLOP per cached byte: at decode this
+kernel is memory-bound, and the split over the cache length is what fills the machine. Latent widths are
+zero-padded to a power of two (160 + 64 → 256). Forward only: training uses the materialised path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.common import compiler_params, dot, lane_padded, resolve_backend
+from kernels_pallas.flash_attention.kernel import NEG
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """block_k cached tokens per tile; the cache is split into ``num_splits`` ranges (None: enough ranges of
+    at least 4 tiles each to use up to 16 programs per sequence)."""
+
+    block_k: int = 64
+    num_splits: int | None = None
+
+    @classmethod
+    def for_backend(cls, backend: str) -> BlockSizes:
+        return cls(128) if backend == "tpu" else cls(64) if backend == "gpu" else cls(16)
+
+    def splits(self, cache_len: int) -> int:
+        if self.num_splits is not None:
+            return self.num_splits
+        return max(1, min(16, cache_len // (4 * self.block_k)))
+
+    def validate(self, backend: str) -> None:
+        n = self.block_k
+        if backend == "tpu" and n % 128:
+            raise ValueError(f"BlockSizes.block_k={n} must be a multiple of 128 on TPU")
+        if backend != "tpu" and (n < 16 or n & (n - 1)):
+            raise ValueError(f"BlockSizes.block_k={n} must be a power of two >= 16")
+
+
+def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *, scale, bk, n_blocks):
+    """One cache range: partial softmax over its blocks for every query row."""
+    split = pl.program_id(1)
+    offset = off_ref[0, 0]
+    q = q_ref[...].astype(jnp.float32)  # [rows, D]
+    q_slot = offset + slot_ref[...]  # [rows, 1]: the cache slot each row's token sits in
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = (split * n_blocks + j) * bk
+        keys = pl.ds(pl.multiple_of(start, bk), bk)
+        kv = kv_ref[keys, :].astype(jnp.float32)  # [bk, D]
+        k_slot = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        visible = (k_slot <= q_slot) & (mask_ref[:, keys] > 0)
+        s = jnp.where(visible, dot(q, kv, trans_b=True) * scale, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+        alpha = jnp.exp(m - m_new)
+        return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p, kv)
+
+    rows, d = q.shape
+    init = (jnp.full((rows, 1), NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, d), jnp.float32))
+    m, l, acc = lax.fori_loop(0, n_blocks, body, init)
+    seen = l > 0
+    o_ref[...] = acc / jnp.where(seen, l, 1.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
+
+
+def mla_decode(q, latent, *, value_dim, kv_mask=None, q_offset=0, scale, block_sizes: BlockSizes | None = None,
+               interpret: bool | None = None, backend: str | None = None):
+    """Same contract as ``latent_attention_reference``: q ``[B, Lq, H, D]``, latent ``[B, S, D]`` → ``[B, Lq, H,
+    value_dim]``."""
+    backend = resolve_backend(backend, interpret)
+    blocks = block_sizes or BlockSizes.for_backend(backend)
+    blocks.validate(backend)
+    b, lq, h, d = q.shape
+    s = latent.shape[1]
+    bk, splits = blocks.block_k, blocks.splits(s)
+    n_blocks = -(-s // (bk * splits))
+    s_pad = n_blocks * bk * splits
+    d_pad, rows = lane_padded(d), lane_padded(lq * h)
+
+    q_rows = jnp.pad(q.reshape(b, lq * h, d), [(0, 0), (0, rows - lq * h), (0, d_pad - d)])
+    kv = jnp.pad(latent, [(0, 0), (0, s_pad - s), (0, d_pad - d)])
+    mask = jnp.ones((b, s), bool) if kv_mask is None else kv_mask
+    mask = jnp.pad(mask.astype(jnp.float32), [(0, 0), (0, s_pad - s)])[:, None, :]
+    slot = jnp.minimum(jnp.arange(rows, dtype=jnp.int32) // h, lq - 1)[:, None]  # padded rows copy the last token
+    offset = jnp.asarray(q_offset, jnp.int32).reshape(1, 1)
+    kernel = functools.partial(_split_kernel, scale=float(scale), bk=bk, n_blocks=n_blocks)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, splits),
+        in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)), pl.BlockSpec((rows, 1), lambda i, j: (0, 0)),
+                  pl.BlockSpec((None, rows, d_pad), lambda i, j: (i, 0, 0)),
+                  pl.BlockSpec((None, s_pad, d_pad), lambda i, j: (i, 0, 0)),
+                  pl.BlockSpec((None, 1, s_pad), lambda i, j: (i, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, rows, d_pad), lambda i, j: (i, j, 0, 0)),
+                   pl.BlockSpec((None, None, rows, 1), lambda i, j: (i, j, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, splits, rows, d_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, rows, 1), jnp.float32)],
+        interpret=backend == "interpret",
+        compiler_params=compiler_params(backend, 2),
+        name="mla_decode",
+    )(offset, slot, q_rows, kv, mask)
+    # combine the ranges: weights exp(lse_split − lse_total); ranges that saw nothing carry weight 0
+    weights = jax.nn.softmax(lse, axis=1)  # [B, splits, rows, 1]
+    out = jnp.sum(weights * o, axis=1)[:, : lq * h, :value_dim]
+    return out.reshape(b, lq, h, value_dim).astype(q.dtype)

@@ -1,0 +1,149 @@
+"""Attention kernels (Pallas, interpret mode on the CPU) against their references.
+
+fp32 tolerance 1e-4 relative to each array's largest magnitude, for outputs and (flash) gradients; bf16
+inputs 2e-2. Shapes exercise ragged tails (lengths not multiples of the blocks), the causal edge (query
+offsets that cut through a block), grouped KV heads, qk head dim != v head dim and fully masked queries.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zebrax
+from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
+from kernels_pallas.mla_decode import BlockSizes as DecodeBlocks
+from kernels_pallas.mla_decode import latent_attention_reference, mla_decode
+from zebrax.errors import InvalidArgument
+from zebrax.ops import attention
+
+# (batch, q len, k len, heads, kv heads, qk dim, v dim, q_offset)
+FLASH_CASES = {
+    "prefill_ragged": (2, 37, 37, 6, 2, 12, 10, 0),
+    "chunk_after_cache": (1, 9, 40, 4, 4, 16, 16, 23),  # 9 new queries at slots 23…31 of a 40-slot cache
+    "mqa_one_query": (2, 1, 33, 8, 1, 24, 8, 32),
+}
+
+
+def close(got, want, tol, what=""):
+    scale = max(1.0, float(np.abs(np.asarray(want, np.float32)).max()))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol,
+                               atol=tol * scale, err_msg=what)
+
+
+def flash_inputs(case, dtype=jnp.float32, seed=0):
+    b, lq, lk, h, g, d, dv, offset = FLASH_CASES[case]
+    rng = np.random.default_rng(seed)
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    mask = jnp.asarray(rng.random((b, lk)) > 0.15).at[:, :2].set(False)  # queries at slots 0, 1 see nothing
+    return dict(q=arr(b, lq, h, d), k=arr(b, lk, g, d), v=arr(b, lk, g, dv), kv_mask=mask, q_offset=offset)
+
+
+@pytest.mark.parametrize("case", sorted(FLASH_CASES))
+def test_flash_forward_equals_reference(case):
+    args = flash_inputs(case)
+    close(flash_attention(**args), attention_reference(**args), 1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(FLASH_CASES))
+def test_flash_gradients_equal_reference(case):
+    args = flash_inputs(case)
+    rest = {k: args[k] for k in ("kv_mask", "q_offset")}
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=args["q"].shape[:3] + args["v"].shape[-1:]), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, **rest) * ct), argnums=(0, 1, 2))(
+            args["q"], args["k"], args["v"])
+
+    for name, got, want in zip("qkv", grads(flash_attention), grads(attention_reference), strict=True):
+        close(got, want, 1e-4, f"d/d{name}")
+
+
+def test_flash_blocks_do_not_change_the_result():
+    args = flash_inputs("prefill_ragged")
+    small = flash_attention(**args, block_sizes=BlockSizes(16, 16))
+    close(flash_attention(**args, block_sizes=BlockSizes(32, 16)), small, 1e-5)
+    close(flash_attention(**args, block_sizes=BlockSizes(16, 64)), small, 1e-5)
+
+
+def test_flash_bfloat16():
+    args = flash_inputs("prefill_ragged", jnp.bfloat16)
+    got = flash_attention(**args)
+    assert got.dtype == jnp.bfloat16
+    close(got, attention_reference(**args), 2e-2)
+
+
+def test_fully_masked_queries_output_zeros():
+    args = flash_inputs("prefill_ragged")
+    out = flash_attention(**args)
+    assert float(jnp.abs(out[:, :2]).max()) == 0.0 and float(jnp.abs(out[:, 2:]).max()) > 0
+
+
+# (batch, new tokens, heads, kv_lora_rank, rope dim, cache length, slot of the first new token)
+DECODE_CASES = {"zebra_8b_like": (2, 1, 32, 160, 64, 300, 299), "speculative_3": (1, 3, 4, 20, 8, 130, 100),
+                "tiny": (2, 1, 6, 20, 8, 75, 60)}
+
+
+@pytest.mark.parametrize("case", sorted(DECODE_CASES))
+@pytest.mark.parametrize("blocks", [None, DecodeBlocks(16, 1), DecodeBlocks(32, 3)], ids=["default", "one", "three"])
+def test_mla_decode_equals_reference(case, blocks):
+    b, lq, h, r, rope, s, offset = DECODE_CASES[case]
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, lq, h, r + rope)), jnp.float32)
+    latent = jnp.asarray(rng.normal(size=(b, s, r + rope)), jnp.float32)
+    mask = jnp.broadcast_to((jnp.arange(s) < offset + lq) & (jnp.arange(s) >= 2), (b, s))
+    kw = dict(value_dim=r, kv_mask=mask, q_offset=offset, scale=(r + rope) ** -0.5)
+    close(mla_decode(q, latent, **kw, block_sizes=blocks), latent_attention_reference(q, latent, **kw), 1e-4)
+
+
+def test_block_sizes_are_legal_by_construction():
+    for backend in ("gpu", "tpu", "interpret"):
+        BlockSizes.for_backend(backend).validate(backend)
+        DecodeBlocks.for_backend(backend).validate(backend)
+    with pytest.raises(ValueError, match="power of two"):
+        BlockSizes(48, 64).validate("gpu")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        BlockSizes(128, 64).validate("tpu")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        DecodeBlocks(64).validate("tpu")
+    assert DecodeBlocks(64).splits(32768) == 16 and DecodeBlocks(64).splits(100) == 1
+
+
+def test_kernels_lower_for_gpu():
+    """Cross-platform lowering on this CPU runs the Pallas Triton lowering of the flash forward, both flash
+    backward kernels and the decode kernel (interpret mode checks none of their block rules)."""
+    q, k, v = jnp.zeros((1, 200, 6, 96)), jnp.zeros((1, 300, 2, 96)), jnp.zeros((1, 300, 2, 64))
+
+    def loss(q, k, v, offset):
+        return flash_attention(q, k, v, q_offset=offset, backend="gpu").sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v, jnp.int32(5)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert all(name in text for name in ("flash_attention_forward", "flash_attention_dkv", "flash_attention_dq"))
+
+    def decode(q, latent, offset):
+        return mla_decode(q, latent, value_dim=160, q_offset=offset, scale=0.1, backend="gpu")
+
+    text = jax.jit(decode).trace(jnp.zeros((1, 1, 32, 224)), jnp.zeros((1, 4096, 224)), jnp.int32(9)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mla_decode" in text
+
+
+def test_ops_attention_dispatches_and_checks_heads():
+    args = flash_inputs("prefill_ragged")
+    close(attention(**args, impl="pallas"), attention(**args, impl="reference"), 1e-4)
+    with pytest.raises(InvalidArgument, match="4 KV heads must divide 6 query heads"):
+        attention(args["q"], args["k"][:, :, [0, 1, 0, 1]], args["v"][:, :, [0, 1, 0, 1]])
+
+
+@pytest.mark.parametrize("fixture, name", [("tiny_llama", "gqa_llama3_untied"), ("tiny_deepseek", "q_lora_yarn")])
+def test_models_with_pallas_kernels_generate_what_the_reference_generates(request, fixture, name, rng):
+    """The teacher's GQA and MLA prefill through flash attention; MLA decode through the latent kernel."""
+    ckpt = request.getfixturevalue(fixture)(name)[2]
+    reference, pallas = zebrax.load(ckpt, impl="reference"), zebrax.load(ckpt, impl="pallas")
+    tokens = rng.integers(4, reference.config.vocab_size, (2, 21))
+    close(pallas.logits(tokens), reference.logits(tokens), 1e-4)
+    np.testing.assert_array_equal(pallas.generate(tokens[:, :7], max_new_tokens=6, ignore_eos=True),
+                                  reference.generate(tokens[:, :7], max_new_tokens=6, ignore_eos=True))
