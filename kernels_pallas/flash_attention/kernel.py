@@ -59,28 +59,44 @@ def _last_key_block(q_end, offset, bk, n_k):
     return jnp.clip((offset + q_end + bk - 1) // bk, 0, n_k)
 
 
+def online_softmax_step(carry, s, visible, v):
+    """One key block of the online softmax: carry (running max ``[rows, 1]``, denominator ``[rows, 1]``,
+    accumulator ``[rows, Dv]``), scores s ``[rows, bk]`` (masked to NEG), values v ``[bk, Dv]``."""
+    m, denom, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    return m_new, alpha * denom + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p, v)
+
+
+def online_softmax_init(rows: int, dv: int):
+    return (jnp.full((rows, 1), NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            jnp.zeros((rows, dv), jnp.float32))
+
+
+def online_softmax_finish(carry, empty_lse: float):
+    """(output ``[rows, Dv]``, log-sum-exp ``[rows, 1]``); rows that saw no key give 0 and ``empty_lse``."""
+    m, denom, acc = carry
+    seen = denom > 0
+    safe = jnp.where(seen, denom, 1.0)
+    return acc / safe, jnp.where(seen, m + jnp.log(safe), empty_lse)
+
+
 def _forward_kernel(off_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, scale, bq, bk, n_k):
     i = pl.program_id(2)
     offset = off_ref[0, 0]
     q = q_ref[...].astype(jnp.float32)
 
     def body(j, carry):
-        m, l, acc = carry
         keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
         k, v = k_ref[keys, :].astype(jnp.float32), v_ref[keys, :].astype(jnp.float32)
         visible = _visible(i * bq, j * bk, offset, mask_ref[:, keys], bq, bk)
-        s = jnp.where(visible, dot(q, k, trans_b=True) * scale, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m - m_new)
-        return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p, v)
+        return online_softmax_step(carry, jnp.where(visible, dot(q, k, trans_b=True) * scale, NEG), visible, v)
 
-    init = (jnp.full((bq, 1), NEG, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-            jnp.zeros((bq, v_ref.shape[-1]), jnp.float32))
-    m, l, acc = lax.fori_loop(0, _last_key_block((i + 1) * bq, offset, bk, n_k), body, init)
-    seen = l > 0
-    o_ref[...] = (acc / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    n_blocks = _last_key_block((i + 1) * bq, offset, bk, n_k)
+    carry = lax.fori_loop(0, n_blocks, body, online_softmax_init(bq, v_ref.shape[-1]))
+    o, lse = online_softmax_finish(carry, empty_lse=0.0)  # the backward masks empty rows itself
+    o_ref[...], lse_ref[...] = o.astype(o_ref.dtype), lse
 
 
 def _probs(q, k, lse, visible, scale):

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.common import compiler_params, dot, lane_padded, resolve_backend
-from kernels_pallas.flash_attention.kernel import NEG
+from kernels_pallas.flash_attention.kernel import NEG, online_softmax_finish, online_softmax_init, online_softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +55,15 @@ def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *,
     q_slot = offset + slot_ref[...]  # [rows, 1]: the cache slot each row's token sits in
 
     def body(j, carry):
-        m, l, acc = carry
         start = (split * n_blocks + j) * bk
         keys = pl.ds(pl.multiple_of(start, bk), bk)
-        kv = kv_ref[keys, :].astype(jnp.float32)  # [bk, D]
+        kv = kv_ref[keys, :].astype(jnp.float32)  # [bk, D]: key, and value in its first value_dim entries
         k_slot = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         visible = (k_slot <= q_slot) & (mask_ref[:, keys] > 0)
-        s = jnp.where(visible, dot(q, kv, trans_b=True) * scale, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m - m_new)
-        return m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), alpha * acc + dot(p, kv)
+        return online_softmax_step(carry, jnp.where(visible, dot(q, kv, trans_b=True) * scale, NEG), visible, kv)
 
-    rows, d = q.shape
-    init = (jnp.full((rows, 1), NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, d), jnp.float32))
-    m, l, acc = lax.fori_loop(0, n_blocks, body, init)
-    seen = l > 0
-    o_ref[...] = acc / jnp.where(seen, l, 1.0)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG)
+    carry = lax.fori_loop(0, n_blocks, body, online_softmax_init(*q.shape))
+    o_ref[...], lse_ref[...] = online_softmax_finish(carry, empty_lse=NEG)  # empty ranges get weight 0
 
 
 def mla_decode(q, latent, *, value_dim, kv_mask=None, q_offset=0, scale, block_sizes: BlockSizes | None = None,
