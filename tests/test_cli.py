@@ -68,3 +68,14 @@ def test_bench_ssd_reports_every_impl_and_the_lm_ratio():
     assert set(result["op"][0]) >= {"reference_ms", "chunked_64_ms", "chunked_256_ms", "pallas_ms"}
     assert result["mamba2_lm_forward"][0]["speedup_vs_transformers"] > 0
     json.dumps(result)
+
+
+def test_bench_attention_reports_the_three_decode_paths():
+    from zebrax.bench import bench_attention
+
+    result = bench_attention(contexts=(64,), repeats=1, prefill_len=32)
+    row = result["decode"][0]
+    assert {"gqa_tokens_per_s", "mla_absorbed_tokens_per_s", "mla_materialised_tokens_per_s"} <= set(row)
+    assert row["gqa_cache_bytes_per_token"] == 2 * 8 * 64 * 4 and row["mla_absorbed_cache_bytes_per_token"] == 160 * 4
+    assert result["prefill_attention"]["pallas_ms"] > 0
+    json.dumps(result)

@@ -131,3 +131,64 @@ def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_m
                         "speedup_vs_transformers": round(s["transformers"] / s["zebrax"], 2)})
     return {"benchmark": "ssd", "repeats": repeats, "pallas_mode": "compiled" if compiled else "interpret",
             "op": op_rows, "mamba2_lm_forward": lm_rows, **machine()}
+
+
+def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: int = 5, prefill_len: int = 1024) -> dict:
+    """Decode-step throughput of one attention layer over a filled cache, and prefill attention impls.
+
+    Layer shapes are Llama-3.2-1B's (d_model 2048, 32 heads, 8 KV heads, head_dim 64) against the MLA of
+    Zebra-Llama-1B (kv_lora_rank 128, q_lora_rank 1344, rope 32, nope 32, v 64, 8 K/V groups): GQA with a
+    KV cache; MLA absorbed (attention over the cached latent); MLA materialised (K and V decompressed from
+    the whole cached latent every step). float32, random weights and caches.
+    """
+    import flax.linen as nn
+
+    from zebrax.cache import Slots
+    from zebrax.config import LlamaConfig, MLAConfig
+    from zebrax.layers import Attention
+    from zebrax.layers.mla import MLAttention
+    from zebrax.ops import attention
+
+    gqa_cfg = LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                          intermediate_size=8192, vocab_size=128, num_hidden_layers=1)
+    mla_cfg = MLAConfig(d_model=2048, n_heads=32, kv_groups=8, q_lora_rank=1344, kv_lora_rank=128,
+                        qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
+    latent_cache = lambda n: MLAttention.init_cache(mla_cfg, batch, n, "float32")  # noqa: E731
+    layers = {"gqa": (Attention(gqa_cfg), lambda n: Attention.init_cache(gqa_cfg, batch, n), None),
+              "mla_absorbed": (MLAttention(mla_cfg), latent_cache, True),
+              "mla_materialised": (MLAttention(mla_cfg), latent_cache, False)}
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, 1, 2048)), jnp.float32)
+    rows = []
+    for n in contexts:
+        slots = Slots(positions=jnp.full((batch, 1), n - 1, jnp.int32), token_mask=jnp.ones((batch, 1), bool),
+                      kv_mask=jnp.ones((batch, n), bool), offset=jnp.asarray(n - 1, jnp.int32))
+        fns, cache_bytes = {}, {}
+        for name, (layer, make_cache, absorbed) in layers.items():
+            cache = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), make_cache(n))
+            params = nn.unbox(layer.init(jax.random.key(0), x, slots, cache))
+            kw = {} if absorbed is None else {"absorbed": absorbed}
+            step = jax.jit(lambda p, c, layer=layer, kw=kw, slots=slots: layer.apply(p, x, slots, c, **kw)[0])
+            fns[name] = lambda step=step, params=params, cache=cache: jax.block_until_ready(step(params, cache))
+            cache_bytes[name] = sum(a.nbytes for a in jax.tree.leaves(cache)) // (batch * n)
+        s = compare(fns, repeats)
+        rows.append({"context": n, **{f"{k}_tokens_per_s": round(batch / v, 1) for k, v in s.items()},
+                     **{f"{k}_ms": round(v * 1e3, 2) for k, v in s.items()},
+                     "mla_absorbed_speedup_vs_gqa": round(s["gqa"] / s["mla_absorbed"], 2),
+                     "mla_absorbed_speedup_vs_materialised": round(s["mla_materialised"] / s["mla_absorbed"], 2),
+                     **{f"{k}_cache_bytes_per_token": v for k, v in cache_bytes.items()}})
+
+    compiled = jax.default_backend() in ("gpu", "tpu")
+    q = jnp.asarray(rng.normal(size=(1, prefill_len, 32, 64)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(1, prefill_len, 8, 64)), jnp.float32)
+    flash = {}
+    for impl in ("reference", "pallas"):
+        f = jax.jit(lambda q, kv, impl=impl: attention(q, kv, kv, impl=impl))
+        flash[impl] = lambda f=f: jax.block_until_ready(f(q, kv))
+    s = compare(flash, repeats)
+    return {"benchmark": "attention", "batch": batch, "repeats": repeats, "decode": rows,
+            "prefill_attention": {"seq_len": prefill_len, "heads": 32, "kv_heads": 8, "head_dim": 64,
+                                  "pallas_mode": "compiled" if compiled else "interpret",
+                                  **{f"{k}_ms": round(v * 1e3, 2) for k, v in s.items()},
+                                  "pallas_speedup_vs_reference": round(s["reference"] / s["pallas"], 2)},
+            **machine()}

@@ -6,6 +6,7 @@
     zebrax info CKPT_OR_PRESET [--json]
     zebrax bench forward CKPT [--batch B] [--seq-len L] [--repeats R]
     zebrax bench ssd [--lengths L ...] [--repeats R]
+    zebrax bench attention [--contexts N ...] [--batch B] [--repeats R]
     zebrax run [GIN_FILE ...] [--gin PARAM=VALUE ...]
 """
 
@@ -152,8 +153,10 @@ def cmd_bench(args):
     if args.bench == "forward":
         result = bench.bench_forward(zebrax.load(args.ckpt), batch=args.batch, seq_len=args.seq_len,
                                      repeats=args.repeats)
-    else:
+    elif args.bench == "ssd":
         result = bench.bench_ssd(lengths=tuple(args.lengths), repeats=args.repeats)
+    else:
+        result = bench.bench_attention(contexts=tuple(args.contexts), batch=args.batch, repeats=args.repeats)
     print(json.dumps(result, indent=2))
 
 
@@ -234,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bs.add_argument("--repeats", type=int, default=5)
     bs.set_defaults(fn=cmd_bench)
+    ba = bsub.add_parser("attention", help="decode step: MLA absorbed vs materialised vs GQA; flash vs reference")
+    ba.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ba.add_argument("--batch", type=int, default=1)
+    ba.add_argument("--repeats", type=int, default=5)
+    ba.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")
     r.add_argument("gin_files", nargs="*", metavar="GIN_FILE")
