@@ -8,7 +8,7 @@ the transformers ``config.json`` of the same architecture.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from zebrax.errors import ConfigError
 
@@ -43,6 +43,30 @@ def unknown_fields(cls, d: dict) -> None:
     unknown = sorted(set(d) - known - {"model_type"})
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; valid fields are {sorted(known)}")
+
+
+class ModelConfig:
+    """What every model config shares: ``replace`` and the JSON round trip saved beside checkpoints.
+    ``nested`` names the fields that hold another config (rebuilt from dicts in ``__post_init__``)."""
+
+    model_type: ClassVar[str]
+    nested: ClassVar[dict[str, type]] = {}
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return {"model_type": self.model_type, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown_fields(cls, d)
+        for name, sub in cls.nested.items():
+            if isinstance(d.get(name), dict):
+                unknown_fields(sub, d[name])
+        return cls(**{k: v for k, v in d.items() if k != "model_type"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +112,7 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ModelConfig):
     """A Llama-family decoder: pre-norm blocks of GQA attention and a SwiGLU MLP.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the parameters.
@@ -116,6 +140,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
 
     model_type = "llama"
+    nested = {"rope_scaling": RopeScaling}
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -149,28 +174,11 @@ class LlamaConfig:
         """Query heads per KV head."""
         return self.num_attention_heads // self.num_key_value_heads
 
-    def replace(self, **changes) -> LlamaConfig:
-        return dataclasses.replace(self, **changes)
-
-    # -- serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["eos_token_id"] = list(self.eos_token_id)
-        return {"model_type": self.model_type, **d}
-
     def summary(self) -> dict:
         """The sizes that identify the model, by field name (for `zebrax info` and error messages)."""
         names = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "intermediate_size", "vocab_size")
         return {n: getattr(self, n) for n in names}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LlamaConfig:
-        unknown_fields(cls, d)
-        d = {k: v for k, v in d.items() if k != "model_type"}
-        if isinstance(d.get("rope_scaling"), dict):
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        return cls(**d)
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> LlamaConfig:
@@ -314,14 +322,14 @@ def _hf_float(v) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2LMConfig:
+class Mamba2LMConfig(ModelConfig):
     """A pure Mamba2 language model (transformers' ``Mamba2ForCausalLM``): blocks of
     ``h = h + Mixer(RMSNorm(h))``, no MLP; final RMSNorm and LM head."""
 
     vocab_size: int = 50280
     num_hidden_layers: int = 24
     mixer: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
-    norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     residual_in_fp32: bool = True
     bos_token_id: int | None = 0
@@ -331,20 +339,18 @@ class Mamba2LMConfig:
     param_dtype: str = "float32"
 
     model_type = "mamba2"
+    nested = {"mixer": Mamba2Config}
 
     def __post_init__(self):
         if isinstance(self.mixer, dict):
             object.__setattr__(self, "mixer", Mamba2Config(**self.mixer))
         normalise_token_ids(self)
         require_positive(self, "vocab_size", "num_hidden_layers")
-        require(self.norm_eps > 0, self, f"norm_eps={self.norm_eps} must be > 0")
+        require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
 
     @property
     def hidden_size(self) -> int:
         return self.mixer.d_model
-
-    def replace(self, **changes) -> Mamba2LMConfig:
-        return dataclasses.replace(self, **changes)
 
     def summary(self) -> dict:
         """The sizes that identify the model, by field name (for `zebrax info` and error messages)."""
@@ -352,20 +358,6 @@ class Mamba2LMConfig:
         return {"num_hidden_layers": self.num_hidden_layers, "d_model": m.d_model, "d_inner": m.d_inner,
                 "n_heads": m.n_heads, "head_dim": m.head_dim, "d_state": m.d_state, "n_groups": m.n_groups,
                 "xb_heads": m.xb_heads, "vocab_size": self.vocab_size}
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["eos_token_id"] = list(self.eos_token_id)
-        return {"model_type": self.model_type, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Mamba2LMConfig:
-        unknown_fields(cls, d)
-        d = {k: v for k, v in d.items() if k != "model_type"}
-        if isinstance(d.get("mixer"), dict):
-            unknown_fields(Mamba2Config, d["mixer"])
-            d["mixer"] = Mamba2Config(**d["mixer"])
-        return cls(**d)
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> Mamba2LMConfig:
@@ -384,7 +376,7 @@ class Mamba2LMConfig:
         eos = d.get("eos_token_id")
         return cls(
             vocab_size=d["vocab_size"], num_hidden_layers=d["num_hidden_layers"], mixer=mixer,
-            norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=d.get("tie_word_embeddings", True),
+            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=d.get("tie_word_embeddings", True),
             residual_in_fp32=d.get("residual_in_fp32", True), bos_token_id=d.get("bos_token_id"),
             eos_token_id=() if eos is None else eos, pad_token_id=d.get("pad_token_id"),
         )
@@ -400,7 +392,7 @@ class Mamba2LMConfig:
             "num_heads": m.n_heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
             "conv_kernel": m.conv_kernel, "use_conv_bias": m.use_conv_bias, "use_bias": m.use_bias,
             "chunk_size": m.chunk_size, "time_step_limit": list(m.dt_limit), "time_step_min": m.dt_min,
-            "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor, "layer_norm_epsilon": self.norm_eps,
+            "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor, "layer_norm_epsilon": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings, "residual_in_fp32": self.residual_in_fp32,
             "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_id),
             "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
@@ -457,7 +449,7 @@ class MLAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepseekV3Config:
+class DeepseekV3Config(ModelConfig):
     """A dense DeepSeek-V3-family model (every layer a SwiGLU MLP, no MoE): Llama's pre-norm blocks with
     MLA attention. transformers' ``DeepseekV3ForCausalLM`` with ``first_k_dense_replace >= num_hidden_layers``;
     also the format of MLA models made by other tools (TransMLA)."""
@@ -478,6 +470,7 @@ class DeepseekV3Config:
     param_dtype: str = "float32"
 
     model_type = "deepseek_v3"
+    nested = {"attention": MLAConfig}
 
     def __post_init__(self):
         if isinstance(self.attention, dict):
@@ -489,31 +482,12 @@ class DeepseekV3Config:
                 f"attention.d_model={self.attention.d_model} must equal hidden_size={self.hidden_size}")
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
 
-    def replace(self, **changes) -> DeepseekV3Config:
-        return dataclasses.replace(self, **changes)
-
     def summary(self) -> dict:
         a = self.attention
         return {"num_hidden_layers": self.num_hidden_layers, "hidden_size": self.hidden_size, "n_heads": a.n_heads,
                 "kv_groups": a.kv_groups, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
                 "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
                 "v_head_dim": a.v_head_dim, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["eos_token_id"] = list(self.eos_token_id)
-        return {"model_type": self.model_type, **d}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DeepseekV3Config:
-        unknown_fields(cls, d)
-        d = {k: v for k, v in d.items() if k != "model_type"}
-        if isinstance(d.get("attention"), dict):
-            unknown_fields(MLAConfig, d["attention"])
-            attention = dict(d["attention"])
-            attention["rope_scaling"] = RopeScaling(**attention["rope_scaling"])
-            d["attention"] = MLAConfig(**attention)
-        return cls(**d)
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> DeepseekV3Config:

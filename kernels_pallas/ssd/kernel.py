@@ -120,54 +120,45 @@ def _backward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, states_ref, dy_ref, 
     ds0_ref[...] = lax.fori_loop(0, n_chunks, chunk, dfinal_ref[...])
 
 
-def _specs(b, h, g, length, p, n, n_chunks):
-    """BlockSpecs per (batch, head) program; B and C come from the head's group."""
-    r = h // g
-    head = lambda *tail: pl.BlockSpec((None, None, *tail), lambda i, j: (i, j) + (0,) * len(tail))  # noqa: E731
-    group = pl.BlockSpec((None, None, length, n), lambda i, j: (i, j // r, 0, 0))
-    return {
-        "seq_p": head(length, p), "col": head(length, 1), "row": head(1, length), "group": group,
-        "seq_n": head(length, n), "state": head(p, n), "states": head(n_chunks, p, n),
-    }
+def _pallas(kernel, name, u, B, q, backend, in_names, out_names, *args):
+    """One program per (batch, head) on head-major arrays; blocks are named by what they hold: ``seq_p``
+    ``[L, p]``, ``seq_n`` ``[L, n]``, ``col`` ``[L, 1]``, ``row`` ``[1, L]``, ``state`` ``[p, n]``, ``states``
+    ``[chunks, p, n]`` per head, and ``group`` ``[L, n]`` of the head's group (B and C). Outputs are float32."""
+    b, h, length, p = u.shape
+    g, n = B.shape[1], B.shape[-1]
+    n_chunks = length // q
+    shapes = {"seq_p": (length, p), "seq_n": (length, n), "col": (length, 1), "row": (1, length),
+              "state": (p, n), "states": (n_chunks, p, n)}
+
+    def spec(block):
+        if block == "group":
+            return pl.BlockSpec((None, None, length, n), lambda i, j: (i, j // (h // g), 0, 0))
+        tail = shapes[block]
+        return pl.BlockSpec((None, None, *tail), lambda i, j: (i, j) + (0,) * len(tail))
+
+    return pl.pallas_call(
+        functools.partial(kernel, q=q, n_chunks=n_chunks),
+        grid=(b, h),
+        in_specs=[spec(x) for x in in_names],
+        out_specs=[spec(x) for x in out_names],
+        out_shape=[jax.ShapeDtypeStruct((b, h, *shapes[x]), jnp.float32) for x in out_names],
+        interpret=backend not in ("gpu", "tpu"),
+        compiler_params=compiler_params(backend, 2),
+        name=name,
+    )(*args)
 
 
 def _forward(u, cum, B, C, s0, q, backend):
-    b, h, length, p = u.shape
-    g, n = B.shape[1], B.shape[-1]
-    n_chunks = length // q
-    s = _specs(b, h, g, length, p, n, n_chunks)
-    f32 = jnp.float32
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, q=q, n_chunks=n_chunks),
-        grid=(b, h),
-        in_specs=[s["seq_p"], s["col"], s["row"], s["group"], s["group"], s["state"]],
-        out_specs=[s["seq_p"], s["states"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, n_chunks, p, n), f32),
-                   jax.ShapeDtypeStruct((b, h, p, n), f32)],
-        interpret=backend not in ("gpu", "tpu"),
-        compiler_params=compiler_params(backend, 2),
-        name="ssd_forward",
-    )(u, cum[..., None], cum[:, :, None, :], B, C, s0)
+    return _pallas(_forward_kernel, "ssd_forward", u, B, q, backend,
+                   ["seq_p", "col", "row", "group", "group", "state"], ["seq_p", "states", "state"],
+                   u, cum[..., None], cum[:, :, None, :], B, C, s0)
 
 
 def _backward(u, cum, B, C, states, dy, dfinal, q, backend):
-    b, h, length, p = u.shape
-    g, n = B.shape[1], B.shape[-1]
-    n_chunks = length // q
-    s = _specs(b, h, g, length, p, n, n_chunks)
-    f32 = jnp.float32
-    return pl.pallas_call(
-        functools.partial(_backward_kernel, q=q, n_chunks=n_chunks),
-        grid=(b, h),
-        in_specs=[s["seq_p"], s["col"], s["row"], s["group"], s["group"], s["states"], s["seq_p"], s["state"]],
-        out_specs=[s["seq_p"], s["seq_n"], s["seq_n"], s["col"], s["row"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct((b, h, length, p), f32), jax.ShapeDtypeStruct((b, h, length, n), f32),
-                   jax.ShapeDtypeStruct((b, h, length, n), f32), jax.ShapeDtypeStruct((b, h, length, 1), f32),
-                   jax.ShapeDtypeStruct((b, h, 1, length), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
-        interpret=backend not in ("gpu", "tpu"),
-        compiler_params=compiler_params(backend, 2),
-        name="ssd_backward",
-    )(u, cum[..., None], cum[:, :, None, :], B, C, states, dy, dfinal)
+    return _pallas(_backward_kernel, "ssd_backward", u, B, q, backend,
+                   ["seq_p", "col", "row", "group", "group", "states", "seq_p", "state"],
+                   ["seq_p", "seq_n", "seq_n", "col", "row", "state"],
+                   u, cum[..., None], cum[:, :, None, :], B, C, states, dy, dfinal)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -12,7 +12,7 @@ from zebrax.cache import Cache, Slots
 from zebrax.config import DeepseekV3Config, LlamaConfig
 from zebrax.layers import Attention, RMSNorm, SwiGLU
 from zebrax.layers.mla import MLAttention
-from zebrax.models.common import embed, lm_head, make_slots
+from zebrax.models.common import CausalLM
 
 
 def attention_module(cfg, impl: str) -> nn.Module:
@@ -39,30 +39,11 @@ class DecoderBlock(nn.Module):
         return x + mlp(RMSNorm(name="post_attention_layernorm", **norm)(x)), cache
 
 
-class LlamaForCausalLM(nn.Module):
-    """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32 (``[B, 1, vocab]`` with ``last_only``).
-
-    ``positions`` ``[B, L]`` default to ``0 … L-1``; ``token_mask`` ``[B, L]`` marks real tokens
-    (left padding is False). With a ``cache`` the tokens are appended at ``cache.index`` and the
-    updated cache is returned; without one the second output is None.
-    """
+class LlamaForCausalLM(CausalLM):
+    """The Llama decoder (``CausalLM`` with ``DecoderBlock``s); its cache holds keys and values per token."""
 
     config: LlamaConfig
-    impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
-        cfg = self.config
-        slots = make_slots(tokens, positions, token_mask, cache)
-        x, embedding = embed(cfg, tokens)
-        new_layers = []
-        for i in range(cfg.num_hidden_layers):
-            x, layer_cache = DecoderBlock(cfg, self.impl, name=f"layers_{i}")(
-                x, slots, None if cache is None else cache.layers[i]
-            )
-            new_layers.append(layer_cache)
-        logits = lm_head(cfg, x, embedding, cfg.rms_norm_eps, last_only)
-        return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
+    block = DecoderBlock
 
     @staticmethod
     def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:

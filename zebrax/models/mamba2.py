@@ -10,7 +10,7 @@ from zebrax.cache import Cache, Slots
 from zebrax.config import Mamba2LMConfig
 from zebrax.layers import RMSNorm
 from zebrax.layers.mamba2 import Mamba2Mixer
-from zebrax.models.common import embed, lm_head, make_slots
+from zebrax.models.common import CausalLM
 
 
 class Mamba2Block(nn.Module):
@@ -22,7 +22,7 @@ class Mamba2Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, slots: Slots, cache=None):
         cfg = self.config
-        normed = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
+        normed = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
         h, cache = Mamba2Mixer(cfg.mixer, cfg.dtype, cfg.param_dtype, self.impl, name="mixer")(
             normed, slots.token_mask, cache
         )
@@ -30,28 +30,11 @@ class Mamba2Block(nn.Module):
         return (residual + h).astype(residual.dtype), cache
 
 
-class Mamba2ForCausalLM(nn.Module):
-    """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32; same call as ``LlamaForCausalLM``.
-
-    Its decode cache is constant in length: per layer a conv state and an SSM state.
-    """
+class Mamba2ForCausalLM(CausalLM):
+    """A stack of ``Mamba2Block``s; its decode cache is constant in length (a conv and an SSM state per layer)."""
 
     config: Mamba2LMConfig
-    impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
-        cfg = self.config
-        slots = make_slots(tokens, positions, token_mask, cache)
-        x, embedding = embed(cfg, tokens)
-        new_layers = []
-        for i in range(cfg.num_hidden_layers):
-            x, layer_cache = Mamba2Block(cfg, self.impl, name=f"layers_{i}")(
-                x, slots, None if cache is None else cache.layers[i]
-            )
-            new_layers.append(layer_cache)
-        logits = lm_head(cfg, x, embedding, cfg.norm_eps, last_only)
-        return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
+    block = Mamba2Block
 
     @staticmethod
     def init_cache(cfg: Mamba2LMConfig, batch: int, max_len: int) -> Cache:
