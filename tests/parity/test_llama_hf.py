@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-import torch
 
 import zebrax
 from tests.conftest import TINY_LLAMAS
+from tests.parity.common import assert_export_round_trip, assert_greedy_matches, assert_logits_match
 
 LOGIT_ATOL = 1e-4  # fp32, max |Δlogit|
 
@@ -18,26 +18,14 @@ def test_logits_match_transformers(tiny_llama, name, rng):
     hf, _, ckpt = tiny_llama(name)
     model = zebrax.load(ckpt)
     tokens = rng.integers(0, model.config.vocab_size, (3, 37))  # 37: not a power of two
-    with torch.no_grad():
-        want = hf(torch.from_numpy(tokens)).logits.numpy()
-    got = model.logits(tokens)
-    assert got.dtype == np.float32 and got.shape == want.shape
-    assert want.std() > 0.3, "random logits too small for the tolerance to mean anything"
-    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
+    assert_logits_match(model, hf, tokens, LOGIT_ATOL)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_LLAMAS))
 def test_greedy_generation_matches_transformers(tiny_llama, name, rng):
     hf, _, ckpt = tiny_llama(name)
     model = zebrax.load(ckpt)
-    prompt = rng.integers(4, model.config.vocab_size, (2, 11))
-    got = model.generate(prompt, max_new_tokens=20, ignore_eos=True)
-    tokens = torch.from_numpy(prompt)
-    want = hf.generate(
-        tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=20, do_sample=False, eos_token_id=None,
-        pad_token_id=0,
-    ).numpy()
-    np.testing.assert_array_equal(got, want)
+    assert_greedy_matches(model, hf, rng.integers(4, model.config.vocab_size, (2, 11)), 20)
 
 
 def test_config_translation_keeps_every_field(tiny_llama):
@@ -51,16 +39,8 @@ def test_config_translation_keeps_every_field(tiny_llama):
 
 def test_export_round_trip_reloads_in_transformers(tiny_llama, tmp_path, rng):
     """zebrax → HF directory → transformers gives the original model's logits; → zebrax again, the same params."""
-    import transformers
-
-    from zebrax.convert.export import export
-
     hf, _, ckpt = tiny_llama("tied_bias_bin")
-    export(ckpt, tmp_path / "hf")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    tokens = torch.from_numpy(rng.integers(0, 150, (2, 13)))
-    with torch.no_grad():
-        np.testing.assert_allclose(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), rtol=0, atol=1e-6)
+    assert_export_round_trip(ckpt, hf, tmp_path / "hf", rng.integers(0, 150, (2, 13)))
     zebrax.convert(tmp_path / "hf", tmp_path / "zx")
     a, b = zebrax.load(ckpt).params, zebrax.load(tmp_path / "zx").params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 import zebrax
 from tests.conftest import TINY_MAMBA2S
+from tests.parity.common import (
+    assert_export_round_trip,
+    assert_greedy_matches,
+    assert_logits_match,
+)
 
 LOGIT_ATOL = 1e-4  # fp32, max |Δlogit|
 
@@ -17,11 +20,7 @@ def test_logits_match_transformers(tiny_mamba2, name, rng):
     hf, _, ckpt = tiny_mamba2(name)
     model = zebrax.load(ckpt)
     tokens = rng.integers(0, model.config.vocab_size, (2, 29))  # 29: odd, several chunks plus a ragged tail
-    with torch.no_grad():
-        want = hf(torch.from_numpy(tokens)).logits.numpy()
-    got = model.logits(tokens)
-    assert want.std() > 0.3, "random logits too small for the tolerance to mean anything"
-    np.testing.assert_allclose(got, want, rtol=0, atol=LOGIT_ATOL)
+    assert_logits_match(model, hf, tokens, LOGIT_ATOL)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MAMBA2S))
@@ -29,10 +28,7 @@ def test_greedy_generation_matches_transformers(tiny_mamba2, name, rng):
     hf, _, ckpt = tiny_mamba2(name)
     model = zebrax.load(ckpt)
     prompt = rng.integers(4, model.config.vocab_size, (2, 9))
-    tokens = torch.from_numpy(prompt)
-    want = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=16, do_sample=False,
-                       eos_token_id=None, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=16, ignore_eos=True), want)
+    assert_greedy_matches(model, hf, prompt, 16)
 
 
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny_mamba2, rng):
@@ -54,13 +50,5 @@ def test_decode_state_is_constant_in_length(tiny_mamba2):
 
 
 def test_export_round_trip(tiny_mamba2, tmp_path, rng):
-    import transformers
-
-    from zebrax.convert.export import export
-
     hf, _, ckpt = tiny_mamba2("groups3_tied_bin")
-    export(ckpt, tmp_path / "hf")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    tokens = torch.from_numpy(rng.integers(0, 90, (2, 11)))
-    with torch.no_grad():
-        np.testing.assert_allclose(back(tokens).logits.numpy(), hf(tokens).logits.numpy(), rtol=0, atol=1e-6)
+    assert_export_round_trip(ckpt, hf, tmp_path / "hf", rng.integers(0, 90, (2, 11)))

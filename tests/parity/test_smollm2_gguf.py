@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zebrax
+from tests.parity.common import assert_greedy_matches
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +51,7 @@ def test_chat_prompt_logits_match_transformers(model, teacher):
 
 
 def test_32_greedy_tokens_match_transformers(model, teacher):
-    prompt = model.chat_tokens(MESSAGES)
-    got = model.generate(np.asarray([prompt]), max_new_tokens=32, ignore_eos=True)
-    tokens = torch.tensor([prompt])
-    # An explicit mask: the prompt holds <|im_end|> (id 2 = pad id), which transformers would otherwise mask.
-    want = teacher.generate(
-        tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=32, do_sample=False, eos_token_id=None,
-        pad_token_id=2,
-    ).numpy()
-    np.testing.assert_array_equal(got, want)
+    assert_greedy_matches(model, teacher, np.asarray([model.chat_tokens(MESSAGES)]), 32, pad_token_id=2)
 
 
 def test_answers_the_capital_question(model):
