@@ -23,6 +23,15 @@ def test_info_on_a_checkpoint(capsys, tiny_llama):
     assert "checkpoint" in out and "cache_bytes_per_token: 576" in out  # 3 layers x (k, v) x 2 heads x 12 x 4 B
 
 
+def test_info_on_mla_and_mamba2_checkpoints(capsys, tiny_deepseek, tiny_mamba2):
+    assert main(["info", str(tiny_deepseek("q_lora_yarn")[2]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "deepseek_v3" and info["cache_bytes_per_token"] == 2 * (24 + 6) * 4
+    assert main(["info", str(tiny_mamba2("groups2_bias")[2]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cache_bytes_per_token"] == 0 and info["cache_state_bytes"] > 0
+
+
 def test_info_on_something_unknown_lists_the_presets(capsys):
     assert main(["info", "llama9"]) == 1
     err = capsys.readouterr().err

@@ -61,16 +61,30 @@ def test_from_hf_dict_reads_both_transformers_generations():
     assert LlamaConfig.from_hf_dict(a.to_hf_dict()) == a
 
 
-def test_every_parameter_has_logical_axes_of_its_rank():
-    config = LlamaConfig(**TINY, attention_bias=True)
-    axes, shapes = logical_axes(config), abstract_params(config)
-    known = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab"}
+LOGICAL_AXES = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "q_lora", "kv_lora", "kv_latent",
+                "ssm_in", "ssm_conv", "conv", "ssm_heads", "ssm_inner"}
+
+
+@pytest.mark.parametrize("family", ["llama", "mamba2", "deepseek_v3"])
+def test_every_parameter_has_logical_axes_of_its_rank(family):
     import jax
 
-    for names, shape in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes),
-                            strict=True):
-        assert len(names) == len(shape.shape) and set(names) <= known
-    assert axes["layers_0"]["self_attn"]["o_proj"]["kernel"] == ("heads", "head_dim", "embed")
+    from zebrax.config import DeepseekV3Config, Mamba2Config, Mamba2LMConfig, MLAConfig
+
+    config = {
+        "llama": LlamaConfig(**TINY, attention_bias=True),
+        "mamba2": Mamba2LMConfig(vocab_size=64, num_hidden_layers=2, mixer=Mamba2Config(
+            d_model=32, d_inner=64, n_heads=4, head_dim=16, d_state=8, use_bias=True)),
+        "deepseek_v3": DeepseekV3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention=MLAConfig(
+            d_model=32, n_heads=4, kv_groups=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+            qk_rope_head_dim=4, v_head_dim=4, q_latent_norm=True, kv_latent_norm=True, attention_bias=True)),
+    }[family]
+    axes, shapes = logical_axes(config), abstract_params(config)
+    leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    for names, shape in zip(leaves, jax.tree.leaves(shapes), strict=True):
+        assert len(names) == len(shape.shape) and set(names) <= LOGICAL_AXES, (names, shape)
+    if family == "llama":
+        assert axes["layers_0"]["self_attn"]["o_proj"]["kernel"] == ("heads", "head_dim", "embed")
 
 
 @pytest.mark.parametrize(
