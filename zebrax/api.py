@@ -88,6 +88,14 @@ class Model:
         return cache_sizes(self.config)[1]
 
     # -- text helpers (need a tokenizer) -----------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (with the tokenizer's special tokens, e.g. BOS)."""
+        return self._require_tokenizer()(text)["input_ids"]
+
+    def decode(self, tokens) -> str:
+        """Text of token ids, special tokens dropped."""
+        return self._require_tokenizer().decode(list(tokens), skip_special_tokens=True)
+
     def chat_tokens(self, messages: str | Sequence[dict]) -> list[int]:
         """The prompt tokens of a chat, through the tokenizer's chat template (generation prompt added)."""
         tok = self._require_tokenizer()
@@ -100,7 +108,7 @@ class Model:
         """Answer a chat (a user message or a list of ``{"role", "content"}``) and return the reply text."""
         prompt = self.chat_tokens(messages)
         out = self.generate([prompt], max_new_tokens=max_new_tokens, **sampling)[0]
-        return self.tokenizer.decode(out[len(prompt):], skip_special_tokens=True).strip()
+        return self.decode(out[len(prompt):]).strip()
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -105,10 +105,9 @@ def cmd_generate(args):
     if args.chat:
         print(model.chat(args.prompt, **sampling))
         return
-    tok = model._require_tokenizer()
-    prompt = tok(args.prompt)["input_ids"]
+    prompt = model.encode(args.prompt)
     out = model.generate([prompt], **sampling)[0]
-    print(args.prompt + tok.decode(out[len(prompt):], skip_special_tokens=True))
+    print(args.prompt + model.decode(out[len(prompt):]))
 
 
 def describe(path_or_preset: str) -> dict:
@@ -183,7 +182,7 @@ def run(
     t = time.perf_counter()
     out = model.generate([prompt_tokens], max_new_tokens=max_new_tokens, temperature=temperature)[0]
     seconds = time.perf_counter() - t
-    reply = model.tokenizer.decode(out[len(prompt_tokens):], skip_special_tokens=True).strip()
+    reply = model.decode(out[len(prompt_tokens):]).strip()
     print(f"user: {prompt}\nassistant: {reply}")
     print(f"({len(out) - len(prompt_tokens)} tokens in {seconds:.2f}s, first call includes compilation)")
 
