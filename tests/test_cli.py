@@ -59,6 +59,10 @@ def test_run_and_generate_chat_on_the_embedded_teacher(smollm2_checkpoint, capsy
     )
     assert proc.returncode == 0, proc.stderr
     assert "Berlin" in proc.stdout
+    capsys.readouterr()
+    assert main(["generate", str(smollm2_checkpoint), "--prompt", "The capital of France is", "--max-new-tokens",
+                 "4"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is Paris")
 
 
 def test_bench_forward_reports_both_implementations(tiny_llama):
