@@ -46,7 +46,8 @@ class CausalLM(nn.Module):
     ``positions`` ``[B, L]`` default to ``0 … L-1``; ``token_mask`` ``[B, L]`` marks real tokens (left
     padding is False). With a ``cache`` the tokens are appended at ``cache.index`` and the updated cache is
     returned; without one the second output is None. Subclasses name their ``block`` (called as
-    ``block(config, impl)(x, slots, layer_cache) -> (x, layer_cache)``) and their ``init_cache``.
+    ``block(config, impl)(x, slots, layer_cache) -> (x, layer_cache)``) and the cache one layer keeps
+    (``layer_cache``).
     """
 
     config: Any
@@ -66,3 +67,13 @@ class CausalLM(nn.Module):
             new_layers.append(layer_cache)
         logits = lm_head(cfg, x, embedding, last_only)
         return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
+
+    @staticmethod
+    def layer_cache(cfg, batch: int, max_len: int):
+        """The decode cache of one layer for ``batch`` sequences of up to ``max_len`` tokens."""
+        raise NotImplementedError
+
+    @classmethod
+    def init_cache(cls, cfg, batch: int, max_len: int) -> Cache:
+        return Cache.init(batch, max_len, tuple(cls.layer_cache(cfg, batch, max_len)
+                                                for _ in range(cfg.num_hidden_layers)))

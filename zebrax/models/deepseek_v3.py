@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from zebrax.cache import Cache
 from zebrax.config import DeepseekV3Config
 from zebrax.layers.mla import MLAttention
 from zebrax.models.llama import LlamaForCausalLM
@@ -14,7 +13,5 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
     config: DeepseekV3Config
 
     @staticmethod
-    def init_cache(cfg: DeepseekV3Config, batch: int, max_len: int) -> Cache:
-        return Cache.init(batch, max_len, tuple(
-            MLAttention.init_cache(cfg.attention, batch, max_len, cfg.dtype) for _ in range(cfg.num_hidden_layers)
-        ))
+    def layer_cache(cfg: DeepseekV3Config, batch: int, max_len: int):
+        return MLAttention.init_cache(cfg.attention, batch, max_len, cfg.dtype)

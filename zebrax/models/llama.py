@@ -8,7 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from zebrax.cache import Cache, Slots
+from zebrax.cache import Slots
 from zebrax.config import DeepseekV3Config, LlamaConfig
 from zebrax.layers import Attention, RMSNorm, SwiGLU
 from zebrax.layers.mla import MLAttention
@@ -46,7 +46,5 @@ class LlamaForCausalLM(CausalLM):
     block = DecoderBlock
 
     @staticmethod
-    def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
-        return Cache.init(batch, max_len, tuple(
-            Attention.init_cache(cfg, batch, max_len) for _ in range(cfg.num_hidden_layers)
-        ))
+    def layer_cache(cfg: LlamaConfig, batch: int, max_len: int):
+        return Attention.init_cache(cfg, batch, max_len)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zebrax.cache import Cache, Slots
+from zebrax.cache import Slots
 from zebrax.config import Mamba2LMConfig
 from zebrax.layers import RMSNorm
 from zebrax.layers.mamba2 import Mamba2Mixer
@@ -37,7 +37,5 @@ class Mamba2ForCausalLM(CausalLM):
     block = Mamba2Block
 
     @staticmethod
-    def init_cache(cfg: Mamba2LMConfig, batch: int, max_len: int) -> Cache:
-        return Cache.init(batch, max_len, tuple(
-            Mamba2Mixer.init_cache(cfg.mixer, batch, cfg.dtype) for _ in range(cfg.num_hidden_layers)
-        ))
+    def layer_cache(cfg: Mamba2LMConfig, batch: int, max_len: int):
+        return Mamba2Mixer.init_cache(cfg.mixer, batch, cfg.dtype)
