@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from zebrax import ops
-from zebrax.cache import SSMCache
+from zebrax.cache import Slots, SSMCache
 from zebrax.config import Mamba2Config
 from zebrax.layers.linear import Linear
 from zebrax.layers.norms import GatedRMSNorm
@@ -50,8 +50,8 @@ def _conv_init(key, shape, dtype):
 class Mamba2Mixer(nn.Module):
     """x ``[B, L, d_model]`` → ``[B, L, d_model]``; with a cache, the conv and SSM states are read and returned.
 
-    ``token_mask`` ``[B, L]`` marks real tokens: padded positions are no-op steps (zero conv input,
-    dt = 0), so left padding does not change the state.
+    Same call as the attention mixers. ``slots.token_mask`` ``[B, L]`` marks real tokens: padded positions
+    are no-op steps (zero conv input, dt = 0), so left padding does not change the state.
     """
 
     config: Mamba2Config
@@ -60,14 +60,14 @@ class Mamba2Mixer(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, token_mask: jax.Array, cache: SSMCache | None = None):
+    def __call__(self, x: jax.Array, slots: Slots, cache: SSMCache | None = None):
         cfg = self.config
         b, length, _ = x.shape
         sizes = cfg.in_proj_sizes()
         proj = Linear((sum(sizes.values()),), ("embed",), ("ssm_in",), use_bias=cfg.use_bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, name="in_proj")(x)
         z, xbc, dt = jnp.split(proj, [sizes["z"], sizes["z"] + cfg.conv_dim], axis=-1)
-        mask = token_mask[..., None]
+        mask = slots.token_mask[..., None]
 
         xbc, conv_state = self._conv(xbc * mask, cache)
         xbc = nn.silu(xbc) * mask

@@ -24,7 +24,7 @@ class Mamba2Block(nn.Module):
         cfg = self.config
         normed = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
         h, cache = Mamba2Mixer(cfg.mixer, cfg.dtype, cfg.param_dtype, self.impl, name="mixer")(
-            normed, slots.token_mask, cache
+            normed, slots, cache
         )
         residual = x.astype(jnp.float32) if cfg.residual_in_fp32 else x
         return (residual + h).astype(residual.dtype), cache
