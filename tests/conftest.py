@@ -18,7 +18,35 @@ import pytest  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# name -> (transformers LlamaConfig kwargs, save_pretrained kwargs)
+def save_hf(model, directory: Path, bin_shards: int = 0, **save_kw) -> None:
+    """Save a transformers model as safetensors (``save_pretrained``), or, with ``bin_shards``, as PyTorch pickles
+    written by ``torch.save``: one ``pytorch_model.bin`` or that many shards and an index. (transformers 5 always
+    writes safetensors from ``save_pretrained``.) The state dict keeps a tied head, as ``torch.save`` users do."""
+    import json
+
+    import torch
+
+    model.save_pretrained(directory, **save_kw)
+    if not bin_shards:
+        return
+    for f in directory.glob("model*.safetensors*"):
+        f.unlink()
+    state = model.state_dict()
+    names = list(state)
+    if bin_shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+    else:
+        weight_map = {}
+        for i in range(bin_shards):
+            shard = f"pytorch_model-{i + 1:05d}-of-{bin_shards:05d}.bin"
+            part = names[i::bin_shards]
+            torch.save({n: state[n] for n in part}, directory / shard)
+            weight_map.update(dict.fromkeys(part, shard))
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert not list(directory.glob("*.safetensors*")), "the .bin fixture must not hold safetensors"
+
+
+# name -> (transformers LlamaConfig kwargs, save kwargs for save_hf)
 TINY_LLAMAS = {
     # GQA 6/2, llama3 RoPE scaling (original length 32 so every regime of the ramp is used), untied, safetensors
     "gqa_llama3_untied": (
@@ -28,7 +56,7 @@ TINY_LLAMAS = {
             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
         ),
-        dict(safe_serialization=True),
+        dict(),
     ),
     # tied embeddings, biases on attention and MLP, explicit head_dim != hidden/heads, PyTorch .bin
     "tied_bias_bin": (
@@ -37,7 +65,7 @@ TINY_LLAMAS = {
             num_key_value_heads=5, head_dim=6, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
             rope_parameters={"rope_type": "default", "rope_theta": 500.0},
         ),
-        dict(safe_serialization=False),
+        dict(bin_shards=1),
     ),
     # linear RoPE scaling, MQA (1 KV head), sharded safetensors with an index
     "mqa_linear_sharded": (
@@ -46,24 +74,24 @@ TINY_LLAMAS = {
             num_key_value_heads=1, tie_word_embeddings=False,
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
         ),
-        dict(safe_serialization=True, max_shard_size="20KB"),
+        dict(max_shard_size="20KB"),
     ),
 }
 
 
-# name -> (transformers Mamba2Config kwargs, save_pretrained kwargs)
+# name -> (transformers Mamba2Config kwargs, save kwargs for save_hf)
 TINY_MAMBA2S = {
     # 2 groups, in/out projection biases, chunk 8 < sequence, untied, safetensors
     "groups2_bias": (
         dict(vocab_size=123, hidden_size=48, expand=2, num_heads=6, head_dim=16, n_groups=2, state_size=8,
              num_hidden_layers=2, chunk_size=8, use_bias=True, tie_word_embeddings=False),
-        dict(safe_serialization=True),
+        dict(),
     ),
     # 3 groups, conv kernel 3, expand 1, tied embeddings, chunk 4, PyTorch .bin
     "groups3_tied_bin": (
         dict(vocab_size=90, hidden_size=36, expand=1, num_heads=6, head_dim=6, n_groups=3, state_size=10,
              num_hidden_layers=2, chunk_size=4, conv_kernel=3, tie_word_embeddings=True),
-        dict(safe_serialization=False),
+        dict(bin_shards=1),
     ),
 }
 
@@ -78,28 +106,28 @@ def make_hf_mamba2(directory: Path, name: str, seed: int = 0):
     config = transformers.Mamba2Config(initializer_range=0.1, bos_token_id=1, eos_token_id=3, pad_token_id=0,
                                        **config_kw)
     model = transformers.Mamba2ForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(directory, **save_kw)
+    save_hf(model, directory, **save_kw)
     return model
 
 
 _YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 1.0}
-# name -> (transformers DeepseekV3Config kwargs, save_pretrained kwargs); every layer dense
+# name -> (transformers DeepseekV3Config kwargs, save kwargs for save_hf); every layer dense
 TINY_DEEPSEEKS = {
     # low-rank query with its latent norm, YaRN (mscale on both), interleaved RoPE pairs, safetensors
     "q_lora_yarn": (
         dict(vocab_size=111, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
              q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
              rope_parameters=_YARN, rope_interleave=True),
-        dict(safe_serialization=True),
+        dict(),
     ),
-    # full q_proj, default RoPE in half-split layout, attention biases, tied embeddings, PyTorch .bin
+    # full q_proj, default RoPE in half-split layout, attention biases, tied embeddings, PyTorch .bin in 2 shards
     "full_q_bias_tied_bin": (
         dict(vocab_size=90, hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=5,
              q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=7,
              rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rope_interleave=False,
              attention_bias=True, tie_word_embeddings=True),
-        dict(safe_serialization=False),
+        dict(bin_shards=2),
     ),
 }
 
@@ -118,7 +146,7 @@ def make_hf_deepseek(directory: Path, name: str, seed: int = 0):
         **config_kw,
     )
     model = transformers.DeepseekV3ForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(directory, **save_kw)
+    save_hf(model, directory, **save_kw)
     return model
 
 
@@ -134,7 +162,7 @@ def make_hf_llama(directory: Path, name: str, seed: int = 0):
         **config_kw,
     )
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(directory, **save_kw)
+    save_hf(model, directory, **save_kw)
     return model
 
 

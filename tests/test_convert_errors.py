@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import zebrax
 from zebrax.cli import main
 
 
@@ -113,21 +114,23 @@ def test_malicious_pickle_is_refused_and_never_executed(capsys, hf_copy, tmp_pat
 
 
 def test_existing_destination_is_never_damaged(capsys, tiny_llama, hf_copy, tmp_path):
-    dst = tmp_path / "existing"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("precious")
+    ckpt = tiny_llama("gqa_llama3_untied")[2]
+    dst = Path(shutil.copytree(ckpt, tmp_path / "existing"))
+    before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
     # without --overwrite: refused
     code, err = run_cli(capsys, hf_copy, dst)
     assert_one_line_error(code, err, str(dst), "already exists")
-    # with --overwrite but a source that fails half-way through the tensors: the old content survives
+    # with --overwrite but a source that fails half-way through the tensors: the old checkpoint survives
     f = hf_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
     code, err = run_cli(capsys, hf_copy, dst, "--overwrite")
-    assert code != 0 and (dst / "keep.txt").read_text() == "precious"
+    assert code != 0 and sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".existing")) == []
-    # with --overwrite and a good source: replaced atomically
-    assert main(["convert", str(tiny_llama("gqa_llama3_untied")[1]), str(dst), "--overwrite"]) == 0
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
+    # with --overwrite and a good source: replaced atomically, and it loads
+    old_inode = dst.stat().st_ino
+    assert main(["convert", str(tiny_llama("tied_bias_bin")[1]), str(dst), "--overwrite"]) == 0
+    assert dst.stat().st_ino != old_inode and zebrax.load(dst).config.tie_word_embeddings
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_the_real_entry_point_prints_one_line(tmp_path):

@@ -1,5 +1,3 @@
-import sys
+from zebrax.cli import entry
 
-from zebrax.cli import main
-
-sys.exit(main())
+entry()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 
 from zebrax import checkpoint
 from zebrax.convert import convert
-from zebrax.errors import InvalidArgument
+from zebrax.errors import InvalidArgument, warn
 from zebrax.generate import Generator
 from zebrax.models import build, cache_sizes
 
@@ -36,11 +37,33 @@ class Model:
 
     def logits(self, tokens, token_mask=None) -> np.ndarray:
         """tokens int ``[B, L]`` → float32 logits ``[B, L, vocab]`` (one full forward pass)."""
-        tokens = np.asarray(tokens, np.int32)
-        if tokens.ndim != 2:
-            raise InvalidArgument(f"logits: tokens must be [batch, length], got shape {tokens.shape}")
-        mask = np.ones(tokens.shape, bool) if token_mask is None else np.asarray(token_mask, bool)
+        tokens = self.check_tokens(tokens, "logits")
+        if token_mask is None:
+            mask = np.ones(tokens.shape, bool)
+        else:
+            mask = np.asarray(token_mask)
+            if mask.shape != tokens.shape or mask.dtype.kind not in "bi":
+                raise InvalidArgument(f"logits: token_mask must be a bool array of the tokens' shape {tokens.shape}, "
+                                      f"got {mask.dtype} {mask.shape}")
+            mask = mask.astype(bool)
         return np.asarray(self._forward(self.params, tokens, mask))
+
+    def check_tokens(self, tokens, where: str) -> np.ndarray:
+        """``tokens`` as int32 ``[B, L]`` after checking, on the host, that every id is an integer in the
+        vocabulary; InvalidArgument names the first bad id and its position."""
+        array = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+        if array.dtype.kind not in "iu":
+            raise InvalidArgument(f"{where}: token ids must be integers, got an array of {array.dtype}")
+        if array.ndim != 2 or 0 in array.shape:
+            raise InvalidArgument(f"{where}: tokens must be a non-empty [batch, length] array, got shape {array.shape}"
+                                  " (for one prompt pass [prompt])")
+        vocab = self.config.vocab_size
+        bad = (array < 0) | (array >= vocab)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InvalidArgument(f"{where}: token id {int(array[at])} at position {list(at)} is outside the "
+                                  f"vocabulary (0 <= id < {vocab})")
+        return array.astype(np.int32)
 
     def generate(
         self,
@@ -57,21 +80,53 @@ class Model:
         tokens: int array ``[B, L]`` → ``[B, L + n]`` where n <= max_new_tokens is the number of steps
         run (generation stops once every row has emitted EOS; finished rows are padded). A list of
         prompts of different lengths → a list of ``prompt + new tokens`` (up to and including EOS).
+        ``seed`` is any integer in [0, 2**64).
         """
-        if max_new_tokens < 1:
-            raise InvalidArgument(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-        if not 0.0 < top_p <= 1.0 or temperature < 0:
-            raise InvalidArgument(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise InvalidArgument(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgument(f"generate: temperature={temperature!r} must be a finite number >= 0")
+        if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
+            raise InvalidArgument(f"generate: top_p={top_p!r} must be a number in (0, 1]")
+        if not _is_int(seed) or not 0 <= seed < 2**64:
+            raise InvalidArgument(f"generate: seed={seed!r} must be an integer in [0, 2**64)")
         is_array = not isinstance(tokens, (list, tuple))
-        prompts = [list(map(int, p)) for p in (np.asarray(tokens) if is_array else tokens)]
+        if is_array:
+            prompts = self.check_tokens(tokens, "generate").tolist()
+        else:
+            if not tokens or not all(isinstance(p, (list, tuple, np.ndarray)) for p in tokens):
+                raise InvalidArgument("generate: expected a [batch, length] array or a non-empty list of prompts "
+                                      "(lists of token ids)")
+            prompts = []
+            for i, p in enumerate(tokens):
+                if len(p) == 0:
+                    raise InvalidArgument(f"generate: prompt {i} is empty; every prompt needs at least one token")
+                prompts.append(self.check_tokens([p], f"generate: prompt {i}:")[0].tolist())
+        self._check_length(prompts, max_new_tokens)
         eos = () if ignore_eos else self.config.eos_token_id
         new, _ = self._generator(
-            self.params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, eos_ids=eos, pad_id=self.pad_id,
+            self.params, prompts, max_new_tokens=max_new_tokens, temperature=float(temperature),
+            top_p=float(top_p), seed=seed, eos_ids=eos, pad_id=self.pad_id,
         )
         if is_array:
-            return np.concatenate([np.asarray(tokens, np.int32), new], axis=1)
+            return np.concatenate([np.asarray(prompts, np.int32), new], axis=1)
         return [p + _until_eos(row, eos) for p, row in zip(prompts, new.tolist(), strict=True)]
+
+    def _check_length(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Warn past the trained context; refuse a decode cache that cannot fit in memory, before allocating."""
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        trained = getattr(self.config, "max_position_embeddings", None)
+        if trained is not None and longest > trained:
+            warn(f"generate: {longest} tokens (prompt + max_new_tokens) exceed max_position_embeddings={trained}; "
+                 "positions past it were never trained")
+        _, cache_len = Generator.lengths([len(p) for p in prompts], max_new_tokens)
+        per_token, state = cache_sizes(self.config)
+        need = len(prompts) * (cache_len * per_token + state)
+        have = available_memory()
+        if need > have:
+            raise InvalidArgument(f"generate: the decode cache for {len(prompts)} x {cache_len} tokens needs "
+                                  f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available; "
+                                  "lower max_new_tokens or the batch")
 
     @property
     def pad_id(self) -> int:
@@ -101,6 +156,13 @@ class Model:
         tok = self._require_tokenizer()
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+            raise InvalidArgument("chat: expected a message string or a non-empty list of "
+                                  "{\"role\": ..., \"content\": ...} dicts")
+        if not getattr(tok, "chat_template", None):
+            raise InvalidArgument("chat: this checkpoint's tokenizer has no chat template; generate from plain "
+                                  "text instead (without --chat)")
         text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -118,6 +180,29 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return f"Model({type(c).__name__}, layers={c.num_hidden_layers}, params={self.num_params:,})"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def available_memory() -> int:
+    """Bytes the default device can still allocate: the accelerator's free memory, or the host's available RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _until_eos(row: list[int], eos: Sequence[int]) -> list[int]:

@@ -121,7 +121,7 @@ def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_m
     hf = transformers.Mamba2ForCausalLM(hf_config).eval()
     config = Mamba2LMConfig.from_hf_dict(hf_config.to_dict())
     tensors = (("memory", k, v.float().numpy()) for k, v in hf.state_dict().items())
-    model = Model(config, params_from_hf(MAMBA2, config, tensors))
+    model = Model(*params_from_hf(MAMBA2, config, tensors))
     lm_rows = []
     for length in lengths:
         tokens = np.random.default_rng(length).integers(0, 1024, (1, length), dtype=np.int32)

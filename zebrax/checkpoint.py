@@ -1,73 +1,260 @@
-"""The zebrax checkpoint directory.
+"""The zebrax checkpoint directory, and the one way zebrax writes a directory.
 
     DIR/config.json     {"format": "zebrax", "format_version": 1, "model": config.to_dict()}
     DIR/params/         the parameter tree (orbax)
     DIR/tokenizer/      tokenizer files (optional; transformers' ``save_pretrained`` layout)
 
-Every writer goes through ``atomic_directory``: the checkpoint is built in a temporary sibling and
-renamed into place only when complete, so a failure never leaves a half-written checkpoint and
-never touches an existing one.
+Every writer goes through ``atomic_directory``:
+- the result is built in a temporary sibling ``.NAME.tmp-HOST-PID-RANDOM`` and renamed into place only when
+  complete, with a rename that refuses to replace anything that appeared meanwhile (or, with ``overwrite``,
+  that atomically exchanges the old and the new);
+- ``overwrite`` replaces only what the same kind of writer made (``replaceable``), never an ordinary
+  directory, a file, or the source being read;
+- a failure, SIGINT or SIGTERM removes the temporary directory; one left by a killed process (``kill -9``)
+  is removed by the next writer into the same folder once its process is provably gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import threading
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import orbax.checkpoint as ocp
+import numpy as np
 
-from zebrax.errors import CheckpointError, ConfigError
-from zebrax.models import abstract_params, config_from_dict
+from zebrax.errors import CheckpointError, ConfigError, Interrupted
 
 FORMAT, FORMAT_VERSION = "zebrax", 1
+CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "tokenizer"})
+# orbax's OCDBT merge expands these as glob patterns: a path holding them is written without its data
+UNSAFE_PATH_CHARS = "[]\\"
+_TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+# -- atomic directory writes --------------------------------------------------------------------
+def check_writable_path(path: Path) -> None:
+    """Refuse, before anything is written, a destination orbax cannot write correctly."""
+    bad = sorted({c for c in str(path) if c in UNSAFE_PATH_CHARS})
+    if bad:
+        raise CheckpointError(f"{path}: the path contains {' '.join(map(repr, bad))}, which orbax treats as a glob "
+                              "pattern (its parameters would be written incompletely); choose a path without them")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(parent: Path) -> list[Path]:
+    """Remove the temporary siblings in ``parent`` left by writers on this host whose process is gone."""
+    removed = []
+    host = socket.gethostname()
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP.fullmatch(entry.name)
+        if m is None or m["host"] != host or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    """Linux ``renameat2``; raises OSError (ENOSYS/EINVAL where the kernel or filesystem lacks it)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists, atomically where the OS allows."""
+    try:
+        _renameat2(src, dst, _RENAME_NOREPLACE)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+    if os.path.lexists(dst):  # portable fallback: check, then rename (a narrow window remains)
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    os.rename(src, dst)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the OS cannot."""
+    try:
+        _renameat2(a, b, _RENAME_EXCHANGE)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EINVAL):
+            return False
+        raise
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, overwrite: bool = False):
-    """Yield a fresh temporary directory that becomes ``dst`` when the block ends without error."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def _terminate_as_exception():
+    """While the block runs, SIGTERM (``timeout``, Slurm pre-emption, ``docker stop``) raises ``Interrupted``
+    like Ctrl-C raises KeyboardInterrupt, so cleanup runs. Only from the main thread, and only where nobody
+    installed a handler of their own."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
-        yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+
+
+def _overlaps(dst: Path, sources: Iterable[str | os.PathLike]) -> Path | None:
+    d = dst.resolve()
+    for s in sources:
+        s = Path(s).resolve()
+        if d == s or d in s.parents:
+            return s
+    return None
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    dst: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    replaceable: Callable[[Path], bool] | None = None,
+    what: str = "zebrax checkpoint",
+    sources: Iterable[str | os.PathLike] = (),
+):
+    """Yield a fresh temporary directory that becomes ``dst`` when the block ends without error.
+
+    ``overwrite`` replaces an existing ``dst`` only if ``replaceable(dst)`` (default: ``is_checkpoint``) says it
+    is a ``what``; ``sources`` are the paths being read, which ``dst`` may neither be nor contain.
+    """
+    dst = Path(dst).absolute()
+    replaceable = replaceable or is_checkpoint
+    check_writable_path(dst)
+    source = _overlaps(dst, sources)
+    if source is not None:
+        raise CheckpointError(f"{dst}: is (or contains) the source {source}; write somewhere else")
+    existed = os.path.lexists(dst)
+    if existed:
+        if not overwrite:
+            raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+        if dst.is_symlink() or not dst.is_dir():
+            raise CheckpointError(f"{dst}: exists and is not a directory; --overwrite replaces only a {what}")
+        if not replaceable(dst):
+            raise CheckpointError(f"{dst}: exists and is not a {what}; --overwrite replaces only a {what}, "
+                                  "so it was left untouched")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(dst.parent)
+        tmp = dst.parent / f".{dst.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
+    try:
+        with _terminate_as_exception():
+            yield tmp
+            _commit(tmp, dst, existed, replaceable, what)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit(tmp: Path, dst: Path, existed: bool, replaceable: Callable[[Path], bool], what: str) -> None:
+    """Move ``tmp`` to ``dst``. Nothing that appeared at ``dst`` while writing is ever replaced."""
+    if existed and os.path.lexists(dst):
+        if not (dst.is_dir() and not dst.is_symlink() and replaceable(dst)):
+            raise CheckpointError(f"{dst}: changed while writing and is no longer a {what}; left untouched")
+        if _exchange(tmp, dst):
+            shutil.rmtree(tmp)  # tmp now holds the replaced checkpoint
+            return
+        old = dst.parent / f".{dst.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        dst.rename(old)
+        try:
+            rename_noreplace(tmp, dst)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        rename_noreplace(tmp, dst)
+    except FileExistsError:
+        raise CheckpointError(f"{dst}: appeared while this one was being written (another writer?); "
+                              "it was left untouched and this result discarded") from None
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot move the finished result into place ({e.strerror or e})") from None
+
+
+# -- the checkpoint ----------------------------------------------------------------------------
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
 
 
 def save(directory: Path, config, params: dict) -> None:
-    """Write config and params into ``directory`` (normally the one ``atomic_directory`` yields)."""
+    """Write config and params into ``directory`` (normally the one ``atomic_directory`` yields), then read
+    the parameter metadata back: a write that cannot be restored is an error, not a success."""
     directory = Path(directory).absolute()
+    check_writable_path(directory)
     (directory / "config.json").write_text(
         json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}, indent=2)
     )
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _ocp().StandardCheckpointer()
     checkpointer.save(directory / "params", params)
     checkpointer.wait_until_finished()
+    expected = {path: (tuple(np.shape(x)), np.dtype(x.dtype)) for path, x in _flat(params).items()}
+    problems = _compare_params(directory / "params", expected, dtypes=True)
+    if problems:
+        raise CheckpointError(f"{directory / 'params'}: written but not readable back ({problems})")
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory holding a zebrax ``config.json`` and nothing but what a checkpoint holds."""
+    path = Path(path)
     try:
-        return json.loads((Path(path) / "config.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads((path / "config.json").read_text())
+        entries = {p.name for p in path.iterdir()}
+    except (OSError, ValueError):
         return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and entries <= CHECKPOINT_ENTRIES
 
 
 def load_config(path: str | os.PathLike):
+    from zebrax.models import config_from_dict
+
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -88,16 +275,60 @@ def load_config(path: str | os.PathLike):
         raise CheckpointError(f"{config_file}: {e}") from None
 
 
+def _flat(tree) -> dict[str, object]:
+    from flax.traverse_util import flatten_dict
+
+    return {"/".join(k): v for k, v in flatten_dict(tree).items()}
+
+
+def _compare_params(params_dir: Path, expected: dict[str, tuple[tuple[int, ...], np.dtype]], dtypes: bool) -> str:
+    """What differs between the stored parameters and ``expected`` (path → (shape, dtype)); '' if nothing.
+    ``dtypes``: compare dtypes too (after a write; a load casts to the config's dtype)."""
+    if not (params_dir / "manifest.ocdbt").is_file():
+        return "its OCDBT manifest is missing"
+    try:
+        stored_tree = _ocp().StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception as e:  # orbax raises many types on damaged metadata
+        return f"unreadable metadata: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    stored = {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flat(stored_tree).items()}
+    problems = []
+    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}")
+    if extra:
+        problems.append(f"unexpected {len(extra)}: {', '.join(extra[:4])}{' …' if len(extra) > 4 else ''}")
+    shapes = [f"{p} {stored[p][0]} (expected {expected[p][0]})" for p in sorted(set(stored) & set(expected))
+              if stored[p][0] != expected[p][0]]
+    if shapes:
+        problems.append(f"{len(shapes)} with other shapes: {'; '.join(shapes[:4])}{' …' if len(shapes) > 4 else ''}")
+    types = [f"{p} {stored[p][1]} (expected {expected[p][1]})" for p in sorted(set(stored) & set(expected))
+             if dtypes and stored[p][1] != expected[p][1]]
+    if types:
+        problems.append(f"{len(types)} with other dtypes: {'; '.join(types[:4])}{' …' if len(types) > 4 else ''}")
+    return "; ".join(problems)
+
+
 def load_params(path: str | os.PathLike, config) -> dict:
-    """Restore the parameters, cast to ``config.param_dtype``."""
+    """Restore the parameters, cast to ``config.param_dtype``, after checking every stored leaf's path and
+    shape against what ``config`` builds."""
+    from zebrax.models import abstract_params
+
     params_dir = Path(path).absolute() / "params"
     if not params_dir.is_dir():
         raise CheckpointError(f"{Path(path)}: incomplete checkpoint (no params/)")
+    check_writable_path(params_dir)
     target = abstract_params(config)
+    expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat(target).items()}
+    problems = _compare_params(params_dir, expected, dtypes=False)
+    if problems:
+        raise CheckpointError(f"{params_dir}: parameters do not match config.json "
+                              f"({config.describe()}): {problems}")
     try:
-        return ocp.StandardCheckpointer().restore(params_dir, target)
-    except Exception as e:  # orbax raises many types; the message is what the user needs
-        raise CheckpointError(f"{params_dir}: cannot restore parameters for {type(config).__name__}: {e}") from None
+        return _ocp().StandardCheckpointer().restore(params_dir, target)
+    except Exception as e:  # damaged data files: orbax and tensorstore raise many types
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"{params_dir}: cannot restore parameters ({text[0] if text else type(e).__name__})"
+                              ) from None
 
 
 def tokenizer_dir(path: str | os.PathLike) -> Path | None:
@@ -105,4 +336,5 @@ def tokenizer_dir(path: str | os.PathLike) -> Path | None:
     return d if d.is_dir() else None
 
 
-__all__ = ["atomic_directory", "save", "load_config", "load_params", "is_checkpoint", "tokenizer_dir"]
+__all__ = ["atomic_directory", "save", "load_config", "load_params", "is_checkpoint", "tokenizer_dir",
+           "sweep_stale", "rename_noreplace", "check_writable_path"]

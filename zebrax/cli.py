@@ -16,8 +16,11 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -249,19 +252,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, default=warnings.showwarning):
+    from zebrax.errors import ZebraxWarning
+
+    if issubclass(category, ZebraxWarning):
+        print(f"zebrax: warning: {message}", file=sys.stderr)
+    else:
+        default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 1 on a ZebraxError, 130 on SIGINT, 143 on SIGTERM, each failure one
+    line on stderr. A signal removes whatever the command was writing (``checkpoint.atomic_directory``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    from zebrax.errors import ZebraxError
+    from zebrax.checkpoint import raise_interrupted
+    from zebrax.errors import Interrupted, ZebraxError
 
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_interrupted) if on_main_thread else None
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         args.fn(args)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"zebrax: error: {e if isinstance(e, Interrupted) else 'interrupted by SIGINT'}; nothing was left "
+              "half-written", file=sys.stderr)
+        return 143 if isinstance(e, Interrupted) else 130
     except ZebraxError as e:
         print(f"zebrax: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
+def entry() -> None:
+    """The ``zebrax`` console script. After a failure the process ends at once: orbax's and tensorstore's
+    background threads would otherwise print tracebacks at interpreter shutdown after the one line."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -38,6 +38,37 @@ def normalise_token_ids(cfg: Any) -> None:
         require(getattr(cfg, name) in DTYPES, cfg, f"{name}={getattr(cfg, name)!r} is not one of {DTYPES}")
 
 
+def check_activation(cfg: Any, name: str) -> None:
+    from zebrax.layers.activations import ACTIVATIONS
+
+    value = getattr(cfg, name)
+    require(value in ACTIVATIONS, cfg, f"{name}={value!r} is not an activation zebrax computes; "
+            f"known: {', '.join(sorted(ACTIVATIONS))}")
+
+
+# Fields of every transformers config that do not change what a model computes.
+HF_BOOKKEEPING = {
+    "transformers_version": "bookkeeping", "architectures": "bookkeeping", "model_type": "selects the architecture",
+    "output_hidden_states": "an output option", "return_dict": "an output option", "use_cache": "an output option",
+    "dtype": "storage dtype; zebrax converts to the dtype asked for", "torch_dtype": "as dtype",
+    "chunk_size_feed_forward": "not read by these models", "is_encoder_decoder": "decoder-only models",
+    "id2label": "classification heads only", "label2id": "classification heads only",
+    "problem_type": "classification heads only", "initializer_range": "initialisation of new weights only",
+    "_name_or_path": "bookkeeping",
+}
+
+
+def refuse_set(cls, d: dict, name: str, allowed, why: str) -> None:
+    """A transformers config field zebrax does not compute: refused unless it holds one of ``allowed``."""
+    if name in d and d[name] not in allowed:
+        raise ConfigError(f"{cls.__name__}: {name}={d[name]!r} is not supported ({why})")
+
+
+def refuse_quantized(cls, d: dict) -> None:
+    refuse_set(cls, d, "quantization_config", (None,), "quantized checkpoints store other tensors; convert the "
+               "full-precision checkpoint, or its GGUF")
+
+
 def unknown_fields(cls, d: dict) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known - {"model_type"})
@@ -54,6 +85,10 @@ class ModelConfig:
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """``LlamaConfig(num_hidden_layers=…, hidden_size=…, …)``: the identifying sizes, for error messages."""
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.summary().items())})"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -86,6 +121,7 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
         require(self.rope_type in ROPE_TYPES, self, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
@@ -104,11 +140,27 @@ class RopeScaling:
                     f"yarn needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
 
     @classmethod
-    def from_hf_dict(cls, d: dict | None) -> RopeScaling:
+    def from_hf_dict(cls, d: dict | None, max_position_embeddings: int | None = None) -> RopeScaling:
+        """Translate transformers' ``rope_parameters`` / ``rope_scaling`` (without ``rope_theta``). Every key
+        is read or refused: an unread key would mean other frequencies than the checkpoint was trained with."""
         d = dict(d or {})
-        rope_type = d.get("rope_type", d.get("type", "default"))
+        rope_type = d.pop("rope_type", d.pop("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"RopeScaling: rope_type={rope_type!r} is not supported; zebrax computes "
+                              f"{', '.join(ROPE_TYPES)}")
+        partial = d.pop("partial_rotary_factor", 1.0)
+        if partial not in (None, 1, 1.0):
+            raise ConfigError(f"RopeScaling: partial_rotary_factor={partial} is not supported (RoPE on every "
+                              "dimension of the head only)")
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
-        return cls(rope_type=rope_type, **{k: v for k, v in d.items() if k in fields})
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ConfigError(f"RopeScaling: unknown rope parameters {unknown} for rope_type={rope_type!r}; "
+                              f"zebrax reads {sorted(fields)}")
+        if rope_type == "yarn" and d.get("factor") is None and max_position_embeddings:
+            # transformers' rule: without an explicit factor, the ratio of the two context lengths
+            d["factor"] = max_position_embeddings / d.get("original_max_position_embeddings", max_position_embeddings)
+        return cls(rope_type=rope_type, **{k: v for k, v in d.items() if v is not None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +185,7 @@ class LlamaConfig(ModelConfig):
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -141,6 +194,12 @@ class LlamaConfig(ModelConfig):
 
     model_type = "llama"
     nested = {"rope_scaling": RopeScaling}
+    # transformers' Llama/Mistral config fields that from_hf_dict does not read, and why that is right
+    hf_ignored: ClassVar[dict[str, str]] = {
+        **HF_BOOKKEEPING,
+        "attention_dropout": "training regularisation; zebrax runs without dropout",
+        "pretraining_tp": "tensor-parallel slices of the same matmuls (transformers 5 ignores it too)",
+    }
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -167,6 +226,7 @@ class LlamaConfig(ModelConfig):
         require(self.head_dim % 2 == 0, self, f"head_dim={self.head_dim} must be even for RoPE")
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         require(self.rope_theta > 0, self, f"rope_theta={self.rope_theta} must be > 0")
+        check_activation(self, "hidden_act")
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -182,9 +242,16 @@ class LlamaConfig(ModelConfig):
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> LlamaConfig:
-        """Translate a transformers ``config.json`` (4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+        """Translate a transformers ``config.json`` (4.x ``rope_scaling`` or 5.x ``rope_parameters``) of a Llama
+        or a Mistral: every field is read, refused, or listed in ``hf_ignored`` with the reason."""
+        refuse_quantized(cls, d)
+        if d.get("model_type") == "mistral":
+            refuse_set(cls, d, "sliding_window", (None,), "zebrax attends to every earlier token")
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        if "partial_rotary_factor" in d:
+            rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+        max_positions = d.get("max_position_embeddings", 4096)
         eos = d.get("eos_token_id")
         return cls(
             vocab_size=d["vocab_size"],
@@ -196,11 +263,12 @@ class LlamaConfig(ModelConfig):
             head_dim=d.get("head_dim"),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            rope_scaling=RopeScaling.from_hf_dict(rope),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rope_scaling=RopeScaling.from_hf_dict(rope, max_positions),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
+            hidden_act=d.get("hidden_act", "silu"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=() if eos is None else eos,
             pad_token_id=d.get("pad_token_id"),
@@ -222,7 +290,7 @@ class LlamaConfig(ModelConfig):
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": rope,
@@ -270,6 +338,7 @@ class Mamba2Config:
     dt_init_floor: float = 1e-4
     A_init_range: tuple[float, float] = (1.0, 16.0)
     norm_eps: float = 1e-5
+    activation: str = "silu"
 
     def __post_init__(self):
         object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
@@ -294,6 +363,7 @@ class Mamba2Config:
         require(0 < self.A_init_range[0] <= self.A_init_range[1], self,
                 f"A_init_range={self.A_init_range} must be (low, high) with 0 < low <= high")
         require(self.norm_eps > 0, self, f"norm_eps={self.norm_eps} must be > 0")
+        check_activation(self, "activation")
 
     @property
     def x_heads(self) -> int:
@@ -340,6 +410,13 @@ class Mamba2LMConfig(ModelConfig):
 
     model_type = "mamba2"
     nested = {"mixer": Mamba2Config}
+    hf_ignored: ClassVar[dict[str, str]] = {
+        **HF_BOOKKEEPING,
+        "time_step_rank": "dt comes from in_proj; transformers' forward does not read it",
+        "rescale_prenorm_residual": "initialisation of new weights only",
+        "norm_before_gate": "transformers 4.x field its forward ignored (the norm gates first)",
+        "rms_norm": "transformers 4.x field its forward ignored (always RMSNorm)",
+    }
 
     def __post_init__(self):
         if isinstance(self.mixer, dict):
@@ -361,7 +438,8 @@ class Mamba2LMConfig(ModelConfig):
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> Mamba2LMConfig:
-        """Translate transformers' ``Mamba2Config`` JSON."""
+        """Translate transformers' ``Mamba2Config`` JSON: every field is read, refused, or in ``hf_ignored``."""
+        refuse_quantized(cls, d)
         hidden = d["hidden_size"]
         d_inner = int(d.get("expand", 2) * hidden)
         mixer = Mamba2Config(
@@ -372,6 +450,7 @@ class Mamba2LMConfig(ModelConfig):
             dt_limit=tuple(_hf_float(v) for v in d.get("time_step_limit", (0.0, float("inf")))),
             dt_min=d.get("time_step_min", 1e-3), dt_max=d.get("time_step_max", 0.1),
             dt_init_floor=d.get("time_step_floor", 1e-4), norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            activation=d.get("hidden_act", "silu"),
         )
         eos = d.get("eos_token_id")
         return cls(
@@ -391,6 +470,7 @@ class Mamba2LMConfig(ModelConfig):
             "hidden_size": m.d_model, "num_hidden_layers": self.num_hidden_layers, "expand": m.d_inner // m.d_model,
             "num_heads": m.n_heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
             "conv_kernel": m.conv_kernel, "use_conv_bias": m.use_conv_bias, "use_bias": m.use_bias,
+            "hidden_act": m.activation,
             "chunk_size": m.chunk_size, "time_step_limit": list(m.dt_limit), "time_step_min": m.dt_min,
             "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor, "layer_norm_epsilon": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings, "residual_in_fp32": self.residual_in_fp32,
@@ -463,6 +543,7 @@ class DeepseekV3Config(ModelConfig):
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"
     bos_token_id: int | None = 0
     eos_token_id: tuple[int, ...] = (1,)
     pad_token_id: int | None = None
@@ -471,6 +552,18 @@ class DeepseekV3Config(ModelConfig):
 
     model_type = "deepseek_v3"
     nested = {"attention": MLAConfig}
+    _dense_only = "MoE layers are refused (first_k_dense_replace < num_hidden_layers), so it is never read"
+    hf_ignored: ClassVar[dict[str, str]] = {
+        **HF_BOOKKEEPING,
+        **dict.fromkeys(("moe_intermediate_size", "n_shared_experts", "routed_scaling_factor", "n_group",
+                         "topk_group", "num_experts_per_tok", "norm_topk_prob", "output_router_logits"),
+                        _dense_only),
+        "num_mtp_layers": "multi-token-prediction modules are not part of transformers' forward",
+        "num_nextn_predict_layers": "as num_mtp_layers",
+        "head_dim": "derived (= qk_rope_head_dim)", "qk_head_dim": "derived (= qk_nope + qk_rope)",
+        "attention_dropout": "training regularisation; zebrax runs without dropout",
+        "pretraining_tp": "tensor-parallel slices of the same matmuls",
+    }
 
     def __post_init__(self):
         if isinstance(self.attention, dict):
@@ -481,6 +574,7 @@ class DeepseekV3Config(ModelConfig):
         require(self.attention.d_model == self.hidden_size, self,
                 f"attention.d_model={self.attention.d_model} must equal hidden_size={self.hidden_size}")
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        check_activation(self, "hidden_act")
 
     def summary(self) -> dict:
         a = self.attention
@@ -491,7 +585,9 @@ class DeepseekV3Config(ModelConfig):
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> DeepseekV3Config:
-        """Translate transformers' ``DeepseekV3Config`` JSON (dense models only)."""
+        """Translate transformers' ``DeepseekV3Config`` JSON (dense models only): every field is read, refused,
+        or in ``hf_ignored``."""
+        refuse_quantized(cls, d)
         layers = d["num_hidden_layers"]
         dense = d.get("first_k_dense_replace", 3)
         if dense is not None and dense < layers and d.get("n_routed_experts"):
@@ -508,7 +604,8 @@ class DeepseekV3Config(ModelConfig):
             kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
             qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
             q_latent_norm=d.get("q_lora_rank") is not None, kv_latent_norm=True, norm_eps=1e-6,
-            rope_theta=float(rope_theta), rope_scaling=RopeScaling.from_hf_dict(rope),
+            rope_theta=float(rope_theta),
+            rope_scaling=RopeScaling.from_hf_dict(rope, d.get("max_position_embeddings", 4096)),
             rope_interleave=bool(d.get("rope_interleave", True)), attention_bias=bool(d.get("attention_bias", False)),
         )
         eos = d.get("eos_token_id")
@@ -516,8 +613,9 @@ class DeepseekV3Config(ModelConfig):
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=layers, attention=attention, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), bos_token_id=d.get("bos_token_id"),
-            eos_token_id=() if eos is None else eos, pad_token_id=d.get("pad_token_id"),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), hidden_act=d.get("hidden_act", "silu"),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=() if eos is None else eos,
+            pad_token_id=d.get("pad_token_id"),
         )
 
     def to_hf_dict(self) -> dict:
@@ -538,6 +636,7 @@ class DeepseekV3Config(ModelConfig):
             "v_head_dim": a.v_head_dim, "first_k_dense_replace": self.num_hidden_layers, "n_routed_experts": 1,
             "rope_parameters": rope, "rope_interleave": a.rope_interleave, "attention_bias": a.attention_bias,
             "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
             "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id), "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
         }

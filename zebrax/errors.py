@@ -1,4 +1,6 @@
-"""Errors meant for people: each names the file, key or field at fault and what was expected."""
+"""Errors and warnings meant for people: each names the file, key or field at fault and what was expected."""
+
+import warnings
 
 
 class ZebraxError(Exception):
@@ -19,3 +21,15 @@ class CheckpointError(ZebraxError):
 
 class InvalidArgument(ZebraxError, ValueError):
     """A call's argument is out of range (e.g. ``max_new_tokens < 1``)."""
+
+
+class Interrupted(ZebraxError):
+    """SIGINT or SIGTERM arrived; whatever was being written has been removed."""
+
+
+class ZebraxWarning(UserWarning):
+    """Something a user should know that does not stop the work (the CLI prints it as one line)."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, ZebraxWarning, stacklevel=3)

@@ -91,6 +91,12 @@ class Generator:
         step, _, _, _, out, _ = jax.lax.while_loop(cond, body, init)
         return out, step
 
+    @staticmethod
+    def lengths(prompt_lengths: Sequence[int], max_new_tokens: int) -> tuple[int, int]:
+        """(bucketed prompt length, bucketed cache length) for prompts of these lengths."""
+        prompt_len = bucket_length(max(prompt_lengths))
+        return prompt_len, bucket_length(prompt_len + max_new_tokens)
+
     def __call__(
         self,
         params,
@@ -105,18 +111,20 @@ class Generator:
     ) -> tuple[np.ndarray, int]:
         """Generate for prompts of any lengths → (new tokens ``[B, steps]`` padded with pad_id, steps)."""
         lengths = [len(p) for p in prompts]
-        if min(lengths) == 0:
+        if not lengths or min(lengths) == 0:
             raise InvalidArgument("generate: every prompt needs at least one token")
-        prompt_len = bucket_length(max(lengths))
-        max_len = bucket_length(prompt_len + max_new_tokens)
+        prompt_len, max_len = self.lengths(lengths, max_new_tokens)
         tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
         mask = np.zeros((len(prompts), prompt_len), bool)
         for i, p in enumerate(prompts):
             tokens[i, prompt_len - len(p):] = p
             mask[i, prompt_len - len(p):] = True
         logits, cache = self.prefill(params, tokens, mask, max_len=max_len)
+        key = jax.random.key(seed & 0xFFFFFFFF)  # jax keeps 32 bits of a seed unless x64 is enabled
+        if seed >> 32:
+            key = jax.random.fold_in(key, seed >> 32)
         out, steps = self.decode(
-            params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), jnp.float32(temperature),
+            params, cache, logits, key, jnp.int32(max_new_tokens), jnp.float32(temperature),
             jnp.float32(top_p), jnp.asarray(list(eos_ids) or [-1], jnp.int32), jnp.int32(pad_id),
             capacity=max_len - prompt_len,
         )

@@ -16,7 +16,7 @@ from zebrax.convert.architectures import TENSOR_MAPS
 from zebrax.convert.gguf import GGUFSource
 from zebrax.convert.hf import HFSource
 from zebrax.convert.mapping import params_from_hf
-from zebrax.errors import ConfigError, ConversionError
+from zebrax.errors import ConfigError, ConversionError, warn
 
 
 def open_source(src: str | os.PathLike) -> HFSource | GGUFSource:
@@ -45,11 +45,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         raise ConfigError(f"dtype={dtype!r} is not one of {DTYPES}")
     source = open_source(src)
     config = source.config.replace(dtype=dtype, param_dtype=dtype)
-    with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
-        params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype)
+    with checkpoint.atomic_directory(dst, overwrite=overwrite, sources=[src]) as tmp:
+        config, params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype)
         checkpoint.save(tmp, config, params)
         del params
-        source.save_tokenizer(tmp / "tokenizer")
+        if not source.save_tokenizer(tmp / "tokenizer"):
+            warn(f"{src}: no tokenizer found; the weights are converted, and text commands (encode, chat, "
+                 "generate --prompt) will need token ids")
     return Path(dst)
 
 

@@ -9,20 +9,39 @@ from pathlib import Path
 
 from zebrax import checkpoint
 from zebrax.convert.architectures import TENSOR_MAPS
+from zebrax.convert.hf import TOKENIZER_FILES
 from zebrax.convert.mapping import hf_tensors
+
+
+EXPORT_MARK = "zebrax_export"  # safetensors metadata key: this directory was written by ``export``
+
+
+def is_export(path: Path) -> bool:
+    """A directory ``export`` wrote: its safetensors carry our mark and it holds nothing else but HF files."""
+    from safetensors import safe_open
+
+    try:
+        entries = {p.name for p in path.iterdir()}
+        with safe_open(str(path / "model.safetensors"), framework="numpy") as f:
+            marked = EXPORT_MARK in (f.metadata() or {})
+    except Exception:  # unreadable, truncated or absent: not ours to replace
+        return False
+    return marked and entries <= {"config.json", "model.safetensors", *TOKENIZER_FILES}
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the zebrax checkpoint ``src`` as an HF directory (``config.json``, ``model.safetensors``,
-    tokenizer files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads."""
+    tokenizer files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads. ``overwrite`` replaces
+    only a directory written by ``export``."""
     from safetensors.numpy import save_file
 
     config = checkpoint.load_config(src)
     params = checkpoint.load_params(src, config)
-    with checkpoint.atomic_directory(dst, overwrite=overwrite) as tmp:
+    with checkpoint.atomic_directory(dst, overwrite=overwrite, replaceable=is_export, what="zebrax export",
+                                     sources=[src]) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         tensors = dict(hf_tensors(TENSOR_MAPS[config.model_type], params))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", EXPORT_MARK: "1"})
         tokenizer = checkpoint.tokenizer_dir(src)
         if tokenizer is not None:
             for f in tokenizer.iterdir():

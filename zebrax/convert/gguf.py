@@ -71,8 +71,15 @@ class GGUFSource:
         a = self.arch
         heads = self._field(f"{a}.attention.head_count")
         hidden = self._field(f"{a}.embedding_length")
+        tensors = {t.name: t for t in self.reader.tensors}
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        vocab = self._field(f"{a}.vocab_size", len(tokens.data) if tokens is not None else None)
+        if tokens is not None:
+            vocab_default = len(tokens.data)
+        elif "token_embd.weight" in tensors:
+            vocab_default = int(tensors["token_embd.weight"].shape[-1])  # gguf lists dims fastest first
+        else:
+            vocab_default = None
+        vocab = self._field(f"{a}.vocab_size", vocab_default)
         scaling = self._field(f"{a}.rope.scaling.type", "none", required=False)
         if scaling not in ("none", "linear"):
             raise ConversionError(f"{self.path}: rope scaling type {scaling!r} is not supported")
@@ -81,7 +88,7 @@ class GGUFSource:
             if scaling == "linear" else RopeScaling()
         )
         eos = self._field("tokenizer.ggml.eos_token_id", required=False)
-        names = {t.name for t in self.reader.tensors}
+        names = set(tensors)
         try:
             return LlamaConfig(
                 vocab_size=int(vocab),
@@ -95,7 +102,10 @@ class GGUFSource:
                 rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
                 rope_scaling=rope,
                 max_position_embeddings=int(self._field(f"{a}.context_length", 4096)),
+                # what the tensors say: llama.cpp keeps no flags for these
                 tie_word_embeddings="output.weight" not in names,
+                attention_bias=any(n.endswith(".attn_q.bias") for n in names),
+                mlp_bias=any(n.endswith(".ffn_up.bias") for n in names),
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id", required=False),
                 eos_token_id=() if eos is None else (int(eos),),
                 pad_token_id=self._field("tokenizer.ggml.padding_token_id", required=False),
@@ -129,8 +139,11 @@ class GGUFSource:
         return name  # unknown names are reported by the mapping with the file and shape
 
     def save_tokenizer(self, dst: Path) -> bool:
+        """Rebuild the tokenizer from the metadata; False when the file has none (``tokenizer.ggml.*``)."""
         from transformers import AutoTokenizer
 
+        if "tokenizer.ggml.tokens" not in self.reader.fields:
+            return False
         try:
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as e:

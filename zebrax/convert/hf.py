@@ -76,8 +76,6 @@ class HFSource:
                 f"{self.config_file}: unsupported architecture (model_type {model_type!r}, architectures: {archs});"
                 f" zebrax converts model_type {', '.join(sorted(ARCHITECTURES))}"
             )
-        if model_type == "mistral" and d.get("sliding_window") is not None:
-            raise ConversionError(f"{self.config_file}: sliding_window={d['sliding_window']} is not supported")
         generation = self.directory / "generation_config.json"
         if generation.is_file():
             eos = json.loads(generation.read_text()).get("eos_token_id")

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from zebrax.errors import ConversionError
+from zebrax.errors import ConversionError, warn
 from zebrax.models import abstract_params
 
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -92,30 +92,33 @@ class TensorMap:
         raise KeyError(path)
 
 
-def describe(config) -> str:
-    fields = ", ".join(f"{k}={v}" for k, v in config.summary().items())
-    return f"{type(config).__name__}({fields})"
-
-
 def params_from_hf(
     tensor_map: TensorMap, config, tensors: Iterable[tuple[str, str, np.ndarray]], dtype: str = "float32"
-) -> dict:
-    """Build the zebrax parameter tree from ``(file, hf_name, array)`` triples, one tensor at a time."""
+) -> tuple[object, dict]:
+    """Build the zebrax parameter tree from ``(file, hf_name, array)`` triples, one tensor at a time.
+
+    Returns ``(config, params)``: the checkpoint is what its tensors say. A head stored beside
+    ``tie_word_embeddings=True`` is compared with the embedding and, if it differs, kept (the config is untied,
+    as transformers 5 uses the stored head); stored RoPE frequencies must equal the config's.
+    """
     shapes = {path: leaf.shape for path, leaf in flatten_dict(abstract_params(config)).items()}
     out: dict[Path, np.ndarray] = {}
+    stored_head = None
     for file, name, w in tensors:
         if re.fullmatch(tensor_map.ignored, name):
+            check_stored_frequencies(config, file, name, w)
             continue
         found = tensor_map.locate(name)
+        if found is not None and found[0] == ("lm_head", "kernel") and config.tie_word_embeddings:
+            stored_head = (file, name, np.asarray(w).astype(NP_DTYPES[dtype]))
+            continue
         if found is None or found[0] not in shapes:
-            if found is not None and found[0] == ("lm_head", "kernel") and config.tie_word_embeddings:
-                continue  # some tied checkpoints store the head as well; it equals the embedding
-            raise ConversionError(f"{file}: unexpected tensor {name} {tuple(w.shape)} for {describe(config)}")
+            raise ConversionError(f"{file}: unexpected tensor {name} {tuple(w.shape)} for {config.describe()}")
         path, layout = found
         want = layout.hf_shape(shapes[path])
         if tuple(w.shape) != want:
             raise ConversionError(
-                f"{file}: {name} has shape {tuple(w.shape)}, expected {want} for {describe(config)}"
+                f"{file}: {name} has shape {tuple(w.shape)}, expected {want} for {config.describe()}"
             )
         if path in out:
             raise ConversionError(f"{file}: tensor {name} appears twice")
@@ -124,7 +127,39 @@ def params_from_hf(
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
-    return unflatten_dict(out)
+    if stored_head is not None:
+        config = _untie_if_different(config, out, *stored_head)
+    return config, unflatten_dict(out)
+
+
+def _untie_if_different(config, out: dict[Path, np.ndarray], file: str, name: str, head: np.ndarray):
+    """A tied config with a stored head: drop the head if it equals the embedding, else keep it and untie."""
+    embedding = out[("embed_tokens", "embedding")]
+    if head.shape != embedding.shape:
+        raise ConversionError(f"{file}: {name} has shape {head.shape}, expected {embedding.shape} (the embedding's, "
+                              "tie_word_embeddings=true)")
+    if np.array_equal(head, embedding):
+        return config
+    delta = float(np.max(np.abs(head.astype(np.float32) - embedding.astype(np.float32))))
+    warn(f"{file}: {name} differs from the embedding (max |Δ| {delta:.3g}) although tie_word_embeddings=true; "
+         "converted untied with the stored head, which is what transformers computes")
+    out[("lm_head", "kernel")] = np.ascontiguousarray(LINEAR.to_zebrax(head, embedding.shape[::-1]))
+    return config.replace(tie_word_embeddings=False)
+
+
+def check_stored_frequencies(config, file: str, name: str, w: np.ndarray) -> None:
+    """Old checkpoints store RoPE's ``inv_freq``; refuse one that disagrees with the config's frequencies."""
+    from zebrax.layers.rope import inv_frequencies
+
+    a = getattr(config, "attention", config)  # MLAConfig of a DeepSeek-V3 model, else the Llama config
+    if not hasattr(a, "rope_theta"):
+        raise ConversionError(f"{file}: unexpected tensor {name} {tuple(w.shape)} for {config.describe()}")
+    dim = getattr(a, "qk_rope_head_dim", None) or a.head_dim
+    want = inv_frequencies(dim, a.rope_theta, a.rope_scaling)
+    if w.shape != want.shape or not np.allclose(w, want, rtol=1e-5, atol=0):
+        raise ConversionError(f"{file}: {name} holds other RoPE frequencies than config.json's rope_theta="
+                              f"{a.rope_theta}, {a.rope_scaling.rope_type} scaling ({tuple(w.shape)}, "
+                              f"expected {want.shape}); fix the config's rope parameters")
 
 
 def hf_tensors(tensor_map: TensorMap, params: dict) -> Iterator[tuple[str, np.ndarray]]:

@@ -9,13 +9,14 @@ from zebrax import ops
 from zebrax.cache import KVCache, Slots
 from zebrax.config import LlamaConfig
 from zebrax.layers.linear import Linear
-from zebrax.layers.rope import apply_rope, inv_frequencies
+from zebrax.layers.rope import apply_rope, attention_factor, inv_frequencies
 
 
 class Attention(nn.Module):
     """x ``[B, L, embed]`` → ``[B, L, embed]``.
 
-    q ``[B, L, heads, head_dim]``, k and v ``[B, L, kv_heads, head_dim]``; RoPE on q and k; with a
+    q ``[B, L, heads, head_dim]``, k and v ``[B, L, kv_heads, head_dim]``; RoPE on q and k (under YaRN, cos and
+    sin times its attention factor, as transformers' Llama does; the softmax scale stays ``head_dim**-0.5``); with a
     cache the new keys and values are written at ``slots.offset`` and attention runs over the cache.
     """
 
@@ -30,8 +31,8 @@ class Attention(nn.Module):
         q = Linear((h, d), ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(x)
         k = Linear((g, d), ("embed",), ("kv_heads", "head_dim"), name="k_proj", **kw)(x)
         v = Linear((g, d), ("embed",), ("kv_heads", "head_dim"), name="v_proj", **kw)(x)
-        inv_freq = inv_frequencies(d, cfg.rope_theta, cfg.rope_scaling)
-        q, k = apply_rope(q, slots.positions, inv_freq), apply_rope(k, slots.positions, inv_freq)
+        inv_freq, factor = inv_frequencies(d, cfg.rope_theta, cfg.rope_scaling), attention_factor(cfg.rope_scaling)
+        q, k = apply_rope(q, slots.positions, inv_freq, factor), apply_rope(k, slots.positions, inv_freq, factor)
         if cache is not None:
             cache = cache.update(k, v, slots.offset)
             k, v = cache.k, cache.v

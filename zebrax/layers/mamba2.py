@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from zebrax import ops
 from zebrax.cache import Slots, SSMCache
 from zebrax.config import Mamba2Config
+from zebrax.layers.activations import ACTIVATIONS
 from zebrax.layers.linear import Linear
 from zebrax.layers.norms import GatedRMSNorm
 
@@ -70,7 +71,7 @@ class Mamba2Mixer(nn.Module):
         mask = slots.token_mask[..., None]
 
         xbc, conv_state = self._conv(xbc * mask, cache)
-        xbc = nn.silu(xbc) * mask
+        xbc = ACTIVATIONS[cfg.activation](xbc) * mask
         xs, B, C = jnp.split(xbc, [sizes["x"], sizes["x"] + sizes["B"]], axis=-1)
         xs = jnp.repeat(xs.reshape(b, length, cfg.x_heads, cfg.head_dim), cfg.n_heads // cfg.x_heads, axis=2)
         B = jnp.repeat(B.reshape(b, length, cfg.b_groups, cfg.d_state), cfg.n_groups // cfg.b_groups, axis=2)

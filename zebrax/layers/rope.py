@@ -38,7 +38,9 @@ def inv_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling) -> np.n
     elif scaling.rope_type == "yarn":
         low, high = (_yarn_correction_dim(rotations, rotary_dim, theta, scaling.original_max_position_embeddings)
                      for rotations in (scaling.beta_fast, scaling.beta_slow))
-        low, high = max(math.floor(low), 0), min(math.ceil(high), rotary_dim - 1)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
         ramp = np.clip((np.arange(rotary_dim // 2) - low) / max(high - low, 1e-3), 0, 1)
         inv_freq = inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
     return inv_freq.astype(np.float32)

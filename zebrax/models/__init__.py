@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from zebrax.cache import cache_sizes as measure_cache
 from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
-from zebrax.errors import ConfigError
+from zebrax.errors import ConfigError, InvalidArgument
 from zebrax.models.deepseek_v3 import DeepseekV3ForCausalLM
 from zebrax.models.llama import LlamaForCausalLM
 from zebrax.models.mamba2 import Mamba2ForCausalLM
@@ -28,8 +28,17 @@ def config_from_dict(d: dict):
     return REGISTRY[model_type][0].from_dict(d)
 
 
+def impls(config) -> tuple[str, ...]:
+    """The ``impl`` values a model accepts: its SSD impls for a Mamba2 model, else the attention impls."""
+    from zebrax.ops import AttentionImpl, SSDImpl
+
+    return tuple(i.value for i in (SSDImpl if config.model_type == Mamba2LMConfig.model_type else AttentionImpl))
+
+
 def build(config, impl: str = "auto") -> nn.Module:
     """The Flax module of a config."""
+    if impl not in impls(config):
+        raise InvalidArgument(f"impl={impl!r} is not one of {impls(config)} for {type(config).__name__}")
     return REGISTRY[config.model_type][1](config, impl)
 
 
@@ -62,5 +71,5 @@ def cache_sizes(config) -> tuple[int, int]:
 
 __all__ = [
     "REGISTRY", "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build",
-    "cache_sizes", "config_from_dict", "logical_axes", "param_count",
+    "cache_sizes", "config_from_dict", "impls", "logical_axes", "param_count",
 ]

@@ -35,7 +35,7 @@ class DecoderBlock(nn.Module):
         attention = attention_module(cfg, self.impl)
         h, cache = attention(RMSNorm(name="input_layernorm", **norm)(x), slots, cache)
         x = x + h
-        mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, name="mlp")
+        mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, cfg.hidden_act, name="mlp")
         return x + mlp(RMSNorm(name="post_attention_layernorm", **norm)(x)), cache
 
 
