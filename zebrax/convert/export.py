@@ -12,7 +12,6 @@ from zebrax.convert.architectures import TENSOR_MAPS
 from zebrax.convert.hf import TOKENIZER_FILES
 from zebrax.convert.mapping import hf_tensors
 
-
 EXPORT_MARK = "zebrax_export"  # safetensors metadata key: this directory was written by ``export``
 
 

@@ -25,4 +25,5 @@ class SwiGLU(nn.Module):
         m = (self.intermediate_size,)
         gate = Linear(m, ("embed",), ("mlp",), name="gate_proj", **kw)(x)
         up = Linear(m, ("embed",), ("mlp",), name="up_proj", **kw)(x)
-        return Linear((x.shape[-1],), ("mlp",), ("embed",), name="down_proj", **kw)(ACTIVATIONS[self.activation](gate) * up)
+        down = Linear((x.shape[-1],), ("mlp",), ("embed",), name="down_proj", **kw)
+        return down(ACTIVATIONS[self.activation](gate) * up)
