@@ -24,16 +24,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
-import threading
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
-from zebrax.errors import CheckpointError, ConfigError, Interrupted
+from zebrax import interrupts
+from zebrax.errors import CheckpointError, ConfigError
 
 FORMAT, FORMAT_VERSION = "zebrax", 1
 CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "tokenizer"})
@@ -119,26 +120,6 @@ def _exchange(a: Path, b: Path) -> bool:
         raise
 
 
-@contextlib.contextmanager
-def _terminate_as_exception():
-    """While the block runs, SIGTERM (``timeout``, Slurm pre-emption, ``docker stop``) raises ``Interrupted``
-    like Ctrl-C raises KeyboardInterrupt, so cleanup runs. Only from the main thread, and only where nobody
-    installed a handler of their own."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-
-
 def _overlaps(dst: Path, sources: Iterable[str | os.PathLike]) -> Path | None:
     d = dst.resolve()
     for s in sources:
@@ -185,8 +166,9 @@ def atomic_directory(
     except OSError as e:
         raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
     try:
-        with _terminate_as_exception():
+        with interrupts.raising():
             yield tmp
+            interrupts.check()
             _commit(tmp, dst, existed, replaceable, what)
     finally:
         if tmp.exists():
@@ -224,6 +206,34 @@ def _ocp():
     return ocp
 
 
+@contextlib.contextmanager
+def _native_output_held():
+    """Hold what orbax, tensorstore and their threads print to file descriptor 2 while the block runs: replayed
+    if it succeeds, dropped if it fails (its failure becomes one CheckpointError line; the held output would be
+    asyncio tracebacks and absl warnings about the same failure)."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            sys.stderr.flush()
+            if not ok:  # the failure's asyncio callbacks still print from their threads for a moment
+                time.sleep(0.2)
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    sys.stderr.write(text.decode(errors="replace"))
+
+
 def save(directory: Path, config, params: dict) -> None:
     """Write config and params into ``directory`` (normally the one ``atomic_directory`` yields), then read
     the parameter metadata back: a write that cannot be restored is an error, not a success."""
@@ -232,9 +242,10 @@ def save(directory: Path, config, params: dict) -> None:
     (directory / "config.json").write_text(
         json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}, indent=2)
     )
-    checkpointer = _ocp().StandardCheckpointer()
-    checkpointer.save(directory / "params", params)
-    checkpointer.wait_until_finished()
+    with _native_output_held():
+        checkpointer = _ocp().StandardCheckpointer()
+        checkpointer.save(directory / "params", params)
+        checkpointer.wait_until_finished()
     expected = {path: (tuple(np.shape(x)), np.dtype(x.dtype)) for path, x in _flat(params).items()}
     problems = _compare_params(directory / "params", expected, dtypes=True)
     if problems:
@@ -283,13 +294,15 @@ def _flat(tree) -> dict[str, object]:
 
 def _compare_params(params_dir: Path, expected: dict[str, tuple[tuple[int, ...], np.dtype]], dtypes: bool) -> str:
     """What differs between the stored parameters and ``expected`` (path → (shape, dtype)); '' if nothing.
+    CheckpointError if the stored parameters cannot be read at all.
     ``dtypes``: compare dtypes too (after a write; a load casts to the config's dtype)."""
     if not (params_dir / "manifest.ocdbt").is_file():
-        return "its OCDBT manifest is missing"
+        raise CheckpointError(f"{params_dir}: damaged or incomplete parameters (no OCDBT manifest.ocdbt)")
     try:
-        stored_tree = _ocp().StandardCheckpointer().metadata(params_dir).item_metadata.tree
-    except Exception as e:  # orbax raises many types on damaged metadata
-        return f"unreadable metadata: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        with _native_output_held():
+            stored_tree = _ocp().StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    except Exception:  # orbax raises many types on damaged metadata, or answers None
+        raise CheckpointError(f"{params_dir}: damaged parameters (their metadata cannot be read)") from None
     stored = {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flat(stored_tree).items()}
     problems = []
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -324,7 +337,8 @@ def load_params(path: str | os.PathLike, config) -> dict:
         raise CheckpointError(f"{params_dir}: parameters do not match config.json "
                               f"({config.describe()}): {problems}")
     try:
-        return _ocp().StandardCheckpointer().restore(params_dir, target)
+        with _native_output_held():
+            return _ocp().StandardCheckpointer().restore(params_dir, target)
     except Exception as e:  # damaged data files: orbax and tensorstore raise many types
         text = str(e).strip().splitlines()
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({text[0] if text else type(e).__name__})"

@@ -16,9 +16,7 @@ import argparse
 import importlib.util
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -262,31 +260,38 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; 0 on success, 1 on a ZebraxError, 130 on SIGINT, 143 on SIGTERM, each failure one
-    line on stderr. A signal removes whatever the command was writing (``checkpoint.atomic_directory``)."""
+    """Run one command; 0 on success, 1 on a ZebraxError, 128 + signal number on SIGINT or SIGTERM, each failure
+    one line on stderr. A signal removes whatever the command was writing (``checkpoint.atomic_directory``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    from zebrax.checkpoint import raise_interrupted
+    from zebrax import interrupts
     from zebrax.errors import Interrupted, ZebraxError
 
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_interrupted) if on_main_thread else None
     shown, warnings.showwarning = warnings.showwarning, _show_warning
+    unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
-        args.fn(args)
-    except (Interrupted, KeyboardInterrupt) as e:
-        print(f"zebrax: error: {e if isinstance(e, Interrupted) else 'interrupted by SIGINT'}; nothing was left "
-              "half-written", file=sys.stderr)
-        return 143 if isinstance(e, Interrupted) else 130
+        with interrupts.raising(take_over=True):
+            args.fn(args)
+            interrupts.check()
+    except Interrupted as e:
+        print(f"zebrax: error: {e}; nothing was left half-written", file=sys.stderr)
+        return 128 + e.signum
     except ZebraxError as e:
         print(f"zebrax: error: {e}", file=sys.stderr)
         return 1
     finally:
-        warnings.showwarning = shown
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning, sys.unraisablehook = shown, unraisable
     return 0
+
+
+def _unraisable(hook_args, *, default=sys.unraisablehook):
+    """A signal that lands in a garbage-collector callback cannot raise there; ``interrupts`` remembers it, so
+    Python's "Exception ignored" report would only add lines to the one that follows."""
+    from zebrax.errors import Interrupted
+
+    if not isinstance(hook_args.exc_value, Interrupted):
+        default(hook_args)
 
 
 def entry() -> None:

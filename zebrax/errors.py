@@ -23,8 +23,15 @@ class InvalidArgument(ZebraxError, ValueError):
     """A call's argument is out of range (e.g. ``max_new_tokens < 1``)."""
 
 
-class Interrupted(ZebraxError):
-    """SIGINT or SIGTERM arrived; whatever was being written has been removed."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (``zebrax.interrupts``); whatever was being written has been removed.
+    A ``KeyboardInterrupt``, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 class ZebraxWarning(UserWarning):
