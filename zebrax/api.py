@@ -114,11 +114,6 @@ class Model:
 
     def _check_length(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Warn past the trained context; refuse a decode cache that cannot fit in memory, before allocating."""
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        trained = getattr(self.config, "max_position_embeddings", None)
-        if trained is not None and longest > trained:
-            warn(f"generate: {longest} tokens (prompt + max_new_tokens) exceed max_position_embeddings={trained}; "
-                 "positions past it were never trained")
         _, cache_len = Generator.lengths([len(p) for p in prompts], max_new_tokens)
         per_token, state = cache_sizes(self.config)
         need = len(prompts) * (cache_len * per_token + state)
@@ -127,6 +122,11 @@ class Model:
             raise InvalidArgument(f"generate: the decode cache for {len(prompts)} x {cache_len} tokens needs "
                                   f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available; "
                                   "lower max_new_tokens or the batch")
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        trained = getattr(self.config, "max_position_embeddings", None)
+        if trained is not None and longest > trained:
+            warn(f"generate: {longest} tokens (prompt + max_new_tokens) exceed max_position_embeddings={trained}; "
+                 "positions past it were never trained")
 
     @property
     def pad_id(self) -> int:

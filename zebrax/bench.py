@@ -26,6 +26,17 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def require_positive(where: str, **values) -> None:
+    """InvalidArgument naming the first size that is not a positive integer (or a list holding one)."""
+    from zebrax.errors import InvalidArgument
+
+    for name, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in items):
+            raise InvalidArgument(f"{where}: {name}={value!r} must be a positive integer"
+                                  f"{' (each of them)' if isinstance(value, (list, tuple)) else ''}")
+
+
 def machine() -> dict:
     import torch
 
@@ -56,6 +67,7 @@ def bench_forward(model, *, batch: int = 4, seq_len: int = 256, repeats: int = 5
     same weights in float32."""
     from zebrax.convert.export import to_transformers
 
+    require_positive("bench forward", batch=batch, seq_len=seq_len, repeats=repeats)
     tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq_len), dtype=np.int32)
     t = time.perf_counter()
     _zebrax_forward(model, tokens)()
@@ -95,6 +107,8 @@ def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_m
 
     from zebrax.api import Model
     from zebrax.config import Mamba2LMConfig
+
+    require_positive("bench ssd", lengths=list(lengths), repeats=repeats)
     from zebrax.convert.architectures import MAMBA2
     from zebrax.convert.mapping import params_from_hf
     from zebrax.ops import ssd
@@ -144,6 +158,8 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
     import flax.linen as nn
 
     from zebrax.cache import Slots
+
+    require_positive("bench attention", contexts=list(contexts), batch=batch, repeats=repeats, prefill_len=prefill_len)
     from zebrax.config import LlamaConfig, MLAConfig
     from zebrax.layers import Attention
     from zebrax.layers.mla import MLAttention

@@ -555,8 +555,8 @@ class DeepseekV3Config(ModelConfig):
     _dense_only = "MoE layers are refused (first_k_dense_replace < num_hidden_layers), so it is never read"
     hf_ignored: ClassVar[dict[str, str]] = {
         **HF_BOOKKEEPING,
-        **dict.fromkeys(("moe_intermediate_size", "n_shared_experts", "routed_scaling_factor", "n_group",
-                         "topk_group", "num_experts_per_tok", "norm_topk_prob", "output_router_logits"),
+        **dict.fromkeys(("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                         "n_group", "topk_group", "num_experts_per_tok", "norm_topk_prob", "output_router_logits"),
                         _dense_only),
         "num_mtp_layers": "multi-token-prediction modules are not part of transformers' forward",
         "num_nextn_predict_layers": "as num_mtp_layers",
