@@ -120,6 +120,21 @@ def _exchange(a: Path, b: Path) -> bool:
         raise
 
 
+@contextlib.contextmanager
+def warnings_after_success():
+    """Hold the ZebraxWarnings a write raises and issue them once it has succeeded: a failed write says one
+    thing, its error."""
+    import warnings
+
+    from zebrax.errors import ZebraxWarning
+
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always", ZebraxWarning)
+        yield
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _overlaps(dst: Path, sources: Iterable[str | os.PathLike]) -> Path | None:
     d = dst.resolve()
     for s in sources:
@@ -247,7 +262,10 @@ def save(directory: Path, config, params: dict) -> None:
         checkpointer.save(directory / "params", params)
         checkpointer.wait_until_finished()
     expected = {path: (tuple(np.shape(x)), np.dtype(x.dtype)) for path, x in _flat(params).items()}
-    problems = _compare_params(directory / "params", expected, dtypes=True)
+    try:
+        problems = _compare_params(directory / "params", expected, dtypes=True)
+    except _Unreadable as e:
+        problems = str(e)
     if problems:
         raise CheckpointError(f"{directory / 'params'}: written but not readable back ({problems})")
 
@@ -292,17 +310,21 @@ def _flat(tree) -> dict[str, object]:
     return {"/".join(k): v for k, v in flatten_dict(tree).items()}
 
 
+class _Unreadable(Exception):
+    """The stored parameters cannot be read at all (the message says what is missing)."""
+
+
 def _compare_params(params_dir: Path, expected: dict[str, tuple[tuple[int, ...], np.dtype]], dtypes: bool) -> str:
     """What differs between the stored parameters and ``expected`` (path → (shape, dtype)); '' if nothing.
-    CheckpointError if the stored parameters cannot be read at all.
+    ``_Unreadable`` if the stored parameters cannot be read at all.
     ``dtypes``: compare dtypes too (after a write; a load casts to the config's dtype)."""
     if not (params_dir / "manifest.ocdbt").is_file():
-        raise CheckpointError(f"{params_dir}: damaged or incomplete parameters (no OCDBT manifest.ocdbt)")
+        raise _Unreadable("no OCDBT manifest.ocdbt")
     try:
         with _native_output_held():
             stored_tree = _ocp().StandardCheckpointer().metadata(params_dir).item_metadata.tree
     except Exception:  # orbax raises many types on damaged metadata, or answers None
-        raise CheckpointError(f"{params_dir}: damaged parameters (their metadata cannot be read)") from None
+        raise _Unreadable("their metadata cannot be read") from None
     stored = {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in _flat(stored_tree).items()}
     problems = []
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -332,7 +354,10 @@ def load_params(path: str | os.PathLike, config) -> dict:
     check_writable_path(params_dir)
     target = abstract_params(config)
     expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat(target).items()}
-    problems = _compare_params(params_dir, expected, dtypes=False)
+    try:
+        problems = _compare_params(params_dir, expected, dtypes=False)
+    except _Unreadable as e:
+        raise CheckpointError(f"{params_dir}: damaged or incomplete parameters ({e})") from None
     if problems:
         raise CheckpointError(f"{params_dir}: parameters do not match config.json "
                               f"({config.describe()}): {problems}")

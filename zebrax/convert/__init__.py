@@ -45,7 +45,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         raise ConfigError(f"dtype={dtype!r} is not one of {DTYPES}")
     source = open_source(src)
     config = source.config.replace(dtype=dtype, param_dtype=dtype)
-    with checkpoint.atomic_directory(dst, overwrite=overwrite, sources=[src]) as tmp:
+    with checkpoint.warnings_after_success(), checkpoint.atomic_directory(dst, overwrite=overwrite,
+                                                                             sources=[src]) as tmp:
         config, params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype)
         checkpoint.save(tmp, config, params)
         del params
