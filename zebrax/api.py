@@ -90,7 +90,7 @@ class Model:
             raise InvalidArgument(f"generate: top_p={top_p!r} must be a number in (0, 1]")
         if not _is_int(seed) or not 0 <= seed < 2**64:
             raise InvalidArgument(f"generate: seed={seed!r} must be an integer in [0, 2**64)")
-        is_array = not isinstance(tokens, (list, tuple))
+        is_array = not isinstance(tokens, (list, tuple)) or bool(tokens) and np.ndim(tokens[0]) == 0
         if is_array:
             prompts = self.check_tokens(tokens, "generate").tolist()
         else:
@@ -101,7 +101,7 @@ class Model:
             for i, p in enumerate(tokens):
                 if len(p) == 0:
                     raise InvalidArgument(f"generate: prompt {i} is empty; every prompt needs at least one token")
-                prompts.append(self.check_tokens([p], f"generate: prompt {i}:")[0].tolist())
+                prompts.append(self.check_tokens([p], f"generate: prompt {i}")[0].tolist())
         self._check_length(prompts, max_new_tokens)
         eos = () if ignore_eos else self.config.eos_token_id
         new, _ = self._generator(
