@@ -185,3 +185,10 @@ def test_destinations_that_cannot_be_written_fail_in_one_line(capsys, tiny_llama
         code, err = cli(capsys, "convert", src, dst)
         assert_one_line_error(code, err, str(dst), "cannot write here")
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_an_os_error_while_writing_is_one_line_naming_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"ckpt: No space left on device \(.*model.safetensors\)"):
+        with checkpoint.atomic_directory(tmp_path / "ckpt") as tmp:
+            raise OSError(28, "No space left on device", str(tmp / "model.safetensors"))
+    assert os.listdir(tmp_path) == []

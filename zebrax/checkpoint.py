@@ -182,7 +182,11 @@ def atomic_directory(
         raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
     try:
         with interrupts.raising():
-            yield tmp
+            try:
+                yield tmp
+            except OSError as e:  # disk full, permissions, a vanished file: one line naming it
+                where = f" ({e.filename})" if e.filename else ""
+                raise CheckpointError(f"{dst}: {e.strerror or e}{where}") from None
             interrupts.check()
             _commit(tmp, dst, existed, replaceable, what)
     finally:
@@ -257,10 +261,15 @@ def save(directory: Path, config, params: dict) -> None:
     (directory / "config.json").write_text(
         json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}, indent=2)
     )
-    with _native_output_held():
-        checkpointer = _ocp().StandardCheckpointer()
-        checkpointer.save(directory / "params", params)
-        checkpointer.wait_until_finished()
+    try:
+        with _native_output_held():
+            checkpointer = _ocp().StandardCheckpointer()
+            checkpointer.save(directory / "params", params)
+            checkpointer.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore raise many types (disk full, permissions)
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"{directory / 'params'}: cannot write parameters "
+                              f"({text[0] if text else type(e).__name__})") from None
     expected = {path: (tuple(np.shape(x)), np.dtype(x.dtype)) for path, x in _flat(params).items()}
     try:
         problems = _compare_params(directory / "params", expected, dtypes=True)
