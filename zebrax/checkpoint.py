@@ -155,11 +155,11 @@ def atomic_directory(
 ):
     """Yield a fresh temporary directory that becomes ``dst`` when the block ends without error.
 
-    ``overwrite`` replaces an existing ``dst`` only if ``replaceable(dst)`` (default: ``is_checkpoint``) says it
+    ``overwrite`` replaces an existing ``dst`` only if ``replaceable(dst)`` (default: ``is_replaceable``) says it
     is a ``what``; ``sources`` are the paths being read, which ``dst`` may neither be nor contain.
     """
     dst = Path(dst).absolute()
-    replaceable = replaceable or is_checkpoint
+    replaceable = replaceable or is_replaceable
     check_writable_path(dst)
     source = _overlaps(dst, sources)
     if source is not None:
@@ -280,14 +280,21 @@ def save(directory: Path, config, params: dict) -> None:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A directory holding a zebrax ``config.json`` and nothing but what a checkpoint holds."""
-    path = Path(path)
+    """A directory with a zebrax ``config.json``."""
     try:
-        meta = json.loads((path / "config.json").read_text())
-        entries = {p.name for p in path.iterdir()}
+        meta = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT and entries <= CHECKPOINT_ENTRIES
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def is_replaceable(path: str | os.PathLike) -> bool:
+    """A zebrax checkpoint holding nothing but what zebrax writes: the only directory ``overwrite`` replaces."""
+    try:
+        entries = {p.name for p in Path(path).iterdir()}
+    except OSError:
+        return False
+    return is_checkpoint(path) and entries <= CHECKPOINT_ENTRIES
 
 
 def load_config(path: str | os.PathLike):
@@ -384,5 +391,5 @@ def tokenizer_dir(path: str | os.PathLike) -> Path | None:
     return d if d.is_dir() else None
 
 
-__all__ = ["atomic_directory", "save", "load_config", "load_params", "is_checkpoint", "tokenizer_dir",
+__all__ = ["atomic_directory", "save", "load_config", "load_params", "is_checkpoint", "is_replaceable", "tokenizer_dir",
            "sweep_stale", "rename_noreplace", "check_writable_path"]
