@@ -191,18 +191,27 @@ def _is_real(x) -> bool:
 
 
 def available_memory() -> int:
-    """Bytes the default device can still allocate: the accelerator's free memory, or the host's available RAM."""
+    """Bytes the default device can still allocate: the accelerator's free memory, or the host's available RAM
+    (within the container's cgroup limit, where one is set)."""
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap.isdigit():
+                free = min(free, int(cap) - int(Path(usage).read_text()))
+        except (OSError, ValueError):
+            continue
+    return free
 
 
 def _until_eos(row: list[int], eos: Sequence[int]) -> list[int]:
