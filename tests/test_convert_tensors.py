@@ -84,8 +84,9 @@ def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, hf_model, tokenizer: bool = False) -> None:
-    """A float32 llama GGUF of a transformers Llama, written with the ``gguf`` package as llama.cpp lays it out."""
+def write_gguf(path: Path, hf_model, extra_uint32: dict[str, int] | None = None) -> None:
+    """A float32 llama GGUF of a transformers Llama, written with the ``gguf`` package as llama.cpp lays it out
+    (no tokenizer metadata; the real SmolLM2 GGUF covers that)."""
     import gguf
 
     c = hf_model.config
@@ -98,7 +99,8 @@ def write_gguf(path: Path, hf_model, tokenizer: bool = False) -> None:
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    assert not tokenizer, "tokenizer metadata is exercised by the real SmolLM2 GGUF"
+    for key, value in (extra_uint32 or {}).items():
+        w.add_uint32(key, value)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     blocks = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -138,6 +140,19 @@ def test_gguf_biases_are_inferred_and_a_missing_tokenizer_is_only_a_warning(tmp_
     assert_logits_match(model, hf, rng.integers(0, 64, (2, 23)), 1e-4)
     assert main(["generate", str(tmp_path / "zx"), "--prompt", "hi"]) == 1
     assert "no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("llama.rope.dimension_count", 4, "rotates part of each 8-wide head"),
+    ("llama.expert_count", 8, "mixture-of-experts"),
+])
+def test_gguf_metadata_zebrax_does_not_compute_is_refused(capsys, tmp_path, key, value, needle):
+    torch.manual_seed(0)
+    write_gguf(tmp_path / "m.gguf", transformers.LlamaForCausalLM(transformers.LlamaConfig(**TIED)), {key: value})
+    capsys.readouterr()
+    code = main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "zx")])
+    assert_one_line_error(code, capsys.readouterr().err, f"{key}={value}", needle)
+    assert_nothing_left(tmp_path / "zx")
 
 
 def test_an_hf_directory_without_a_tokenizer_converts_and_says_so(tiny_llama, tmp_path):

@@ -83,6 +83,15 @@ class GGUFSource:
         scaling = self._field(f"{a}.rope.scaling.type", "none", required=False)
         if scaling not in ("none", "linear"):
             raise ConversionError(f"{self.path}: rope scaling type {scaling!r} is not supported")
+        experts = self._field(f"{a}.expert_count", 0, required=False)
+        if experts:
+            raise ConversionError(f"{self.path}: {a}.expert_count={experts}: mixture-of-experts models are not "
+                                  "supported")
+        head_dim = int(self._field(f"{a}.attention.key_length", hidden // heads))
+        rope_dims = self._field(f"{a}.rope.dimension_count", head_dim, required=False)
+        if int(rope_dims) != head_dim:
+            raise ConversionError(f"{self.path}: {a}.rope.dimension_count={rope_dims} rotates part of each "
+                                  f"{head_dim}-wide head; zebrax rotates whole heads")
         rope = (
             RopeScaling("linear", factor=float(self._field(f"{a}.rope.scaling.factor")))
             if scaling == "linear" else RopeScaling()
@@ -97,7 +106,7 @@ class GGUFSource:
                 num_hidden_layers=int(self._field(f"{a}.block_count")),
                 num_attention_heads=int(heads),
                 num_key_value_heads=int(self._field(f"{a}.attention.head_count_kv", heads)),
-                head_dim=int(self._field(f"{a}.attention.key_length", hidden // heads)),
+                head_dim=head_dim,
                 rms_norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon")),
                 rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
                 rope_scaling=rope,
