@@ -20,10 +20,11 @@ from zebrax.models import build, cache_sizes
 class Model:
     """A config, its parameters and (optionally) a tokenizer, with jitted inference.
 
-    ``impl`` picks the attention implementation (``"auto"``, ``"reference"``).
+    ``impl`` picks the implementation of each op the model runs: one name for all (``"auto"``, ``"reference"``,
+    ``"pallas"``) or one per op (``{"attention": "reference", "ssd": "chunked"}``; see ``zebrax.ops.Impls``).
     """
 
-    def __init__(self, config, params, tokenizer=None, *, impl: str = "auto"):
+    def __init__(self, config, params, tokenizer=None, *, impl: str | dict = "auto"):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -231,7 +232,7 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None, impl: str = "auto") -> Model:
+def load(path: str | os.PathLike, *, dtype: str | None = None, impl: str | dict = "auto") -> Model:
     """Load a zebrax checkpoint. ``dtype`` overrides the compute and parameter dtype."""
     path = Path(path)
     config = checkpoint.load_config(path)

@@ -160,17 +160,16 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
     from zebrax.cache import Slots
 
     require_positive("bench attention", contexts=list(contexts), batch=batch, repeats=repeats, prefill_len=prefill_len)
-    from zebrax.config import LlamaConfig, MLAConfig
+    from zebrax.config import AttentionConfig, MLAConfig
     from zebrax.layers import Attention
     from zebrax.layers.mla import MLAttention
     from zebrax.ops import attention
 
-    gqa_cfg = LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                          intermediate_size=8192, vocab_size=128, num_hidden_layers=1)
+    gqa_cfg = AttentionConfig(n_heads=32, n_kv_heads=8, head_dim=64)
     mla_cfg = MLAConfig(d_model=2048, n_heads=32, kv_groups=8, q_lora_rank=1344, kv_lora_rank=128,
                         qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
     latent_cache = lambda n: MLAttention.init_cache(mla_cfg, batch, n, "float32")  # noqa: E731
-    layers = {"gqa": (Attention(gqa_cfg), lambda n: Attention.init_cache(gqa_cfg, batch, n), None),
+    layers = {"gqa": (Attention(gqa_cfg), lambda n: Attention.init_cache(gqa_cfg, batch, n, "float32"), None),
               "mla_absorbed": (MLAttention(mla_cfg), latent_cache, True),
               "mla_materialised": (MLAttention(mla_cfg), latent_cache, False)}
     rng = np.random.default_rng(0)

@@ -15,6 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from zebrax.errors import InvalidArgument
+
+
+def token_positions(token_mask: jax.Array, before: jax.Array) -> jax.Array:
+    """RoPE positions ``[B, L]`` int32: each real token's index among the real tokens of its row, after ``before``
+    ``[B]`` earlier ones (padding is not counted; a padded slot gets its neighbour's position, which no query sees).
+    The one definition of positions: a full forward pass, a prefill and every decode step use it."""
+    return jnp.maximum(before[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0).astype(jnp.int32)
+
 
 @struct.dataclass
 class Slots:
@@ -107,14 +116,37 @@ class Cache:
     def max_len(self) -> int:
         return self.kv_mask.shape[1]
 
+    def num_tokens(self) -> jax.Array:
+        """Real tokens held per row ``[B]`` int32."""
+        return jnp.sum(self.kv_mask, axis=1, dtype=jnp.int32)
+
     def slots(self, positions: jax.Array, token_mask: jax.Array) -> Slots:
-        """The slots of ``L`` new tokens written at ``index``."""
+        """The slots of ``L`` new tokens written at ``index``. Writing past ``max_len`` is an error: eagerly an
+        InvalidArgument; under ``jit`` (a traced index) the computation fails with the same message when it runs."""
+        _check_room(self.index, token_mask.shape[1], self.max_len)
         token_mask = token_mask.astype(bool)
         kv_mask = jax.lax.dynamic_update_slice(self.kv_mask, token_mask, (0, self.index))
         return Slots(positions=positions, token_mask=token_mask, kv_mask=kv_mask, offset=self.index)
 
     def advance(self, slots: Slots, layers: tuple[Any, ...], num_new: int) -> Cache:
         return Cache(index=self.index + num_new, kv_mask=slots.kv_mask, layers=tuple(layers))
+
+
+def _overflow(index, num_new, max_len):
+    raise InvalidArgument(f"cache: writing {num_new} tokens at slot {int(index)} runs past its {max_len} slots; "
+                          "allocate a longer cache")
+
+
+def _check_room(index: jax.Array, num_new: int, max_len: int) -> None:
+    if num_new > max_len:
+        _overflow(0, num_new, max_len)
+    if not isinstance(index, jax.core.Tracer):
+        if int(index) + num_new > max_len:
+            _overflow(index, num_new, max_len)
+        return
+    # traced: a host callback that runs only when the write would overflow (dynamic_update_slice would clamp)
+    jax.lax.cond(index + num_new > max_len,
+                 lambda i: jax.debug.callback(_overflow, i, num_new, max_len), lambda i: None, index)
 
 
 def cache_sizes(init_cache: Callable[[int, int], Cache]) -> tuple[int, int]:

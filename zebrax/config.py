@@ -164,6 +164,28 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Grouped-query attention with RoPE (the teacher's mixer): ``n_heads`` query heads share ``n_kv_heads`` key
+    and value heads of ``head_dim``; under YaRN, cos and sin carry its attention factor."""
+
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+    attention_bias: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        require_positive(self, "n_heads", "n_kv_heads", "head_dim")
+        require(self.n_heads % self.n_kv_heads == 0, self,
+                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        require(self.head_dim % 2 == 0, self, f"head_dim={self.head_dim} must be even for RoPE")
+        require(self.rope_theta > 0, self, f"rope_theta={self.rope_theta} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig(ModelConfig):
     """A Llama-family decoder: pre-norm blocks of GQA attention and a SwiGLU MLP.
 
@@ -194,6 +216,7 @@ class LlamaConfig(ModelConfig):
 
     model_type = "llama"
     nested = {"rope_scaling": RopeScaling}
+    residual_in_fp32 = False  # the residual stream stays in the compute dtype
     # transformers' Llama/Mistral config fields that from_hf_dict does not read, and why that is right
     hf_ignored: ClassVar[dict[str, str]] = {
         **HF_BOOKKEEPING,
@@ -227,6 +250,12 @@ class LlamaConfig(ModelConfig):
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         require(self.rope_theta > 0, self, f"rope_theta={self.rope_theta} must be > 0")
         check_activation(self, "hidden_act")
+
+    def plan(self) -> tuple[LayerSpec, ...]:
+        """Every layer: GQA attention and the MLP."""
+        attention = AttentionConfig(self.num_attention_heads, self.num_key_value_heads, self.head_dim,
+                                    self.rope_theta, self.rope_scaling, self.attention_bias)
+        return (LayerSpec("attention", attention),) * self.num_hidden_layers
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -429,6 +458,10 @@ class Mamba2LMConfig(ModelConfig):
     def hidden_size(self) -> int:
         return self.mixer.d_model
 
+    def plan(self) -> tuple[LayerSpec, ...]:
+        """Every layer: the Mamba2 mixer alone (no MLP)."""
+        return (LayerSpec("mamba2", self.mixer, mlp=False),) * self.num_hidden_layers
+
     def summary(self) -> dict:
         """The sizes that identify the model, by field name (for `zebrax info` and error messages)."""
         m = self.mixer
@@ -552,6 +585,7 @@ class DeepseekV3Config(ModelConfig):
 
     model_type = "deepseek_v3"
     nested = {"attention": MLAConfig}
+    residual_in_fp32 = False
     _dense_only = "MoE layers are refused (first_k_dense_replace < num_hidden_layers), so it is never read"
     hf_ignored: ClassVar[dict[str, str]] = {
         **HF_BOOKKEEPING,
@@ -575,6 +609,10 @@ class DeepseekV3Config(ModelConfig):
                 f"attention.d_model={self.attention.d_model} must equal hidden_size={self.hidden_size}")
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         check_activation(self, "hidden_act")
+
+    def plan(self) -> tuple[LayerSpec, ...]:
+        """Every layer: MLA and the MLP."""
+        return (LayerSpec("mla", self.attention),) * self.num_hidden_layers
 
     def summary(self) -> dict:
         a = self.attention
@@ -640,3 +678,25 @@ class DeepseekV3Config(ModelConfig):
             "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id), "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
         }
+
+
+# the mixers a layer can hold, by name → their config class (the modules: ``zebrax.models.decoder.MIXERS``)
+MIXER_CONFIGS = {"attention": AttentionConfig, "mla": MLAConfig, "mamba2": Mamba2Config}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a decoder: which mixer (``attention``, ``mla``, ``mamba2``), its config, and whether the block
+    has an MLP (``h = h + Mixer(RMSNorm(h)); h = h + MLP(RMSNorm(h))``, or the first half alone)."""
+
+    mixer: str
+    config: AttentionConfig | MLAConfig | Mamba2Config
+    mlp: bool = True
+
+    def __post_init__(self):
+        require(self.mixer in MIXER_CONFIGS, self, f"mixer={self.mixer!r} is not one of {sorted(MIXER_CONFIGS)}")
+        if isinstance(self.config, dict):
+            object.__setattr__(self, "config", MIXER_CONFIGS[self.mixer](**self.config))
+        want = MIXER_CONFIGS[self.mixer]
+        require(isinstance(self.config, want), self,
+                f"a {self.mixer!r} layer needs a {want.__name__}, got {type(self.config).__name__}")

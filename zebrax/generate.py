@@ -53,19 +53,14 @@ class Generator:
 
     def _prefill(self, params, tokens, token_mask, *, max_len: int):
         """tokens, token_mask ``[B, Lp]`` (left-padded) → (logits of the last token ``[B, V]``, cache)."""
-        positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0).astype(jnp.int32)
         cache = self.module.init_cache(self.module.config, tokens.shape[0], max_len)
-        logits, cache = self.module.apply(
-            {"params": params}, tokens, positions, token_mask, cache=cache, last_only=True
-        )
+        logits, cache = self.module.apply({"params": params}, tokens, token_mask=token_mask, cache=cache,
+                                          last_only=True)
         return logits[:, 0], cache
 
     def decode_step(self, params, cache, tokens):
         """Feed tokens ``[B]`` at the next slot → (next-token logits ``[B, V]``, cache)."""
-        positions = jnp.sum(cache.kv_mask, axis=1, dtype=jnp.int32)[:, None]
-        logits, cache = self.module.apply(
-            {"params": params}, tokens[:, None], positions, jnp.ones_like(positions, bool), cache=cache
-        )
+        logits, cache = self.module.apply({"params": params}, tokens[:, None], cache=cache)
         return logits[:, 0], cache
 
     def _decode(self, params, cache, logits, key, max_new_tokens, temperature, top_p, eos_ids, pad_id,

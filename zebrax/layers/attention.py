@@ -7,7 +7,7 @@ import jax
 
 from zebrax import ops
 from zebrax.cache import KVCache, Slots
-from zebrax.config import LlamaConfig
+from zebrax.config import AttentionConfig
 from zebrax.layers.linear import Linear
 from zebrax.layers.rope import apply_rope, attention_factor, inv_frequencies
 
@@ -18,16 +18,19 @@ class Attention(nn.Module):
     q ``[B, L, heads, head_dim]``, k and v ``[B, L, kv_heads, head_dim]``; RoPE on q and k (under YaRN, cos and
     sin times its attention factor, as transformers' Llama does; the softmax scale stays ``head_dim**-0.5``); with a
     cache the new keys and values are written at ``slots.offset`` and attention runs over the cache.
+    ``impl`` is an attention impl (``zebrax.ops.AttentionImpl``).
     """
 
-    config: LlamaConfig
+    config: AttentionConfig
+    dtype: str = "float32"
+    param_dtype: str = "float32"
     impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, slots: Slots, cache: KVCache | None = None):
         cfg = self.config
-        kw = dict(use_bias=cfg.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q = Linear((h, d), ("embed",), ("heads", "head_dim"), name="q_proj", **kw)(x)
         k = Linear((g, d), ("embed",), ("kv_heads", "head_dim"), name="k_proj", **kw)(x)
         v = Linear((g, d), ("embed",), ("kv_heads", "head_dim"), name="v_proj", **kw)(x)
@@ -41,5 +44,5 @@ class Attention(nn.Module):
         return out, cache
 
     @staticmethod
-    def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> KVCache:
-        return KVCache.init(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, cfg.dtype)
+    def init_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype) -> KVCache:
+        return KVCache.init(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)

@@ -121,5 +121,6 @@ class Mamba2Mixer(nn.Module):
         return out, jnp.swapaxes(padded[:, padded.shape[1] - (k - 1):], 1, 2)
 
     @staticmethod
-    def init_cache(cfg: Mamba2Config, batch: int, dtype) -> SSMCache:
+    def init_cache(cfg: Mamba2Config, batch: int, max_len: int, dtype) -> SSMCache:
+        """The conv and SSM states of ``batch`` sequences; constant in length, so ``max_len`` is not used."""
         return SSMCache.init(batch, cfg.conv_dim, cfg.conv_kernel, cfg.n_heads, cfg.head_dim, cfg.d_state, dtype)

@@ -1,6 +1,9 @@
-"""Model registry: ``model_type`` → (config class, Flax module class), and shape-only views of a model."""
+"""Model registry: ``model_type`` → config class; every config builds the one ``DecoderLM`` stack from its
+``plan()``. Shape-only views of a model: ``abstract_params``, ``logical_axes``, ``param_count``, ``cache_sizes``."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -8,16 +11,11 @@ import jax.numpy as jnp
 
 from zebrax.cache import cache_sizes as measure_cache
 from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
-from zebrax.errors import ConfigError, InvalidArgument
-from zebrax.models.deepseek_v3 import DeepseekV3ForCausalLM
-from zebrax.models.llama import LlamaForCausalLM
-from zebrax.models.mamba2 import Mamba2ForCausalLM
+from zebrax.errors import ConfigError
+from zebrax.models.decoder import MIXERS, Block, DecoderLM, ops_of
+from zebrax.ops import Impls
 
-REGISTRY = {
-    LlamaConfig.model_type: (LlamaConfig, LlamaForCausalLM),
-    Mamba2LMConfig.model_type: (Mamba2LMConfig, Mamba2ForCausalLM),
-    DeepseekV3Config.model_type: (DeepseekV3Config, DeepseekV3ForCausalLM),
-}
+REGISTRY = {cls.model_type: cls for cls in (LlamaConfig, Mamba2LMConfig, DeepseekV3Config)}
 
 
 def config_from_dict(d: dict):
@@ -25,21 +23,13 @@ def config_from_dict(d: dict):
     model_type = d.get("model_type")
     if model_type not in REGISTRY:
         raise ConfigError(f"unknown model_type {model_type!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[model_type][0].from_dict(d)
+    return REGISTRY[model_type].from_dict(d)
 
 
-def impls(config) -> tuple[str, ...]:
-    """The ``impl`` values a model accepts: its SSD impls for a Mamba2 model, else the attention impls."""
-    from zebrax.ops import AttentionImpl, SSDImpl
-
-    return tuple(i.value for i in (SSDImpl if config.model_type == Mamba2LMConfig.model_type else AttentionImpl))
-
-
-def build(config, impl: str = "auto") -> nn.Module:
-    """The Flax module of a config."""
-    if impl not in impls(config):
-        raise InvalidArgument(f"impl={impl!r} is not one of {impls(config)} for {type(config).__name__}")
-    return REGISTRY[config.model_type][1](config, impl)
+def build(config, impl: str | Mapping[str, str] | Impls = "auto") -> DecoderLM:
+    """The Flax module of a config. ``impl``: one name for every op the model runs, or one per op
+    (``{"attention": "reference", "ssd": "chunked"}``); InvalidArgument names a value its op does not have."""
+    return DecoderLM(config, Impls.parse(impl, ops_of(config)))
 
 
 def _boxed_params(config) -> dict:
@@ -65,11 +55,10 @@ def param_count(config) -> int:
 
 def cache_sizes(config) -> tuple[int, int]:
     """(decode-cache bytes per token, constant decode-state bytes) of one sequence, summed over layers."""
-    module_cls = REGISTRY[config.model_type][1]
-    return measure_cache(lambda batch, max_len: module_cls.init_cache(config, batch, max_len))
+    return measure_cache(lambda batch, max_len: DecoderLM.init_cache(config, batch, max_len))
 
 
 __all__ = [
-    "REGISTRY", "DeepseekV3ForCausalLM", "LlamaForCausalLM", "Mamba2ForCausalLM", "abstract_params", "build",
-    "cache_sizes", "config_from_dict", "impls", "logical_axes", "param_count",
+    "MIXERS", "REGISTRY", "Block", "DecoderLM", "abstract_params", "build", "cache_sizes", "config_from_dict",
+    "logical_axes", "ops_of", "param_count",
 ]

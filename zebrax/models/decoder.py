@@ -1,0 +1,133 @@
+"""One decoder stack for every model: embeddings, one block per entry of the config's ``plan()``, final norm,
+LM head. Llama, dense DeepSeek-V3, the pure Mamba2 LM and every hybrid are plans of this stack.
+
+A block is ``h = h + Mixer(RMSNorm(h)); h = h + MLP(RMSNorm(h))`` (the second half only where the plan says
+``mlp``). Parameters live per layer, ``layers_{i}/…``, named as transformers names them: the mixer is
+``self_attn`` (GQA, MLA) or ``mixer`` (Mamba2); the norms ``input_layernorm`` / ``post_attention_layernorm``, or
+``norm`` in a block without an MLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zebrax.cache import Cache, Slots, token_positions
+from zebrax.config import LayerSpec
+from zebrax.layers import Attention, Embed, Linear, RMSNorm, SwiGLU
+from zebrax.layers.mamba2 import Mamba2Mixer
+from zebrax.layers.mla import MLAttention
+from zebrax.ops import Impls
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixer:
+    """A registered mixer: its module (constructor ``(config, dtype, param_dtype, impl)``, call
+    ``(x, slots, cache) -> (y, cache)``, ``init_cache(config, batch, max_len, dtype)``), the name of its
+    parameters inside a layer, and the op whose ``impl`` it takes."""
+
+    module: type[nn.Module]
+    name: str
+    op: str
+
+
+MIXERS = {
+    "attention": Mixer(Attention, "self_attn", "attention"),
+    "mla": Mixer(MLAttention, "self_attn", "attention"),
+    "mamba2": Mixer(Mamba2Mixer, "mixer", "ssd"),
+}
+
+
+def ops_of(config) -> tuple[str, ...]:
+    """The ops a model runs (``attention``, ``ssd``), in a fixed order."""
+    used = {MIXERS[spec.mixer].op for spec in config.plan()}
+    return tuple(op for op in ("attention", "ssd") if op in used)
+
+
+def make_slots(tokens: jax.Array, positions, token_mask, cache: Cache | None) -> Slots:
+    """Where new tokens sit. ``token_mask`` defaults to all real; ``positions`` to ``token_positions``: each real
+    token's index among the real tokens of its row, counting those already in the cache."""
+    b, length = tokens.shape
+    token_mask = jnp.ones((b, length), bool) if token_mask is None else token_mask.astype(bool)
+    if positions is None:
+        before = jnp.zeros((b,), jnp.int32) if cache is None else cache.num_tokens()
+        positions = token_positions(token_mask, before)
+    return Slots.without_cache(positions, token_mask) if cache is None else cache.slots(positions, token_mask)
+
+
+class Block(nn.Module):
+    """One layer of the plan. Sows ``block_input``, ``mixer_output`` and ``block_output`` into the
+    ``intermediates`` collection (kept only when the caller makes it mutable), which layer-wise distillation reads.
+    The residual stream is float32 when the config says ``residual_in_fp32``."""
+
+    spec: LayerSpec
+    config: Any
+    impls: Impls = Impls()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, slots: Slots, cache=None):
+        cfg, spec = self.config, self.spec
+        mixer = MIXERS[spec.mixer]
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.sow("intermediates", "block_input", x)
+        module = mixer.module(spec.config, cfg.dtype, cfg.param_dtype, getattr(self.impls, mixer.op), name=mixer.name)
+        h, cache = module(RMSNorm(name="input_layernorm" if spec.mlp else "norm", **norm)(x), slots, cache)
+        self.sow("intermediates", "mixer_output", h)
+        x = _residual(x, h, cfg.residual_in_fp32)
+        if spec.mlp:
+            mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, cfg.hidden_act, name="mlp")
+            x = _residual(x, mlp(RMSNorm(name="post_attention_layernorm", **norm)(x)), cfg.residual_in_fp32)
+        self.sow("intermediates", "block_output", x)
+        return x, cache
+
+
+def _residual(x: jax.Array, h: jax.Array, in_fp32: bool) -> jax.Array:
+    residual = x.astype(jnp.float32) if in_fp32 else x
+    return (residual + h).astype(residual.dtype)
+
+
+class DecoderLM(nn.Module):
+    """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32 (``[B, 1, vocab]`` with ``last_only``).
+
+    ``token_mask`` ``[B, L]`` marks real tokens (left padding is False); ``positions`` ``[B, L]`` default to
+    ``make_slots``'s. With a ``cache`` the tokens are appended at ``cache.index`` and the updated cache is
+    returned; without one the second output is None. ``impls``: the implementation of each op.
+    """
+
+    config: Any
+    impls: Impls = Impls()
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
+        cfg = self.config
+        slots = make_slots(tokens, positions, token_mask, cache)
+        embedding = Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed_tokens")
+        x = embedding(tokens)
+        new_layers = []
+        for i, spec in enumerate(cfg.plan()):
+            x, layer_cache = Block(spec, cfg, self.impls, name=f"layers_{i}")(
+                x, slots, None if cache is None else cache.layers[i]
+            )
+            new_layers.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
+        x = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embedding.attend(x)
+        else:
+            logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            name="lm_head")(x)
+        return logits.astype(jnp.float32), None if cache is None else cache.advance(
+            slots, tuple(new_layers), tokens.shape[1])
+
+    @staticmethod
+    def init_cache(cfg, batch: int, max_len: int) -> Cache:
+        """Each layer's own cache (GQA keys and values, MLA latents, Mamba2 conv and SSM states) for ``batch``
+        sequences of up to ``max_len`` tokens."""
+        return Cache.init(batch, max_len, tuple(MIXERS[spec.mixer].module.init_cache(spec.config, batch, max_len,
+                                                                                      cfg.dtype)
+                                                for spec in cfg.plan()))
