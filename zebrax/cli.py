@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import sys
 import time
@@ -43,11 +44,13 @@ _GIN_REGISTERED = []
 def _gin():
     import gin
 
-    from zebrax.config import LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
+    from zebrax.config import HybridConfig, LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
 
     if not _GIN_REGISTERED:
         for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
             gin.external_configurable(fn, module="zebrax")
+        gin.external_configurable(HybridConfig.from_teacher, name="zebra_hybrid", module="zebrax")
+        gin.add_config_file_search_path(str(CONFIGS / "models"))
         _GIN_REGISTERED.append(True)
     return gin
 
@@ -60,10 +63,15 @@ def parse_gin(files: list[str | Path], bindings: list[str]):
     for f in files:
         if not Path(f).is_file():
             raise ZebraxError(f"{f}: gin file not found")
+    # an `include 'NAME.gin'` is found in configs/models/ after gin has logged "Path not found" for the bare name
+    unfound = lambda record: not record.getMessage().startswith("Path not found")  # noqa: E731
+    logging.getLogger().addFilter(unfound)
     try:
         gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
-    except (ValueError, KeyError, SyntaxError) as e:
+    except (ValueError, KeyError, SyntaxError, OSError) as e:
         raise ZebraxError(f"gin: {' '.join(str(e).split())}") from None
+    finally:
+        logging.getLogger().removeFilter(unfound)
     return gin
 
 
@@ -113,13 +121,18 @@ def cmd_generate(args):
 
 def describe(path_or_preset: str) -> dict:
     from zebrax import checkpoint
-    from zebrax.config import dtype_bytes
+    from zebrax.config import LAYER_LETTERS, dtype_bytes
     from zebrax.models import cache_sizes, param_count
 
     is_ckpt = checkpoint.is_checkpoint(path_or_preset)
     config = checkpoint.load_config(path_or_preset) if is_ckpt else preset_config(path_or_preset)
     per_token, state = cache_sizes(config)
     params = param_count(config)
+    layers = [spec.mixer for spec in config.plan()]
+    if hasattr(config, "teacher_cache_values_per_token"):  # a hybrid, against its all-attention teacher
+        kv_ratio = per_token / (config.teacher_cache_values_per_token() * dtype_bytes(config.dtype))
+    else:
+        kv_ratio = 1.0 if set(layers) == {"attention"} else None
     return {
         "source": str(path_or_preset),
         "kind": "checkpoint" if is_ckpt else "preset",
@@ -130,6 +143,9 @@ def describe(path_or_preset: str) -> dict:
         "dtype": config.dtype,
         "cache_bytes_per_token": per_token,
         "cache_state_bytes": state,
+        "kv_cache_ratio": kv_ratio,
+        "layers": layers,
+        "layer_map": "".join(LAYER_LETTERS[m] for m in layers),
         "tokenizer": bool(is_ckpt and checkpoint.tokenizer_dir(path_or_preset)),
         "config": config.to_dict(),
     }
@@ -141,9 +157,14 @@ def cmd_info(args):
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if key != "config":
-            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
-            print(f"{key:>22}: {shown}")
+        if key in ("config", "layers"):
+            continue
+        if key == "layer_map":
+            value = f"{value}  (A attention, L MLA, S Mamba2)"
+        elif key == "kv_cache_ratio" and value is not None:
+            value = f"{100 * value:.2f}% of the all-attention teacher's per-token cache"
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+        print(f"{key:>22}: {shown}")
 
 
 def cmd_bench(args):

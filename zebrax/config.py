@@ -8,6 +8,7 @@ the transformers ``config.json`` of the same architecture.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from zebrax.errors import ConfigError
@@ -700,3 +701,159 @@ class LayerSpec:
         want = MIXER_CONFIGS[self.mixer]
         require(isinstance(self.config, want), self,
                 f"a {self.mixer!r} layer needs a {want.__name__}, got {type(self.config).__name__}")
+
+
+LAYER_LETTERS = {"attention": "A", "mla": "L", "mamba2": "S"}  # GQA attention, latent attention, state space
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig(ModelConfig):
+    """A Zebra-Llama hybrid: the teacher's Llama blocks (pre-norm, SwiGLU MLP) whose mixer is, layer by layer,
+    ``mla``, ``mamba2`` or the teacher's own ``attention`` (``mixers``, one name per layer). Every layer of a kind
+    shares that kind's config. ``HybridConfig.from_teacher`` derives the configs by the Zebra recipe."""
+
+    vocab_size: int = 128256
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    mixers: tuple[str, ...] = ("mla", "mamba2")
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
+    mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    model_type = "zebra_hybrid"
+    nested = {"attention": AttentionConfig, "mla": MLAConfig, "mamba2": Mamba2Config}
+    residual_in_fp32 = False
+
+    def __post_init__(self):
+        for name, cls in self.nested.items():
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**getattr(self, name)))
+        object.__setattr__(self, "mixers", tuple(self.mixers))
+        normalise_token_ids(self)
+        require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings")
+        require(len(self.mixers) > 0, self, "mixers must name at least one layer")
+        unknown = sorted({m for m in self.mixers if m not in MIXER_CONFIGS})
+        require(not unknown, self, f"mixers {unknown} are not among {sorted(MIXER_CONFIGS)}")
+        for name in ("mla", "mamba2"):
+            d_model = getattr(self, name).d_model
+            require(name not in self.mixers or d_model == self.hidden_size, self,
+                    f"{name}.d_model={d_model} must equal hidden_size={self.hidden_size}")
+        require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
+        check_activation(self, "hidden_act")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.mixers)
+
+    def plan(self) -> tuple[LayerSpec, ...]:
+        return tuple(LayerSpec(m, getattr(self, m)) for m in self.mixers)
+
+    def layer_map(self) -> str:
+        """One letter per layer: ``L`` MLA, ``S`` Mamba2 (state space), ``A`` the teacher's attention."""
+        return "".join(LAYER_LETTERS[m] for m in self.mixers)
+
+    def layers_of(self, mixer: str) -> tuple[int, ...]:
+        return tuple(i for i, m in enumerate(self.mixers) if m == mixer)
+
+    def teacher_cache_values_per_token(self) -> int:
+        """Values the all-attention teacher caches per token: layers × 2 × KV heads × head_dim."""
+        return self.num_hidden_layers * 2 * self.attention.n_kv_heads * self.attention.head_dim
+
+    def summary(self) -> dict:
+        return {"num_hidden_layers": self.num_hidden_layers, "hidden_size": self.hidden_size,
+                "num_attention_heads": self.attention.n_heads,
+                "num_key_value_heads": self.attention.n_kv_heads, "kv_lora_rank": self.mla.kv_lora_rank,
+                "q_lora_rank": self.mla.q_lora_rank, "qk_rope_head_dim": self.mla.qk_rope_head_dim,
+                "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_teacher(
+        cls,
+        teacher: LlamaConfig,
+        *,
+        mla_layers: Sequence[int] | str = "all",
+        attention_layers: Sequence[int] = (),
+        kv_lora_rank: int = 128,
+        q_lora_rank: int | None = None,
+        qk_rope_head_dim: int | None = None,
+        rope_factor: float = 32.0,
+        rope_original_max_position_embeddings: int = 8192,
+        mla: dict | None = None,
+        mamba2: dict | None = None,
+    ) -> HybridConfig:
+        """The Zebra recipe (METHOD §1–3) on a Llama teacher: layers in ``mla_layers`` (a list, ``"all"`` or
+        ``"none"``) become MLA, those in ``attention_layers`` keep the teacher's attention, the rest Mamba2.
+
+        MLA: ``kv_groups`` = the teacher's KV heads, ``qk_rope_head_dim`` (default head_dim / 2) +
+        ``qk_nope_head_dim`` = head_dim, ``v_head_dim`` = head_dim, ``q_lora_rank`` (default 2/3 of the query
+        width, rounded to 8), DeepSeek's YaRN on the rope part (base = the teacher's ``rope_theta``, ``rope_factor``,
+        original length ``rope_original_max_position_embeddings``, beta 32/1), interleaved pairs, no latent norms.
+        Mamba2: the attention-shaped variant, expand 1, ``n_heads = n_groups`` = query heads, ``xb_heads`` = KV
+        heads, ``head_dim = d_state`` = the teacher's head_dim, conv 4, chunk 256. ``mla`` / ``mamba2``: any
+        field of ``MLAConfig`` / ``Mamba2Config`` to override.
+        """
+        if not isinstance(teacher, LlamaConfig):
+            raise ConfigError(f"HybridConfig.from_teacher: the teacher must be a Llama-shaped model "
+                              f"(LlamaConfig), got {type(teacher).__name__}")
+        n = teacher.num_hidden_layers
+        mla_set = _layer_set("mla_layers", mla_layers, n)
+        attention_set = _layer_set("attention_layers", attention_layers, n)
+        both = sorted(mla_set & attention_set)
+        if both:
+            raise ConfigError(f"HybridConfig: layers {both} are in both mla_layers and attention_layers")
+        heads, kv_heads, head_dim, d = (teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,
+                                        teacher.hidden_size)
+        rope = qk_rope_head_dim if qk_rope_head_dim is not None else head_dim // 2
+        if q_lora_rank is None:
+            q_lora_rank = max(8, round(heads * head_dim * 2 / 3 / 8) * 8)
+        limits = {"kv_lora_rank": (kv_lora_rank, min(d, 2 * kv_heads * head_dim), "min(hidden, 2·KV heads·head_dim)"),
+                  "q_lora_rank": (q_lora_rank, min(d, heads * head_dim), "min(hidden, heads·head_dim)"),
+                  "qk_rope_head_dim": (rope, head_dim - 1, "head_dim - 1: MLA keeps a non-rope part")}
+        for name, (value, limit, what) in limits.items():
+            if not isinstance(value, int) or not 0 < value <= limit:
+                raise ConfigError(f"HybridConfig: {name}={value} must be in 1..{limit} ({what} of the teacher)")
+        mla_config = dataclasses.replace(MLAConfig(
+            d_model=d, n_heads=heads, kv_groups=kv_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+            qk_nope_head_dim=head_dim - rope, qk_rope_head_dim=rope, v_head_dim=head_dim, norm_eps=1e-6,
+            rope_theta=teacher.rope_theta, rope_interleave=True,
+            rope_scaling=RopeScaling("yarn", factor=rope_factor,
+                                     original_max_position_embeddings=rope_original_max_position_embeddings),
+        ), **(mla or {}))
+        mamba2_config = dataclasses.replace(Mamba2Config(
+            d_model=d, d_inner=heads * head_dim, n_heads=heads, head_dim=head_dim, d_state=head_dim, n_groups=heads,
+            xb_heads=kv_heads, conv_kernel=4, chunk_size=256, norm_eps=teacher.rms_norm_eps,
+        ), **(mamba2 or {}))
+        attention = AttentionConfig(heads, kv_heads, head_dim, teacher.rope_theta, teacher.rope_scaling,
+                                    teacher.attention_bias)
+        mixers = tuple("mla" if i in mla_set else "attention" if i in attention_set else "mamba2" for i in range(n))
+        return cls(
+            vocab_size=teacher.vocab_size, hidden_size=d, intermediate_size=teacher.intermediate_size, mixers=mixers,
+            attention=attention, mla=mla_config, mamba2=mamba2_config, rms_norm_eps=teacher.rms_norm_eps,
+            max_position_embeddings=teacher.max_position_embeddings, tie_word_embeddings=teacher.tie_word_embeddings,
+            mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act, bos_token_id=teacher.bos_token_id,
+            eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id, dtype=teacher.dtype,
+            param_dtype=teacher.param_dtype,
+        )
+
+
+def _layer_set(name: str, layers: Sequence[int] | str, n: int) -> set[int]:
+    if isinstance(layers, str):
+        if layers not in ("all", "none"):
+            raise ConfigError(f"HybridConfig: {name}={layers!r}: expected a list of layer indices, 'all' or 'none'")
+        return set(range(n)) if layers == "all" else set()
+    out = set()
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
+            raise ConfigError(f"HybridConfig: {name} holds {i!r}; the teacher's layers are 0..{n - 1}")
+        out.add(i)
+    return out

@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from zebrax.cache import cache_sizes as measure_cache
-from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
+from zebrax.config import DeepseekV3Config, HybridConfig, LlamaConfig, Mamba2LMConfig
 from zebrax.errors import ConfigError
 from zebrax.models.decoder import MIXERS, Block, DecoderLM, ops_of
 from zebrax.ops import Impls
 
-REGISTRY = {cls.model_type: cls for cls in (LlamaConfig, Mamba2LMConfig, DeepseekV3Config)}
+REGISTRY = {cls.model_type: cls for cls in (LlamaConfig, Mamba2LMConfig, DeepseekV3Config, HybridConfig)}
 
 
 def config_from_dict(d: dict):
