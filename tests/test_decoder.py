@@ -1,0 +1,267 @@
+"""One decoder stack over a mixer registry: plans, the mixer interface, hybrids with mixed caches, what the
+blocks sow, implementations per op, positions from the cache, and the bounds of the cache. fp32."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zebrax
+from zebrax.cache import Cache, KVCache, LatentCache, Slots, SSMCache
+from zebrax.config import MIXER_CONFIGS, AttentionConfig, HybridConfig, LayerSpec, LlamaConfig
+from zebrax.errors import ConfigError, InvalidArgument
+from zebrax.generate import Generator
+from zebrax.models import MIXERS, build, param_count
+
+ATOL = 1e-5  # fp32; for whole hybrids relative to the largest logit: MLA's absorbed decode and materialised
+# prefill add in different orders (|logit| reaches ~5 here)
+
+# a tiny teacher: 5 layers, GQA 4/2, head_dim 16 (the shapes of SmolLM2, scaled down)
+TEACHER = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=(3,),
+                      max_position_embeddings=128)
+
+
+def hybrid(mla_layers, attention_layers=(), **kw) -> HybridConfig:
+    return HybridConfig.from_teacher(TEACHER, mla_layers=mla_layers, attention_layers=attention_layers,
+                                     kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8,
+                                     mamba2=dict(chunk_size=4), **kw)
+
+
+MIXED = hybrid([0, 3], attention_layers=[2])  # L S A L S
+
+
+def random_model(config, seed: int = 0) -> zebrax.Model:
+    """Weights large enough that every path matters (kernels ~ N(0, 0.3²))."""
+    params = nn.unbox(build(config).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32)))["params"]
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 256))
+    params = jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p, params)
+    return zebrax.Model(config, params)
+
+
+def test_every_model_is_a_plan_over_one_registry():
+    assert set(MIXERS) == set(MIXER_CONFIGS)
+    assert {s.mixer for s in TEACHER.plan()} == {"attention"} and all(s.mlp for s in TEACHER.plan())
+    assert MIXED.layer_map() == "LSALS" and [s.mixer for s in MIXED.plan()] == ["mla", "mamba2", "attention",
+                                                                               "mla", "mamba2"]
+    params = random_model(MIXED).params
+    assert set(params["layers_0"]) == {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    assert set(params["layers_1"]) == {"input_layernorm", "mixer", "post_attention_layernorm", "mlp"}
+    with pytest.raises(ConfigError, match="mixer='rnn'"):
+        LayerSpec("rnn", AttentionConfig())
+    with pytest.raises(ConfigError, match="a 'mla' layer needs a MLAConfig, got AttentionConfig"):
+        LayerSpec("mla", AttentionConfig())
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(name, rng):
+    """Constructor ``(config, dtype, param_dtype, impl)``, call ``(x, slots, cache) -> (y, cache)``,
+    ``init_cache(config, batch, max_len, dtype)``: prefill 6 tokens, then 4 one at a time = the full pass."""
+    spec = next(s for s in MIXED.plan() if s.mixer == name)
+    module = MIXERS[name].module(spec.config, "float32", "float32", "reference")
+    x = jnp.asarray(rng.normal(size=(2, 10, 48)), jnp.float32)
+    cache = Cache.init(2, 12, (MIXERS[name].module.init_cache(spec.config, 2, 12, jnp.float32),))
+    slots = Slots.without_cache(jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), bool))
+    params = nn.unbox(module.init(jax.random.key(0), x, slots, None))["params"]
+    full, none = module.apply({"params": params}, x, slots, None)
+    assert none is None
+    prefill = cache.slots(slots.positions[:, :6], jnp.ones((2, 6), bool))
+    y, layer = module.apply({"params": params}, x[:, :6], prefill, cache.layers[0])
+    np.testing.assert_allclose(y, full[:, :6], rtol=0, atol=ATOL)
+    cache = cache.advance(prefill, (layer,), 6)
+    for i in range(6, 10):
+        step = cache.slots(jnp.full((2, 1), i), jnp.ones((2, 1), bool))
+        y, layer = module.apply({"params": params}, x[:, i:i + 1], step, cache.layers[0])
+        np.testing.assert_allclose(y[:, 0], full[:, i], rtol=0, atol=ATOL)
+        cache = cache.advance(step, (layer,), 1)
+
+
+@pytest.mark.parametrize("config", [MIXED, hybrid("all"), hybrid("none")], ids=["mixed", "all_mla", "all_mamba2"])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_hybrid_prefill_then_decode_equals_the_full_pass(config, pad, rng):
+    model = random_model(config)
+    tokens = rng.integers(0, 97, (2, 17)).astype(np.int32)
+    full = model.logits(tokens)
+    assert full.std() > 0.3
+    gen = Generator(model.module)
+    prompt = np.concatenate([np.zeros((2, pad), np.int32), tokens[:, :9]], axis=1)
+    mask = np.concatenate([np.zeros((2, pad), bool), np.ones((2, 9), bool)], axis=1)
+    logits, cache = gen.prefill(model.params, prompt, mask, max_len=pad + 17)
+    kinds = {type(c) for c in cache.layers}
+    assert kinds == {{"mla": LatentCache, "mamba2": SSMCache, "attention": KVCache}[m] for m in config.mixers}
+    atol = ATOL * np.abs(full).max()
+    np.testing.assert_allclose(logits, full[:, 8], rtol=0, atol=atol)
+    step = jax.jit(gen.decode_step)
+    for i in range(9, 17):
+        logits, cache = step(model.params, cache, jnp.asarray(tokens[:, i]))
+        np.testing.assert_allclose(logits, full[:, i], rtol=0, atol=atol)
+
+
+def test_hybrid_left_padded_batches_equal_one_prompt_at_a_time(rng):
+    model = random_model(MIXED)
+    prompts = [rng.integers(4, 97, n).tolist() for n in (3, 12, 7)]
+    batched = model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    for prompt, out in zip(prompts, batched, strict=True):
+        assert out == model.generate([prompt], max_new_tokens=8, ignore_eos=True)[0]
+
+
+def test_cache_bytes_of_a_hybrid_follow_the_formula():
+    """n_mla·(r_kv + d_rope) + n_attention·2·n_kv·head_dim values per token; Mamba2 layers keep constant state."""
+    for config in (MIXED, hybrid("all"), hybrid("none"), hybrid([1], attention_layers=[0, 4])):
+        model = zebrax.Model(config, None)
+        n_mla, n_attn = len(config.layers_of("mla")), len(config.layers_of("attention"))
+        assert model.cache_bytes_per_token() == 4 * (n_mla * (12 + 8) + n_attn * 2 * 2 * 16)
+        m = config.mamba2
+        state = len(config.layers_of("mamba2")) * 4 * (m.conv_dim * 3 + m.n_heads * m.head_dim * m.d_state)
+        assert model.cache_state_bytes() == state
+
+
+def test_an_all_attention_plan_reproduces_the_teacher_bit_for_bit(tiny_llama, rng):
+    teacher = zebrax.load(tiny_llama("gqa_llama3_untied")[2])
+    config = HybridConfig.from_teacher(teacher.config, mla_layers="none",
+                                       attention_layers=list(range(teacher.config.num_hidden_layers)),
+                                       kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=4)
+    as_hybrid = zebrax.Model(config, teacher.params)
+    tokens = rng.integers(0, teacher.config.vocab_size, (2, 19))
+    np.testing.assert_array_equal(as_hybrid.logits(tokens), teacher.logits(tokens))
+    np.testing.assert_array_equal(as_hybrid.generate(tokens, max_new_tokens=6, ignore_eos=True),
+                                  teacher.generate(tokens, max_new_tokens=6, ignore_eos=True))
+
+
+def test_blocks_sow_what_layerwise_distillation_needs_only_when_asked(rng):
+    model = random_model(MIXED)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 7)), jnp.int32)
+    logits, state = model.module.apply({"params": model.params}, tokens, mutable=["intermediates"])
+    inter = state["intermediates"]
+    assert sorted(inter) == [f"layers_{i}" for i in range(5)]
+    for i in range(5):
+        layer = {k: v[0] for k, v in inter[f"layers_{i}"].items()}
+        assert set(layer) == {"block_input", "mixer_output", "block_output"}
+        assert layer["block_input"].shape == layer["mixer_output"].shape == (2, 7, 48)
+        if i < 4:
+            np.testing.assert_array_equal(layer["block_output"], inter[f"layers_{i + 1}"]["block_input"][0])
+    full = model.logits(np.asarray(tokens))  # jitted: other fusions than this eager apply
+    np.testing.assert_allclose(logits[0], full, rtol=0, atol=ATOL * np.abs(full).max())
+    plain = model.module.apply({"params": model.params}, tokens)
+    assert isinstance(plain, tuple) and plain[1] is None  # nothing sown unless the collection is mutable
+
+
+def test_each_op_gets_its_own_implementation():
+    assert build(MIXED, {"attention": "reference", "ssd": "chunked"}).impls.ssd == "chunked"
+    assert build(MIXED, "reference").impls.attention == "reference"
+    with pytest.raises(InvalidArgument, match="impl='chunked' is not one of .* for the attention op"):
+        build(MIXED, "chunked")  # a name of the SSD op handed to every op
+    with pytest.raises(InvalidArgument, match="impl='flash' is not one of .* for the ssd op"):
+        build(MIXED, {"ssd": "flash"})
+    with pytest.raises(InvalidArgument, match="expected a name or a mapping"):
+        build(MIXED, {"conv": "pallas"})
+    assert build(hybrid("none"), "chunked").impls.ssd == "chunked"  # all-Mamba2 runs no attention
+
+
+def test_positions_default_to_those_the_cache_implies(rng):
+    """Without ``positions``, tokens appended to a cache continue its positions: chunked prefill equals the full
+    pass (RoPE for the attention and MLA layers), with left padding in the first chunk."""
+    model = random_model(MIXED)
+    tokens = jnp.asarray(rng.integers(0, 97, (2, 12)), jnp.int32)
+    full = model.logits(np.asarray(tokens))
+    apply = lambda *a, **k: model.module.apply({"params": model.params}, *a, **k)  # noqa: E731
+    cache = model.module.init_cache(model.config, 2, 16)
+    padded = jnp.concatenate([jnp.zeros((2, 2), jnp.int32), tokens[:, :5]], axis=1)
+    mask = jnp.concatenate([jnp.zeros((2, 2), bool), jnp.ones((2, 5), bool)], axis=1)
+    first, cache = apply(padded, token_mask=mask, cache=cache)
+    cache0 = cache
+    second, cache = apply(tokens[:, 5:], cache=cache)
+    atol = ATOL * np.abs(full).max()
+    np.testing.assert_allclose(first[:, 2:], full[:, :5], rtol=0, atol=atol)
+    np.testing.assert_allclose(second, full[:, 5:], rtol=0, atol=atol)
+    rotated_from_zero, _ = apply(tokens[:, 5:], positions=jnp.broadcast_to(jnp.arange(7), (2, 7)), cache=cache0)
+    assert np.abs(np.asarray(rotated_from_zero) - full[:, 5:]).max() > 100 * atol  # what the default avoids
+
+
+def test_writing_past_the_cache_is_an_error():
+    model = random_model(MIXED)
+    cache = model.module.init_cache(model.config, 1, 8)
+    apply = lambda t, c: model.module.apply({"params": model.params}, t, cache=c)  # noqa: E731
+    _, cache = apply(jnp.ones((1, 6), jnp.int32), cache)
+    with pytest.raises(InvalidArgument, match="writing 3 tokens at slot 6 runs past its 8 slots"):
+        apply(jnp.ones((1, 3), jnp.int32), cache)
+    with pytest.raises(Exception, match="writing 3 tokens at slot 6 runs past its 8 slots"):
+        jax.block_until_ready(jax.jit(apply)(jnp.ones((1, 3), jnp.int32), cache))
+    logits, cache = jax.jit(apply)(jnp.ones((1, 2), jnp.int32), cache)  # exactly full is fine
+    assert int(cache.index) == 8 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+# -- presets --------------------------------------------------------------------------------------
+RELEASED = {  # name -> (parameters in the paper, KV cache vs the base model in %)
+    "zebra-llama-1b-8mla-8m2": (1.27e9, 7.81), "zebra-llama-1b-4mla-12m2": (1.28e9, 3.91),
+    "zebra-llama-3b-14mla-14m2": (3.27e9, 4.69), "zebra-llama-3b-6mla-22m2": (3.39e9, 2.01),
+    "zebra-llama-8b-16mla-16m2": (8.19e9, 5.47), "zebra-llama-8b-8mla-24m2": (8.38e9, 2.73),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_presets_have_the_papers_sizes_and_cache_ratios(name):
+    from zebrax.cli import describe, preset_config
+
+    params, kv_percent = RELEASED[name]
+    info = describe(name)
+    config = preset_config(name)
+    assert abs(info["params"] / params - 1) < 0.015 and info["params"] == param_count(config)
+    a = config.attention
+    exact = len(config.layers_of("mla")) * (config.mla.kv_lora_rank + config.mla.qk_rope_head_dim) / (
+        config.num_hidden_layers * 2 * a.n_kv_heads * a.head_dim)
+    assert info["kv_cache_ratio"] == exact and round(100 * exact, 2) == kv_percent
+    assert len(info["layers"]) == config.num_hidden_layers and info["layer_map"][0] == "L"
+
+
+def test_the_released_mla_lists_are_the_presets():
+    from zebrax.cli import preset_config
+
+    assert preset_config("zebra-llama-1b-4mla-12m2").layers_of("mla") == (0, 5, 10, 14)
+    assert preset_config("zebra-llama-3b-6mla-22m2").layers_of("mla") == (0, 5, 10, 16, 21, 26)
+    assert preset_config("zebra-llama-8b-8mla-24m2").layers_of("mla") == (0, 4, 8, 12, 16, 20, 25, 30)
+
+
+def test_info_json_on_a_hybrid_preset(capsys):
+    import json
+
+    from zebrax.cli import main
+
+    assert main(["info", "zebra-smollm2-135m-6mla-24m2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layer_map"] == "LSSSSSLSSSSLSSSSSLSSSSLSSSSSLS" and info["kv_cache_ratio"] == 6 * 96 / (30 * 384)
+    assert isinstance(info["params"], int) and info["layers"].count("mla") == 6
+    assert main(["info", "zebra-smollm2-135m-6mla-24m2"]) == 0
+    assert "LSSSSSLSSSSLSSSSSLSSSSLSSSSSLS  (A attention, L MLA, S Mamba2)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(mla_layers=[0, 5]), "mla_layers holds 5; the teacher's layers are 0..4"),
+    (dict(mla_layers=[1], attention_layers=[1]), "layers [1] are in both"),
+    (dict(mla_layers="some"), "mla_layers='some'"),
+    (dict(mla_layers="all", kv_lora_rank=65), "kv_lora_rank=65 must be in 1..48"),
+    (dict(mla_layers="all", q_lora_rank=100), "q_lora_rank=100 must be in 1..48"),
+    (dict(mla_layers="all", qk_rope_head_dim=16), "qk_rope_head_dim=16 must be in 1..15"),
+])
+def test_bad_hybrid_requests_fail_in_one_clear_line(kwargs, needle):
+    kwargs = {"kv_lora_rank": 12, "q_lora_rank": 24, **kwargs}
+    with pytest.raises(ConfigError) as e:
+        HybridConfig.from_teacher(TEACHER, **kwargs)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="must be a Llama-shaped model"):
+        HybridConfig.from_teacher(MIXED)
+
+
+def test_a_hybrid_checkpoint_round_trips(tmp_path, rng):
+    from zebrax import checkpoint
+
+    model = random_model(MIXED)
+    with checkpoint.atomic_directory(tmp_path / "ckpt") as tmp:
+        checkpoint.save(tmp, model.config, model.params)
+    loaded = zebrax.load(tmp_path / "ckpt")
+    assert loaded.config == MIXED
+    tokens = rng.integers(0, 97, (1, 9))
+    np.testing.assert_array_equal(loaded.logits(tokens), model.logits(tokens))
