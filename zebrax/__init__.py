@@ -1,17 +1,18 @@
 """zebrax: Zebra-Llama hybrids in JAX/Flax.
 
     zebrax.convert(src, dst)      HF safetensors / .bin / GGUF Llama → zebrax checkpoint
+    zebrax.build(teacher, dst, mla_layers=[…])   a Zebra-Llama hybrid initialised from the teacher
     model = zebrax.load(dst)      model.logits(tokens), model.generate(tokens, max_new_tokens=…),
                                   model.chat("…"), model.cache_bytes_per_token()
 """
 
-from zebrax.api import Model, convert, load
-from zebrax.config import LlamaConfig, RopeScaling
+from zebrax.api import Model, build, convert, load
+from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import CheckpointError, ConfigError, ConversionError, ZebraxError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "ConversionError", "LlamaConfig", "Model", "RopeScaling", "ZebraxError",
-    "convert", "load",
+    "CheckpointError", "ConfigError", "ConversionError", "HybridConfig", "LlamaConfig", "Model", "RopeScaling",
+    "ZebraxError", "build", "convert", "load",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,10 +13,12 @@ import jax
 import numpy as np
 
 from zebrax import checkpoint
+from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.convert import convert
-from zebrax.errors import InvalidArgument, warn
+from zebrax.errors import ConfigError, InvalidArgument, warn
 from zebrax.generate import Generator
-from zebrax.models import build, cache_sizes
+from zebrax.models import build as build_module
+from zebrax.models import cache_sizes
 
 
 class Model:
@@ -28,7 +32,7 @@ class Model:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
-        self.module = build(config, impl)
+        self.module = build_module(config, impl)
         self._forward = jax.jit(lambda p, t, m: self.module.apply({"params": p}, t, token_mask=m)[0])
         self._generator = Generator(self.module)
 
@@ -241,4 +245,42 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, impl: str | dict 
     return Model(config, checkpoint.load_params(path, config), load_tokenizer(path), impl=impl)
 
 
-__all__ = ["Model", "convert", "load", "load_tokenizer"]
+def build(
+    teacher: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    config: HybridConfig | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    **recipe,
+) -> Path:
+    """Build a Zebra-Llama hybrid from the Llama checkpoint ``teacher`` and write it to ``dst``.
+
+    ``config``: a ``HybridConfig`` (a preset) laid onto this teacher; otherwise ``recipe`` goes to
+    ``HybridConfig.from_teacher`` (``mla_layers``, ``attention_layers``, ``kv_lora_rank``, ``q_lora_rank``,
+    ``qk_rope_head_dim``, ``rope_factor``, ``mla={...}``, ``mamba2={...}``). MLA layers are initialised by SVD, Mamba2
+    layers from the attention weights (fresh parts from ``jax.random.key(seed)``), the rest copied. The checkpoint
+    holds the teacher's tokenizer and ``build_report.json`` (teacher, seed, truncation error per MLA layer).
+    """
+    from zebrax.init import init_hybrid
+
+    teacher_config = checkpoint.load_config(teacher)
+    if not isinstance(teacher_config, LlamaConfig):
+        raise ConfigError(f"{teacher}: the teacher must be a Llama checkpoint, this one is "
+                          f"{type(teacher_config).__name__}")
+    config = config.on_teacher(teacher_config) if config is not None else HybridConfig.from_teacher(
+        teacher_config, **recipe)
+    params, report = init_hybrid(teacher_config, checkpoint.load_params(teacher, teacher_config), config,
+                                 jax.random.key(seed))
+    with checkpoint.warnings_after_success(), checkpoint.atomic_directory(dst, overwrite=overwrite,
+                                                                         sources=[teacher]) as tmp:
+        checkpoint.save(tmp, config, params)
+        report = {"teacher": str(Path(teacher).absolute()), "seed": seed, "layer_map": config.layer_map(), **report}
+        (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
+        tokenizer = checkpoint.tokenizer_dir(teacher)
+        if tokenizer is not None:
+            shutil.copytree(tokenizer, tmp / "tokenizer")
+    return Path(dst)
+
+
+__all__ = ["Model", "build", "convert", "load", "load_tokenizer"]

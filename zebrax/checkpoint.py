@@ -3,6 +3,7 @@
     DIR/config.json     {"format": "zebrax", "format_version": 1, "model": config.to_dict()}
     DIR/params/         the parameter tree (orbax)
     DIR/tokenizer/      tokenizer files (optional; transformers' ``save_pretrained`` layout)
+    DIR/build_report.json   how a hybrid was initialised from its teacher (``zebrax.build``; optional)
 
 Every writer goes through ``atomic_directory``:
 - the result is built in a temporary sibling ``.NAME.tmp-HOST-PID-RANDOM`` and renamed into place only when
@@ -37,7 +38,7 @@ from zebrax import interrupts
 from zebrax.errors import CheckpointError, ConfigError
 
 FORMAT, FORMAT_VERSION = "zebrax", 1
-CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "tokenizer"})
+CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "tokenizer", "build_report.json"})
 # orbax's OCDBT merge expands these as glob patterns: a path holding them is written without its data
 UNSAFE_PATH_CHARS = "[]\\"
 _TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")

@@ -1,6 +1,7 @@
 """``zebrax <command>``: the command line. gin files and bindings are parsed here and nowhere else.
 
     zebrax convert SRC DST [--dtype float32|bfloat16] [--overwrite]
+    zebrax build TEACHER DST [--preset NAME | --mla-layers 0,2,… --attention-layers … --kv-lora-rank N …] [--seed S]
     zebrax export CKPT DST [--overwrite]
     zebrax generate CKPT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
     zebrax info CKPT_OR_PRESET [--json]
@@ -98,6 +99,41 @@ def cmd_convert(args):
 
     dst = zebrax.convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {dst}")
+
+
+def _layers(text: str) -> list[int] | str:
+    """``0,2,4`` → [0, 2, 4]; ``all`` and ``none`` pass through."""
+    if text in ("all", "none"):
+        return text
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices, 'all' or 'none'") from None
+
+
+def cmd_build(args):
+    import zebrax
+
+    if args.preset:
+        config = preset_config(args.preset)
+        from zebrax.config import HybridConfig
+        from zebrax.errors import ZebraxError
+
+        if not isinstance(config, HybridConfig):
+            raise ZebraxError(f"--preset {args.preset}: not a hybrid preset (it builds a {type(config).__name__})")
+        recipe = {}
+    else:
+        config = None
+        names = ("mla_layers", "attention_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "rope_factor")
+        recipe = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    dst = zebrax.build(args.teacher, args.dst, config=config, seed=args.seed, overwrite=args.overwrite, **recipe)
+    report = json.loads((Path(dst) / "build_report.json").read_text())
+    errors = [(r["q_relative_error"], r["kv_relative_error"]) for r in report["layers"] if r["mixer"] == "mla"]
+    summary = f"layers {report['layer_map']} (A attention, L MLA, S Mamba2)"
+    if errors:
+        q, kv = (sum(e) / len(errors) for e in zip(*errors, strict=True))
+        summary += f"; mean SVD truncation error q {q:.3f}, kv {kv:.3f}"
+    print(f"wrote {dst}: {summary}")
 
 
 def cmd_export(args):
@@ -224,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically)")
     c.set_defaults(fn=cmd_convert)
+
+    h = sub.add_parser("build", help="a Zebra-Llama hybrid initialised from a Llama checkpoint")
+    h.add_argument("teacher", metavar="TEACHER")
+    h.add_argument("dst", metavar="DST")
+    h.add_argument("--preset", help="a hybrid preset of configs/models/ (e.g. zebra-smollm2-135m-6mla-24m2)")
+    h.add_argument("--mla-layers", type=_layers, help="0,2,4 | all | none (default: all)")
+    h.add_argument("--attention-layers", type=_layers, help="layers that keep the teacher's attention")
+    h.add_argument("--kv-lora-rank", type=int)
+    h.add_argument("--q-lora-rank", type=int)
+    h.add_argument("--qk-rope-head-dim", type=int)
+    h.add_argument("--rope-factor", type=float)
+    h.add_argument("--seed", type=int, default=0, help="for the fresh Mamba2 parameters")
+    h.add_argument("--overwrite", action="store_true")
+    h.set_defaults(fn=cmd_build)
 
     e = sub.add_parser("export", help="zebrax checkpoint → HF directory (safetensors)")
     e.add_argument("ckpt")

@@ -816,7 +816,8 @@ class HybridConfig(ModelConfig):
         rope = qk_rope_head_dim if qk_rope_head_dim is not None else head_dim // 2
         if q_lora_rank is None:
             q_lora_rank = max(8, round(heads * head_dim * 2 / 3 / 8) * 8)
-        limits = {"kv_lora_rank": (kv_lora_rank, min(d, 2 * kv_heads * head_dim), "min(hidden, 2·KV heads·head_dim)"),
+        kv_rows = kv_heads * (2 * head_dim - rope)  # per KV group: the nope part of K and all of V
+        limits = {"kv_lora_rank": (kv_lora_rank, min(d, kv_rows), "min(hidden, KV heads·(2·head_dim − rope))"),
                   "q_lora_rank": (q_lora_rank, min(d, heads * head_dim), "min(hidden, heads·head_dim)"),
                   "qk_rope_head_dim": (rope, head_dim - 1, "head_dim - 1: MLA keeps a non-rope part")}
         for name, (value, limit, what) in limits.items():
@@ -843,6 +844,33 @@ class HybridConfig(ModelConfig):
             mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act, bos_token_id=teacher.bos_token_id,
             eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id, dtype=teacher.dtype,
             param_dtype=teacher.param_dtype,
+        )
+
+
+    def on_teacher(self, teacher: LlamaConfig) -> HybridConfig:
+        """This hybrid's layout and mixer settings on another checkpoint of the same shape (a preset made from a
+        published config, applied to the teacher actually loaded): vocabulary, token ids, dtypes, RoPE base and
+        the teacher's attention come from ``teacher``; a teacher of another shape is an error."""
+        if not isinstance(teacher, LlamaConfig):
+            raise ConfigError(f"HybridConfig: the teacher must be a Llama-shaped model (LlamaConfig), got "
+                              f"{type(teacher).__name__}")
+        a = self.attention
+        ours = (self.num_hidden_layers, self.hidden_size, a.n_heads, a.n_kv_heads, a.head_dim)
+        theirs = (teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads,
+                  teacher.num_key_value_heads, teacher.head_dim)
+        if ours != theirs:
+            raise ConfigError(f"HybridConfig: made for a teacher with (layers, hidden, heads, KV heads, head_dim) = "
+                              f"{ours}; this teacher has {theirs}")
+        return dataclasses.replace(
+            self, vocab_size=teacher.vocab_size, intermediate_size=teacher.intermediate_size,
+            attention=AttentionConfig(teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,
+                                      teacher.rope_theta, teacher.rope_scaling, teacher.attention_bias),
+            mla=dataclasses.replace(self.mla, rope_theta=teacher.rope_theta),
+            mamba2=dataclasses.replace(self.mamba2, norm_eps=teacher.rms_norm_eps),
+            rms_norm_eps=teacher.rms_norm_eps, max_position_embeddings=teacher.max_position_embeddings,
+            tie_word_embeddings=teacher.tie_word_embeddings, mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act,
+            bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,
+            dtype=teacher.dtype, param_dtype=teacher.param_dtype,
         )
 
 

@@ -20,7 +20,7 @@ from zebrax.layers.linear import Linear
 from zebrax.layers.norms import GatedRMSNorm
 
 
-def _dt_bias_init(cfg: Mamba2Config):
+def dt_bias_init(cfg: Mamba2Config):
     """softplus⁻¹ of dt ~ exp(U(log dt_min, log dt_max)), floored at dt_init_floor."""
 
     def init(key, shape, dtype):
@@ -32,7 +32,7 @@ def _dt_bias_init(cfg: Mamba2Config):
     return init
 
 
-def _a_log_init(cfg: Mamba2Config):
+def a_log_init(cfg: Mamba2Config):
     """A_log = log A, A ~ U(A_init_range)."""
 
     def init(key, shape, dtype):
@@ -42,10 +42,15 @@ def _a_log_init(cfg: Mamba2Config):
     return init
 
 
-def _conv_init(key, shape, dtype):
-    """PyTorch's Conv1d default for a depthwise conv: U(±1/sqrt(kernel))."""
-    bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+def conv_init(cfg: Mamba2Config):
+    """PyTorch's Conv1d default for a depthwise conv, weight and bias alike: U(±1/sqrt(fan_in)) with fan_in = the
+    kernel size (one input channel per group)."""
+    bound = 1.0 / math.sqrt(cfg.conv_kernel)
+
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class Mamba2Mixer(nn.Module):
@@ -77,8 +82,8 @@ class Mamba2Mixer(nn.Module):
         B = jnp.repeat(B.reshape(b, length, cfg.b_groups, cfg.d_state), cfg.n_groups // cfg.b_groups, axis=2)
         C = C.reshape(b, length, cfg.n_groups, cfg.d_state)
 
-        dt_bias = self._param("dt_bias", _dt_bias_init(cfg))
-        A = -jnp.exp(self._param("A_log", _a_log_init(cfg)).astype(jnp.float32))
+        dt_bias = self._param("dt_bias", dt_bias_init(cfg))
+        A = -jnp.exp(self._param("A_log", a_log_init(cfg)).astype(jnp.float32))
         D = self._param("D", nn.initializers.ones)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
         dt = jnp.clip(dt, *cfg.dt_limit) * mask
@@ -105,7 +110,7 @@ class Mamba2Mixer(nn.Module):
         come from the cache (zeros without one). Returns the conv output and the new conv state."""
         cfg = self.config
         k = cfg.conv_kernel
-        kernel = self.param("conv_kernel", nn.with_logical_partitioning(_conv_init, ("conv", "ssm_conv")),
+        kernel = self.param("conv_kernel", nn.with_logical_partitioning(conv_init(cfg), ("conv", "ssm_conv")),
                             (k, cfg.conv_dim), self.param_dtype).astype(self.dtype)
         if cache is None:
             history = jnp.zeros((xbc.shape[0], k - 1, cfg.conv_dim), xbc.dtype)
@@ -115,7 +120,7 @@ class Mamba2Mixer(nn.Module):
         length = xbc.shape[1]
         out = sum(padded[:, i:i + length] * kernel[i] for i in range(k))
         if cfg.use_conv_bias:
-            bias = self.param("conv_bias", nn.with_logical_partitioning(_conv_init, ("ssm_conv",)), (cfg.conv_dim,),
+            bias = self.param("conv_bias", nn.with_logical_partitioning(conv_init(cfg), ("ssm_conv",)), (cfg.conv_dim,),
                               self.param_dtype)
             out = out + bias.astype(self.dtype)
         return out, jnp.swapaxes(padded[:, padded.shape[1] - (k - 1):], 1, 2)
