@@ -2,6 +2,8 @@
 
     zebrax convert SRC DST [--dtype float32|bfloat16] [--overwrite]
     zebrax build TEACHER DST [--preset NAME | --mla-layers 0,2,… --attention-layers … --kv-lora-rank N …] [--seed S]
+    zebrax assemble --mla-student A --mamba-student M --mla-layers LIST DST
+    zebrax select --teacher T --mla-student A --mamba-student M --num-mla N --data FILE --out scores.json
     zebrax export CKPT DST [--overwrite]
     zebrax generate CKPT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
     zebrax info CKPT_OR_PRESET [--json]
@@ -134,6 +136,42 @@ def cmd_build(args):
         q, kv = (sum(e) / len(errors) for e in zip(*errors, strict=True))
         summary += f"; mean SVD truncation error q {q:.3f}, kv {kv:.3f}"
     print(f"wrote {dst}: {summary}")
+
+
+def cmd_assemble(args):
+    import shutil
+
+    from zebrax import checkpoint
+    from zebrax.init import assemble
+
+    students = []
+    for path in (args.mla_student, args.mamba_student):
+        config = checkpoint.load_config(path)
+        students.append((config, checkpoint.load_params(path, config)))
+    config, params = assemble(*students, args.mla_layers, embeddings_from=args.embeddings_from)
+    source = args.mamba_student if args.embeddings_from == "mamba2" else args.mla_student
+    with checkpoint.atomic_directory(args.dst, overwrite=args.overwrite,
+                                     sources=[args.mla_student, args.mamba_student]) as tmp:
+        checkpoint.save(tmp, config, params)
+        if checkpoint.tokenizer_dir(source) is not None:
+            shutil.copytree(checkpoint.tokenizer_dir(source), tmp / "tokenizer")
+    print(f"wrote {args.dst}: layers {config.layer_map()} (A attention, L MLA, S Mamba2)")
+
+
+def cmd_select(args):
+    import zebrax
+    from zebrax import select
+
+    teacher = zebrax.load(args.teacher)
+    tokens = select.calibration_tokens(args.data, teacher.tokenizer, seq_len=args.seq_len,
+                                       num_sequences=args.num_sequences)
+    result = select.scores(teacher, zebrax.load(args.mla_student), zebrax.load(args.mamba_student), tokens)
+    result["num_mla"] = args.num_mla
+    result["mla_layers"] = select.place(result["scores"], args.num_mla, first=args.first, last=args.last)
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}: MLA layers {result['mla_layers']} ({result['seconds']} s, "
+          f"{result['compilations']} compilation)")
 
 
 def cmd_export(args):
@@ -274,6 +312,29 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0, help="for the fresh Mamba2 parameters")
     h.add_argument("--overwrite", action="store_true")
     h.set_defaults(fn=cmd_build)
+
+    a = sub.add_parser("assemble", help="a hybrid from an all-MLA and an all-Mamba2 student")
+    a.add_argument("--mla-student", required=True)
+    a.add_argument("--mamba-student", required=True)
+    a.add_argument("--mla-layers", type=_layers, required=True, help="e.g. 0,5,10,14")
+    a.add_argument("--embeddings-from", choices=["mamba2", "mla"], default="mamba2",
+                   help="the student whose embeddings, final norm and head the hybrid takes")
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("dst", metavar="DST")
+    a.set_defaults(fn=cmd_assemble)
+
+    s = sub.add_parser("select", help="SMART: score each layer as MLA in the all-Mamba2 student, place N MLA layers")
+    s.add_argument("--teacher", required=True)
+    s.add_argument("--mla-student", required=True)
+    s.add_argument("--mamba-student", required=True)
+    s.add_argument("--num-mla", type=int, required=True)
+    s.add_argument("--data", required=True, help="jsonl of {text} / {messages} / {input_ids}")
+    s.add_argument("--out", required=True, help="scores.json")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--num-sequences", type=int, default=8)
+    s.add_argument("--first", type=int, default=0)
+    s.add_argument("--last", type=int, default=None, help="default: layers - 2")
+    s.set_defaults(fn=cmd_select)
 
     e = sub.add_parser("export", help="zebrax checkpoint → HF directory (safetensors)")
     e.add_argument("ckpt")

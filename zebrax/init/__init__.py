@@ -1,4 +1,5 @@
-"""Teacher parameters → student parameters, one file per method (``mla_svd.py``, ``mamba2_from_attention.py``).
+"""Teacher parameters → student parameters, one file per method (``mla_svd.py``, ``mamba2_from_attention.py``),
+and ``assemble.py`` (a hybrid from an all-MLA and an all-Mamba2 student).
 
 ``init_hybrid`` builds every layer of a ``HybridConfig`` from its Llama teacher: MLA layers by SVD, Mamba2
 layers from the attention weights, attention layers copied; MLPs, norms, embeddings, final norm and head copied.
@@ -12,10 +13,11 @@ import numpy as np
 from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.convert.mapping import NP_DTYPES
 from zebrax.errors import ConfigError
+from zebrax.init.assemble import assemble
 from zebrax.init.mamba2_from_attention import mamba2_from_attention
 from zebrax.init.mla_svd import mla_from_attention
 
-__all__ = ["init_hybrid", "mamba2_from_attention", "mla_from_attention"]
+__all__ = ["assemble", "init_hybrid", "mamba2_from_attention", "mla_from_attention"]
 
 
 def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: jax.Array) -> tuple[dict, dict]:

@@ -90,6 +90,22 @@ def _residual(x: jax.Array, h: jax.Array, in_fp32: bool) -> jax.Array:
     return (residual + h).astype(residual.dtype)
 
 
+def embed_tokens(cfg) -> Embed:
+    """The token embedding (``embed_tokens``), in the scope of the module that calls this."""
+    return Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed_tokens")
+
+
+def lm_head(cfg, x: jax.Array, embedding: Embed) -> jax.Array:
+    """Final RMSNorm (``norm``) and the LM head (``lm_head``, or the tied embedding) → float32 logits, in the scope
+    of the module that calls this."""
+    x = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
+    if cfg.tie_word_embeddings:
+        return embedding.attend(x).astype(jnp.float32)
+    head = Linear((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  name="lm_head")
+    return head(x).astype(jnp.float32)
+
+
 class DecoderLM(nn.Module):
     """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32 (``[B, 1, vocab]`` with ``last_only``).
 
@@ -105,7 +121,7 @@ class DecoderLM(nn.Module):
     def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
         cfg = self.config
         slots = make_slots(tokens, positions, token_mask, cache)
-        embedding = Embed(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype, name="embed_tokens")
+        embedding = embed_tokens(cfg)
         x = embedding(tokens)
         new_layers = []
         for i, spec in enumerate(cfg.plan()):
@@ -113,16 +129,8 @@ class DecoderLM(nn.Module):
                 x, slots, None if cache is None else cache.layers[i]
             )
             new_layers.append(layer_cache)
-        if last_only:
-            x = x[:, -1:]
-        x = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
-            logits = embedding.attend(x)
-        else:
-            logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                            name="lm_head")(x)
-        return logits.astype(jnp.float32), None if cache is None else cache.advance(
-            slots, tuple(new_layers), tokens.shape[1])
+        logits = lm_head(cfg, x[:, -1:] if last_only else x, embedding)
+        return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
 
     @staticmethod
     def init_cache(cfg, batch: int, max_len: int) -> Cache:

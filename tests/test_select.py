@@ -1,0 +1,140 @@
+"""SMART: placement against brute force, the released lists, scores against one model per candidate (fp32), one
+compilation for all L + 1 passes, calibration data, assembly, and the commands."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import zebrax
+from tests.test_decoder import TEACHER, hybrid, random_model
+from zebrax import select
+from zebrax.errors import ConfigError, InvalidArgument
+from zebrax.init import assemble, init_hybrid
+
+
+def brute_force(scores, n, first, last):
+    """Every placement that keeps the rules, and the best total."""
+    u = (last - first) / (n - 1)
+    gaps = {math.floor(u), math.ceil(u)}
+    valid = [c for c in itertools.combinations(range(first, last + 1), n)
+             if c[0] == first and c[-1] == last and all(b - a in gaps for a, b in itertools.pairwise(c))]
+    return valid, max(sum(scores[i] for i in c) for c in valid)
+
+
+@pytest.mark.parametrize("n_layers, n", [(12, 4), (16, 4), (13, 5), (10, 2), (16, 8), (9, 9 - 1)])
+def test_placement_keeps_the_rules_and_finds_the_best_total(rng, n_layers, n):
+    for _ in range(20):
+        scores = rng.normal(size=n_layers).tolist()
+        got = select.place(scores, n)
+        valid, best = brute_force(scores, n, 0, n_layers - 2)
+        assert tuple(got) in valid and math.isclose(sum(scores[i] for i in got), best, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("n_layers, released", [
+    (16, [0, 5, 10, 14]), (28, [0, 5, 10, 16, 21, 26]), (32, [0, 4, 8, 12, 16, 20, 25, 30]),
+    (16, list(range(0, 16, 2))), (28, list(range(0, 28, 2))), (32, list(range(0, 32, 2))),
+])
+def test_the_released_smart_lists_keep_the_rules_and_are_reachable(n_layers, released):
+    scores = [1.0 if i in released else 0.0 for i in range(n_layers)]
+    n = len(released)
+    valid, _ = brute_force(scores, n, 0, n_layers - 2)
+    assert tuple(released) in valid
+    assert select.place(scores, n) == released
+
+
+def test_placement_refuses_impossible_requests():
+    with pytest.raises(InvalidArgument, match="num_mla=20 must be in 1..15"):
+        select.place([0.0] * 16, 20)
+    with pytest.raises(InvalidArgument, match="first=5 <= last=3"):
+        select.place([0.0] * 16, 2, first=5, last=3)
+    assert select.place([0.0] * 16, 1, first=3) == [3]
+
+
+@pytest.fixture(scope="module")
+def students():
+    """A tiny teacher and its two students, initialised from it (all-MLA by SVD, all-Mamba2 from attention)."""
+    teacher = random_model(TEACHER, seed=4)
+    out = {}
+    for kind, config in (("mla", hybrid("all")), ("mamba2", hybrid("none"))):
+        params, _ = init_hybrid(TEACHER, teacher.params, config, jax.random.key(1))
+        out[kind] = zebrax.Model(config, params)
+    return teacher, out["mla"], out["mamba2"]
+
+
+def test_scores_equal_one_assembled_model_per_candidate_with_one_compilation(students, rng):
+    teacher, mla, mamba = students
+    tokens = rng.integers(0, 97, (3, 24)).astype(np.int32)
+    result = select.scores(teacher, mla, mamba, tokens)
+    assert result["compilations"] == 1 and len(result["scores"]) == 5 and result["tokens"] == 72
+    want_logp = jax.nn.log_softmax(teacher.logits(tokens))
+
+    def kl(model):
+        logp = jax.nn.log_softmax(model.logits(tokens))
+        return float(np.mean(np.sum(np.exp(want_logp) * (want_logp - logp), axis=-1)))
+
+    assert math.isclose(result["kl_all_mamba2"], kl(mamba), rel_tol=1e-4)
+    for layer in (0, 3):
+        config, params = assemble((mla.config, mla.params), (mamba.config, mamba.params), [layer])
+        assert math.isclose(result["kl"][layer], kl(zebrax.Model(config, params)), rel_tol=1e-4)
+        assert math.isclose(result["scores"][layer], result["kl_all_mamba2"] - result["kl"][layer], rel_tol=1e-12)
+
+
+def test_assemble_takes_each_layer_from_its_student(students):
+    _, mla, mamba = students
+    config, params = assemble((mla.config, mla.params), (mamba.config, mamba.params), [0, 3],
+                              embeddings_from="mla")
+    assert config.layer_map() == "LSSLS"
+    assert params["layers_0"] is mla.params["layers_0"] and params["layers_1"] is mamba.params["layers_1"]
+    assert params["embed_tokens"] is mla.params["embed_tokens"]
+    with pytest.raises(ConfigError, match="mla_student must be an all-mla hybrid"):
+        assemble((mamba.config, mamba.params), (mamba.config, mamba.params), [0])
+    with pytest.raises(ConfigError, match=r"mla_layers \[7\] are outside"):
+        assemble((mla.config, mla.params), (mamba.config, mamba.params), [7])
+
+
+def test_calibration_data_from_text_chat_or_ids(tmp_path, smollm2_checkpoint):
+    tokenizer = zebrax.load(smollm2_checkpoint).tokenizer
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in (
+        {"text": "The quick brown fox jumps over the lazy dog. " * 4},
+        {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]},
+        {"input_ids": list(range(100, 140))},
+    )))
+    tokens = select.calibration_tokens(data, tokenizer, seq_len=16, num_sequences=5)
+    assert tokens.shape == (5, 16) and tokens.dtype == np.int32
+    with pytest.raises(InvalidArgument, match="fewer than 50 x 16"):
+        select.calibration_tokens(data, tokenizer, seq_len=16, num_sequences=50)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(InvalidArgument, match=r"bad.jsonl:1: expected \"text\""):
+        select.calibration_tokens(tmp_path / "bad.jsonl", tokenizer)
+
+
+def test_select_and_assemble_commands(students, tmp_path, capsys):
+    from zebrax import checkpoint
+    from zebrax.cli import main
+
+    teacher, mla, mamba = students
+    for name, model in (("teacher", teacher), ("mla", mla), ("mamba", mamba)):
+        with checkpoint.atomic_directory(tmp_path / name) as tmp:
+            checkpoint.save(tmp, model.config, model.params)
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"input_ids": list(range(5 + i, 45 + i))})
+                                                    for i in range(4)))
+    assert main(["select", "--teacher", str(tmp_path / "teacher"), "--mla-student", str(tmp_path / "mla"),
+                 "--mamba-student", str(tmp_path / "mamba"), "--num-mla", "2", "--data", str(tmp_path / "calib.jsonl"),
+                 "--seq-len", "16", "--num-sequences", "4", "--out", str(tmp_path / "scores.json")]) == 0
+    result = json.loads((tmp_path / "scores.json").read_text())
+    assert result["mla_layers"] == [0, 3] and result["compilations"] == 1 and len(result["kl"]) == 5
+    assert main(["assemble", "--mla-student", str(tmp_path / "mla"), "--mamba-student", str(tmp_path / "mamba"),
+                 "--mla-layers", "0,3", str(tmp_path / "hybrid")]) == 0
+    assert "layers LSSLS" in capsys.readouterr().out
+    assert zebrax.load(tmp_path / "hybrid").config.layer_map() == "LSSLS"
+    capsys.readouterr()
+    assert main(["assemble", "--mla-student", str(tmp_path / "mamba"), "--mamba-student", str(tmp_path / "mamba"),
+                 "--mla-layers", "0", str(tmp_path / "bad")]) == 1
+    assert "must be an all-mla hybrid" in capsys.readouterr().err and not (tmp_path / "bad").exists()

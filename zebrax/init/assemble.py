@@ -1,0 +1,38 @@
+"""Hybrid assembly (METHOD §4): layer ``i`` — mixer, MLP and norms — from the (ILD-trained) all-MLA student if ``i``
+is an MLA layer, else from the all-Mamba2 student; embeddings, final norm and head from one of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from zebrax.config import HybridConfig
+from zebrax.errors import ConfigError
+
+
+def assemble(mla_student: tuple[HybridConfig, dict], mamba_student: tuple[HybridConfig, dict],
+             mla_layers: Sequence[int], *, embeddings_from: str = "mamba2") -> tuple[HybridConfig, dict]:
+    """``(config, params)`` of each student → the hybrid's. ``embeddings_from``: ``"mamba2"`` or ``"mla"``."""
+    (mla_config, mla_params), (mamba_config, mamba_params) = mla_student, mamba_student
+    for name, config, kind in (("mla_student", mla_config, "mla"), ("mamba_student", mamba_config, "mamba2")):
+        if not isinstance(config, HybridConfig) or set(config.mixers) != {kind}:
+            got = config.layer_map() if isinstance(config, HybridConfig) else type(config).__name__
+            raise ConfigError(f"assemble: {name} must be an all-{kind} hybrid, got {got}")
+    shape = lambda c: (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)  # noqa: E731
+    if shape(mla_config) != shape(mamba_config) or mla_config.attention != mamba_config.attention:
+        raise ConfigError(f"assemble: the students come from different teachers: (layers, hidden, mlp, vocab) "
+                          f"{shape(mla_config)} and {shape(mamba_config)}")
+    if embeddings_from not in ("mamba2", "mla"):
+        raise ConfigError(f"assemble: embeddings_from={embeddings_from!r} is not 'mamba2' or 'mla'")
+    n = mla_config.num_hidden_layers
+    bad = [i for i in mla_layers if not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"assemble: mla_layers {bad} are outside the students' layers 0..{n - 1}")
+    mixers = tuple("mla" if i in set(mla_layers) else "mamba2" for i in range(n))
+    base_config, base_params = (mamba_config, mamba_params) if embeddings_from == "mamba2" else (
+        mla_config, mla_params)
+    config = dataclasses.replace(base_config, mixers=mixers, mla=mla_config.mla, mamba2=mamba_config.mamba2)
+    params = {k: v for k, v in base_params.items() if not k.startswith("layers_")}
+    for i, mixer in enumerate(mixers):
+        params[f"layers_{i}"] = (mla_params if mixer == "mla" else mamba_params)[f"layers_{i}"]
+    return config, params

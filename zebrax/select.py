@@ -1,0 +1,158 @@
+"""SMART layer selection (METHOD §5): score every layer by how much taking it from the all-MLA student brings the
+all-Mamba2 student back toward the teacher, then place N MLA layers.
+
+    s_l = KL(teacher ‖ all-Mamba2) − KL(teacher ‖ all-Mamba2 with layer l from all-MLA)
+
+KL is the mean over calibration tokens of ``Σ_v p_teacher (log p_teacher − log p_student)``. The L + 1 student
+passes share one compiled program: layer ``l``'s choice is a traced index (``nn.cond``), not a new model.
+
+Placement: the first MLA layer at ``first``, the last at ``last`` (default L − 2), every gap between consecutive
+MLA layers ⌊u⌋ or ⌈u⌉ with u = (last − first)/(N − 1); among those placements the one with the largest total score,
+found exactly by dynamic programming over (layers placed, position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zebrax.config import HybridConfig
+from zebrax.errors import ConfigError, InvalidArgument
+from zebrax.models.decoder import Block, embed_tokens, lm_head, make_slots
+from zebrax.ops import Impls
+
+
+class SwapLM(nn.Module):
+    """The all-Mamba2 student (``base``) whose layer ``swap`` is the all-MLA student's (``other``); ``swap = −1``
+    swaps none. Parameters: the base student's, plus ``swap_{i}`` = the other student's ``layers_{i}``."""
+
+    base: HybridConfig
+    other: HybridConfig
+    impls: Impls = Impls()
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, swap: jax.Array) -> jax.Array:
+        cfg = self.base
+        slots = make_slots(tokens, None, None, None)
+        embedding = embed_tokens(cfg)
+        x = embedding(tokens)
+        for i, (ours, theirs) in enumerate(zip(cfg.plan(), self.other.plan(), strict=True)):
+            kept = Block(ours, cfg, self.impls, name=f"layers_{i}")
+            swapped = Block(theirs, self.other, self.impls, name=f"swap_{i}")
+            x = nn.cond(swap == i, lambda _, x, b=swapped: b(x, slots)[0], lambda _, x, b=kept: b(x, slots)[0],
+                        self, x)
+        return lm_head(cfg, x, embedding)
+
+
+def _kl(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+    """Mean over tokens of KL(teacher ‖ student), float32."""
+    log_t = jax.nn.log_softmax(teacher_logits, axis=-1)
+    log_s = jax.nn.log_softmax(student_logits, axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1))
+
+
+def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
+    """SMART scores of every layer on ``tokens`` ``[N, L]`` (``zebrax.Model``s; the students hybrids of one teacher
+    shape, all-MLA and all-Mamba2). Returns ``kl_all_mamba2``, ``kl`` (per layer), ``scores``, ``seconds``,
+    ``compilations`` (of the student program; 1 unless shapes change)."""
+    for name, model, kind in (("mla_student", mla_student, "mla"), ("mamba_student", mamba_student, "mamba2")):
+        if not isinstance(model.config, HybridConfig) or set(model.config.mixers) != {kind}:
+            raise ConfigError(f"select: {name} must be an all-{kind} hybrid")
+    tokens = teacher.check_tokens(tokens, "select")
+    start = time.perf_counter()
+    module = SwapLM(mamba_student.config, mla_student.config, mamba_student.module.impls)
+    params = dict(mamba_student.params)
+    params.update({f"swap_{i}": mla_student.params[f"layers_{i}"] for i in range(mla_student.config.num_hidden_layers)})
+    traces = []
+
+    def kl_of(params, tokens, teacher_logits, swap):
+        traces.append(1)
+        return _kl(teacher_logits, module.apply({"params": params}, tokens, swap))
+
+    kl_of = jax.jit(kl_of)
+    teacher_logits = jnp.asarray(teacher.logits(tokens))
+    kls = [float(kl_of(params, tokens, teacher_logits, jnp.int32(swap)))
+           for swap in range(-1, mamba_student.config.num_hidden_layers)]
+    return {"kl_all_mamba2": kls[0], "kl": kls[1:], "scores": [kls[0] - k for k in kls[1:]],
+            "seconds": round(time.perf_counter() - start, 2), "compilations": len(traces),
+            "tokens": int(tokens.size)}
+
+
+def place(scores: Sequence[float], num_mla: int, *, first: int = 0, last: int | None = None) -> list[int]:
+    """The MLA layers: ``first`` and ``last`` (default L − 2) kept, gaps ⌊u⌋ or ⌈u⌉, the largest total score."""
+    n_layers = len(scores)
+    last = n_layers - 2 if last is None else last
+    if not 0 <= first <= last < n_layers:
+        raise InvalidArgument(f"place: need 0 <= first={first} <= last={last} < {n_layers} layers")
+    if num_mla < 1 or num_mla > last - first + 1:
+        raise InvalidArgument(f"place: num_mla={num_mla} must be in 1..{last - first + 1} (layers {first}..{last})")
+    if num_mla == 1:
+        return [first]
+    u = (last - first) / (num_mla - 1)
+    gaps = sorted({math.floor(u), math.ceil(u)} - {0})
+    # best[k][p]: the largest score of k + 1 MLA layers, the first at `first`, the (k + 1)-th at p
+    best = [dict.fromkeys([first], float(scores[first]))]
+    back: list[dict[int, int]] = [{}]
+    for _ in range(1, num_mla):
+        row, arrow = {}, {}
+        for p, total in best[-1].items():
+            for g in gaps:
+                q = p + g
+                if q <= last and (q not in row or total + scores[q] > row[q]):
+                    row[q], arrow[q] = total + float(scores[q]), p
+        best.append(row)
+        back.append(arrow)
+    if last not in best[-1]:
+        raise InvalidArgument(f"place: no placement of {num_mla} layers from {first} to {last} with gaps {gaps}")
+    layers = [last]
+    for k in range(num_mla - 1, 0, -1):
+        layers.append(back[k][layers[-1]])
+    return layers[::-1]
+
+
+def calibration_tokens(path: str | os.PathLike, tokenizer, *, seq_len: int = 256, num_sequences: int = 8
+                       ) -> np.ndarray:
+    """``[num_sequences, seq_len]`` token ids from a jsonl file of ``{"text": …}``, ``{"messages": [...]}`` (through
+    the chat template) or ``{"input_ids": [...]}`` records, concatenated and cut into rows."""
+    path = Path(path)
+    if seq_len < 1 or num_sequences < 1:
+        raise InvalidArgument(f"calibration: seq_len={seq_len} and num_sequences={num_sequences} must be >= 1")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InvalidArgument(f"{path}: cannot read calibration data ({e.strerror})") from None
+    stream: list[int] = []
+    need = seq_len * num_sequences
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InvalidArgument(f"{path}:{number}: not a JSON object") from None
+        if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
+            stream += [int(t) for t in record["input_ids"]]
+        elif isinstance(record, dict) and isinstance(record.get("text"), str) and tokenizer is not None:
+            stream += tokenizer(record["text"])["input_ids"]
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list) and tokenizer is not None:
+            stream += tokenizer.apply_chat_template(record["messages"], tokenize=True)
+        else:
+            raise InvalidArgument(f"{path}:{number}: expected \"text\", \"messages\" or \"input_ids\""
+                                  f"{'' if tokenizer is not None else ' (the teacher has no tokenizer: input_ids)'}")
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise InvalidArgument(f"{path}: {len(stream)} tokens, fewer than {num_sequences} x {seq_len} = {need}")
+    return np.asarray(stream[:need], np.int32).reshape(num_sequences, seq_len)
+
+
+__all__ = ["SwapLM", "calibration_tokens", "place", "scores"]
