@@ -144,7 +144,8 @@ def calibration_tokens(path: str | os.PathLike, tokenizer, *, seq_len: int = 256
         elif isinstance(record, dict) and isinstance(record.get("text"), str) and tokenizer is not None:
             stream += tokenizer(record["text"])["input_ids"]
         elif isinstance(record, dict) and isinstance(record.get("messages"), list) and tokenizer is not None:
-            stream += tokenizer.apply_chat_template(record["messages"], tokenize=True)
+            text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+            stream += tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             raise InvalidArgument(f"{path}:{number}: expected \"text\", \"messages\" or \"input_ids\""
                                   f"{'' if tokenizer is not None else ' (the teacher has no tokenizer: input_ids)'}")
