@@ -53,7 +53,7 @@ class SwapLM(nn.Module):
         return lm_head(cfg, x, embedding)
 
 
-def _kl(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+def kl_to_teacher(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
     """Mean over tokens of KL(teacher ‖ student), float32."""
     log_t = jax.nn.log_softmax(teacher_logits, axis=-1)
     log_s = jax.nn.log_softmax(student_logits, axis=-1)
@@ -76,7 +76,7 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
 
     def kl_of(params, tokens, teacher_logits, swap):
         traces.append(1)
-        return _kl(teacher_logits, module.apply({"params": params}, tokens, swap))
+        return kl_to_teacher(teacher_logits, module.apply({"params": params}, tokens, swap))
 
     kl_of = jax.jit(kl_of)
     teacher_logits = jnp.asarray(teacher.logits(tokens))
@@ -156,4 +156,4 @@ def calibration_tokens(path: str | os.PathLike, tokenizer, *, seq_len: int = 256
     return np.asarray(stream[:need], np.int32).reshape(num_sequences, seq_len)
 
 
-__all__ = ["SwapLM", "calibration_tokens", "place", "scores"]
+__all__ = ["SwapLM", "calibration_tokens", "kl_to_teacher", "place", "scores"]
