@@ -6,6 +6,7 @@
                                   model.chat("…"), model.cache_bytes_per_token()
 """
 
+from zebrax import select
 from zebrax.api import Model, build, convert, load
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import CheckpointError, ConfigError, ConversionError, ZebraxError
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "ConversionError", "HybridConfig", "LlamaConfig", "Model", "RopeScaling",
-    "ZebraxError", "build", "convert", "load",
+    "ZebraxError", "build", "convert", "load", "select",
 ]

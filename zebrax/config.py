@@ -847,10 +847,8 @@ class HybridConfig(ModelConfig):
         )
 
 
-    def on_teacher(self, teacher: LlamaConfig) -> HybridConfig:
-        """This hybrid's layout and mixer settings on another checkpoint of the same shape (a preset made from a
-        published config, applied to the teacher actually loaded): vocabulary, token ids, dtypes, RoPE base and
-        the teacher's attention come from ``teacher``; a teacher of another shape is an error."""
+    def check_teacher(self, teacher) -> None:
+        """ConfigError unless ``teacher`` is a Llama of this hybrid's shape (layers, width, heads, head_dim)."""
         if not isinstance(teacher, LlamaConfig):
             raise ConfigError(f"HybridConfig: the teacher must be a Llama-shaped model (LlamaConfig), got "
                               f"{type(teacher).__name__}")
@@ -861,6 +859,12 @@ class HybridConfig(ModelConfig):
         if ours != theirs:
             raise ConfigError(f"HybridConfig: made for a teacher with (layers, hidden, heads, KV heads, head_dim) = "
                               f"{ours}; this teacher has {theirs}")
+
+    def on_teacher(self, teacher: LlamaConfig) -> HybridConfig:
+        """This hybrid's layout and mixer settings on another checkpoint of the same shape (a preset made from a
+        published config, applied to the teacher actually loaded): vocabulary, token ids, dtypes, RoPE base and
+        the teacher's attention come from ``teacher``; a teacher of another shape is an error."""
+        self.check_teacher(teacher)
         return dataclasses.replace(
             self, vocab_size=teacher.vocab_size, intermediate_size=teacher.intermediate_size,
             attention=AttentionConfig(teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,

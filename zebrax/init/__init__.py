@@ -12,7 +12,6 @@ import numpy as np
 
 from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.convert.mapping import NP_DTYPES
-from zebrax.errors import ConfigError
 from zebrax.init.assemble import assemble
 from zebrax.init.mamba2_from_attention import mamba2_from_attention
 from zebrax.init.mla_svd import mla_from_attention
@@ -22,15 +21,7 @@ __all__ = ["assemble", "init_hybrid", "mamba2_from_attention", "mla_from_attenti
 
 def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: jax.Array) -> tuple[dict, dict]:
     """(hybrid params in ``config.param_dtype``, report ``{"layers": [{layer, mixer, q/kv relative error}]}``)."""
-    if not isinstance(teacher, LlamaConfig):
-        raise ConfigError(f"init_hybrid: the teacher must be a Llama-shaped model, got {type(teacher).__name__}")
-    a = config.attention
-    ours = (config.num_hidden_layers, config.hidden_size, a.n_heads, a.n_kv_heads, a.head_dim)
-    theirs = (teacher.num_hidden_layers, teacher.hidden_size, teacher.num_attention_heads,
-              teacher.num_key_value_heads, teacher.head_dim)
-    if ours != theirs:
-        raise ConfigError(f"init_hybrid: the hybrid's (layers, hidden, heads, KV heads, head_dim) = {ours} are not "
-                          f"its teacher's {theirs}")
+    config.check_teacher(teacher)
     dtype = NP_DTYPES[config.param_dtype]
     cast = lambda tree: jax.tree.map(lambda w: np.asarray(w, np.float32).astype(dtype), tree)  # noqa: E731
     out = {name: cast(params[name]) for name in params if not name.startswith("layers_")}
