@@ -177,7 +177,7 @@ def cmd_select(args):
 def cmd_export(args):
     from zebrax.convert.export import export
 
-    print(f"wrote {export(args.ckpt, args.dst, overwrite=args.overwrite)}")
+    print(f"wrote {export(args.ckpt, args.dst, overwrite=args.overwrite, format=args.format)}")
 
 
 def cmd_generate(args):
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="zebrax checkpoint → HF directory (safetensors)")
     e.add_argument("ckpt")
     e.add_argument("dst")
+    e.add_argument("--format", choices=["hf", "amd", "mambainllama"],
+                   help="hybrids: AMD's Zebra-Llama or MambaInLlama layout (default: the one its layers fit)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
 

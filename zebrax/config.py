@@ -821,7 +821,7 @@ class HybridConfig(ModelConfig):
                   "q_lora_rank": (q_lora_rank, min(d, heads * head_dim), "min(hidden, heads·head_dim)"),
                   "qk_rope_head_dim": (rope, head_dim - 1, "head_dim - 1: MLA keeps a non-rope part")}
         for name, (value, limit, what) in limits.items():
-            if not isinstance(value, int) or not 0 < value <= limit:
+            if not isinstance(value, int) or not 0 < value <= (limit if mla_set else value):
                 raise ConfigError(f"HybridConfig: {name}={value} must be in 1..{limit} ({what} of the teacher)")
         mla_config = dataclasses.replace(MLAConfig(
             d_model=d, n_heads=heads, kv_groups=kv_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,

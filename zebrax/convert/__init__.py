@@ -47,7 +47,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
     config = source.config.replace(dtype=dtype, param_dtype=dtype)
     with checkpoint.warnings_after_success(), checkpoint.atomic_directory(dst, overwrite=overwrite,
                                                                              sources=[src]) as tmp:
-        config, params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype)
+        config, params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype,
+                                        quiet_untie=getattr(source, "unties_quietly", False))
         checkpoint.save(tmp, config, params)
         del params
         if not source.save_tokenizer(tmp / "tokenizer"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
+from zebrax.config import DeepseekV3Config, HybridConfig, LlamaConfig, Mamba2LMConfig
 from zebrax.convert.mapping import CONV, FLAT, LINEAR, LINEAR_2, SAME, TensorMap
 
 LLAMA = TensorMap(
@@ -67,6 +67,24 @@ DEEPSEEK_V3 = TensorMap(
     layer_prefix="model.layers",
 )
 
+# the reference code's hybrids (convert/hybrid.py): Llama blocks whose mixer is `mla.*` (AMD), `mamba.*`, or the
+# kept `self_attn.*` (MambaInLlama); the head is always stored
+HYBRID = TensorMap(
+    top_level=LLAMA.top_level,
+    per_layer={
+        **LLAMA.per_layer,
+        "mla.q_a_proj.weight": (("self_attn", "q_a_proj", "kernel"), LINEAR),
+        "mla.q_a_layernorm.weight": (("self_attn", "q_a_layernorm", "scale"), SAME),
+        "mla.q_b_proj.weight": (("self_attn", "q_b_proj", "kernel"), LINEAR),
+        "mla.kv_a_proj_with_mqa.weight": (("self_attn", "kv_a_proj_with_mqa", "kernel"), LINEAR),
+        "mla.kv_a_layernorm.weight": (("self_attn", "kv_a_layernorm", "scale"), SAME),
+        "mla.kv_b_proj.weight": (("self_attn", "kv_b_proj"), LINEAR),
+        "mla.out_proj.weight": (("self_attn", "o_proj", "kernel"), LINEAR_2),
+        **{f"mamba.{k.removeprefix('mixer.')}": v for k, v in MAMBA2.per_layer.items() if k.startswith("mixer.")},
+    },
+    layer_prefix="model.layers",
+)
+
 # transformers model_type → (zebrax config class, tensor map)
 ARCHITECTURES = {
     "llama": (LlamaConfig, LLAMA),
@@ -75,4 +93,4 @@ ARCHITECTURES = {
     "deepseek_v3": (DeepseekV3Config, DEEPSEEK_V3),
 }
 TENSOR_MAPS = {LlamaConfig.model_type: LLAMA, Mamba2LMConfig.model_type: MAMBA2,
-               DeepseekV3Config.model_type: DEEPSEEK_V3}
+               DeepseekV3Config.model_type: DEEPSEEK_V3, HybridConfig.model_type: HYBRID}

@@ -8,9 +8,13 @@ import shutil
 from pathlib import Path
 
 from zebrax import checkpoint
+from zebrax.config import HybridConfig
+from zebrax.convert import hybrid
 from zebrax.convert.architectures import TENSOR_MAPS
 from zebrax.convert.hf import TOKENIZER_FILES
+from zebrax.convert.hybrid import LAYOUT_FILES
 from zebrax.convert.mapping import hf_tensors
+from zebrax.errors import ConfigError
 
 EXPORT_MARK = "zebrax_export"  # safetensors metadata key: this directory was written by ``export``
 
@@ -25,21 +29,39 @@ def is_export(path: Path) -> bool:
             marked = EXPORT_MARK in (f.metadata() or {})
     except Exception:  # unreadable, truncated or absent: not ours to replace
         return False
-    return marked and entries <= {"config.json", "model.safetensors", *TOKENIZER_FILES}
+    return marked and entries <= {"config.json", "model.safetensors", *LAYOUT_FILES.values(), *TOKENIZER_FILES}
 
 
-def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write the zebrax checkpoint ``src`` as an HF directory (``config.json``, ``model.safetensors``,
-    tokenizer files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads. ``overwrite`` replaces
-    only a directory written by ``export``."""
+def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False, format: str | None = None
+           ) -> Path:
+    """Write the zebrax checkpoint ``src`` as an HF directory (``config.json``, ``model.safetensors``, tokenizer
+    files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads, or, for a hybrid, in the layout of the
+    reference code its layers fit (``format``: ``"amd"`` for MLA + Mamba2, ``"mambainllama"`` for attention +
+    Mamba2; ``convert/hybrid.py``): the base ``config.json``, their layout file with exactly their fields, one
+    ``model.safetensors`` with exactly their keys, the head always stored. ``overwrite`` replaces only a directory
+    written by ``export``."""
     from safetensors.numpy import save_file
 
     config = checkpoint.load_config(src)
+    if isinstance(config, HybridConfig):
+        format = format or hybrid.layout_of(config)
+        hybrid.check_exportable(config, format)
+        files = hybrid.files_for(config, format, str(Path(dst).absolute()))
+        modules = {f"layers_{i}": {"mla": "mla", "mamba2": "mamba", "attention": "self_attn"}[m]
+                   for i, m in enumerate(config.mixers)}
+    elif format not in (None, "hf"):
+        raise ConfigError(f"export: format {format!r} is for hybrids; {type(config).__name__} exports as 'hf'")
+    else:
+        files, modules = {"config.json": config.to_hf_dict()}, None
     params = checkpoint.load_params(src, config)
+    tensor_map = TENSOR_MAPS[config.model_type]
     with checkpoint.atomic_directory(dst, overwrite=overwrite, replaceable=is_export, what="zebrax export",
                                      sources=[src]) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        tensors = dict(hf_tensors(TENSOR_MAPS[config.model_type], params))
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
+        tensors = dict(hf_tensors(tensor_map, params, modules))
+        if isinstance(config, HybridConfig) and config.tie_word_embeddings:  # their loaders want the head stored
+            tensors["lm_head.weight"] = tensors[tensor_map.hf_name(("embed_tokens", "embedding"))]
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", EXPORT_MARK: "1"})
         tokenizer = checkpoint.tokenizer_dir(src)
         if tokenizer is not None:

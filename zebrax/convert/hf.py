@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from zebrax.convert.architectures import ARCHITECTURES
+from zebrax.convert.hybrid import config_from_files, detect
 from zebrax.errors import ConfigError, ConversionError
 
 WEIGHT_FILES = (
@@ -40,6 +41,7 @@ class HFSource:
         if not self.config_file.is_file():
             raise ConversionError(f"{self.config_file}: missing (an HF checkpoint needs config.json)")
         self.weights = [path] if path.is_file() else self._weight_files()
+        self.unties_quietly = False  # a stored head that differs from a tied embedding is worth a warning
         self.config = self._read_config()
 
     def _weight_files(self) -> list[Path]:
@@ -63,6 +65,12 @@ class HFSource:
         return shards
 
     def _read_config(self):
+        layout = detect(self.directory)
+        if layout is not None:
+            # their loaders never tie: the head is stored (equal to the embedding when the base model ties), or,
+            # from older writers, absent. Tied here; `params_from_hf` unties if the stored head differs.
+            self.unties_quietly = True
+            return config_from_files(self.directory, layout, tied=True)
         try:
             d = json.loads(self.config_file.read_text())
         except ValueError as e:

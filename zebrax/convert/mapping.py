@@ -82,24 +82,29 @@ class TensorMap:
             return (f"layers_{int(m.group(1))}", *path), layout
         return None
 
-    def hf_name(self, path: Path) -> str:
+    def hf_name(self, path: Path, module: str | None = None) -> str:
+        """The HF name of a parameter path; ``module`` picks among the layer's names (``mla``, ``self_attn``) when
+        several modules store the same path (an MLA layer's ``o_proj`` is AMD's ``mla.out_proj``)."""
         for name, (p, _) in self.top_level.items():
             if p == path:
                 return name
-        for suffix, (p, _) in self.per_layer.items():
-            if p == path[1:]:
-                return f"{self.layer_prefix}.{int(path[0].removeprefix('layers_'))}.{suffix}"
-        raise KeyError(path)
+        suffixes = [suffix for suffix, (p, _) in self.per_layer.items() if p == path[1:]]
+        if not suffixes:
+            raise KeyError(path)
+        chosen = next((x for x in suffixes if module and x.startswith(f"{module}.")), suffixes[0])
+        return f"{self.layer_prefix}.{int(path[0].removeprefix('layers_'))}.{chosen}"
 
 
 def params_from_hf(
-    tensor_map: TensorMap, config, tensors: Iterable[tuple[str, str, np.ndarray]], dtype: str = "float32"
+    tensor_map: TensorMap, config, tensors: Iterable[tuple[str, str, np.ndarray]], dtype: str = "float32",
+    *, quiet_untie: bool = False,
 ) -> tuple[object, dict]:
     """Build the zebrax parameter tree from ``(file, hf_name, array)`` triples, one tensor at a time.
 
     Returns ``(config, params)``: the checkpoint is what its tensors say. A head stored beside
     ``tie_word_embeddings=True`` is compared with the embedding and, if it differs, kept (the config is untied,
-    as transformers 5 uses the stored head); stored RoPE frequencies must equal the config's.
+    as transformers 5 uses the stored head; ``quiet_untie`` for formats whose loaders never tie); stored RoPE
+    frequencies must equal the config's.
     """
     shapes = {path: leaf.shape for path, leaf in flatten_dict(abstract_params(config)).items()}
     out: dict[Path, np.ndarray] = {}
@@ -128,11 +133,12 @@ def params_from_hf(
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"checkpoint is missing {len(missing)} tensors: {', '.join(missing[:5])}{more}")
     if stored_head is not None:
-        config = _untie_if_different(config, out, *stored_head)
+        config = _untie_if_different(config, out, *stored_head, quiet=quiet_untie)
     return config, unflatten_dict(out)
 
 
-def _untie_if_different(config, out: dict[Path, np.ndarray], file: str, name: str, head: np.ndarray):
+def _untie_if_different(config, out: dict[Path, np.ndarray], file: str, name: str, head: np.ndarray,
+                        quiet: bool = False):
     """A tied config with a stored head: drop the head if it equals the embedding, else keep it and untie."""
     embedding = out[("embed_tokens", "embedding")]
     if head.shape != embedding.shape:
@@ -141,8 +147,9 @@ def _untie_if_different(config, out: dict[Path, np.ndarray], file: str, name: st
     if np.array_equal(head, embedding):
         return config
     delta = float(np.max(np.abs(head.astype(np.float32) - embedding.astype(np.float32))))
-    warn(f"{file}: {name} differs from the embedding (max |Δ| {delta:.3g}) although tie_word_embeddings=true; "
-         "converted untied with the stored head, which is what transformers computes")
+    if not quiet:
+            warn(f"{file}: {name} differs from the embedding (max |Δ| {delta:.3g}) although tie_word_embeddings=true; "
+             "converted untied with the stored head, which is what transformers computes")
     out[("lm_head", "kernel")] = np.ascontiguousarray(LINEAR.to_zebrax(head, embedding.shape[::-1]))
     return config.replace(tie_word_embeddings=False)
 
@@ -162,9 +169,11 @@ def check_stored_frequencies(config, file: str, name: str, w: np.ndarray) -> Non
                               f"expected {want.shape}); fix the config's rope parameters")
 
 
-def hf_tensors(tensor_map: TensorMap, params: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """The HF state dict of a zebrax parameter tree, float32, one tensor at a time."""
+def hf_tensors(tensor_map: TensorMap, params: dict, modules: dict[str, str] | None = None
+               ) -> Iterator[tuple[str, np.ndarray]]:
+    """The HF state dict of a zebrax parameter tree, float32, one tensor at a time. ``modules``: layer name →
+    the HF module its mixer is stored under, where the map has several (``{"layers_0": "mla"}``)."""
     for path, p in flatten_dict(params).items():
-        name = tensor_map.hf_name(path)
+        name = tensor_map.hf_name(path, (modules or {}).get(path[0]))
         _, layout = tensor_map.locate(name)
         yield name, np.ascontiguousarray(layout.to_hf(np.asarray(p, np.float32)))
