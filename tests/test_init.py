@@ -180,9 +180,8 @@ def test_hybrids_of_the_real_teacher_decode_as_they_prefill(smol_teacher, name):
     for i in range(14, 18):
         logits, cache = gen.decode_step(model.params, cache, jnp.asarray(tokens[:, i]))
         np.testing.assert_allclose(logits, full[:, i], rtol=0, atol=atol)
-    if name == "some_mla":
-        batch = model.generate([prompt[:5], prompt], max_new_tokens=4, ignore_eos=True)
-        assert batch == [model.generate([p], max_new_tokens=4, ignore_eos=True)[0] for p in (prompt[:5], prompt)]
+    batch = model.generate([prompt[:5], prompt], max_new_tokens=4, ignore_eos=True)
+    assert batch == [model.generate([p], max_new_tokens=4, ignore_eos=True)[0] for p in (prompt[:5], prompt)]
     c = model.config
     values = len(c.layers_of("mla")) * (64 + 32) + len(c.layers_of("attention")) * 2 * 3 * 64
     assert model.cache_bytes_per_token() * (30 * 2 * 3 * 64) == smol_teacher.cache_bytes_per_token() * values
@@ -203,6 +202,8 @@ def test_zebrax_build_writes_a_loadable_hybrid(smollm2_checkpoint, tmp_path, cap
     model = zebrax.load(tmp_path / "hyb")
     assert model.tokenizer is not None and model.config.layer_map() == report["layer_map"]
     assert len(model.generate([model.encode("Hello")], max_new_tokens=3, ignore_eos=True)[0]) > 1
+    assert isinstance(model.chat("Hi", max_new_tokens=3), str)  # untrained: any text, through the chat template
+    assert main(["info", str(tmp_path / "hyb")]) == 0 and "LSSSSSLSSSSL" in capsys.readouterr().out
     for args, needle in ((["--mla-layers", "0,30"], "mla_layers holds 30"),
                          (["--kv-lora-rank", "500"], "kv_lora_rank=500 must be in 1..288"),
                          (["--preset", "llama3_2_1b"], "not a hybrid preset"),
