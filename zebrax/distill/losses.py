@@ -1,0 +1,107 @@
+"""The losses of the three stages, in float32 whatever the compute dtype.
+
+Shapes: hidden states ``[B, L, D]``, logits ``[B, L, V]``, token masks ``[B, L]`` (True: the token counts; padding and,
+for KD on chat data, prompt tokens are False).
+
+Normalisation of the token losses (``normalize``):
+
+- ``"token"`` (the default): the sum over counted tokens divided by their number — every token weighs the same
+  whatever the batch's padding, so the loss scale does not move with sequence lengths;
+- ``"sequence"``: the sum over counted tokens divided by the batch size — what AMD's reference code does (it masks
+  nothing; pass an all-True mask to reproduce it); longer sequences weigh more.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zebrax.errors import InvalidArgument
+
+NORMALIZE = ("token", "sequence")
+
+
+def _normalized(per_token: jax.Array, mask: jax.Array | None, normalize: str) -> jax.Array:
+    """per_token ``[B, L]`` → a scalar, by ``normalize``."""
+    if normalize not in NORMALIZE:
+        raise InvalidArgument(f"normalize={normalize!r} is not one of {NORMALIZE}")
+    mask = jnp.ones(per_token.shape, bool) if mask is None else mask.astype(bool)
+    total = jnp.sum(jnp.where(mask, per_token, 0.0))
+    if normalize == "token":
+        return total / jnp.maximum(jnp.sum(mask), 1)
+    return total / per_token.shape[0]
+
+
+def ild_loss(student: dict, teacher: dict, mask: jax.Array | None = None, *, kind: str = "l2") -> jax.Array:
+    """Intermediate-layer distillation: Σ_l [mean over tokens of ‖h_s − h_t‖ + mean of ‖a_s − a_t‖], h the block
+    outputs and a the mixer outputs of each layer (the reference code's non-squared L2 norm over the hidden axis),
+    or with ``kind="mse"`` the mean squared error over every element.
+
+    ``student`` / ``teacher``: ``{"block_output": [h_0, h_1, …], "mixer_output": [a_0, …]}``, each ``[B, L, D]``;
+    the student's layers ran on the teacher's block inputs.
+    """
+    if kind not in ("l2", "mse"):
+        raise InvalidArgument(f"ild_loss: kind={kind!r} is not 'l2' or 'mse'")
+    total = jnp.zeros((), jnp.float32)
+    for name in ("block_output", "mixer_output"):
+        if len(student[name]) != len(teacher[name]):
+            raise InvalidArgument(f"ild_loss: {len(student[name])} student and {len(teacher[name])} teacher {name}s")
+        for s, t in zip(student[name], teacher[name], strict=True):
+            diff = s.astype(jnp.float32) - t.astype(jnp.float32)
+            if kind == "l2":
+                total += _normalized(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), mask, "token")
+            else:
+                total += _normalized(jnp.mean(diff * diff, axis=-1), mask, "token")
+    return total
+
+
+def kl_loss(teacher_logits: jax.Array, student_logits: jax.Array, mask: jax.Array | None = None, *,
+            direction: str = "forward", temperature: float = 1.0, normalize: str = "token") -> jax.Array:
+    """KL between the teacher's and the student's next-token distributions at temperature T (times T², so gradients
+    keep their scale): ``forward`` = KL(p_teacher ‖ p_student) (the paper's), ``reverse`` = KL(p_student ‖ p_teacher).
+    """
+    if direction not in ("forward", "reverse"):
+        raise InvalidArgument(f"kl_loss: direction={direction!r} is not 'forward' or 'reverse'")
+    log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    p, log_p, log_q = (jnp.exp(log_t), log_t, log_s) if direction == "forward" else (jnp.exp(log_s), log_s, log_t)
+    per_token = jnp.sum(p * (log_p - log_q), axis=-1) * temperature ** 2
+    return _normalized(per_token, mask, normalize)
+
+
+def topk_kl_loss(teacher_values: jax.Array, teacher_indices: jax.Array, student_logits: jax.Array,
+                 mask: jax.Array | None = None, *, normalize: str = "token") -> jax.Array:
+    """Forward KL against the teacher's top-k logits only (``[B, L, k]`` values and vocabulary indices, e.g.
+    precomputed and stored): the teacher's distribution renormalised over its k tokens, the student's full-vocabulary
+    log-probabilities at those tokens."""
+    log_t = jax.nn.log_softmax(teacher_values.astype(jnp.float32), axis=-1)
+    log_s = jnp.take_along_axis(jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1), teacher_indices,
+                                axis=-1)
+    return _normalized(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1), mask, normalize)
+
+
+def ce_loss(student_logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
+            normalize: str = "token") -> jax.Array:
+    """Cross-entropy of ``targets`` ``[B, L]`` (the next tokens) under the student."""
+    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    return _normalized(-jnp.take_along_axis(log_s, targets[..., None], axis=-1)[..., 0], mask, normalize)
+
+
+def sequence_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[B]``: the sum over counted positions of log p(target) — a response's log-likelihood, for DPO."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask.astype(bool), picked, 0.0), axis=-1)
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
+             reference_rejected: jax.Array, *, beta: float = 0.01) -> tuple[jax.Array, dict]:
+    """Direct preference optimisation, sigmoid form: ``−log σ(β[(π_c − ref_c) − (π_r − ref_r)])`` averaged over pairs,
+    from each response's sequence log-probability ``[B]``. Returns (loss, metrics): the implicit rewards
+    ``β(π − ref)`` of the chosen and rejected responses, their margin, and the accuracy (margin > 0)."""
+    chosen = beta * (policy_chosen - reference_chosen).astype(jnp.float32)
+    rejected = beta * (policy_rejected - reference_rejected).astype(jnp.float32)
+    margin = chosen - rejected
+    loss = jnp.mean(-jax.nn.log_sigmoid(margin))
+    return loss, {"reward_chosen": jnp.mean(chosen), "reward_rejected": jnp.mean(rejected),
+                  "reward_margin": jnp.mean(margin), "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32))}
