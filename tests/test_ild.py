@@ -49,3 +49,31 @@ def test_ild_steps_bring_both_students_toward_the_teacher(rng):
         for name in untouched:
             for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(student.params[name]), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_kd_steps_bring_a_hybrid_toward_the_teacher_and_never_touch_the_teacher(rng):
+    """Forward KL, padding in the batch and the first half of each row masked out of the loss (a 'prompt')."""
+    from zebrax.distill import kl_loss, make_kd_step
+
+    teacher = random_model(TEACHER, seed=2)
+    config = hybrid([0, 3])
+    params, _ = init_hybrid(TEACHER, teacher.params, config, jax.random.key(0))
+    student = zebrax.Model(config, params)
+    tokens = rng.integers(0, 97, (4, 16))
+    token_mask = np.ones((4, 16), bool)
+    token_mask[1, :3] = False  # a left-padded row
+    loss_mask = token_mask.copy()
+    loss_mask[:, :8] = False
+    optimizer = optax.adamw(2e-3, weight_decay=0.0)
+    step = make_kd_step(teacher.module, student.module, optimizer)
+    params = jax.tree.map(jax.numpy.asarray, params)
+    state = optimizer.init(params)
+    teacher_before = jax.tree.map(np.asarray, teacher.params)
+    before = float(kl_loss(teacher.logits(tokens, token_mask), student.logits(tokens, token_mask), loss_mask))
+    losses = []
+    for _ in range(20):
+        params, state, metrics = step(params, state, teacher.params, tokens, token_mask, loss_mask)
+        losses.append(float(metrics["loss"]))
+    assert abs(losses[0] - before) < 1e-4 * max(1.0, before)  # the step computes the KL it reports
+    assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
+    jax.tree.map(np.testing.assert_array_equal, teacher_before, jax.tree.map(np.asarray, teacher.params))
