@@ -41,6 +41,7 @@ FORMAT, FORMAT_VERSION = "zebrax", 1
 CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "tokenizer", "build_report.json"})
 # orbax's OCDBT merge expands these as glob patterns: a path holding them is written without its data
 UNSAFE_PATH_CHARS = "[]\\"
+_LIVE: set[Path] = set()  # temporaries of this process not yet committed or removed
 _TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
@@ -181,6 +182,7 @@ def atomic_directory(
         tmp.mkdir()
     except OSError as e:
         raise CheckpointError(f"{dst}: cannot write here ({e.strerror or e})") from None
+    _LIVE.add(tmp)
     try:
         with interrupts.raising():
             try:
@@ -190,9 +192,31 @@ def atomic_directory(
                 raise CheckpointError(f"{dst}: {e.strerror or e}{where}") from None
             interrupts.check()
             _commit(tmp, dst, existed, replaceable, what)
+            _LIVE.discard(tmp)  # after a failure it stays listed: a background writer may recreate it
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(settle_s: float = 1.0) -> None:
+    """Remove this process's temporaries that a background writer recreated after their cleanup (orbax's commit
+    threads outlive an interrupted save): retried until they stay gone for ``settle_s``. Called by the command line
+    before it exits after a failure."""
+    if not _LIVE:
+        return
+    deadline = time.monotonic() + 10 * settle_s
+    quiet_since = time.monotonic()
+    with _native_output_held(replay=False):  # the writers' dying tracebacks say what the one line says
+        while time.monotonic() < deadline:
+            present = [t for t in _LIVE if os.path.lexists(t)]
+            for t in present:
+                shutil.rmtree(t, ignore_errors=True)
+            if present:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settle_s:
+                break
+            time.sleep(0.05)
+    _LIVE.clear()
 
 
 def _commit(tmp: Path, dst: Path, existed: bool, replaceable: Callable[[Path], bool], what: str) -> None:
@@ -227,10 +251,10 @@ def _ocp():
 
 
 @contextlib.contextmanager
-def _native_output_held():
+def _native_output_held(replay: bool = True):
     """Hold what orbax, tensorstore and their threads print to file descriptor 2 while the block runs: replayed
-    if it succeeds, dropped if it fails (its failure becomes one CheckpointError line; the held output would be
-    asyncio tracebacks and absl warnings about the same failure)."""
+    if it succeeds (unless ``replay`` is False), dropped if it fails (its failure becomes one CheckpointError line;
+    the held output would be asyncio tracebacks and absl warnings about the same failure)."""
     import tempfile
 
     sys.stderr.flush()
@@ -247,7 +271,7 @@ def _native_output_held():
                 time.sleep(0.2)
             os.dup2(saved, 2)
             os.close(saved)
-            if ok:
+            if ok and replay:
                 held.seek(0)
                 text = held.read()
                 if text:
@@ -267,7 +291,8 @@ def save(directory: Path, config, params: dict) -> None:
             checkpointer = _ocp().StandardCheckpointer()
             checkpointer.save(directory / "params", params)
             checkpointer.wait_until_finished()
-    except Exception as e:  # orbax and tensorstore raise many types (disk full, permissions)
+    except Exception as e:  # orbax and tensorstore raise many types (disk full, permissions, an interrupt)
+        interrupts.check()
         text = str(e).strip().splitlines()
         raise CheckpointError(f"{directory / 'params'}: cannot write parameters "
                               f"({text[0] if text else type(e).__name__})") from None
@@ -382,6 +407,7 @@ def load_params(path: str | os.PathLike, config) -> dict:
         with _native_output_held():
             return _ocp().StandardCheckpointer().restore(params_dir, target)
     except Exception as e:  # damaged data files: orbax and tensorstore raise many types
+        interrupts.check()
         text = str(e).strip().splitlines()
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({text[0] if text else type(e).__name__})"
                               ) from None

@@ -406,17 +406,32 @@ def main(argv: list[str] | None = None) -> int:
     unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
         with interrupts.raising(take_over=True):
-            args.fn(args)
+            try:
+                args.fn(args)
+            except ZebraxError:
+                interrupts.check()  # a library that turned the signal into its own error: report the signal
+                raise
             interrupts.check()
     except Interrupted as e:
+        _after_failure()
         print(f"zebrax: error: {e}; nothing was left half-written", file=sys.stderr)
         return 128 + e.signum
     except ZebraxError as e:
+        _after_failure()
         print(f"zebrax: error: {e}", file=sys.stderr)
         return 1
     finally:
         warnings.showwarning, sys.unraisablehook = shown, unraisable
     return 0
+
+
+def _after_failure() -> None:
+    """Before the one line: silence the libraries' loggers (orbax's commit threads log their own failure of the same
+    write) and remove what a background writer recreated after the cleanup."""
+    from zebrax.checkpoint import remove_leftovers
+
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    remove_leftovers()
 
 
 def _unraisable(hook_args, *, default=sys.unraisablehook):

@@ -24,7 +24,8 @@ def _raise(signum, frame):
 
 
 def check() -> None:
-    """Raise ``Interrupted`` if a signal arrived (and was swallowed) since ``raising()`` began."""
+    """Raise ``Interrupted`` if a signal arrived (and was swallowed, or turned into another error by a library on the
+    way: orbax reports an interrupted save as "initialization failed") since ``raising()`` began."""
     if _pending:
         raise Interrupted(_pending[-1])
 
