@@ -198,7 +198,7 @@ def atomic_directory(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove_leftovers(settle_s: float = 1.0) -> None:
+def remove_leftovers(settle_s: float = 3.0) -> None:
     """Remove this process's temporaries that a background writer recreated after their cleanup (orbax's commit
     threads outlive an interrupted save): retried until they stay gone for ``settle_s``. Called by the command line
     before it exits after a failure."""
