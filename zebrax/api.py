@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,6 +36,11 @@ class Model:
         self.module = build_module(config, impl)
         self._forward = jax.jit(lambda p, t, m: self.module.apply({"params": p}, t, token_mask=m)[0])
         self._generator = Generator(self.module)
+
+    @functools.cached_property
+    def _cache_sizes(self) -> tuple[int, int]:
+        """(bytes per token, constant bytes) of one sequence's decode cache: traced once per model, not per call."""
+        return cache_sizes(self.config)
 
     @property
     def num_params(self) -> int:
@@ -120,7 +126,7 @@ class Model:
     def _check_length(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         """Warn past the trained context; refuse a decode cache that cannot fit in memory, before allocating."""
         _, cache_len = Generator.lengths([len(p) for p in prompts], max_new_tokens)
-        per_token, state = cache_sizes(self.config)
+        per_token, state = self._cache_sizes
         need = len(prompts) * (cache_len * per_token + state)
         have = available_memory()
         if need > have:
@@ -141,11 +147,11 @@ class Model:
 
     def cache_bytes_per_token(self) -> int:
         """Bytes of decode cache one sequence keeps per token, summed over layers (cache dtype)."""
-        return cache_sizes(self.config)[0]
+        return self._cache_sizes[0]
 
     def cache_state_bytes(self) -> int:
         """Bytes of decode state one sequence keeps whatever its length (0 for attention-only models)."""
-        return cache_sizes(self.config)[1]
+        return self._cache_sizes[1]
 
     # -- text helpers (need a tokenizer) -----------------------------------------------------------
     def encode(self, text: str) -> list[int]:
