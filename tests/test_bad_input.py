@@ -89,7 +89,8 @@ def test_running_past_the_trained_context_warns(model):
 
 
 def test_an_unknown_impl_is_refused_at_load(tiny_llama, tiny_mamba2):
-    with pytest.raises(InvalidArgument, match=r"impl='cuda' is not one of \('reference', 'pallas', 'auto'\)"):
+    expected = r"impl='cuda' is not one of \('reference', 'blocked', 'pallas', 'auto'\)"
+    with pytest.raises(InvalidArgument, match=expected):
         zebrax.load(tiny_llama("gqa_llama3_untied")[2], impl="cuda")
     with pytest.raises(InvalidArgument, match="impl='chunked'"):  # an SSD impl is no attention impl
         zebrax.load(tiny_llama("gqa_llama3_untied")[2], impl="chunked")

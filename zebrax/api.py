@@ -31,7 +31,7 @@ class Model:
 
     def __init__(self, config, params, tokenizer=None, *, impl: str | dict = "auto"):
         self.config = config
-        self.params = params
+        self.params = jax.device_put(params)  # on the device once, not copied from the host on every call
         self.tokenizer = tokenizer
         self.module = build_module(config, impl)
         self._forward = jax.jit(lambda p, t, m: self.module.apply({"params": p}, t, token_mask=m)[0])

@@ -3,6 +3,8 @@ machine's drift hits them alike; each figure is a median over the repeats, after
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
 import time
@@ -11,6 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from zebrax.ops.auto import auto_choices
 
 
 def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -37,11 +41,20 @@ def require_positive(where: str, **values) -> None:
                                   f"{' (each of them)' if isinstance(value, (list, tuple)) else ''}")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
     return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-            "cpu": platform.processor() or platform.machine(), "jax": jax.__version__, "torch": torch.__version__,
+            "cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -197,7 +210,7 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
     q = jnp.asarray(rng.normal(size=(1, prefill_len, 32, 64)), jnp.float32)
     kv = jnp.asarray(rng.normal(size=(1, prefill_len, 8, 64)), jnp.float32)
     flash = {}
-    for impl in ("reference", "pallas"):
+    for impl in ("reference", "blocked", "pallas"):
         f = jax.jit(lambda q, kv, impl=impl: attention(q, kv, kv, impl=impl))
         flash[impl] = lambda f=f: jax.block_until_ready(f(q, kv))
     s = compare(flash, repeats)
@@ -205,5 +218,92 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
             "prefill_attention": {"seq_len": prefill_len, "heads": 32, "kv_heads": 8, "head_dim": 64,
                                   "pallas_mode": "compiled" if compiled else "interpret",
                                   **{f"{k}_ms": round(v * 1e3, 2) for k, v in s.items()},
+                                  "blocked_speedup_vs_reference": round(s["reference"] / s["blocked"], 2),
                                   "pallas_speedup_vs_reference": round(s["reference"] / s["pallas"], 2)},
+            "auto": auto_choices(),
             **machine()}
+
+
+def _zebrax_generate(model, tokens: np.ndarray, new_tokens: int) -> Callable[[], object]:
+    return lambda: model.generate(tokens, max_new_tokens=new_tokens, ignore_eos=True)
+
+
+def _torch_generate(hf, tokens: np.ndarray, new_tokens: int) -> Callable[[], object]:
+    import torch
+
+    t = torch.from_numpy(tokens.astype(np.int64))
+
+    def run():
+        with torch.inference_mode():
+            return hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    return run
+
+
+def bench_decode(model, *, contexts=(512, 4096), batches=(1, 8), new_tokens: int = 32, repeats: int = 3,
+                 seed: int = 0) -> dict:
+    """Teacher decode tokens/s: zebrax ``Model.generate`` (one jitted prefill, one compiled decode loop) against
+    transformers' ``generate`` (PyTorch eager, SDPA, its dynamic KV cache), greedy, same weights, float32.
+
+    Each side generates 1 token and ``new_tokens`` tokens from the same random prompt of ``context`` tokens; the
+    difference of the two times is the decode of ``new_tokens - 1`` tokens, so the prefill cancels out. The
+    prefill times (the 1-token runs) are reported too.
+    """
+    from zebrax.convert.export import to_transformers
+
+    require_positive("bench decode", contexts=list(contexts), batches=list(batches), repeats=repeats)
+    if not isinstance(new_tokens, int) or new_tokens < 2:
+        from zebrax.errors import InvalidArgument
+
+        raise InvalidArgument(f"bench decode: new_tokens={new_tokens!r} must be an integer >= 2")
+    hf = to_transformers(model.config, jax.device_get(model.params))
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, context),
+                                                          dtype=np.int32)
+            s = compare({"zebrax_1": _zebrax_generate(model, tokens, 1),
+                         "zebrax_n": _zebrax_generate(model, tokens, new_tokens),
+                         "transformers_1": _torch_generate(hf, tokens, 1),
+                         "transformers_n": _torch_generate(hf, tokens, new_tokens)}, repeats)
+            decode = {k: batch * (new_tokens - 1) / max(s[f"{k}_n"] - s[f"{k}_1"], 1e-9)
+                      for k in ("zebrax", "transformers")}
+            rows.append({"context": context, "batch": batch,
+                         "zebrax_decode_tokens_per_s": round(decode["zebrax"], 1),
+                         "transformers_decode_tokens_per_s": round(decode["transformers"], 1),
+                         "decode_speedup_vs_transformers": round(decode["zebrax"] / decode["transformers"], 3),
+                         "zebrax_prefill_s": round(s["zebrax_1"], 3),
+                         "transformers_prefill_s": round(s["transformers_1"], 3)})
+    return {"benchmark": "decode", "model": repr(model), "dtype": model.config.dtype, "new_tokens": new_tokens,
+            "repeats": repeats, "auto": auto_choices(), "rows": rows, **machine()}
+
+
+def bench_long_prompt(ckpt: str, *, length: int = 32768, new_tokens: int = 8, seed: int = 0) -> dict:
+    """One prompt of ``length`` random tokens through ``generate`` in a fresh process: wall time of the prefill
+    and of the whole call, and the process's peak resident memory (weights, cache and activations included)."""
+    import subprocess
+    import sys
+
+    require_positive("bench long-prompt", length=length, new_tokens=new_tokens)
+    script = f"""
+import json, resource, time
+import numpy as np
+import zebrax
+model = zebrax.load({str(ckpt)!r})
+tokens = np.random.default_rng({seed}).integers(0, model.config.vocab_size, (1, {length}), dtype=np.int32)
+t = time.perf_counter()
+model.generate(tokens, max_new_tokens=1, ignore_eos=True)
+first = time.perf_counter() - t
+t = time.perf_counter()
+out = model.generate(tokens, max_new_tokens={new_tokens}, ignore_eos=True)
+total = time.perf_counter() - t
+print(json.dumps({{"first_call_s": round(first, 1), "generate_s": round(total, 1),
+                  "new_tokens": out.shape[1] - {length},
+                  "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"bench long-prompt: the child process failed:\n{done.stderr[-2000:]}")
+    return {"benchmark": "long_prompt", "ckpt": str(ckpt), "prompt_tokens": length, "auto": auto_choices(),
+            **json.loads(done.stdout.strip().splitlines()[-1]), **machine()}

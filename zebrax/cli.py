@@ -10,6 +10,8 @@
     zebrax bench forward CKPT [--batch B] [--seq-len L] [--repeats R]
     zebrax bench ssd [--lengths L ...] [--repeats R]
     zebrax bench attention [--contexts N ...] [--batch B] [--repeats R]
+    zebrax bench decode CKPT [--contexts N ...] [--batches B ...] [--new-tokens N] [--repeats R]
+    zebrax bench long-prompt CKPT [--length N] [--new-tokens N]
     zebrax run [GIN_FILE ...] [--gin PARAM=VALUE ...]
 """
 
@@ -250,6 +252,12 @@ def cmd_bench(args):
                                      repeats=args.repeats)
     elif args.bench == "ssd":
         result = bench.bench_ssd(lengths=tuple(args.lengths), repeats=args.repeats)
+    elif args.bench == "decode":
+        result = bench.bench_decode(zebrax.load(args.ckpt), contexts=tuple(args.contexts), batches=tuple(args.batches),
+                                    new_tokens=args.new_tokens, repeats=args.repeats)
+    elif args.bench == "long-prompt":
+        zebrax.load(args.ckpt)  # a bad checkpoint fails here, with zebrax's message
+        result = bench.bench_long_prompt(args.ckpt, length=args.length, new_tokens=args.new_tokens)
     else:
         result = bench.bench_attention(contexts=tuple(args.contexts), batch=args.batch, repeats=args.repeats)
     print(json.dumps(result, indent=2))
@@ -376,6 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--batch", type=int, default=1)
     ba.add_argument("--repeats", type=int, default=5)
     ba.set_defaults(fn=cmd_bench)
+
+    bd = bsub.add_parser("decode", help="teacher decode tokens/s: generate vs transformers' generate")
+    bd.add_argument("ckpt")
+    bd.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    bd.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    bd.add_argument("--new-tokens", type=int, default=32)
+    bd.add_argument("--repeats", type=int, default=3)
+    bd.set_defaults(fn=cmd_bench)
+    bl = bsub.add_parser("long-prompt", help="one long prompt through generate: time and peak memory")
+    bl.add_argument("ckpt")
+    bl.add_argument("--length", type=int, default=32768)
+    bl.add_argument("--new-tokens", type=int, default=8)
+    bl.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")
     r.add_argument("gin_files", nargs="*", metavar="GIN_FILE")

@@ -15,18 +15,22 @@ import jax
 from kernels_pallas.flash_attention.reference import attention_reference
 from kernels_pallas.mla_decode.reference import latent_attention_reference
 from zebrax.errors import InvalidArgument
+from zebrax.ops.attention_blocked import attention_blocked
+from zebrax.ops.auto import pallas_is_default
 
 
 class AttentionImpl(str, enum.Enum):
-    REFERENCE = "reference"  # plain jnp: scores materialised, softmax in float32
+    REFERENCE = "reference"  # plain jnp: scores materialised, softmax in float32; the definition
+    BLOCKED = "blocked"  # plain XLA, online softmax over blocks: no L x L memory, future blocks skipped
     PALLAS = "pallas"  # kernels_pallas: flash attention (forward + backward), MLA decode (forward)
-    AUTO = "auto"  # Pallas where it compiles (GPU, TPU), the reference elsewhere
+    AUTO = "auto"  # see ``resolve``
 
 
-def _resolve(impl: str | AttentionImpl) -> AttentionImpl:
+def _resolve(impl: str | AttentionImpl, kernel: str) -> AttentionImpl:
+    """``auto``: the Pallas ``kernel`` where it was measured faster on this backend, the blocked path elsewhere."""
     impl = AttentionImpl(impl)
     if impl is AttentionImpl.AUTO:
-        return AttentionImpl.PALLAS if jax.default_backend() in ("gpu", "tpu") else AttentionImpl.REFERENCE
+        return AttentionImpl.PALLAS if pallas_is_default(kernel) else AttentionImpl.BLOCKED
     return impl
 
 
@@ -48,10 +52,13 @@ def attention(
     if q.shape[2] % k.shape[2]:
         raise InvalidArgument(f"attention: {k.shape[2]} KV heads must divide {q.shape[2]} query heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _resolve(impl) is AttentionImpl.PALLAS:
+    impl = _resolve(impl, "flash_attention")
+    if impl is AttentionImpl.PALLAS:
         from kernels_pallas.flash_attention import flash_attention
 
         return flash_attention(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
+    if impl is AttentionImpl.BLOCKED:
+        return attention_blocked(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
     return attention_reference(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
 
 
@@ -69,10 +76,14 @@ def latent_attention(
     value is its first ``value_dim`` entries (``c_kv`` of ``[c_kv ; k_pe]``).
 
     q ``[B, Lq, H, D]`` (queries already in latent space), latent ``[B, S, D]`` → ``[B, Lq, H, value_dim]``.
-    The Pallas kernel (split along the cache, forward only) serves decoding; training uses the materialised path.
+    The Pallas kernel (split along the cache) is forward only; the blocked path has gradients.
     """
-    if _resolve(impl) is AttentionImpl.PALLAS:
+    impl = _resolve(impl, "mla_decode")
+    if impl is AttentionImpl.PALLAS:
         from kernels_pallas.mla_decode import mla_decode
 
         return mla_decode(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
+    if impl is AttentionImpl.BLOCKED:
+        return attention_blocked(q, latent[:, :, None], None, value_dim=value_dim, kv_mask=kv_mask,
+                                 q_offset=q_offset, scale=scale)
     return latent_attention_reference(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale)

@@ -7,8 +7,9 @@ Per head h, with the group g(h) = h // (heads // groups) supplying B and C::
 
 ``impl``: ``reference`` (the recurrence, ``lax.scan`` over time: the definition), ``chunked`` (the SSD
 algorithm in jax.numpy: quadratic attention-like form inside each chunk, a recurrence across chunks),
-``pallas`` (``kernels_pallas.ssd``: forward and backward kernels), ``auto`` (Pallas on GPU and TPU,
-chunked elsewhere). Every impl accumulates in float32 and returns y in x's dtype, the state in float32.
+``pallas`` (``kernels_pallas.ssd``: forward and backward kernels), ``auto`` (Pallas where it was
+measured faster on this backend, ``zebrax.ops.auto``; chunked elsewhere). Every impl accumulates in
+float32 and returns y in x's dtype, the state in float32.
 
 ``chunk_size`` is the block length of the algorithm. The result does not depend on it (up to float
 rounding), so it is a speed setting: ``chunked`` uses it as given; ``pallas`` lets its ``BlockSizes`` adapt
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.ssd.reference import add_skip, repeat_groups, ssd_reference, ssd_step
 from zebrax.errors import InvalidArgument
+from zebrax.ops.auto import pallas_is_default
 
 CPU_CHUNK = 64  # block length `auto` uses for the chunked path on a CPU (measured in docs/benchmarks.md)
 
@@ -42,10 +44,11 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, impl: st
     _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size)
     impl = SSDImpl(impl)
     if impl is SSDImpl.AUTO:
-        if jax.default_backend() in ("gpu", "tpu"):
+        if pallas_is_default("ssd"):
             impl = SSDImpl.PALLAS
         else:  # the result does not depend on the block length; on a CPU short blocks are fastest
-            impl, chunk_size = SSDImpl.CHUNKED, min(chunk_size, CPU_CHUNK)
+            impl = SSDImpl.CHUNKED
+            chunk_size = min(chunk_size, CPU_CHUNK) if jax.default_backend() == "cpu" else chunk_size
     if impl is SSDImpl.REFERENCE:
         return ssd_reference(x, dt, A, B, C, D, initial_state=initial_state)
     if impl is SSDImpl.CHUNKED:
