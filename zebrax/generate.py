@@ -29,18 +29,24 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     """logits ``[B, V]`` → tokens ``[B]``: argmax when temperature is 0, else nucleus sampling.
 
     Nucleus: keep the most likely tokens whose cumulative probability (of the tokens before them)
-    is below ``top_p``; the most likely token is always kept.
+    is below ``top_p``; the most likely token is always kept. The sort over the vocabulary runs only when
+    sampling with ``top_p < 1`` (a ``lax.cond``): greedy decoding never pays for it.
     """
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
-    cutoff = jnp.min(kept, axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-    sampled = jax.random.categorical(key, masked, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    def nucleus(scaled):
+        sorted_desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+    def sampled(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        scaled = jax.lax.cond(top_p < 1.0, nucleus, lambda s: s, scaled)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(temperature > 0, sampled, greedy, logits)
 
 
 class Generator:

@@ -101,10 +101,35 @@ def _block(geo: _Geometry, a, j):
     return lax.dynamic_slice_in_dim(a, j * geo.bk, geo.bk, axis=1)
 
 
+FEW_ROWS = 32  # up to this many rows per KV head (decode steps), products skip the KV block's transpose
+
+
 def _scores(geo: _Geometry, q_i, k_j):
-    """q_i ``[B, G, M, D]``, k_j ``[B, bk, G, D]`` → float32 ``[B, G, M, bk]``."""
-    s = jnp.einsum("bgmd,bkgd->bgmk", q_i, k_j, preferred_element_type=jnp.float32)
+    """q_i ``[B, G, M, D]``, k_j ``[B, bk, G, D]`` → float32 ``[B, G, M, bk]``.
+
+    With few rows (a decode step) the product runs against the block as stored, ``[B, bk * G, D]``, over every
+    (row group, key group) pair and keeps the matching pairs: G times the multiply-adds of a handful of rows,
+    but no copy of the cache block into a head-major layout, which is what a decode step would spend its time on.
+    """
+    b, g, m, d = q_i.shape
+    if m <= FEW_ROWS and g > 1:
+        s = jnp.einsum("bmd,bnd->bmn", q_i.reshape(b, g * m, d), k_j.reshape(b, geo.bk * g, d),
+                       preferred_element_type=jnp.float32).reshape(b, g, m, geo.bk, g)
+        s = jnp.moveaxis(jnp.diagonal(s, axis1=1, axis2=4), -1, 1)
+    else:
+        s = jnp.einsum("bgmd,bkgd->bgmk", q_i, k_j, preferred_element_type=jnp.float32)
     return s if geo.scale == 1.0 else s * geo.scale
+
+
+def _weighted_values(p, v_j):
+    """p ``[B, G, M, bk]``, v_j ``[B, bk, G, Dv]`` → float32 ``[B, G, M, Dv]`` (few rows: as in ``_scores``)."""
+    b, g, m, bk = p.shape
+    p = p.astype(v_j.dtype)
+    if m <= FEW_ROWS and g > 1:
+        out = jnp.einsum("bmk,bkn->bmn", p.reshape(b, g * m, bk), v_j.reshape(b, bk, -1),
+                         preferred_element_type=jnp.float32).reshape(b, g, m, g, -1)
+        return jnp.moveaxis(jnp.diagonal(out, axis1=1, axis2=3), -1, 1)
+    return jnp.einsum("bgmk,bkgd->bgmd", p, v_j, preferred_element_type=jnp.float32)
 
 
 def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
@@ -122,8 +147,7 @@ def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            v_j = value(k_j, j)
-            pv = jnp.einsum("bgmk,bkgd->bgmd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+            pv = _weighted_values(p, value(k_j, j))
             return m_new, alpha * denom + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
         rows = q_i.shape[:3]
