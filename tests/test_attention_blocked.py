@@ -13,6 +13,7 @@ import pytest
 import zebrax
 from kernels_pallas.flash_attention import attention_reference
 from kernels_pallas.mla_decode import latent_attention_reference
+from tests.test_attention_kernels import close
 from zebrax.ops import attention, latent_attention
 from zebrax.ops.attention_blocked import Blocks, attention_blocked
 from zebrax.ops.auto import auto_choices, pallas_is_default
@@ -26,12 +27,6 @@ CASES = {
     "chunk_over_filled_cache": (1, 9, 40, 4, 2, 16, 12, 23, 0),
 }
 SMALL = Blocks(block_q=8, block_k=16)
-
-
-def close(got, want, tol, what=""):
-    scale = max(1.0, float(np.abs(np.asarray(want, np.float32)).max()))
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol,
-                               atol=tol * scale, err_msg=what)
 
 
 def inputs(case, dtype=jnp.float32, seed=0):

@@ -58,10 +58,7 @@ def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_di
     qt = q.reshape(b, nq, bq, g, h // g, dqk).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b, g, bq * (h // g), dqk)
     geometry = _Geometry(bq=bq, bk=bk, nk=nk, r=h // g, scale=scale,
                          value_dim=value_dim if v is None else v.shape[-1])
-    if v is None:
-        out = _blocked_latent(geometry, qt, k, kv_mask, jnp.asarray(q_offset, jnp.int32))
-    else:
-        out = _blocked(geometry, qt, k, v, kv_mask, jnp.asarray(q_offset, jnp.int32))
+    out = _blocked(geometry, qt, k, v, kv_mask, jnp.asarray(q_offset, jnp.int32))
     dv = out.shape[-1]
     out = out.reshape(nq, b, g, bq, h // g, dv).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, dv)
     return out[:, :lq].astype(out_dtype)
@@ -132,10 +129,13 @@ def _weighted_values(p, v_j):
     return jnp.einsum("bgmk,bkgd->bgmd", p, v_j, preferred_element_type=jnp.float32)
 
 
+def _value_block(geo: _Geometry, k_j, v, j):
+    """Values of key block ``j``: from v, or (v None) the key block's first ``value_dim`` entries."""
+    return k_j[..., :geo.value_dim] if v is None else _block(geo, v, j)
+
+
 def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
     """(out ``[nq, B, G, M, Dv]`` float32, lse ``[nq, B, G, M]``); v None: the value is k's prefix."""
-    value = (lambda k_j, j: k_j[..., :geo.value_dim]) if v is None else (lambda k_j, j: _block(geo, v, j))
-
     def query_block(args):
         i, q_i = args
 
@@ -147,7 +147,7 @@ def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            pv = _weighted_values(p, value(k_j, j))
+            pv = _weighted_values(p, _value_block(geo, k_j, v, j))
             return m_new, alpha * denom + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
         rows = q_i.shape[:3]
@@ -166,8 +166,6 @@ def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
 def _backward(geo: _Geometry, qt, k, v, kv_mask, q_offset, out, lse, d_out):
     """FlashAttention-2: (dqt, dk, dv) with every block's probabilities recomputed from ``lse``."""
     delta = jnp.sum(d_out * out, axis=-1)  # [nq, B, G, M]
-    value = (lambda k_j, j: k_j[..., :geo.value_dim]) if v is None else (lambda k_j, j: _block(geo, v, j))
-
     def query_block(i, carry):
         dq, dk, dv = carry
         q_i, lse_i, do_i, delta_i = qt[i], lse[i], d_out[i], delta[i]
@@ -175,7 +173,7 @@ def _backward(geo: _Geometry, qt, k, v, kv_mask, q_offset, out, lse, d_out):
         def key_block(j, inner):
             dq_i, dk, dv = inner
             k_j = _block(geo, k, j)
-            v_j = value(k_j, j)
+            v_j = _value_block(geo, k_j, v, j)
             s = _scores(geo, q_i, k_j)
             p = jnp.where(_visible(geo, i, j, kv_mask, q_offset), jnp.exp(s - lse_i[..., None]), 0.0)
             dv_j = jnp.einsum("bgmk,bgmd->bkgd", p, do_i, preferred_element_type=jnp.float32)
@@ -202,6 +200,7 @@ def _backward(geo: _Geometry, qt, k, v, kv_mask, q_offset, out, lse, d_out):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _blocked(geo, qt, k, v, kv_mask, q_offset):
+    """v None: the value is k's first ``geo.value_dim`` entries (MLA's latent), and its gradient lands on k."""
     return _forward(geo, qt, k, v, kv_mask, q_offset)[0]
 
 
@@ -211,28 +210,8 @@ def _blocked_fwd(geo, qt, k, v, kv_mask, q_offset):
 
 
 def _blocked_bwd(geo, residuals, d_out):
-    qt, k, v, kv_mask, q_offset, out, lse = residuals
-    dq, dk, dv = _backward(geo, qt, k, v, kv_mask, q_offset, out, lse, d_out)
+    dq, dk, dv = _backward(geo, *residuals, d_out)
     return dq, dk, dv, None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_latent(geo, qt, latent, kv_mask, q_offset):
-    return _forward(geo, qt, latent, None, kv_mask, q_offset)[0]
-
-
-def _blocked_latent_fwd(geo, qt, latent, kv_mask, q_offset):
-    out, lse = _forward(geo, qt, latent, None, kv_mask, q_offset)
-    return out, (qt, latent, kv_mask, q_offset, out, lse)
-
-
-def _blocked_latent_bwd(geo, residuals, d_out):
-    qt, latent, kv_mask, q_offset, out, lse = residuals
-    dq, dk, _ = _backward(geo, qt, latent, None, kv_mask, q_offset, out, lse, d_out)
-    return dq, dk, None, None
-
-
-_blocked_latent.defvjp(_blocked_latent_fwd, _blocked_latent_bwd)
