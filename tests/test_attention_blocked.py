@@ -13,7 +13,7 @@ import pytest
 import zebrax
 from kernels_pallas.flash_attention import attention_reference
 from kernels_pallas.mla_decode import latent_attention_reference
-from tests.test_attention_kernels import close
+from tests.test_attention_kernels import assert_gradients_match, close
 from zebrax.ops import attention, latent_attention
 from zebrax.ops.attention_blocked import Blocks, attention_blocked
 from zebrax.ops.auto import auto_choices, pallas_is_default
@@ -49,17 +49,7 @@ def test_blocked_equals_reference(case, blocks):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_blocked_gradients_equal_reference(case):
-    args = inputs(case)
-    rest = {k: args[k] for k in ("kv_mask", "q_offset")}
-    ct = jnp.asarray(np.random.default_rng(1).normal(size=args["q"].shape[:3] + args["v"].shape[-1:]), jnp.float32)
-
-    def grads(fn):
-        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, **rest) * ct), argnums=(0, 1, 2))(
-            args["q"], args["k"], args["v"])
-
-    blocked = lambda q, k, v, **kw: attention_blocked(q, k, v, **kw, blocks=SMALL)  # noqa: E731
-    for name, got, want in zip("qkv", grads(blocked), grads(attention_reference), strict=True):
-        close(got, want, 1e-4, f"d/d{name}")
+    assert_gradients_match(attention_blocked, inputs(case), 1e-4, blocks=SMALL)
 
 
 def test_traced_offset_and_masking_rules():

@@ -1,8 +1,10 @@
 """Attention kernels (Pallas, interpret mode on the CPU) against their references.
 
 fp32 tolerance 1e-4 relative to each array's largest magnitude, for outputs and (flash) gradients; bf16
-inputs 2e-2. Shapes exercise ragged tails (lengths not multiples of the blocks), the causal edge (query
-offsets that cut through a block), grouped KV heads, qk head dim != v head dim and fully masked queries.
+inputs 2e-2 against the reference on the same bf16 inputs. Both kernel forms run: the loop form (Triton's,
+the CPU default) and the grid form (Mosaic's: ``backend="tpu", interpret=True``). Shapes exercise ragged
+tails (lengths not multiples of the blocks), the causal edge (query offsets that cut through a block), grouped
+KV heads, qk head dim != v head dim and fully masked queries.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ FLASH_CASES = {
     "prefill_ragged": (2, 37, 37, 6, 2, 12, 10, 0),
     "chunk_after_cache": (1, 9, 40, 4, 4, 16, 16, 23),  # 9 new queries at slots 23…31 of a 40-slot cache
     "mqa_one_query": (2, 1, 33, 8, 1, 24, 8, 32),
+    "three_key_tiles": (1, 44, 300, 4, 2, 16, 8, 256),  # 44 queries after 256 cached slots: 3 tiles of 128 keys
 }
 
 
@@ -41,24 +44,35 @@ def flash_inputs(case, dtype=jnp.float32, seed=0):
     return dict(q=arr(b, lq, h, d), k=arr(b, lk, g, d), v=arr(b, lk, g, dv), kv_mask=mask, q_offset=offset)
 
 
-@pytest.mark.parametrize("case", sorted(FLASH_CASES))
-def test_flash_forward_equals_reference(case):
-    args = flash_inputs(case)
-    close(flash_attention(**args), attention_reference(**args), 1e-4)
-
-
-@pytest.mark.parametrize("case", sorted(FLASH_CASES))
-def test_flash_gradients_equal_reference(case):
-    args = flash_inputs(case)
+def assert_gradients_match(fn, args, tol, **kw):
+    """d/d(q, k, v) of <fn(q, k, v), R> for a fixed random cotangent R equal the reference's within ``tol``."""
     rest = {k: args[k] for k in ("kv_mask", "q_offset")}
     ct = jnp.asarray(np.random.default_rng(1).normal(size=args["q"].shape[:3] + args["v"].shape[-1:]), jnp.float32)
 
-    def grads(fn):
-        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, **rest) * ct), argnums=(0, 1, 2))(
-            args["q"], args["k"], args["v"])
+    def grads(f, **kw):
+        loss = lambda q, k, v: jnp.sum(f(q, k, v, **rest, **kw).astype(jnp.float32) * ct)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(args["q"], args["k"], args["v"])
 
-    for name, got, want in zip("qkv", grads(flash_attention), grads(attention_reference), strict=True):
-        close(got, want, 1e-4, f"d/d{name}")
+    for name, got, want in zip("qkv", grads(fn, **kw), grads(attention_reference), strict=True):
+        assert got.dtype == args[name].dtype
+        close(got, want, tol, f"d/d{name}")
+
+
+# the loop form (Triton's; the CPU default) and the grid form (Mosaic's), at TPU tiles, interpreted
+FORMS = {"loop": {}, "grid": dict(backend="tpu", interpret=True, block_sizes=BlockSizes(8, 128))}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("case", sorted(FLASH_CASES))
+def test_flash_forward_equals_reference(case, form):
+    args = flash_inputs(case)
+    close(flash_attention(**args, **FORMS[form]), attention_reference(**args), 1e-4)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("case", sorted(FLASH_CASES))
+def test_flash_gradients_equal_reference(case, form):
+    assert_gradients_match(flash_attention, flash_inputs(case), 1e-4, **FORMS[form])
 
 
 def test_flash_blocks_do_not_change_the_result():
@@ -68,11 +82,14 @@ def test_flash_blocks_do_not_change_the_result():
     close(flash_attention(**args, block_sizes=BlockSizes(16, 64)), small, 1e-5)
 
 
-def test_flash_bfloat16():
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_flash_bfloat16(form):
+    """bf16 operands go into the products as they are (float32 accumulation): outputs 2e-2, gradients 3e-2."""
     args = flash_inputs("prefill_ragged", jnp.bfloat16)
-    got = flash_attention(**args)
+    got = flash_attention(**args, **FORMS[form])
     assert got.dtype == jnp.bfloat16
     close(got, attention_reference(**args), 2e-2)
+    assert_gradients_match(flash_attention, args, 3e-2, **FORMS[form])
 
 
 def test_fully_masked_queries_output_zeros():
@@ -98,8 +115,23 @@ def test_mla_decode_equals_reference(case, blocks):
     close(mla_decode(q, latent, **kw, block_sizes=blocks), latent_attention_reference(q, latent, **kw), 1e-4)
 
 
+@pytest.mark.parametrize("case", ["zebra_8b_like", "speculative_3"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_mla_decode_tpu_form_equals_reference(case, dtype):
+    """The grid form over cache tiles of 128, with two ranges; fp32 1e-4, bf16 2e-2."""
+    b, lq, h, r, rope, s, offset = DECODE_CASES[case]
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, lq, h, r + rope)), dtype)
+    latent = jnp.asarray(rng.normal(size=(b, s, r + rope)), dtype)
+    kw = dict(value_dim=r, kv_mask=jnp.ones((b, s), bool).at[:, :2].set(False), q_offset=offset,
+              scale=(r + rope) ** -0.5)
+    got = mla_decode(q, latent, **kw, block_sizes=DecodeBlocks(128, 2), backend="tpu", interpret=True)
+    assert got.dtype == dtype
+    close(got, latent_attention_reference(q, latent, **kw), 1e-4 if dtype == jnp.float32 else 2e-2)
+
+
 def test_block_sizes_are_legal_by_construction():
-    for backend in ("gpu", "tpu", "interpret"):
+    for backend in ("gpu", "tpu", "cpu"):
         BlockSizes.for_backend(backend).validate(backend)
         DecodeBlocks.for_backend(backend).validate(backend)
     with pytest.raises(ValueError, match="power of two"):
@@ -111,23 +143,25 @@ def test_block_sizes_are_legal_by_construction():
     assert DecodeBlocks(64).splits(32768) == 16 and DecodeBlocks(64).splits(100) == 1
 
 
-def test_kernels_lower_for_gpu():
-    """Cross-platform lowering on this CPU runs the Pallas Triton lowering of the flash forward, both flash
-    backward kernels and the decode kernel (interpret mode checks none of their block rules)."""
-    q, k, v = jnp.zeros((1, 200, 6, 96)), jnp.zeros((1, 300, 2, 96)), jnp.zeros((1, 300, 2, 64))
+@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_kernels_lower_for_gpu_and_tpu(platform, backend, dtype):
+    """Cross-platform lowering on this CPU runs the Pallas Triton (GPU) and Mosaic (TPU) lowerings of the flash
+    forward, both flash backward kernels and the decode kernel (interpret mode checks none of their rules)."""
+    q, k, v = jnp.zeros((1, 200, 6, 96), dtype), jnp.zeros((1, 300, 2, 96), dtype), jnp.zeros((1, 300, 2, 64), dtype)
 
     def loss(q, k, v, offset):
-        return flash_attention(q, k, v, q_offset=offset, backend="gpu").sum()
+        return flash_attention(q, k, v, q_offset=offset, backend=backend).astype(jnp.float32).sum()
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v, jnp.int32(5)).lower(
-        lowering_platforms=("cuda",)).as_text()
+        lowering_platforms=(platform,)).as_text()
     assert all(name in text for name in ("flash_attention_forward", "flash_attention_dkv", "flash_attention_dq"))
 
     def decode(q, latent, offset):
-        return mla_decode(q, latent, value_dim=160, q_offset=offset, scale=0.1, backend="gpu")
+        return mla_decode(q, latent, value_dim=160, q_offset=offset, scale=0.1, backend=backend)
 
-    text = jax.jit(decode).trace(jnp.zeros((1, 1, 32, 224)), jnp.zeros((1, 4096, 224)), jnp.int32(9)).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(decode).trace(jnp.zeros((1, 1, 32, 224), dtype), jnp.zeros((1, 4096, 224), dtype),
+                                 jnp.int32(9)).lower(lowering_platforms=(platform,)).as_text()
     assert "mla_decode" in text
 
 

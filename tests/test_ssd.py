@@ -1,7 +1,9 @@
 """Every SSD implementation against the reference recurrence: outputs, final state and gradients.
 
 Tolerances (fp32): chunked 1e-5, Pallas (interpret mode on the CPU) 1e-4, each relative to the largest
-magnitude of the compared array; bf16 inputs 2e-2 against the reference run on the same bf16 inputs.
+magnitude of the compared array; bf16 inputs 2e-2 against the reference run on the same bf16 inputs. The Pallas
+kernels run in both forms: the loop form (Triton's, the CPU default) and the grid form (Mosaic's: ``backend="tpu",
+interpret=True``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,35 @@ def test_bfloat16_inputs(impl):
     close(s, s_ref, 2e-2, "final state")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_pallas_tpu_form_equals_the_reference(dtype):
+    """The grid form: three chunks of 128 walked on the last grid axis, forward and backward (reversed)."""
+    rng = np.random.default_rng(3)
+    b, length, h, g, p, n = 1, 300, 2, 1, 8, 16
+    arr = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, dtype)  # noqa: E731
+    args = dict(x=arr(b, length, h, p), dt=jax.nn.softplus(arr(b, length, h) - 2.0).astype(dtype),
+                A=-jnp.exp(jnp.asarray(rng.normal(size=h) * 0.5, jnp.float32)), B=arr(b, length, g, n, scale=0.5),
+                C=arr(b, length, g, n, scale=0.5), D=arr(h), initial_state=arr(b, h, p, n))
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2
+    y, s = ssd_pallas(**args, chunk_size=128, backend="tpu", interpret=True)
+    y_ref, s_ref = ssd(**args, chunk_size=128, impl="reference")
+    assert y.dtype == dtype
+    close(y, y_ref, tol, "y")
+    close(s, s_ref, tol, "final state")
+    ct = jnp.asarray(rng.normal(size=args["x"].shape), jnp.float32)
+
+    def grads(fn):
+        loss = lambda x, B, C, s0: jnp.sum(fn(x, B, C, s0)[0].astype(jnp.float32) * ct)  # noqa: E731
+        return jax.grad(loss, argnums=range(4))(args["x"], args["B"], args["C"], args["initial_state"])
+
+    rest = {k: args[k] for k in ("dt", "A", "D")}
+    got = grads(lambda x, B, C, s0: ssd_pallas(x=x, B=B, C=C, initial_state=s0, **rest, chunk_size=128,
+                                               backend="tpu", interpret=True))
+    want = grads(lambda x, B, C, s0: ssd(x=x, B=B, C=C, initial_state=s0, **rest, chunk_size=128, impl="reference"))
+    for name, gt, w in zip(["x", "B", "C", "initial_state"], got, want, strict=True):
+        close(gt, w, tol * (3 if dtype == jnp.bfloat16 else 1), f"d/d{name}")
+
+
 def test_split_sequence_with_carried_state_equals_one_pass():
     """Running [0, 20) then [20, 37) from the carried state gives the same outputs and state as one pass."""
     args = inputs("ragged_tail_groups")
@@ -118,7 +149,7 @@ def test_block_sizes_are_legal_by_construction():
     assert BlockSizes.for_backend("gpu", 256) == BlockSizes(chunk=64)
     assert BlockSizes.for_backend("tpu", 64).chunk == 128 and BlockSizes.for_backend("tpu", 256).chunk == 256
     assert BlockSizes(chunk=16).padded(6) == 16 and BlockSizes(chunk=16).padded(80) == 128
-    for backend in ("gpu", "tpu", "interpret"):
+    for backend in ("gpu", "tpu", "cpu"):
         for chunk in (1, 8, 48, 100, 256, 300):
             BlockSizes.for_backend(backend, chunk).validate(backend)
     with pytest.raises(ValueError, match="power of two"):
@@ -136,17 +167,19 @@ def test_bad_shapes_name_the_argument():
         ssd(**(args | {"B": B, "C": B}), chunk_size=16)
 
 
-@pytest.mark.parametrize("head_dim, d_state", [(64, 128), (48, 20)])  # the second needs padding to 64 / 32
-def test_pallas_kernels_lower_for_gpu(head_dim, d_state):
-    """Cross-platform lowering on this CPU runs the Pallas Triton lowering of both kernels: block shapes,
-    power-of-two loads and every primitive must be accepted (interpret mode checks none of that)."""
-    x = jnp.zeros((1, 200, 4, head_dim))
-    dt, A, D = jnp.full((1, 200, 4), 0.1), -jnp.ones(4), jnp.ones(4)
-    B = jnp.zeros((1, 200, 2, d_state))
+@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+@pytest.mark.parametrize("head_dim, d_state, dtype", [(64, 128, jnp.float32), (48, 20, jnp.bfloat16)])
+def test_pallas_kernels_lower_for_gpu_and_tpu(platform, backend, head_dim, d_state, dtype):
+    """Cross-platform lowering on this CPU runs the Pallas Triton (GPU) and Mosaic (TPU) lowerings of both
+    kernels: block shapes, loads and every primitive must be accepted (interpret mode checks none of that);
+    the second case needs padding to 64 / 32 and multiplies in bf16."""
+    x = jnp.zeros((1, 200, 4, head_dim), dtype)
+    dt, A, D = jnp.full((1, 200, 4), 0.1, dtype), -jnp.ones(4), jnp.ones(4)
+    B = jnp.zeros((1, 200, 2, d_state), dtype)
 
     def loss(x, dt, A, B, C, D):
-        return ssd_pallas(x, dt, A, B, C, D, chunk_size=256, backend="gpu")[0].sum()
+        return ssd_pallas(x, dt, A, B, C, D, chunk_size=256, backend=backend)[0].astype(jnp.float32).sum()
 
     for fn in (loss, jax.grad(loss, argnums=range(6))):
-        text = jax.jit(fn).trace(x, dt, A, B, B, D).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(fn).trace(x, dt, A, B, B, D).lower(lowering_platforms=(platform,)).as_text()
         assert "ssd_forward" in text and (fn is loss or "ssd_backward" in text)

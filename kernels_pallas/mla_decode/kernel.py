@@ -4,7 +4,9 @@ cache length (flash-decoding) with a combine step.
 The latent ``[c_kv ; k_pe]`` is read once per block and serves as both key and value (the value is its
 first ``value_dim`` entries), as FlashMLA's "MQA mode" does. Every head of every new token is one row of
 a ``[rows, D]`` query tile, so the arithmetic intensity is ~2·rows FLOP per cached byte: at decode this
-kernel is memory-bound, and the split over the cache length is what fills the machine. Latent widths are
+kernel is memory-bound, and the split over the cache length is what fills the machine. Each range walks
+its tiles as ``kernels_pallas.common.Sweep`` does (a loop with Triton, the last grid axis with Mosaic), and
+stops at the last slot a new token may see. Latent widths are
 zero-padded to a power of two (160 + 64 → 256). Forward only: training uses the materialised path.
 """
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.common import compiler_params, dot, lane_padded, resolve_backend
+from kernels_pallas.common import Block, Sweep, cdiv, dot, lane_padded, resolve_target, sweep_call
 from kernels_pallas.flash_attention.kernel import NEG, online_softmax_finish, online_softmax_init, online_softmax_step
 
 
@@ -47,60 +49,71 @@ class BlockSizes:
             raise ValueError(f"BlockSizes.block_k={n} must be a power of two >= 16")
 
 
-def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *, scale, bk, n_blocks):
-    """One cache range: partial softmax over its blocks for every query row."""
+def _visible_blocks(split, offset, lq, bk, n_blocks):
+    """Blocks of this split's range that hold a slot some new token may see (the slots up to offset + lq − 1)."""
+    return jnp.clip(cdiv(offset + lq, bk) - split * n_blocks, 0, n_blocks)
+
+
+def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *scratch, sweep, scale, bk, n_blocks,
+                  lq):
+    """One cache range: partial softmax over its filled blocks for every query row."""
     split = pl.program_id(1)
-    offset = off_ref[0, 0]
-    q = q_ref[...].astype(jnp.float32)  # [rows, D]
+    offset = off_ref[0]
+    q = q_ref[...]  # [rows, D]
     q_slot = offset + slot_ref[...]  # [rows, 1]: the cache slot each row's token sits in
 
     def body(j, carry):
-        start = (split * n_blocks + j) * bk
-        keys = pl.ds(pl.multiple_of(start, bk), bk)
-        kv = kv_ref[keys, :].astype(jnp.float32)  # [bk, D]: key, and value in its first value_dim entries
-        k_slot = start + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        block = split * n_blocks + j
+        keys = sweep.tile(block, bk)
+        kv = kv_ref[keys, :]  # [bk, D]: key, and value in its first value_dim entries
+        k_slot = block * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         visible = (k_slot <= q_slot) & (mask_ref[:, keys] > 0)
         return online_softmax_step(carry, jnp.where(visible, dot(q, kv, trans_b=True) * scale, NEG), visible, kv)
 
-    carry = lax.fori_loop(0, n_blocks, body, online_softmax_init(*q.shape))
-    o_ref[...], lse_ref[...] = online_softmax_finish(carry, empty_lse=NEG)  # empty ranges get weight 0
+    def finish(carry):
+        o_ref[...], lse_ref[...] = online_softmax_finish(carry, empty_lse=NEG)  # empty ranges get weight 0
+
+    sweep.run(0, _visible_blocks(split, offset, lq, bk, n_blocks), body, online_softmax_init(*q.shape), finish,
+              scratch)
 
 
 def mla_decode(q, latent, *, value_dim, kv_mask=None, q_offset=0, scale, block_sizes: BlockSizes | None = None,
                interpret: bool | None = None, backend: str | None = None):
     """Same contract as ``latent_attention_reference``: q ``[B, Lq, H, D]``, latent ``[B, S, D]`` → ``[B, Lq, H,
-    value_dim]``."""
-    backend = resolve_backend(backend, interpret)
-    blocks = block_sizes or BlockSizes.for_backend(backend)
-    blocks.validate(backend)
+    value_dim]``. Blocks past the last slot a new token may see are neither read nor computed."""
+    target = resolve_target(backend, interpret)
+    blocks = block_sizes or BlockSizes.for_backend(target.backend)
+    blocks.validate(target.backend)
     b, lq, h, d = q.shape
     s = latent.shape[1]
     bk, splits = blocks.block_k, blocks.splits(s)
     n_blocks = -(-s // (bk * splits))
     s_pad = n_blocks * bk * splits
     d_pad, rows = lane_padded(d), lane_padded(lq * h)
+    dtype = jnp.result_type(q, latent)
 
-    q_rows = jnp.pad(q.reshape(b, lq * h, d), [(0, 0), (0, rows - lq * h), (0, d_pad - d)])
-    kv = jnp.pad(latent, [(0, 0), (0, s_pad - s), (0, d_pad - d)])
+    q_rows = jnp.pad(q.astype(dtype).reshape(b, lq * h, d), [(0, 0), (0, rows - lq * h), (0, d_pad - d)])
+    kv = jnp.pad(latent.astype(dtype), [(0, 0), (0, s_pad - s), (0, d_pad - d)])
     mask = jnp.ones((b, s), bool) if kv_mask is None else kv_mask
     mask = jnp.pad(mask.astype(jnp.float32), [(0, 0), (0, s_pad - s)])[:, None, :]
     slot = jnp.minimum(jnp.arange(rows, dtype=jnp.int32) // h, lq - 1)[:, None]  # padded rows copy the last token
-    offset = jnp.asarray(q_offset, jnp.int32).reshape(1, 1)
-    kernel = functools.partial(_split_kernel, scale=float(scale), bk=bk, n_blocks=n_blocks)
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(b, splits),
-        in_specs=[pl.BlockSpec((1, 1), lambda i, j: (0, 0)), pl.BlockSpec((rows, 1), lambda i, j: (0, 0)),
-                  pl.BlockSpec((None, rows, d_pad), lambda i, j: (i, 0, 0)),
-                  pl.BlockSpec((None, s_pad, d_pad), lambda i, j: (i, 0, 0)),
-                  pl.BlockSpec((None, 1, s_pad), lambda i, j: (i, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, rows, d_pad), lambda i, j: (i, j, 0, 0)),
-                   pl.BlockSpec((None, None, rows, 1), lambda i, j: (i, j, 0, 0))],
+    offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
+    kernel = functools.partial(_split_kernel, sweep=Sweep(target.sweep_in_grid, 2), scale=float(scale), bk=bk,
+                               n_blocks=n_blocks, lq=lq)
+    cache_tile = lambda i, split, step: split * n_blocks + step  # noqa: E731
+    o, lse = sweep_call(
+        kernel, target=target, name="mla_decode", outer=(b, splits), steps=n_blocks,
+        step_map=lambda i, split, step, off: jnp.minimum(
+            step, jnp.maximum(_visible_blocks(split, off, lq, bk, n_blocks) - 1, 0)),
+        inputs=[Block((rows, 1), lambda i, split, step: (0, 0)),
+                Block((None, rows, d_pad), lambda i, split, step: (i, 0, 0)),
+                Block((None, bk, d_pad), lambda *a: (a[0], cache_tile(*a), 0), walked=1, full=s_pad),
+                Block((None, 1, bk), lambda *a: (a[0], 0, cache_tile(*a)), walked=2, full=s_pad)],
+        outputs=[Block((None, None, rows, d_pad), lambda i, split, step: (i, split, 0, 0)),
+                 Block((None, None, rows, 1), lambda i, split, step: (i, split, 0, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, splits, rows, d_pad), jnp.float32),
                    jax.ShapeDtypeStruct((b, splits, rows, 1), jnp.float32)],
-        interpret=backend == "interpret",
-        compiler_params=compiler_params(backend, 2),
-        name="mla_decode",
+        scratch=[(rows, 1), (rows, 1), (rows, d_pad)],
     )(offset, slot, q_rows, kv, mask)
     # combine the ranges: weights exp(lse_split − lse_total); ranges that saw nothing carry weight 0
     weights = jax.nn.softmax(lse, axis=1)  # [B, splits, rows, 1]
