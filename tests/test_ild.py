@@ -1,16 +1,15 @@
-"""Stage 1 (intermediate-layer distillation): the teacher's layer inputs and outputs, teacher forcing, and a step
-that learns. fp32."""
+"""Stage 1 (intermediate-layer distillation) and stage 2 (KD): the teacher's layer inputs and outputs, teacher forcing,
+and trainer steps on each objective that learn. fp32."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-import optax
 
 import zebrax
 from tests.test_decoder import TEACHER, hybrid, random_model
 from zebrax.config import HybridConfig
-from zebrax.distill import ild_loss, layer_io, make_ild_step, teacher_forced
+from zebrax.distill import TrainConfig, ild_loss, ild_objective, layer_io, make_optimizer, make_step, teacher_forced
 from zebrax.init import init_hybrid
 
 
@@ -29,31 +28,30 @@ def test_a_student_equal_to_its_teacher_has_zero_ild_loss(rng):
 
 
 def test_ild_steps_bring_both_students_toward_the_teacher(rng):
+    """Both students in one step (the teacher runs once); embeddings and head are off the ILD path: untouched."""
     teacher = random_model(TEACHER, seed=2)
-    tokens = rng.integers(0, 97, (4, 16))
-    mask = np.ones((4, 16), bool)
-    for config in (hybrid("all"), hybrid("none")):
-        params, _ = init_hybrid(TEACHER, teacher.params, config, jax.random.key(0))
-        student = zebrax.Model(config, params)
-        optimizer = optax.adamw(3e-3, weight_decay=0.0)
-        step = make_ild_step(teacher.module, student.module, optimizer)
-        params = jax.tree.map(jax.numpy.asarray, params)
-        state = optimizer.init(params)
-        losses = []
-        for _ in range(25):
-            params, state, loss = step(params, state, teacher.params, tokens, mask)
-            losses.append(float(loss))
-        assert losses[-1] < 0.7 * losses[0], (config.layer_map(), losses[0], losses[-1])
-        assert np.all(np.isfinite(losses))
-        untouched = ("embed_tokens", "norm")  # not on the ILD path: no gradient, no update
-        for name in untouched:
-            for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(student.params[name]), strict=True):
+    batch = {"tokens": rng.integers(0, 97, (4, 16)), "token_mask": np.ones((4, 16), bool)}
+    students = {name: (config, init_hybrid(TEACHER, teacher.params, config, jax.random.key(0))[0])
+                for name, config in (("mla", hybrid("all")), ("mamba2", hybrid("none")))}
+    params = {name: jax.tree.map(jax.numpy.asarray, p) for name, (_, p) in students.items()}
+    objective = ild_objective(teacher.module, {name: zebrax.Model(c, p).module for name, (c, p) in students.items()})
+    optimizer = make_optimizer(TrainConfig(steps=25, learning_rate=3e-3, warmup_ratio=0.0, final_lr_ratio=1.0),
+                               params)
+    step, state = make_step(objective, optimizer), optimizer.init(params)
+    losses = []
+    for _ in range(25):
+        params, state, metrics = step(params, state, teacher.params, batch)
+        losses.append({k: float(metrics[f"ild_{k}"]) for k in students})
+    for name in students:
+        assert losses[-1][name] < 0.7 * losses[0][name], (name, losses[0], losses[-1])
+        for part in ("embed_tokens", "norm"):  # not on the ILD path: no gradient, no update
+            for a, b in zip(jax.tree.leaves(params[name][part]), jax.tree.leaves(students[name][1][part]), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_kd_steps_bring_a_hybrid_toward_the_teacher_and_never_touch_the_teacher(rng):
     """Forward KL, padding in the batch and the first half of each row masked out of the loss (a 'prompt')."""
-    from zebrax.distill import kl_loss, make_kd_step
+    from zebrax.distill import kd_objective, kl_loss
 
     teacher = random_model(TEACHER, seed=2)
     config = hybrid([0, 3])
@@ -64,15 +62,16 @@ def test_kd_steps_bring_a_hybrid_toward_the_teacher_and_never_touch_the_teacher(
     token_mask[1, :3] = False  # a left-padded row
     loss_mask = token_mask.copy()
     loss_mask[:, :8] = False
-    optimizer = optax.adamw(2e-3, weight_decay=0.0)
-    step = make_kd_step(teacher.module, student.module, optimizer)
+    batch = {"tokens": tokens, "token_mask": token_mask, "loss_mask": loss_mask}
     params = jax.tree.map(jax.numpy.asarray, params)
-    state = optimizer.init(params)
+    optimizer = make_optimizer(TrainConfig(steps=20, learning_rate=2e-3, warmup_ratio=0.0, final_lr_ratio=1.0),
+                               params)
+    step, state = make_step(kd_objective(teacher.module, student.module), optimizer), optimizer.init(params)
     teacher_before = jax.tree.map(np.asarray, teacher.params)
     before = float(kl_loss(teacher.logits(tokens, token_mask), student.logits(tokens, token_mask), loss_mask))
     losses = []
     for _ in range(20):
-        params, state, metrics = step(params, state, teacher.params, tokens, token_mask, loss_mask)
+        params, state, metrics = step(params, state, teacher.params, batch)
         losses.append(float(metrics["loss"]))
     assert abs(losses[0] - before) < 1e-4 * max(1.0, before)  # the step computes the KL it reports
     assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])

@@ -55,7 +55,13 @@ def _gin():
         for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
             gin.external_configurable(fn, module="zebrax")
         gin.external_configurable(HybridConfig.from_teacher, name="zebra_hybrid", module="zebrax")
+        from zebrax.distill.pipeline import Experiment
+        from zebrax.distill.trainer import TrainConfig
+
+        gin.external_configurable(Experiment, name="distill", module="zebrax")
+        gin.external_configurable(TrainConfig, module="zebrax")
         gin.add_config_file_search_path(str(CONFIGS / "models"))
+        gin.add_config_file_search_path(str(CONFIGS))  # include 'stages/kd.gin'
         _GIN_REGISTERED.append(True)
     return gin
 
@@ -74,10 +80,25 @@ def parse_gin(files: list[str | Path], bindings: list[str]):
     try:
         gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
     except (ValueError, KeyError, SyntaxError, OSError) as e:
-        raise ZebraxError(f"gin: {' '.join(str(e).split())}") from None
+        raise ZebraxError(f"gin: {' '.join(str(e).split())}{_gin_names(gin, str(e))}") from None
     finally:
         logging.getLogger().removeFilter(unfound)
     return gin
+
+
+def _gin_names(gin, message: str) -> str:
+    """What a misspelt binding could have named: the configurable's parameters, or the configurables."""
+    import inspect
+    import re
+
+    unknown_param = re.search(r"Configurable '([^']+)' doesn't have a parameter named", message)
+    if unknown_param:
+        fn = gin.config._REGISTRY.get_match(unknown_param.group(1)).wrapped
+        return f" (its parameters: {', '.join(inspect.signature(fn).parameters)})"
+    if "No configurable matching" in message:
+        names = sorted({name.split(".")[-1] for name in gin.config._REGISTRY})
+        return f" (configurables: {', '.join(names)})"
+    return ""
 
 
 def model(config):
@@ -291,6 +312,15 @@ def run(
     print(f"({len(out) - len(prompt_tokens)} tokens in {seconds:.2f}s, first call includes compilation)")
 
 
+def cmd_distill(args):
+    from zebrax.distill import pipeline
+
+    gin = parse_gin(args.gin_file, args.gin_param)
+    experiment = gin.get_configurable("zebrax.distill")()
+    evals = pipeline.run(experiment, args.workdir, config_text=gin.config_str())
+    print(json.dumps(evals, indent=2))
+
+
 def cmd_run(args):
     gin = parse_gin(args.gin_files or [DEFAULT_EXPERIMENT], args.gin)
     gin.get_configurable(run)()
@@ -397,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--length", type=int, default=32768)
     bl.add_argument("--new-tokens", type=int, default=8)
     bl.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("distill", help="ILD → SMART → KD → DPO from gin files, resumable in --workdir")
+    d.add_argument("--gin_file", action="append", required=True, metavar="FILE",
+                   help="e.g. configs/experiments/tiny_cpu.gin (repeatable; later files override)")
+    d.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
+                   help="e.g. --gin_param 'kd/TrainConfig.steps = 10' (repeatable)")
+    d.add_argument("--workdir", required=True, help="where the run lives; the same command resumes it")
+    d.set_defaults(fn=cmd_distill)
 
     r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")
     r.add_argument("gin_files", nargs="*", metavar="GIN_FILE")

@@ -1,8 +1,10 @@
-"""Distillation (METHOD §6): the losses of the three stages (``losses.py``) and the steps of stage 1 (``ild.py``)
-and stage 2 (``kd.py``); the data pipeline, DPO's step and the trainer build on them."""
+"""Distillation (METHOD §6): the losses of the three stages (``losses.py``), their objectives (``ild.py``,
+``kd.py``, ``dpo.py``), the trainer that runs an objective (``trainer.py``) and the pipeline that chains the stages
+(``pipeline.py``)."""
 
-from zebrax.distill.ild import layer_io, make_ild_step, teacher_forced
-from zebrax.distill.kd import make_kd_step
+from zebrax.distill.dpo import dpo_objective, response_logprobs
+from zebrax.distill.ild import ild_objective, layer_io, teacher_forced
+from zebrax.distill.kd import kd_objective
 from zebrax.distill.losses import (
     ce_loss,
     dpo_loss,
@@ -11,6 +13,8 @@ from zebrax.distill.losses import (
     sequence_logprobs,
     topk_kl_loss,
 )
+from zebrax.distill.trainer import TrainConfig, make_optimizer, make_step, train
 
-__all__ = ["ce_loss", "dpo_loss", "ild_loss", "kl_loss", "layer_io", "make_ild_step", "make_kd_step",
-           "sequence_logprobs", "teacher_forced", "topk_kl_loss"]
+__all__ = ["TrainConfig", "ce_loss", "dpo_loss", "dpo_objective", "ild_loss", "ild_objective", "kd_objective",
+           "kl_loss", "layer_io", "make_optimizer", "make_step", "response_logprobs", "sequence_logprobs",
+           "teacher_forced", "topk_kl_loss", "train"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import optax
 
 from zebrax.distill.losses import ild_loss
 from zebrax.models.decoder import Block, DecoderLM, make_slots
@@ -40,23 +39,17 @@ def teacher_forced(module: DecoderLM, params: dict, inputs: list[jax.Array], tok
     return out
 
 
-def make_ild_step(teacher: DecoderLM, student: DecoderLM, optimizer: optax.GradientTransformation, *,
-                  kind: str = "l2") -> Callable:
-    """A jitted ``step(student_params, opt_state, teacher_params, tokens, token_mask) -> (student_params, opt_state,
-    loss)``. Only the student's layers receive gradients (its embeddings and head are not on the ILD path)."""
+def ild_objective(teacher: DecoderLM, students: dict[str, DecoderLM], *, kind: str = "l2") -> Callable:
+    """The trainer's objective for ILD of several students at once (the teacher runs once per batch):
+    ``objective(params, teacher_params, batch) -> (Σ_students ild_loss, {"ild_NAME": …})`` with ``params`` =
+    ``{NAME: student params}`` and ``batch`` holding ``tokens`` and ``token_mask``. Only the students' layers receive
+    gradients (embeddings, final norm and head are not on the ILD path)."""
 
-    def loss_fn(student_params, teacher_params, tokens, token_mask):
-        targets = jax.tree.map(jax.lax.stop_gradient, layer_io(teacher, teacher_params, tokens, token_mask))
-        got = teacher_forced(student, student_params, targets["block_input"], tokens, token_mask)
-        return ild_loss(got, targets, token_mask, kind=kind)
+    def objective(params, teacher_params, batch):
+        tokens, mask = batch["tokens"], batch["token_mask"]
+        targets = jax.tree.map(jax.lax.stop_gradient, layer_io(teacher, teacher_params, tokens, mask))
+        losses = {f"ild_{name}": ild_loss(teacher_forced(module, params[name], targets["block_input"], tokens, mask),
+                                          targets, mask, kind=kind) for name, module in students.items()}
+        return sum(losses.values()), losses
 
-    @jax.jit
-    def step(student_params, opt_state, teacher_params, tokens, token_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(student_params, teacher_params, tokens, token_mask)
-        updates, opt_state = optimizer.update(grads, opt_state, student_params)
-        return optax.apply_updates(student_params, updates), opt_state, loss
-
-    return step
-
-
-__all__ = ["layer_io", "make_ild_step", "teacher_forced"]
+    return objective

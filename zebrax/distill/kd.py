@@ -7,21 +7,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import optax
 
 from zebrax.distill.losses import ce_loss, kl_loss
 from zebrax.models.decoder import DecoderLM
 
 
-def make_kd_step(teacher: DecoderLM, student: DecoderLM, optimizer: optax.GradientTransformation, *,
-                 direction: str = "forward", temperature: float = 1.0, normalize: str = "token",
-                 ce_weight: float = 0.0) -> Callable:
-    """A jitted ``step(student_params, opt_state, teacher_params, tokens, token_mask, loss_mask) -> (student_params,
-    opt_state, metrics)``: ``token_mask`` marks real tokens (padding is False, for attention and the Mamba2 state),
-    ``loss_mask`` the positions whose predictions count (e.g. False on prompt tokens). Loss: ``kl_loss`` (forward
-    KL at temperature 1 by default, as the paper) plus ``ce_weight`` × the cross-entropy of the next tokens."""
+def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "forward", temperature: float = 1.0,
+                 normalize: str = "token", ce_weight: float = 0.0) -> Callable:
+    """The trainer's objective ``(student_params, teacher_params, batch) -> (loss, {"kl", "ce"})``. ``batch``:
+    ``tokens``, ``token_mask`` (real tokens; padding is False, for attention and the Mamba2 state) and ``loss_mask``
+    (positions whose predictions count, e.g. False on prompt tokens). Loss: ``kl_loss`` (forward KL at temperature 1
+    by default, as the paper) plus ``ce_weight`` × the cross-entropy of the next tokens. ``normalize="token"`` (the
+    default) averages over counted tokens, so the loss scale does not depend on lengths or padding; ``"sequence"``
+    sums over tokens and divides by the batch size, as the reference code does."""
 
-    def loss_fn(student_params, teacher_params, tokens, token_mask, loss_mask):
+    def objective(student_params, teacher_params, batch):
+        tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
+        loss_mask = batch["loss_mask"].astype(bool) & token_mask
         teacher_logits = jax.lax.stop_gradient(
             teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask)[0])
         logits = student.apply({"params": student_params}, tokens, token_mask=token_mask)[0]
@@ -30,14 +32,4 @@ def make_kd_step(teacher: DecoderLM, student: DecoderLM, optimizer: optax.Gradie
         ce = ce_loss(logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] & token_mask[:, 1:], normalize=normalize)
         return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 
-    @jax.jit
-    def step(student_params, opt_state, teacher_params, tokens, token_mask, loss_mask):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            student_params, teacher_params, tokens, token_mask.astype(bool), loss_mask.astype(bool))
-        updates, opt_state = optimizer.update(grads, opt_state, student_params)
-        return optax.apply_updates(student_params, updates), opt_state, {"loss": loss, **metrics}
-
-    return step
-
-
-__all__ = ["make_kd_step"]
+    return objective

@@ -1,0 +1,205 @@
+"""The trainer: one stage's loop — batches → one jitted step → optax update → metrics and checkpoints —
+resumable at any checkpointed step with the numbers an uninterrupted run would give.
+
+An *objective* is ``objective(params, frozen, batch) -> (loss, metrics)``: ``params`` the trained tree, ``frozen``
+what the step reads but never differentiates (the teacher, DPO's reference), ``batch`` a dict of ``[B, …]`` arrays.
+The step accumulates gradients over ``accumulate`` micro-batches (a ``lax.scan``), clips by global norm, applies
+AdamW (warmup then cosine; no weight decay on ``A_log``, ``D``, ``dt_bias`` and norms; parameters outside
+``trainable`` get no update), and skips any update whose loss or gradient is not finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from zebrax.errors import ZebraxError
+
+NO_DECAY = ("A_log", "D", "dt_bias")  # and every norm's scale (a path part containing "norm")
+
+
+class TrainingDiverged(ZebraxError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One stage's training. ``batch_size`` sequences per optimizer step, in ``accumulate`` micro-batches;
+    ``trainable``: glob patterns over parameter paths (``layers_3/mixer/*``), default everything as in the paper."""
+
+    steps: int = 100
+    batch_size: int = 8
+    accumulate: int = 1
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.01
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    max_grad_norm: float = 1.0
+    trainable: tuple[str, ...] = ("*",)
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1 or self.batch_size % self.accumulate:
+            raise ZebraxError(f"TrainConfig: steps={self.steps}, batch_size={self.batch_size} and accumulate="
+                              f"{self.accumulate} must be >= 1, with accumulate dividing batch_size")
+
+    def schedule(self) -> optax.Schedule:
+        warmup = round(self.warmup_ratio * self.steps)
+        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, max(self.steps, warmup + 1),
+                                                  end_value=self.learning_rate * self.final_lr_ratio)
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def _labels(params: dict, patterns: tuple[str, ...]) -> dict:
+    labels = jax.tree.map_with_path(
+        lambda keys, _: "train" if any(fnmatch.fnmatchcase(_path(keys), p) for p in patterns) else "freeze", params)
+    if "train" not in jax.tree.leaves(labels):
+        raise ZebraxError(f"trainable={list(patterns)} matches no parameter (paths look like "
+                          f"{_path(jax.tree.leaves_with_path(params)[0][0])!r})")
+    return labels
+
+
+def _decays(params: dict) -> dict:
+    def decays(keys, _):
+        parts = _path(keys).split("/")
+        return not (set(parts) & set(NO_DECAY) or any("norm" in p for p in parts))
+    return jax.tree.map_with_path(decays, params)
+
+
+def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformation:
+    adamw = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                        optax.adamw(cfg.schedule(), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
+                                    mask=_decays(params)))
+    return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, _labels(params, cfg.trainable))
+
+
+def make_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1) -> Callable:
+    """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``, jitted; ``metrics`` holds the
+    objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped)."""
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def step(params, opt_state, frozen, batch):
+        micro = jax.tree.map(lambda x: x.reshape(accumulate, -1, *x.shape[1:]), batch)
+
+        def one(total, mb):
+            (loss, metrics), grads = grad_fn(params, frozen, mb)
+            return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, (losses, metrics) = jax.lax.scan(one, zeros, micro)
+        grads = jax.tree.map(lambda g, p: (g / accumulate).astype(p.dtype), grads, params)
+        loss, grad_norm = jnp.mean(losses), optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
+        return new_params, jax.tree.map(keep, new_state, opt_state), {
+            **metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+class MetricsLog:
+    """``WORKDIR/metrics.jsonl`` (one object a line: ``step``, ``stage``, ``loss``, ``tokens_per_sec``, ``lr``, …)
+    and TensorBoard event files in ``WORKDIR/tensorboard/STAGE``. Resuming at step s drops the lines of this stage
+    after s, so the log reads as one uninterrupted run."""
+
+    def __init__(self, workdir: Path, stage: str, resumed_at: int):
+        self.path, self.stage = workdir / "metrics.jsonl", stage
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > resumed_at)]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self.board = SummaryWriter(str(workdir / "tensorboard" / stage), purge_step=resumed_at + 1)
+
+    def write(self, step: int, values: dict) -> None:
+        row = {"step": step, "stage": self.stage, **{k: _plain(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if isinstance(v, float):
+                self.board.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.board.close()
+
+
+def _plain(v):
+    v = np.asarray(v)
+    return bool(v) if v.dtype == bool else int(v) if v.dtype.kind in "iu" else round(float(v), 6)
+
+
+def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: TrainConfig, workdir: Path,
+          *, tokens_of: Callable[[dict], int]) -> dict:
+    """Run ``stage`` to ``cfg.steps`` from its latest complete checkpoint in ``WORKDIR/checkpoints/STAGE`` (or from
+    ``params``); returns the trained parameters. ``data`` is a grain iterator (its state is checkpointed);
+    ``tokens_of(batch)`` counts a batch's real tokens for tokens/s."""
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    workdir = Path(workdir).absolute()
+    optimizer = make_optimizer(cfg, params)
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints" / stage,
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
+                                             enable_async_checkpointing=True))
+    start = manager.latest_step() or 0
+    if start:
+        restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                                  data=ocp.args.JsonRestore()))
+        state = restored.state
+        data.set_state(restored.data)
+    log = MetricsLog(workdir, stage, start)
+    step_fn = make_step(objective, optimizer, cfg.accumulate)
+    schedule = cfg.schedule()
+    bad, tokens, since = 0, 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True)
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            batch = next(data)
+            tokens += tokens_of(batch)
+            state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"], frozen,
+                                                                   batch)
+            bad = 0 if bool(metrics["finite"]) else bad + 1
+            if bad >= cfg.max_bad_steps:
+                raise TrainingDiverged(f"{stage}: {bad} steps in a row had a non-finite loss or gradient (last at "
+                                       f"step {step}); lower {stage}.learning_rate or check the data")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - since
+                values = {**metrics, "tokens_per_sec": tokens / elapsed, "lr": schedule(step - 1),
+                          "skipped_steps_in_a_row": bad}
+                log.write(step, values)
+                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{tokens / elapsed:.0f}")
+                tokens, since = 0, time.perf_counter()
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(data.get_state())),
+                         force=step == cfg.steps)
+            bar.update(1)
+        manager.wait_until_finished()
+    finally:
+        bar.close()
+        log.close()
+        manager.close()
+    return state["params"]
