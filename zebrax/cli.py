@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -89,14 +90,13 @@ def parse_gin(files: list[str | Path], bindings: list[str]):
 def _gin_names(gin, message: str) -> str:
     """What a misspelt binding could have named: the configurable's parameters, or the configurables."""
     import inspect
-    import re
 
     unknown_param = re.search(r"Configurable '([^']+)' doesn't have a parameter named", message)
     if unknown_param:
         fn = gin.config._REGISTRY.get_match(unknown_param.group(1)).wrapped
         return f" (its parameters: {', '.join(inspect.signature(fn).parameters)})"
     if "No configurable matching" in message:
-        names = sorted({name.split(".")[-1] for name in gin.config._REGISTRY})
+        names = sorted({name.split(".")[-1] for name in gin.config._REGISTRY._selector_map})
         return f" (configurables: {', '.join(names)})"
     return ""
 

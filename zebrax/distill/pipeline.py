@@ -148,10 +148,10 @@ def _teacher(exp: Experiment, workdir: Path):
 
             from zebrax.models import build
 
+            rows = data.load_rows(exp.data, codec, exp.seq_len)
             _say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
             module = build(TINY_TEACHER)
             params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
-            rows = data.load_rows(exp.data, codec, exp.seq_len)
             params = train("teacher", _lm_objective(module), params, None,
                            data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3), exp.tiny_teacher, workdir,
                            tokens_of=_real_tokens)

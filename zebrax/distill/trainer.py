@@ -93,7 +93,8 @@ def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformati
 
 def make_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1) -> Callable:
     """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``, jitted; ``metrics`` holds the
-    objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped)."""
+    objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped). ``params`` and
+    ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend can)."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(params, opt_state, frozen, batch):
@@ -160,6 +161,7 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
 
     workdir = Path(workdir).absolute()
     optimizer = make_optimizer(cfg, params)
+    params = jax.tree.map(jnp.array, params)  # a copy: the step donates its inputs, the caller keeps ``params``
     state = {"params": params, "opt_state": optimizer.init(params)}
     manager = ocp.CheckpointManager(
         workdir / "checkpoints" / stage,

@@ -1,0 +1,109 @@
+"""Training data: records from every format, masks of chat prompts and preference pairs, the seeded split, grain
+batches and their saved position, and one-line errors for bad data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from zebrax import data
+from zebrax.data import ByteCodec, DataError
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_text_chat_and_plain_text_rows(tmp_path):
+    codec = ByteCodec()
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    f = write_jsonl(tmp_path / "a.jsonl", [{"text": "abc"}, {"messages": chat}])
+    rows = data.load_rows([f], codec, 64)
+    assert rows["tokens"].shape == (2, 64) and rows["tokens"].dtype == np.int32
+    np.testing.assert_array_equal(rows["tokens"][0, :4], [codec.bos, *b"abc"])
+    assert rows["token_mask"][0].sum() == 4 and rows["loss_mask"][0].sum() == 4
+    # chat: the loss counts the reply only; the position before the reply predicts its first token
+    full = codec.chat(chat, add_generation_prompt=False)
+    prompt = codec.chat(chat[:1], add_generation_prompt=True)
+    assert full[:len(prompt)] == prompt
+    assert rows["token_mask"][1].sum() == len(full)
+    np.testing.assert_array_equal(np.flatnonzero(rows["loss_mask"][1]), np.arange(len(prompt) - 1, len(full)))
+    # plain text: one document per paragraph; long documents are cut to seq_len
+    t = tmp_path / "b.txt"
+    t.write_text("first paragraph\n\nsecond one, longer than eight bytes\n\n\n")
+    rows = data.load_rows([t], codec, 8)
+    assert rows["tokens"].shape == (2, 8) and rows["token_mask"].all()
+
+
+def test_parquet_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one", "two"]}), tmp_path / "d.parquet")
+    rows = data.load_rows([tmp_path / "d.parquet"], ByteCodec(), 16)
+    assert rows["token_mask"].sum(axis=1).tolist() == [4, 4]
+
+
+def test_preference_rows_count_the_replies_only(tmp_path):
+    codec = ByteCodec()
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "yes", "rejected": "no!"}])
+    rows = data.load_rows([f], codec, 64, preference=True)
+    start = len(codec.chat([{"role": "user", "content": "Q?"}], add_generation_prompt=True)) - 1
+    for side, reply in (("chosen", "yes"), ("rejected", "no!")):
+        counted = np.flatnonzero(rows[f"{side}_loss_mask"][0])
+        assert counted[0] == start and rows[f"{side}_token_mask"][0].sum() == counted[-1] + 1
+        assert len(counted) == len(reply) + 2  # the prompt's last token, the reply, and EOS
+
+
+def test_split_is_disjoint_seeded_and_covers_every_document():
+    rows = {"tokens": np.arange(100)[:, None], "token_mask": np.ones((100, 1), bool)}
+    parts = data.split(rows, (0.05, 0.2, 0.75), seed=42)
+    assert [len(p["tokens"]) for p in parts] == [5, 20, 75]
+    ids = np.concatenate([p["tokens"][:, 0] for p in parts])
+    assert sorted(ids.tolist()) == list(range(100))
+    again = data.split(rows, (0.05, 0.2, 0.75), seed=42)
+    assert all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(parts, again, strict=True))
+    assert not np.array_equal(data.split(rows, (0.05, 0.2, 0.75), seed=1)[2]["tokens"], parts[2]["tokens"])
+
+
+def test_batches_are_seeded_sharded_and_resume_from_their_state():
+    rows = {"tokens": np.arange(12)[:, None]}
+    it = data.batches(rows, 3, seed=7)
+    first = [next(it)["tokens"][:, 0].tolist() for _ in range(2)]
+    state = it.get_state()
+    json.dumps(state)  # saved with the checkpoint as JSON
+    rest = [next(it)["tokens"][:, 0].tolist() for _ in range(6)]
+    resumed = data.batches(rows, 3, seed=7)
+    resumed.set_state(state)
+    assert [next(resumed)["tokens"][:, 0].tolist() for _ in range(6)] == rest
+    assert sorted(sum(first + rest[:2], [])) == list(range(12))  # one epoch is every row once
+    assert sum(first + rest[:2], []) != sum(rest[2:6], [])  # the next epoch is shuffled anew
+    for i in range(3):  # process i of 3 reads rows i, i + 3, …
+        got = next(data.batches(rows, 2, seed=0, process_index=i, process_count=3))["tokens"][:, 0]
+        assert set(got.tolist()) <= set(range(i, 12, 3))
+
+
+@pytest.mark.parametrize("records, preference, message", [
+    ([], False, r"no records"),
+    ([{"txt": "typo"}], False, r"a\.jsonl:1: a record needs 'text' \(a string\) or 'messages', it has \['txt'\]"),
+    ([{"text": "ok"}, {"messages": [{"role": "user"}]}], False, r"a\.jsonl:2: 'messages' must be a non-empty list"),
+    ([{"prompt": "Q", "chosen": "A"}], True, r"a\.jsonl:1: a preference record needs .* \(missing 'rejected'\)"),
+])
+def test_bad_records_are_one_line_errors_naming_file_and_line(tmp_path, records, preference, message):
+    f = write_jsonl(tmp_path / "a.jsonl", records)
+    with pytest.raises(DataError, match=message):
+        data.load_rows([f], ByteCodec(), 16, preference=preference)
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such data file"):
+        data.load_rows([tmp_path / "missing.jsonl"], ByteCodec(), 16)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not a JSON object"):
+        data.load_rows([tmp_path / "bad.jsonl"], ByteCodec(), 16)
+    (tmp_path / "d.csv").write_text("text\nhello\n")
+    with pytest.raises(DataError, match=r"d\.csv: unknown data format '\.csv'"):
+        data.load_rows([tmp_path / "d.csv"], ByteCodec(), 16)

@@ -1,0 +1,112 @@
+"""The trainer on toy objectives: which parameters decay and train, gradient accumulation, the non-finite guard, the
+schedule, and the metrics it writes. fp32."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zebrax import data
+from zebrax.distill.trainer import TrainConfig, TrainingDiverged, make_optimizer, make_step, train
+from zebrax.errors import ZebraxError
+
+PARAMS = {"layers_0": {"mixer": {"A_log": jnp.ones(3), "D": jnp.ones(3), "dt_bias": jnp.ones(3),
+                                 "in_proj": {"kernel": jnp.ones((2, 3))}},
+                       "input_layernorm": {"scale": jnp.ones(2)}},
+          "lm_head": {"kernel": jnp.ones((2, 3))}}
+
+
+def fresh(params):
+    """A copy for a step, which donates (consumes) the parameters it is given."""
+    return jax.tree.map(jnp.copy, params)
+
+
+def no_gradient(params, frozen, batch):
+    return 0.0 * sum(jnp.sum(p) for p in jax.tree.leaves(params)), {}
+
+
+def changed(before, after) -> set[str]:
+    flat = lambda t: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree.leaves_with_path(t)}  # noqa: E731
+    b, a = flat(before), flat(after)
+    return {k for k in b if not np.array_equal(b[k], a[k])}
+
+
+def test_weight_decay_spares_ssm_parameters_and_norms():
+    cfg = TrainConfig(steps=2, learning_rate=0.1, warmup_ratio=0.0, final_lr_ratio=1.0, weight_decay=0.5)
+    opt = make_optimizer(cfg, PARAMS)
+    params, _, _ = make_step(no_gradient, opt)(fresh(PARAMS), opt.init(PARAMS), None, {"x": jnp.zeros((1, 1))})
+    assert changed(PARAMS, params) == {"['layers_0']['mixer']['in_proj']['kernel']", "['lm_head']['kernel']"}
+
+
+def test_only_trainable_patterns_are_updated():
+    def pull(params, frozen, batch):  # every parameter has a gradient
+        return sum(jnp.sum((p - 2.0) ** 2) for p in jax.tree.leaves(params)), {}
+
+    cfg = TrainConfig(steps=2, learning_rate=0.1, trainable=("layers_*/mixer/*",))
+    opt = make_optimizer(cfg, PARAMS)
+    params, _, _ = make_step(pull, opt)(fresh(PARAMS), opt.init(PARAMS), None, {"x": jnp.zeros((1, 1))})
+    assert all(k.startswith("['layers_0']['mixer']") for k in changed(PARAMS, params))
+    assert len(changed(PARAMS, params)) == 4
+    with pytest.raises(ZebraxError, match=r"trainable=\['mlp/\*'\] matches no parameter \(paths look like"):
+        make_optimizer(TrainConfig(trainable=("mlp/*",)), PARAMS)
+
+
+def test_accumulated_micro_batches_give_the_full_batch_update(rng):
+    x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+
+    def mse(params, frozen, batch):
+        loss = jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+        return loss, {"mse": loss}
+
+    params = {"w": jnp.zeros(3)}
+    results = []
+    for accumulate in (1, 4):
+        cfg = TrainConfig(steps=3, batch_size=8, accumulate=accumulate, learning_rate=0.1, warmup_ratio=0.0)
+        opt = make_optimizer(cfg, params)
+        step, state, p = make_step(mse, opt, accumulate), opt.init(params), fresh(params)
+        for _ in range(3):
+            p, state, metrics = step(p, state, None, {"x": x, "y": y})
+        results.append((np.asarray(p["w"]), float(metrics["loss"])))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    def sometimes_nan(params, frozen, batch):
+        loss = jnp.sum(params["w"] ** 2) * jnp.where(batch["bad"][0, 0], jnp.nan, 1.0)
+        return loss, {}
+
+    params = {"w": jnp.ones(2)}
+    cfg = TrainConfig(steps=10, batch_size=1, learning_rate=0.1, max_bad_steps=3, log_every=1)
+    opt = make_optimizer(cfg, params)
+    step = make_step(sometimes_nan, opt)
+    after, _, metrics = step(fresh(params), opt.init(params), None, {"bad": jnp.ones((1, 1), bool)})
+    assert not bool(metrics["finite"])
+    np.testing.assert_array_equal(np.asarray(after["w"]), np.ones(2))  # skipped: nothing moved
+    rows = {"bad": np.array([[False], [True], [True], [True]])}
+    it = data.batches(rows, 1, seed=0)
+    with pytest.raises(TrainingDiverged, match=r"toy: 3 steps in a row had a non-finite loss or gradient"):
+        train("toy", sometimes_nan, params, None, it, cfg, tmp_path, tokens_of=lambda b: 1)
+
+
+def test_metrics_lines_and_the_schedule(tmp_path):
+    def quad(params, frozen, batch):
+        loss = jnp.sum((params["w"] - 1.0) ** 2)
+        return loss, {"quad": loss}
+
+    cfg = TrainConfig(steps=20, batch_size=2, learning_rate=0.1, warmup_ratio=0.25, log_every=5,
+                      checkpoint_every=10)
+    it = data.batches({"x": np.zeros((4, 1))}, 2, seed=0)
+    train("toy", quad, {"w": jnp.zeros(3)}, None, it, cfg, tmp_path, tokens_of=lambda b: 2)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20]
+    assert all({"step", "stage", "loss", "tokens_per_sec", "lr", "grad_norm", "quad"} <= r.keys() for r in lines)
+    assert lines[0]["lr"] == pytest.approx(0.1 * 4 / 5)  # step 5 uses the schedule's 5th value: warmup 5 steps
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert (tmp_path / "tensorboard" / "toy").is_dir()
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "toy").iterdir()) == ["10", "20"]
