@@ -107,3 +107,25 @@ def test_bad_files_are_one_line_errors(tmp_path):
     (tmp_path / "d.csv").write_text("text\nhello\n")
     with pytest.raises(DataError, match=r"d\.csv: unknown data format '\.csv'"):
         data.load_rows([tmp_path / "d.csv"], ByteCodec(), 16)
+
+
+@pytest.mark.slow
+def test_generate_data_is_seeded_batched_and_resumes_to_the_same_file(smollm2_checkpoint, tmp_path):
+    """SmolLM2 answers 5 prompts in batches of 2 (sampled); a run cut after one batch, with a torn line, completes
+    to the same file an uninterrupted run writes."""
+    import zebrax
+
+    model = zebrax.load(smollm2_checkpoint)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Name a color, {i}."} for i in range(4)]
+                          + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]}])
+    settings = dict(batch_size=2, max_new_tokens=6, temperature=0.8, seed=3)
+    whole = data.generate_data(model, prompts, tmp_path / "whole.jsonl", **settings).read_text()
+    lines = [json.loads(line) for line in whole.splitlines()]
+    assert [r["id"] for r in lines] == list(range(5))
+    assert lines[4]["messages"][:-1] == [{"role": "user", "content": "Hi"}]  # the teacher replaces the last reply
+    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in lines)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(whole.splitlines(keepends=True)[:3]) + '{"id": 3, "mess')  # killed while writing
+    assert data.generate_data(model, prompts, cut, **settings).read_text() == whole
+    rows = data.load_rows([tmp_path / "whole.jsonl"], data.TokenizerCodec(model.tokenizer), 64)
+    assert rows["loss_mask"].sum() < rows["token_mask"].sum()  # the prompts are masked out of the loss

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -83,3 +84,16 @@ def test_dpo_sigmoid_loss_rewards_margin_and_accuracy():
     assert float(m["reward_margin"]) == pytest.approx(0.25) and float(m["reward_accuracy"]) == 0.5
     assert float(m["reward_chosen"]) == pytest.approx(0.25) and float(m["reward_rejected"]) == pytest.approx(0.0)
     assert float(dpo_loss(ref_c, ref_r, ref_c, ref_r, beta=beta)[0]) == pytest.approx(LOG2)  # policy = reference
+
+
+def test_ild_l2_has_finite_gradients_where_student_and_teacher_agree_exactly():
+    """Padding of packed rows: teacher and student both output exact zeros there; sqrt's derivative at 0 must not
+    turn into NaN through the mask."""
+    h = jnp.zeros((1, 3, 4)).at[0, 0, 0].set(1.0)
+    student = {"block_output": [h], "mixer_output": [h]}
+    teacher = {"block_output": [jnp.zeros((1, 3, 4))], "mixer_output": [jnp.zeros((1, 3, 4))]}
+    mask = jnp.array([[True, True, False]])
+    grad = jax.grad(lambda s: ild_loss({"block_output": [s], "mixer_output": [s]}, teacher, mask))(h)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    np.testing.assert_allclose(np.asarray(grad[0, 0]), [1.0, 0, 0, 0])  # 2 terms × d‖h‖/dh / 2 tokens
+    assert float(ild_loss(student, teacher, mask)) == 1.0

@@ -18,6 +18,17 @@ from flax import struct
 from zebrax.errors import InvalidArgument
 
 
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """``[B, L]`` bool: the first token of each document of packed rows (where the Mamba2 state resets)."""
+    return jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """RoPE positions ``[B, L]`` int32 of packed rows: each token's index within its document."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+    return index - jax.lax.cummax(jnp.where(document_starts(segment_ids), index, 0), axis=1)
+
+
 def token_positions(token_mask: jax.Array, before: jax.Array) -> jax.Array:
     """RoPE positions ``[B, L]`` int32: each real token's index among the real tokens of its row, after ``before``
     ``[B]`` earlier ones (padding is not counted; a padded slot gets its neighbour's position, which no query sees).
@@ -32,18 +43,22 @@ class Slots:
     positions ``[B, L]`` int32: RoPE positions of the new tokens (padding excluded from the count);
     token_mask ``[B, L]`` bool: which new tokens are real (left padding is False);
     kv_mask ``[B, S]`` bool: which key slots hold real tokens (S = L without a cache);
-    offset ``[]`` int32: the slot of the first new token (0 without a cache).
+    offset ``[]`` int32: the slot of the first new token (0 without a cache);
+    segment_ids ``[B, L]`` int32 or None: documents packed into one row (ids >= 1, 0 for padding), kept apart by
+    attention and by the Mamba2 conv and state (full forward passes only, no cache).
     """
 
     positions: jax.Array
     token_mask: jax.Array
     kv_mask: jax.Array
     offset: jax.Array
+    segment_ids: jax.Array | None = None
 
     @classmethod
-    def without_cache(cls, positions: jax.Array, token_mask: jax.Array) -> Slots:
+    def without_cache(cls, positions: jax.Array, token_mask: jax.Array, segment_ids: jax.Array | None = None) -> Slots:
         mask = token_mask.astype(bool)
-        return cls(positions=positions, token_mask=mask, kv_mask=mask, offset=jnp.zeros((), jnp.int32))
+        return cls(positions=positions, token_mask=mask, kv_mask=mask, offset=jnp.zeros((), jnp.int32),
+                   segment_ids=segment_ids)
 
 
 @struct.dataclass

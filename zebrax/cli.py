@@ -312,6 +312,16 @@ def run(
     print(f"({len(out) - len(prompt_tokens)} tokens in {seconds:.2f}s, first call includes compilation)")
 
 
+def cmd_generate_data(args):
+    import zebrax
+    from zebrax.data import generate_data
+
+    out = generate_data(zebrax.load(args.teacher), args.prompts, args.out, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed)
+    print(f"wrote {out}")
+
+
 def cmd_distill(args):
     from zebrax.distill import pipeline
 
@@ -427,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--length", type=int, default=32768)
     bl.add_argument("--new-tokens", type=int, default=8)
     bl.set_defaults(fn=cmd_bench)
+
+    g = sub.add_parser("generate-data", help="the teacher's replies to a prompt file, as chat records (resumable)")
+    g.add_argument("teacher")
+    g.add_argument("--prompts", required=True, help="jsonl of {'messages': [...]} or {'prompt': ...}")
+    g.add_argument("--out", required=True, help="jsonl to write; a re-run completes it")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate_data)
 
     d = sub.add_parser("distill", help="ILD → SMART → KD → DPO from gin files, resumable in --workdir")
     d.add_argument("--gin_file", action="append", required=True, metavar="FILE",

@@ -8,7 +8,9 @@ Records:
 
 A row is one document, cut to ``seq_len`` and right-padded: ``tokens`` ``[L]`` int32, ``token_mask`` ``[L]`` (real
 tokens: attention and the Mamba2 state ignore the rest) and ``loss_mask`` ``[L]`` (positions whose prediction of
-the next token counts). Plain-text files hold one document per paragraph (blank-line separated).
+the next token counts). ``pack`` puts several documents into one row, each with its ``segment_ids`` (1, 2, …; 0 for
+padding), which the models use to keep them apart. Plain-text files hold one document per paragraph (blank-line
+separated).
 
 Batches come from grain: the documents are split once into disjoint parts by ratio (ILD 20% / KD 80% in the
 paper), each part is sharded across JAX processes, shuffled from a seed and repeated; the iterator's state is a
@@ -162,6 +164,41 @@ def load_rows(files: Sequence[str | os.PathLike], codec, seq_len: int, *, prefer
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def pack(rows: dict, seq_len: int) -> dict:
+    """Document rows → packed rows of ``seq_len``: whole documents placed first-fit in their order, each with its
+    own ``segment_ids`` (1, 2, … within a row; 0 for padding)."""
+    lengths = rows["token_mask"].sum(axis=1)
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i, n in enumerate(lengths):
+        fit = next((b for b, f in enumerate(free) if f >= n), None)
+        if fit is None:
+            bins.append([])
+            free.append(seq_len)
+            fit = len(bins) - 1
+        bins[fit].append(i)
+        free[fit] -= n
+    out = {k: np.zeros((len(bins), seq_len), dtype) for k, dtype in
+           (("tokens", np.int32), ("token_mask", bool), ("loss_mask", bool), ("segment_ids", np.int32))}
+    for b, docs in enumerate(bins):
+        at = 0
+        for segment, i in enumerate(docs, 1):
+            n = lengths[i]
+            for k in LM_FIELDS:
+                out[k][b, at:at + n] = rows[k][i, :n]
+            out["segment_ids"][b, at:at + n] = segment
+            at += n
+    return out
+
+
+def next_in_document(batch: dict):
+    """``[B, L-1]``: position t's next token is real and, in packed rows, in t's document (the last token of a
+    packed document predicts nothing that counts)."""
+    real = batch["token_mask"][:, 1:].astype(bool)
+    seg = batch.get("segment_ids")
+    return real if seg is None else real & (seg[:, 1:] == seg[:, :-1])
+
+
 # -- split and batches ------------------------------------------------------------------------------
 def split(rows: dict, ratios: Sequence[float], seed: int) -> list[dict]:
     """Disjoint parts of the documents in proportion to ``ratios`` (a seeded permutation; every part non-empty)."""
@@ -186,3 +223,67 @@ def batches(rows: dict, batch_size: int, seed: int, *, process_index: int = 0, p
     ds = grain.MapDataset.range(n)[process_index::process_count].shuffle(seed=seed).repeat(None)
     ds = ds.map(lambda i: {k: v[i] for k, v in rows.items()}).batch(batch_size, drop_remainder=True)
     return iter(ds.to_iter_dataset())
+
+
+# -- teacher-made data ------------------------------------------------------------------------------
+def _prompt_messages(where: str, record: dict) -> list[dict]:
+    """A prompt record: ``messages`` (a trailing assistant turn is dropped: the teacher replies) or ``prompt``."""
+    if "messages" in record:
+        messages = _messages(where, record["messages"])
+        return messages[:-1] if messages[-1]["role"] == "assistant" and len(messages) > 1 else messages
+    if isinstance(record.get("prompt"), str):
+        return _messages(where, record["prompt"])
+    raise DataError(f"{where}: a prompt record needs 'messages' or 'prompt' (a string), it has {sorted(record)}")
+
+
+def _done(out: Path) -> dict[int, str]:
+    """The complete lines already in ``out`` by id; a line torn by a crash is dropped."""
+    if not out.exists():
+        return {}
+    done = {}
+    for line in out.read_text().splitlines():
+        try:
+            done[int(json.loads(line)["id"])] = line
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def generate_data(model, prompts: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = 16,
+                  max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0) -> Path:
+    """The teacher's replies to every prompt of ``prompts`` → ``out``, one ``{"id", "messages"}`` record a line (the
+    prompt's messages and the reply as the last, ``assistant``, turn), in prompt order.
+
+    Batch k (prompts k·batch_size …) samples with ``seed + k``, so the file does not depend on interruptions: a
+    re-run keeps the complete lines it finds, regenerates the batches that miss any, and rewrites the file in order
+    (atomically) at the end. ``model``: a ``zebrax.Model`` with a chat template."""
+    from tqdm import tqdm
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise DataError(f"generate_data: batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
+    out = Path(out)
+    records = [_prompt_messages(where, r) for where, r in read_records(prompts)]
+    done = _done(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(records), batch_size)
+    with out.open("a") as f, tqdm(total=len(records), initial=sum(i in done for i in range(len(records))),
+                                  desc="generate-data", unit="prompt") as bar:
+        for k, start in enumerate(starts):
+            ids = range(start, min(start + batch_size, len(records)))
+            if all(i in done for i in ids):
+                continue
+            prompt_tokens = [model.chat_tokens(records[i]) for i in ids]
+            outs = model.generate(prompt_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed + k)
+            for i, p, o in zip(ids, prompt_tokens, outs, strict=True):
+                if i not in done:
+                    reply = {"role": "assistant", "content": model.decode(o[len(p):]).strip()}
+                    done[i] = json.dumps({"id": i, "messages": [*records[i], reply]})
+                    f.write(done[i] + "\n")
+                    bar.update(1)
+            f.flush()
+            os.fsync(f.fileno())
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(done[i] + "\n" for i in range(len(records))))
+    os.replace(tmp, out)
+    return out

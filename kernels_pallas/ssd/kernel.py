@@ -10,6 +10,11 @@ for GPU and TPU and run with ``interpret=True`` on the CPU. Inside a chunk of ``
     y           = ((C Bᵀ) ∘ decay) u + exp(cum) ∘ (C Sᵀ)                          [q, p]
     S'          = exp(cum_last) S + uᵀ diag(exp(cum_last − cum)) B               [p, n]
 
+Document starts (``reset``) enter as ``r``, the count of resets at or before each position of its chunk: every
+decay above is multiplied by a mask (positions i, j in one document iff r_i = r_j; the entering state reaches i
+iff r_i = 0; position j reaches the chunk's end iff r_j = r_last), so the cumulative sums never see −inf and the
+backward formulas keep their form with the masked decays.
+
 The forward kernel also stores each chunk's entering state; the backward kernel walks the chunks in
 reverse, carrying dS, and returns du, dB, dC (per head), d cum and d(initial state). Everything that is
 not the scan (u = x·dt, the cumulative sums, padding, the D skip, summing dB/dC over the heads of a
@@ -27,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.common import Block, Sweep, Target, dot, lane_padded, next_power_of_two, resolve_target, sweep_call
-from kernels_pallas.ssd.reference import add_skip
+from kernels_pallas.ssd.reference import add_skip, within_chunk_resets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,25 +69,31 @@ def _row_sum(t):
     return jnp.sum(t, axis=1, keepdims=True)
 
 
-def _chunk_decay(col, row, causal):
-    """exp(cum_i − cum_j) below the diagonal, 0 above (masked before the exp: no overflow)."""
-    return jnp.exp(jnp.where(causal, col - row, -jnp.inf))
+def _decays(col_ref, row_ref, rcol_ref, rrow_ref, start, q, causal):
+    """The masked decays of the chunk at ``start``: (decay ``[q, q]``, from the chunk's start ``[q, 1]``, to its end
+    ``[q, 1]``, across it ``[1, 1]``); last values are loaded, since Triton cannot slice a value."""
+    rows, last_row = pl.ds(start, q), pl.ds(start + q - 1, 1)
+    col, row, last = col_ref[rows, :], row_ref[:, rows], col_ref[last_row, :]
+    r_col, r_row, r_last = rcol_ref[rows, :], rrow_ref[:, rows], rcol_ref[last_row, :]
+    decay = jnp.exp(jnp.where(causal & (r_col == r_row), col - row, -jnp.inf))  # masked before the exp
+    e = jnp.where(r_col == 0, jnp.exp(col), 0.0)
+    w = jnp.where(r_col == r_last, jnp.exp(last - col), 0.0)
+    return decay, e, w, jnp.where(r_last == 0, jnp.exp(last), 0.0)
 
 
-def _forward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, s0_ref, y_ref, states_ref, final_ref, *scratch, sweep, q,
-                    n_chunks):
+def _forward_kernel(u_ref, col_ref, row_ref, rcol_ref, rrow_ref, b_ref, c_ref, s0_ref, y_ref, states_ref, final_ref,
+                    *scratch, sweep, q, n_chunks):
     causal = lax.broadcasted_iota(jnp.int32, (q, q), 0) >= lax.broadcasted_iota(jnp.int32, (q, q), 1)
 
     def chunk(c, state):
         start = sweep.start(c, q)
         rows = pl.ds(start, q)
-        u, col, row = u_ref[rows, :], col_ref[rows, :], row_ref[:, rows]  # [q, p], [q, 1], [1, q]
-        B, C = b_ref[rows, :], c_ref[rows, :]  # [q, n]
-        last = col_ref[pl.ds(start + q - 1, 1), :]  # [1, 1]: loaded, since Triton cannot slice a value
+        u, B, C = u_ref[rows, :], b_ref[rows, :], c_ref[rows, :]  # [q, p], [q, n], [q, n]
+        decay, e, w, e_last = _decays(col_ref, row_ref, rcol_ref, rrow_ref, start, q, causal)
         states_ref[sweep.item(c)] = state
-        scores = dot(C, B, trans_b=True) * _chunk_decay(col, row, causal)
-        y_ref[rows, :] = dot(scores.astype(u.dtype), u) + jnp.exp(col) * dot(C, state.astype(C.dtype), trans_b=True)
-        return jnp.exp(last) * state + dot((u * jnp.exp(last - col)).astype(B.dtype), B, trans_a=True)
+        scores = dot(C, B, trans_b=True) * decay
+        y_ref[rows, :] = dot(scores.astype(u.dtype), u) + e * dot(C, state.astype(C.dtype), trans_b=True)
+        return e_last * state + dot((u * w).astype(B.dtype), B, trans_a=True)
 
     def finish(state):
         final_ref[...] = state
@@ -90,7 +101,7 @@ def _forward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, s0_ref, y_ref, states
     sweep.run(0, n_chunks, chunk, s0_ref[...], finish, scratch)
 
 
-def _backward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
+def _backward_kernel(u_ref, col_ref, row_ref, rcol_ref, rrow_ref, b_ref, c_ref, states_ref, dy_ref, dfinal_ref,
                      du_ref, db_ref, dc_ref, dcol_ref, drow_ref, ds0_ref, *scratch, sweep, q, n_chunks):
     causal = lax.broadcasted_iota(jnp.int32, (q, q), 0) >= lax.broadcasted_iota(jnp.int32, (q, q), 1)
     is_last = lax.broadcasted_iota(jnp.int32, (q, 1), 0) == q - 1
@@ -99,14 +110,11 @@ def _backward_kernel(u_ref, col_ref, row_ref, b_ref, c_ref, states_ref, dy_ref, 
         c = n_chunks - 1 - i
         start = sweep.start(c, q)
         rows = pl.ds(start, q)
-        u, col, row = u_ref[rows, :], col_ref[rows, :], row_ref[:, rows]
-        B, C, dy = b_ref[rows, :], c_ref[rows, :], dy_ref[rows, :]
-        last = col_ref[pl.ds(start + q - 1, 1), :]
+        u, B, C, dy = u_ref[rows, :], b_ref[rows, :], c_ref[rows, :], dy_ref[rows, :]
         state = states_ref[sweep.item(c)]  # [p, n] entering this chunk
         low = lambda t: t.astype(u.dtype)  # noqa: E731  (products take the inputs' dtype)
-        decay = _chunk_decay(col, row, causal)
+        decay, e, w, e_last = _decays(col_ref, row_ref, rcol_ref, rrow_ref, start, q, causal)
         G = dot(C, B, trans_b=True)
-        e, w, e_last = jnp.exp(col), jnp.exp(last - col), jnp.exp(last)  # [q, 1], [q, 1], [1, 1]
         # y = (G ∘ decay) u + e ∘ (C Sᵀ)
         d_scores = dot(low(dy), u, trans_b=True) * decay  # dG
         T = d_scores * G  # d(decay) ∘ decay
@@ -157,52 +165,54 @@ def _pallas(kernel, name, u, B, q, target, in_names, out_names, *args, reverse=F
     )(*args)
 
 
-def _forward(u, cum, B, C, s0, q, target):
+def _forward(u, cum, counts, B, C, s0, q, target):
     return _pallas(_forward_kernel, "ssd_forward", u, B, q, target,
-                   ["seq_p", "col", "row", "group", "group", "state"], ["seq_p", "states", "state"],
-                   u, cum[..., None], cum[:, :, None, :], B, C, s0)
+                   ["seq_p", "col", "row", "col", "row", "group", "group", "state"], ["seq_p", "states", "state"],
+                   u, cum[..., None], cum[:, :, None, :], counts[..., None], counts[:, :, None, :], B, C, s0)
 
 
-def _backward(u, cum, B, C, states, dy, dfinal, q, target):
+def _backward(u, cum, counts, B, C, states, dy, dfinal, q, target):
     return _pallas(_backward_kernel, "ssd_backward", u, B, q, target,
-                   ["seq_p", "col", "row", "group", "group", "states", "seq_p", "state"],
+                   ["seq_p", "col", "row", "col", "row", "group", "group", "states", "seq_p", "state"],
                    ["seq_p", "seq_n", "seq_n", "col", "row", "state"],
-                   u, cum[..., None], cum[:, :, None, :], B, C, states, dy, dfinal, reverse=True)
+                   u, cum[..., None], cum[:, :, None, :], counts[..., None], counts[:, :, None, :], B, C, states, dy,
+                   dfinal, reverse=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def ssd_scan(u, cum, B, C, initial_state, q: int, target: Target):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def ssd_scan(u, cum, counts, B, C, initial_state, q: int, target: Target):
     """The kernel-level scan on padded, head-major arrays: u ``[b, h, L, p]`` (x·dt), B/C ``[b, g, L, n]`` in
     one dtype (the products' operands: bf16/fp16 on the tensor cores, or float32), cum ``[b, h, L]`` (within-
-    chunk cumulative dt·A) and initial_state ``[b, h, p, n]`` float32; L a multiple of q → (y ``[b, h, L, p]``
-    without the D skip, final state), both float32."""
-    y, _, final = _forward(u, cum, B, C, initial_state, q, target)
+    chunk cumulative dt·A), counts ``[b, h, L]`` (within-chunk cumulative document starts) and initial_state
+    ``[b, h, p, n]`` float32; L a multiple of q → (y ``[b, h, L, p]`` without the D skip, final state), float32."""
+    y, _, final = _forward(u, cum, counts, B, C, initial_state, q, target)
     return y, final
 
 
-def _ssd_scan_fwd(u, cum, B, C, initial_state, q, target):
-    y, states, final = _forward(u, cum, B, C, initial_state, q, target)
-    return (y, final), (u, cum, B, C, states)
+def _ssd_scan_fwd(u, cum, counts, B, C, initial_state, q, target):
+    y, states, final = _forward(u, cum, counts, B, C, initial_state, q, target)
+    return (y, final), (u, cum, counts, B, C, states)
 
 
 def _ssd_scan_bwd(q, target, residuals, cotangents):
-    u, cum, B, C, states = residuals
+    u, cum, counts, B, C, states = residuals
     dy, dfinal = cotangents
-    du, dB, dC, dcol, drow, ds0 = _backward(u, cum, B, C, states, dy, dfinal, q, target)
+    du, dB, dC, dcol, drow, ds0 = _backward(u, cum, counts, B, C, states, dy, dfinal, q, target)
     b, h, length, n = dB.shape
     g = B.shape[1]
     per_group = lambda t: t.reshape(b, g, h // g, length, n).sum(axis=2)  # noqa: E731
-    return (du.astype(u.dtype), dcol[..., 0] + drow[:, :, 0, :], per_group(dB).astype(B.dtype),
-            per_group(dC).astype(C.dtype), ds0)
+    return (du.astype(u.dtype), dcol[..., 0] + drow[:, :, 0, :], jnp.zeros_like(counts),
+            per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype), ds0)
 
 
 ssd_scan.defvjp(_ssd_scan_fwd, _ssd_scan_bwd)
 
 
-def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, block_sizes: BlockSizes | None = None,
-               interpret: bool | None = None, backend: str | None = None):
+def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, reset=None,
+               block_sizes: BlockSizes | None = None, interpret: bool | None = None, backend: str | None = None):
     """Same contract as ``ssd_reference``: x ``[b, l, h, p]``, dt ``[b, l, h]``, A ``[h]``, B/C ``[b, l, g, n]``,
-    D ``[h]``, initial_state ``[b, h, p, n]`` → (y in x's dtype, final state float32). Differentiable.
+    D ``[h]``, initial_state ``[b, h, p, n]``, reset ``[b, l]`` bool → (y in x's dtype, final state float32).
+    Differentiable.
 
     The products take u = x·dt, B and C in the inputs' common dtype and accumulate in float32; decays, states
     and outputs are float32. ``backend`` ("gpu", "tpu"; default: the current one) picks the kernel form,
@@ -224,8 +234,10 @@ def ssd_pallas(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, b
     u = padded(x.astype(f32) * dt.astype(f32)[..., None], p_pad)
     a = jnp.swapaxes(jnp.pad(dt.astype(f32) * A.astype(f32), [(0, 0), (0, pad_len), (0, 0)]), 1, 2)  # [b, h, L]
     cum = jnp.cumsum(a.reshape(b, h, -1, q), axis=-1).reshape(b, h, -1)
+    reset = jnp.zeros((b, length), bool) if reset is None else reset
+    counts = jnp.broadcast_to(within_chunk_resets(reset, length, q).reshape(b, 1, -1), cum.shape)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
     s0 = jnp.pad(s0, [(0, 0), (0, 0), (0, p_pad - p), (0, n_pad - n)])
-    y, final = ssd_scan(u, cum, padded(B, n_pad), padded(C, n_pad), s0, q, target)
+    y, final = ssd_scan(u, cum, counts, padded(B, n_pad), padded(C, n_pad), s0, q, target)
     y = jnp.swapaxes(y[:, :, :length, :p], 1, 2)
     return add_skip(y, x, D).astype(x.dtype), final[:, :, :p, :n]

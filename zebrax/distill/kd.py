@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import jax
 
+from zebrax.data import next_in_document
 from zebrax.distill.losses import ce_loss, kl_loss
 from zebrax.models.decoder import DecoderLM
 
@@ -15,21 +16,22 @@ from zebrax.models.decoder import DecoderLM
 def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "forward", temperature: float = 1.0,
                  normalize: str = "token", ce_weight: float = 0.0) -> Callable:
     """The trainer's objective ``(student_params, teacher_params, batch) -> (loss, {"kl", "ce"})``. ``batch``:
-    ``tokens``, ``token_mask`` (real tokens; padding is False, for attention and the Mamba2 state) and ``loss_mask``
-    (positions whose predictions count, e.g. False on prompt tokens). Loss: ``kl_loss`` (forward KL at temperature 1
-    by default, as the paper) plus ``ce_weight`` × the cross-entropy of the next tokens. ``normalize="token"`` (the
-    default) averages over counted tokens, so the loss scale does not depend on lengths or padding; ``"sequence"``
-    sums over tokens and divides by the batch size, as the reference code does."""
+    ``tokens``, ``token_mask`` (real tokens; padding is False, for attention and the Mamba2 state), ``loss_mask``
+    (positions whose predictions count, e.g. False on prompt tokens) and, for packed rows, ``segment_ids``. Loss:
+    ``kl_loss`` (forward KL at temperature 1 by default, as the paper) plus ``ce_weight`` × the cross-entropy of the
+    next tokens. ``normalize="token"`` (the default) averages over counted tokens, so the loss scale does not depend
+    on lengths or padding; ``"sequence"`` sums over tokens and divides by the batch size, as the reference code
+    does."""
 
     def objective(student_params, teacher_params, batch):
         tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
         loss_mask = batch["loss_mask"].astype(bool) & token_mask
-        teacher_logits = jax.lax.stop_gradient(
-            teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask)[0])
-        logits = student.apply({"params": student_params}, tokens, token_mask=token_mask)[0]
+        rows = dict(token_mask=token_mask, segment_ids=batch.get("segment_ids"))
+        teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0])
+        logits = student.apply({"params": student_params}, tokens, **rows)[0]
         kl = kl_loss(teacher_logits, logits, loss_mask, direction=direction, temperature=temperature,
                      normalize=normalize)
-        ce = ce_loss(logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] & token_mask[:, 1:], normalize=normalize)
+        ce = ce_loss(logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] & next_in_document(batch), normalize=normalize)
         return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 
     return objective

@@ -32,6 +32,14 @@ def _normalized(per_token: jax.Array, mask: jax.Array | None, normalize: str) ->
     return total / per_token.shape[0]
 
 
+def _norm(diff: jax.Array) -> jax.Array:
+    """‖diff‖₂ over the last axis, with gradient 0 (not NaN) where it is exactly 0 — e.g. at padding, where teacher
+    and student both output zeros."""
+    sq = jnp.sum(diff * diff, axis=-1)
+    nonzero = sq > 0
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
 def ild_loss(student: dict, teacher: dict, mask: jax.Array | None = None, *, kind: str = "l2") -> jax.Array:
     """Intermediate-layer distillation: Σ_l [mean over tokens of ‖h_s − h_t‖ + mean of ‖a_s − a_t‖], h the block
     outputs and a the mixer outputs of each layer (the reference code's non-squared L2 norm over the hidden axis),
@@ -49,7 +57,7 @@ def ild_loss(student: dict, teacher: dict, mask: jax.Array | None = None, *, kin
         for s, t in zip(student[name], teacher[name], strict=True):
             diff = s.astype(jnp.float32) - t.astype(jnp.float32)
             if kind == "l2":
-                total += _normalized(jnp.sqrt(jnp.sum(diff * diff, axis=-1)), mask, "token")
+                total += _normalized(_norm(diff), mask, "token")
             else:
                 total += _normalized(jnp.mean(diff * diff, axis=-1), mask, "token")
     return total

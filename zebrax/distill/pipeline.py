@@ -47,19 +47,32 @@ TINY_TEACHER = LlamaConfig(vocab_size=data.ByteCodec.vocab_size, hidden_size=64,
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """A distillation run. ``teacher``: a zebrax Llama checkpoint, or ``"tiny"`` (a random tiny Llama first
-trained on ``data`` by ``tiny_teacher``'s settings, next-token cross-entropy). ``data``: text/chat files for ILD,
-    KD and the held-out rows; ``split``: the fractions of documents (held-out, ILD, KD); ``preferences``: DPO pairs
-    (none: no DPO). ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …);
-    ``num_mla``: MLA layers SMART places. KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``:
-    the mean over counted tokens, the default, so the loss scale does not move with lengths and padding;
-    ``"sequence"``: the reference code's sum over tokens divided by the batch), ``kd_ce_weight``."""
+    """A distillation run.
+
+    - ``teacher``: a zebrax Llama checkpoint, or ``"tiny"`` (a random tiny Llama first trained on ``data`` by
+      ``tiny_teacher``'s settings, next-token cross-entropy).
+    - ``data``: text/chat files for ILD, KD and the held-out rows; ``generation_prompts``: a prompt file the teacher
+      answers first (``generate_data`` with the ``generation`` settings), its replies cached in ``generated_data``
+      (reused by every later run) and added to ``data``.
+    - ``pack``: several documents per training row of ``seq_len`` tokens, kept apart by segment ids (the held-out
+      rows stay one document each); ``split``: the fractions of documents (held-out, ILD, KD).
+    - ``preferences``: DPO pairs (none: no DPO).
+    - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …); ``num_mla``: MLA
+      layers SMART places.
+    - KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``: the mean over counted tokens, the
+      default, so the loss scale does not move with lengths and padding; ``"sequence"``: the reference code's sum
+      over tokens divided by the batch), ``kd_ce_weight``.
+    """
 
     teacher: str = "tiny"
     tiny_teacher: TrainConfig = TrainConfig(steps=200, learning_rate=3e-3, warmup_ratio=0.05)
     data: tuple[str, ...] = ()
+    generation_prompts: str = ""
+    generated_data: str = ""
+    generation: dict = dataclasses.field(default_factory=dict)
     preferences: tuple[str, ...] = ()
     seq_len: int = 128
+    pack: bool = True
     split: tuple[float, float, float] = (0.05, 0.19, 0.76)
     seed: int = 0
     student: dict = dataclasses.field(default_factory=dict)
@@ -131,8 +144,8 @@ def _lm_objective(model):
 
     def objective(params, _, batch):
         tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
-        logits = model.apply({"params": params}, tokens, token_mask=token_mask)[0]
-        counted = batch["loss_mask"][:, :-1].astype(bool) & token_mask[:, 1:]
+        logits = model.apply({"params": params}, tokens, token_mask=token_mask, segment_ids=batch.get("segment_ids"))[0]
+        counted = batch["loss_mask"][:, :-1].astype(bool) & data.next_in_document(batch)
         ce = ce_loss(logits[:, :-1], tokens[:, 1:], counted)
         return ce, {"ce": ce}
 
@@ -149,6 +162,7 @@ def _teacher(exp: Experiment, workdir: Path):
             from zebrax.models import build
 
             rows = data.load_rows(exp.data, codec, exp.seq_len)
+            rows = data.pack(rows, exp.seq_len) if exp.pack else rows
             _say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
             module = build(TINY_TEACHER)
             params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
@@ -200,7 +214,18 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     t_config, t_params, codec, tokenizer = _teacher(exp, workdir)
     teacher = build(t_config)
     t_params = jax.device_put(t_params)
-    held, ild_rows, kd_rows = data.split(data.load_rows(exp.data, codec, exp.seq_len), exp.split, exp.seed)
+    files = exp.data
+    if exp.generation_prompts:
+        if not exp.generated_data or tokenizer is None:
+            raise ConfigError("distill.generation_prompts needs distill.generated_data (where the replies go) and a "
+                              "teacher with a chat template")
+        _say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
+        data.generate_data(Model(t_config, t_params, codec.tokenizer), exp.generation_prompts, exp.generated_data,
+                           **exp.generation)
+        files = (*files, exp.generated_data)
+    held, ild_rows, kd_rows = data.split(data.load_rows(files, codec, exp.seq_len), exp.split, exp.seed)
+    if exp.pack:  # the held-out rows stay one document each
+        ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     evals_path = workdir / "eval.json"
     evals = json.loads(evals_path.read_text()) if evals_path.exists() else {}

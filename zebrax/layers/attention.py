@@ -39,7 +39,8 @@ class Attention(nn.Module):
         if cache is not None:
             cache = cache.update(k, v, slots.offset)
             k, v = cache.k, cache.v
-        out = ops.attention(q, k, v, kv_mask=slots.kv_mask, q_offset=slots.offset, impl=self.impl)
+        out = ops.attention(q, k, v, kv_mask=slots.kv_mask, q_offset=slots.offset, segment_ids=slots.segment_ids,
+                            impl=self.impl)
         out = Linear((x.shape[-1],), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
         return out, cache
 

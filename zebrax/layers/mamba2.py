@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from zebrax import ops
-from zebrax.cache import Slots, SSMCache
+from zebrax.cache import Slots, SSMCache, document_starts
 from zebrax.config import Mamba2Config
 from zebrax.layers.activations import ACTIVATIONS
 from zebrax.layers.linear import Linear
@@ -57,7 +57,9 @@ class Mamba2Mixer(nn.Module):
     """x ``[B, L, d_model]`` → ``[B, L, d_model]``; with a cache, the conv and SSM states are read and returned.
 
     Same call as the attention mixers. ``slots.token_mask`` ``[B, L]`` marks real tokens: padded positions
-    are no-op steps (zero conv input, dt = 0), so left padding does not change the state.
+    are no-op steps (zero conv input, dt = 0), so left padding does not change the state. With
+    ``slots.segment_ids`` (packed rows) the conv reads no input across a document start and the SSM state resets
+    there (``ops.ssd``'s ``reset``).
     """
 
     config: Mamba2Config
@@ -75,7 +77,7 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = jnp.split(proj, [sizes["z"], sizes["z"] + cfg.conv_dim], axis=-1)
         mask = slots.token_mask[..., None]
 
-        xbc, conv_state = self._conv(xbc * mask, cache)
+        xbc, conv_state = self._conv(xbc * mask, cache, slots.segment_ids)
         xbc = ACTIVATIONS[cfg.activation](xbc) * mask
         xs, B, C = jnp.split(xbc, [sizes["x"], sizes["x"] + sizes["B"]], axis=-1)
         xs = jnp.repeat(xs.reshape(b, length, cfg.x_heads, cfg.head_dim), cfg.n_heads // cfg.x_heads, axis=2)
@@ -92,8 +94,9 @@ class Mamba2Mixer(nn.Module):
             y, ssm_state = ops.ssd_decode_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, cache.ssm)
             y = y[:, None]
         else:
+            reset = None if slots.segment_ids is None else document_starts(slots.segment_ids)
             y, ssm_state = ops.ssd(xs, dt, A, B, C, D, chunk_size=cfg.chunk_size,
-                                   initial_state=None if cache is None else cache.ssm, impl=self.impl)
+                                   initial_state=None if cache is None else cache.ssm, reset=reset, impl=self.impl)
         y = GatedRMSNorm(cfg.n_groups, cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(
             y.reshape(b, length, cfg.d_inner), z
         )
@@ -105,9 +108,10 @@ class Mamba2Mixer(nn.Module):
         return self.param(name, nn.with_logical_partitioning(init, ("ssm_heads",)), (self.config.n_heads,),
                           self.param_dtype)
 
-    def _conv(self, xbc: jax.Array, cache: SSMCache | None):
+    def _conv(self, xbc: jax.Array, cache: SSMCache | None, segment_ids: jax.Array | None = None):
         """Causal depthwise conv over time: xbc ``[B, L, conv_dim]``; the kernel-1 inputs before the first
-        come from the cache (zeros without one). Returns the conv output and the new conv state."""
+        come from the cache (zeros without one); with ``segment_ids`` ``[B, L]`` only inputs of the output's own
+        document count. Returns the conv output and the new conv state."""
         cfg = self.config
         k = cfg.conv_kernel
         kernel = self.param("conv_kernel", nn.with_logical_partitioning(conv_init(cfg), ("conv", "ssm_conv")),
@@ -118,7 +122,12 @@ class Mamba2Mixer(nn.Module):
             history = jnp.swapaxes(cache.conv, 1, 2).astype(xbc.dtype)
         padded = jnp.concatenate([history, xbc], axis=1)  # [B, k - 1 + L, conv_dim]
         length = xbc.shape[1]
-        out = sum(padded[:, i:i + length] * kernel[i] for i in range(k))
+        if segment_ids is None:
+            out = sum(padded[:, i:i + length] * kernel[i] for i in range(k))
+        else:  # tap i reads position t - (k - 1) + i: only from the same document
+            seg = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)
+            out = sum(jnp.where((seg[:, i:i + length] == segment_ids)[..., None], padded[:, i:i + length], 0)
+                      * kernel[i] for i in range(k))
         if cfg.use_conv_bias:
             bias = self.param("conv_bias", nn.with_logical_partitioning(conv_init(cfg), ("ssm_conv",)), (cfg.conv_dim,),
                               self.param_dtype)

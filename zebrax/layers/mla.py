@@ -70,7 +70,8 @@ class MLAttention(nn.Module):
                            (r, g, nope + dv), self.param_dtype).astype(self.dtype)
         w_kb, w_vb = w_kvb[..., :nope], w_kvb[..., nope:]
         scale = softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
-        attend = dict(kv_mask=slots.kv_mask, q_offset=slots.offset, scale=scale, impl=self.impl)
+        attend = dict(kv_mask=slots.kv_mask, q_offset=slots.offset, scale=scale, segment_ids=slots.segment_ids,
+                      impl=self.impl)
         b, length = x.shape[:2]
         if absorbed if absorbed is not None else (cache is not None and length == 1):
             q_lat = jnp.einsum("blgjd,cgd->blgjc", q_nope.reshape(b, length, g, h // g, nope), w_kb)

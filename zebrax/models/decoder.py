@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zebrax.cache import Cache, Slots, token_positions
+from zebrax.cache import Cache, Slots, segment_positions, token_positions
 from zebrax.config import LayerSpec
+from zebrax.errors import InvalidArgument
 from zebrax.layers import Attention, Embed, Linear, RMSNorm, SwiGLU
 from zebrax.layers.mamba2 import Mamba2Mixer
 from zebrax.layers.mla import MLAttention
@@ -48,11 +49,20 @@ def ops_of(config) -> tuple[str, ...]:
     return tuple(op for op in ("attention", "ssd") if op in used)
 
 
-def make_slots(tokens: jax.Array, positions, token_mask, cache: Cache | None) -> Slots:
+def make_slots(tokens: jax.Array, positions, token_mask, cache: Cache | None, segment_ids=None) -> Slots:
     """Where new tokens sit. ``token_mask`` defaults to all real; ``positions`` to ``token_positions``: each real
-    token's index among the real tokens of its row, counting those already in the cache."""
+    token's index among the real tokens of its row, counting those already in the cache — or, for packed rows
+    (``segment_ids``, no cache), each token's index within its document."""
     b, length = tokens.shape
     token_mask = jnp.ones((b, length), bool) if token_mask is None else token_mask.astype(bool)
+    if segment_ids is not None:
+        if cache is not None:
+            raise InvalidArgument("segment_ids (packed rows) are for full forward passes, not with a decode cache")
+        if tuple(segment_ids.shape) != (b, length):
+            raise InvalidArgument(f"segment_ids has shape {tuple(segment_ids.shape)}, expected {(b, length)}")
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        return Slots.without_cache(segment_positions(segment_ids) if positions is None else positions, token_mask,
+                                   segment_ids)
     if positions is None:
         before = jnp.zeros((b,), jnp.int32) if cache is None else cache.num_tokens()
         positions = token_positions(token_mask, before)
@@ -110,17 +120,20 @@ class DecoderLM(nn.Module):
     """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32 (``[B, 1, vocab]`` with ``last_only``).
 
     ``token_mask`` ``[B, L]`` marks real tokens (left padding is False); ``positions`` ``[B, L]`` default to
-    ``make_slots``'s. With a ``cache`` the tokens are appended at ``cache.index`` and the updated cache is
-    returned; without one the second output is None. ``impls``: the implementation of each op.
+    ``make_slots``'s; ``segment_ids`` ``[B, L]`` (ids >= 1, 0 for padding) packs several documents into a row, each
+    computed as if alone (positions restart, attention and the Mamba2 state stay within it). With a ``cache`` the
+    tokens are appended at ``cache.index`` and the updated cache is returned; without one the second output is
+    None. ``impls``: the implementation of each op.
     """
 
     config: Any
     impls: Impls = Impls()
 
     @nn.compact
-    def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False):
+    def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False,
+                 segment_ids=None):
         cfg = self.config
-        slots = make_slots(tokens, positions, token_mask, cache)
+        slots = make_slots(tokens, positions, token_mask, cache, segment_ids)
         embedding = embed_tokens(cfg)
         x = embedding(tokens)
         new_layers = []

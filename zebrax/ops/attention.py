@@ -3,7 +3,8 @@
 Slots, not positions, define causality: query ``i`` sits in key slot ``q_offset + i`` and sees key
 slots ``j <= q_offset + i`` for which ``kv_mask`` is true. The same call serves a full forward pass
 (``q_offset = 0``, keys = the queries' own tokens) and a decode step over a preallocated cache
-(``q_offset`` = the cache index, ``kv_mask`` = which cache slots hold real tokens).
+(``q_offset`` = the cache index, ``kv_mask`` = which cache slots hold real tokens). ``segment_ids`` ``[B, Lk]``
+(ids >= 1, 0 for padding) keeps documents packed into one row apart: a query sees only its own document's keys.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def attention(
     kv_mask: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
     impl: str | AttentionImpl = AttentionImpl.AUTO,
 ) -> jax.Array:
     """q ``[B, Lq, H, Dqk]``, k ``[B, Lk, G, Dqk]``, v ``[B, Lk, G, Dv]`` → ``[B, Lq, H, Dv]``.
@@ -56,10 +58,10 @@ def attention(
     if impl is AttentionImpl.PALLAS:
         from kernels_pallas.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
+        return flash_attention(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale, segment_ids=segment_ids)
     if impl is AttentionImpl.BLOCKED:
-        return attention_blocked(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
-    return attention_reference(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
+        return attention_blocked(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale, segment_ids=segment_ids)
+    return attention_reference(q, k, v, kv_mask=kv_mask, q_offset=q_offset, scale=scale, segment_ids=segment_ids)
 
 
 def latent_attention(
@@ -70,20 +72,26 @@ def latent_attention(
     kv_mask: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
     scale: float,
+    segment_ids: jax.Array | None = None,
     impl: str | AttentionImpl = AttentionImpl.AUTO,
 ) -> jax.Array:
     """MLA's absorbed attention over the latent cache: one KV head whose key is the whole latent and whose
     value is its first ``value_dim`` entries (``c_kv`` of ``[c_kv ; k_pe]``).
 
     q ``[B, Lq, H, D]`` (queries already in latent space), latent ``[B, S, D]`` → ``[B, Lq, H, value_dim]``.
-    The Pallas kernel (split along the cache) is forward only; the blocked path has gradients.
+    The Pallas kernel (split along the cache) is forward only and for decoding: it takes no ``segment_ids``; the
+    blocked path has gradients.
     """
     impl = _resolve(impl, "mla_decode")
     if impl is AttentionImpl.PALLAS:
         from kernels_pallas.mla_decode import mla_decode
 
+        if segment_ids is not None:
+            raise InvalidArgument("latent_attention: the Pallas decode kernel takes no segment_ids (packed rows); "
+                                  "use impl='blocked' or 'reference'")
         return mla_decode(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
     if impl is AttentionImpl.BLOCKED:
         return attention_blocked(q, latent[:, :, None], None, value_dim=value_dim, kv_mask=kv_mask,
-                                 q_offset=q_offset, scale=scale)
-    return latent_attention_reference(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale)
+                                 q_offset=q_offset, scale=scale, segment_ids=segment_ids)
+    return latent_attention_reference(q, latent, value_dim=value_dim, kv_mask=kv_mask, q_offset=q_offset, scale=scale,
+                                      segment_ids=segment_ids)

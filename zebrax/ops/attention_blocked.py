@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels_pallas.flash_attention.reference import query_segments
+
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -31,12 +33,16 @@ class Blocks:
     block_k: int = 512
 
 
-def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_dim=None,
+def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_dim=None, segment_ids=None,
                       blocks: Blocks = Blocks()):
     """q ``[B, Lq, H, Dqk]``, k ``[B, Lk, G, Dqk]``, v ``[B, Lk, G, Dv]`` (or None with ``value_dim``:
     the value is ``k[..., :value_dim]``, MLA's latent) → ``[B, Lq, H, Dv]`` in v's (k's) dtype.
 
-    kv_mask ``[B, Lk]`` bool (None: every key real); q_offset: the key slot of query 0 (int or traced).
+    kv_mask ``[B, Lk]`` bool (None: every key real); q_offset: the key slot of query 0 (int or traced);
+    segment_ids ``[B, Lk]`` int (ids >= 1) or None: a query sees only keys of its own segment.
+
+    Inside, keys carry labels (the segment id of a real key, 1 without segments; 0 for a masked one) and, with
+    segments, queries too: a key is visible to a query whose label it shares.
     """
     b, lq, h, dqk = q.shape
     lk, g = k.shape[1], k.shape[2]
@@ -45,11 +51,16 @@ def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_di
     bq, bk = min(blocks.block_q, lq), min(blocks.block_k, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
     kv_mask = jnp.ones((b, lk), bool) if kv_mask is None else kv_mask
+    labels = (kv_mask.astype(jnp.int32) if segment_ids is None else jnp.where(kv_mask, segment_ids, 0), None)
+    if segment_ids is not None:
+        q_labels = query_segments(segment_ids.astype(jnp.int32), q_offset, lq)
+        q_labels = jnp.where(q_labels > 0, q_labels, -1)  # a padding query matches no key, masked ones included
+        labels = (labels[0], jnp.pad(q_labels, ((0, 0), (0, nq * bq - lq)), constant_values=-1))
     if nk * bk != lk:
         pad = ((0, 0), (0, nk * bk - lk), (0, 0), (0, 0))
         k = jnp.pad(k, pad)
         v = None if v is None else jnp.pad(v, pad)
-        kv_mask = jnp.pad(kv_mask, ((0, 0), (0, nk * bk - lk)))
+        labels = (jnp.pad(labels[0], ((0, 0), (0, nk * bk - lk))), labels[1])
     if nq * bq != lq:
         q = jnp.pad(q, ((0, 0), (0, nq * bq - lq), (0, 0), (0, 0)))
     # [B, Lq, H, D] -> [nq, B, G, bq * R, D]: a query block's rows are (query, head of the group)
@@ -58,7 +69,7 @@ def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_di
     qt = q.reshape(b, nq, bq, g, h // g, dqk).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b, g, bq * (h // g), dqk)
     geometry = _Geometry(bq=bq, bk=bk, nk=nk, r=h // g, scale=scale,
                          value_dim=value_dim if v is None else v.shape[-1])
-    out = _blocked(geometry, qt, k, v, kv_mask, jnp.asarray(q_offset, jnp.int32))
+    out = _blocked(geometry, qt, k, v, labels, jnp.asarray(q_offset, jnp.int32))
     dv = out.shape[-1]
     out = out.reshape(nq, b, g, bq, h // g, dv).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, dv)
     return out[:, :lq].astype(out_dtype)
@@ -74,9 +85,16 @@ class _Geometry:
     value_dim: int
 
 
-def _visible(geo: _Geometry, i, j, kv_mask, q_offset, causal=True):
-    """[B, 1, bq * R, bk] bool: key slot <= the row's query slot, and the key is real."""
-    real = lax.dynamic_slice_in_dim(kv_mask, j * geo.bk, geo.bk, axis=1)[:, None, None, :]
+def _visible(geo: _Geometry, i, j, labels, q_offset, causal=True):
+    """[B, 1, bq * R, bk] bool: key slot <= the row's query slot, and the key's label is the row's (is non-zero,
+    without query labels)."""
+    k_labels, q_labels = labels
+    k_l = lax.dynamic_slice_in_dim(k_labels, j * geo.bk, geo.bk, axis=1)
+    if q_labels is None:
+        real = (k_l > 0)[:, None, None, :]
+    else:  # a block's rows are (query, head of the group)
+        q_l = jnp.repeat(lax.dynamic_slice_in_dim(q_labels, i * geo.bq, geo.bq, axis=1), geo.r, axis=1)
+        real = (q_l[:, :, None] == k_l[:, None, :])[:, None]
     if not causal:
         return real
     q_slot = q_offset + i * geo.bq + jnp.arange(geo.bq * geo.r) // geo.r
@@ -134,7 +152,7 @@ def _value_block(geo: _Geometry, k_j, v, j):
     return k_j[..., :geo.value_dim] if v is None else _block(geo, v, j)
 
 
-def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
+def _forward(geo: _Geometry, qt, k, v, labels, q_offset):
     """(out ``[nq, B, G, M, Dv]`` float32, lse ``[nq, B, G, M]``); v None: the value is k's prefix."""
     def query_block(args):
         i, q_i = args
@@ -142,7 +160,7 @@ def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
         def key_block(j, carry, causal):
             m, denom, acc = carry
             k_j = _block(geo, k, j)
-            s = jnp.where(_visible(geo, i, j, kv_mask, q_offset, causal), _scores(geo, q_i, k_j), -jnp.inf)
+            s = jnp.where(_visible(geo, i, j, labels, q_offset, causal), _scores(geo, q_i, k_j), -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
@@ -163,7 +181,7 @@ def _forward(geo: _Geometry, qt, k, v, kv_mask, q_offset):
     return lax.map(query_block, (jnp.arange(qt.shape[0]), qt))
 
 
-def _backward(geo: _Geometry, qt, k, v, kv_mask, q_offset, out, lse, d_out):
+def _backward(geo: _Geometry, qt, k, v, labels, q_offset, out, lse, d_out):
     """FlashAttention-2: (dqt, dk, dv) with every block's probabilities recomputed from ``lse``."""
     delta = jnp.sum(d_out * out, axis=-1)  # [nq, B, G, M]
     def query_block(i, carry):
@@ -175,7 +193,7 @@ def _backward(geo: _Geometry, qt, k, v, kv_mask, q_offset, out, lse, d_out):
             k_j = _block(geo, k, j)
             v_j = _value_block(geo, k_j, v, j)
             s = _scores(geo, q_i, k_j)
-            p = jnp.where(_visible(geo, i, j, kv_mask, q_offset), jnp.exp(s - lse_i[..., None]), 0.0)
+            p = jnp.where(_visible(geo, i, j, labels, q_offset), jnp.exp(s - lse_i[..., None]), 0.0)
             dv_j = jnp.einsum("bgmk,bgmd->bkgd", p, do_i, preferred_element_type=jnp.float32)
             dp = jnp.einsum("bgmd,bkgd->bgmk", do_i, v_j, preferred_element_type=jnp.float32)
             ds = p * (dp - delta_i[..., None]) * geo.scale
@@ -199,14 +217,14 @@ def _backward(geo: _Geometry, qt, k, v, kv_mask, q_offset, out, lse, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked(geo, qt, k, v, kv_mask, q_offset):
+def _blocked(geo, qt, k, v, labels, q_offset):
     """v None: the value is k's first ``geo.value_dim`` entries (MLA's latent), and its gradient lands on k."""
-    return _forward(geo, qt, k, v, kv_mask, q_offset)[0]
+    return _forward(geo, qt, k, v, labels, q_offset)[0]
 
 
-def _blocked_fwd(geo, qt, k, v, kv_mask, q_offset):
-    out, lse = _forward(geo, qt, k, v, kv_mask, q_offset)
-    return out, (qt, k, v, kv_mask, q_offset, out, lse)
+def _blocked_fwd(geo, qt, k, v, labels, q_offset):
+    out, lse = _forward(geo, qt, k, v, labels, q_offset)
+    return out, (qt, k, v, labels, q_offset, out, lse)
 
 
 def _blocked_bwd(geo, residuals, d_out):
