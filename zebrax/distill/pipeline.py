@@ -36,6 +36,7 @@ from zebrax.distill.ild import ild_objective
 from zebrax.distill.kd import kd_objective
 from zebrax.distill.trainer import TrainConfig, train
 from zebrax.errors import ConfigError, ZebraxError
+from zebrax.sharding import MeshConfig, make_mesh
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
 # trained on the run's data (``Experiment.tiny_teacher``) so that it has distributions worth distilling
@@ -57,6 +58,8 @@ class Experiment:
     - ``pack``: several documents per training row of ``seq_len`` tokens, kept apart by segment ids (the held-out
       rows stay one document each); ``split``: the fractions of documents (held-out, ILD, KD).
     - ``preferences``: DPO pairs (none: no DPO).
+    - ``mesh``: ``MeshConfig`` fields (``data``, ``fsdp``, ``tensor``; ``{}``: one device): the training steps run
+      sharded over it by the rules of ``zebrax.sharding``, teacher included.
     - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …); ``num_mla``: MLA
       layers SMART places.
     - KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``: the mean over counted tokens, the
@@ -75,6 +78,7 @@ class Experiment:
     pack: bool = True
     split: tuple[float, float, float] = (0.05, 0.19, 0.76)
     seed: int = 0
+    mesh: dict = dataclasses.field(default_factory=dict)
     student: dict = dataclasses.field(default_factory=dict)
     num_mla: int = 2
     ild_kind: str = "l2"
@@ -152,7 +156,7 @@ def _lm_objective(model):
     return objective
 
 
-def _teacher(exp: Experiment, workdir: Path):
+def _teacher(exp: Experiment, workdir: Path, mesh):
     """(config, params, codec, tokenizer dir or None)."""
     if exp.teacher == "tiny":
         path, codec = workdir / "teacher", data.ByteCodec()
@@ -167,8 +171,9 @@ def _teacher(exp: Experiment, workdir: Path):
             module = build(TINY_TEACHER)
             params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
             params = train("teacher", _lm_objective(module), params, None,
-                           data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3), exp.tiny_teacher, workdir,
-                           tokens_of=_real_tokens)
+                           data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3, **_process_share()),
+                           exp.tiny_teacher, workdir, tokens_of=_real_tokens,
+                           **_sharded(mesh, {"": (TINY_TEACHER, params)}, None))
             _save(workdir, "teacher", {"": (TINY_TEACHER, params)}, None)
             _finished(workdir, "teacher")
         config, params = _load(path)
@@ -182,6 +187,22 @@ def _teacher(exp: Experiment, workdir: Path):
     from zebrax.api import load_tokenizer
 
     return config, params, data.TokenizerCodec(load_tokenizer(exp.teacher)), tokenizer
+
+
+def _sharded(mesh, trained: dict, frozen: tuple | None) -> dict:
+    """``train``'s ``mesh`` and ``shardings`` keywords: ``trained`` = {name: (config, params)} (one entry with name
+    "" for a single model), ``frozen`` = (config, params) or None."""
+    if mesh is None:
+        return {}
+    from zebrax.sharding import param_shardings
+
+    sh = {n: param_shardings(c, p, mesh) for n, (c, p) in trained.items()}
+    return {"mesh": mesh, "shardings": (sh[""] if "" in sh else sh,
+                                        None if frozen is None else param_shardings(*frozen, mesh))}
+
+
+def _process_share() -> dict:
+    return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _real_tokens(batch: dict) -> int:
@@ -211,7 +232,8 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     _claim(workdir, exp)
     if config_text is not None:
         _write_text(workdir / "config.gin", config_text)
-    t_config, t_params, codec, tokenizer = _teacher(exp, workdir)
+    mesh = make_mesh(MeshConfig(**exp.mesh)) if exp.mesh else None
+    t_config, t_params, codec, tokenizer = _teacher(exp, workdir, mesh)
     teacher = build(t_config)
     t_params = jax.device_put(t_params)
     files = exp.data
@@ -226,7 +248,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     held, ild_rows, kd_rows = data.split(data.load_rows(files, codec, exp.seq_len), exp.split, exp.seed)
     if exp.pack:  # the held-out rows stay one document each
         ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    shard = _process_share()
     evals_path = workdir / "eval.json"
     evals = json.loads(evals_path.read_text()) if evals_path.exists() else {}
 
@@ -247,7 +269,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
         objective = ild_objective(teacher, {n: build(c) for n, (c, _) in students.items()}, kind=exp.ild_kind)
         params = train("ild", objective, {n: p for n, (_, p) in students.items()}, t_params,
                        data.batches(ild_rows, exp.ild.batch_size, exp.seed, **shard), exp.ild, workdir,
-                       tokens_of=_real_tokens)
+                       tokens_of=_real_tokens, **_sharded(mesh, students, (t_config, t_params)))
         _save(workdir, "ild", {n: (students[n][0], params[n]) for n in students}, tokenizer)
         _finished(workdir, "ild")
     ild = {n: _load(workdir / "ild" / n) for n in students}
@@ -272,7 +294,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
                                  temperature=exp.kd_temperature, normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight)
         params = train("kd", objective, h_params, t_params, data.batches(kd_rows, exp.kd.batch_size, exp.seed + 1,
                                                                           **shard), exp.kd, workdir,
-                       tokens_of=_real_tokens)
+                       tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, h_params)}, (t_config, t_params)))
         _save(workdir, "kd", {"": (h_config, params)}, tokenizer)
         _finished(workdir, "kd")
     kd_params = _load(workdir / "kd")[1]
@@ -285,7 +307,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
             reference = jax.device_put(kd_params)
             params = train("dpo", dpo_objective(build(h_config), beta=exp.dpo_beta), kd_params, reference,
                            data.batches(pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
-                           tokens_of=_real_tokens)
+                           tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, kd_params)}, (h_config, kd_params)))
             _save(workdir, "dpo", {"": (h_config, params)}, tokenizer)
             _finished(workdir, "dpo")
         evaluate("after_dpo", h_config, _load(workdir / "dpo")[1])

@@ -91,10 +91,13 @@ def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformati
     return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()}, _labels(params, cfg.trainable))
 
 
-def make_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1) -> Callable:
+def make_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1,
+              shardings: tuple | None = None) -> Callable:
     """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``, jitted; ``metrics`` holds the
     objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped). ``params`` and
-    ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend can)."""
+    ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend can).
+    ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit``; the batch
+    keeps the sharding it arrives with."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(params, opt_state, frozen, batch):
@@ -116,7 +119,11 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, accu
         return new_params, jax.tree.map(keep, new_state, opt_state), {
             **metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    p_sh, o_sh, f_sh, m_sh = shardings
+    return jax.jit(step, in_shardings=(p_sh, o_sh, f_sh, None), out_shardings=(p_sh, o_sh, m_sh),
+                   donate_argnums=(0, 1))
 
 
 class MetricsLog:
@@ -151,18 +158,37 @@ def _plain(v):
     return bool(v) if v.dtype == bool else int(v) if v.dtype.kind in "iu" else round(float(v), 6)
 
 
+def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mesh, shardings):
+    """(params, opt_state, frozen, step, batch placement): on the default device, or over ``mesh`` with
+    ``shardings`` = (params', frozen's) and the optimizer state sharded as the parameters it mirrors."""
+    params = jax.tree.map(jnp.array, params)  # a copy: the step donates its inputs, the caller keeps ``params``
+    if mesh is None:
+        return params, optimizer.init(params), frozen, make_step(objective, optimizer, accumulate), lambda b: b
+    from zebrax.sharding import global_batch, replicated
+
+    p_sh, f_sh = shardings
+    params, frozen = jax.device_put(params, p_sh), jax.device_put(frozen, f_sh)
+    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_sh,
+                                 transform_non_params=lambda _: replicated(mesh))
+    step = make_step(objective, optimizer, accumulate, (p_sh, o_sh, f_sh, replicated(mesh)))
+    return params, jax.jit(optimizer.init, out_shardings=o_sh)(params), frozen, step, lambda b: global_batch(b, mesh)
+
+
 def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: TrainConfig, workdir: Path,
-          *, tokens_of: Callable[[dict], int]) -> dict:
+          *, tokens_of: Callable[[dict], int], mesh=None, shardings: tuple | None = None) -> dict:
     """Run ``stage`` to ``cfg.steps`` from its latest complete checkpoint in ``WORKDIR/checkpoints/STAGE`` (or from
-    ``params``); returns the trained parameters. ``data`` is a grain iterator (its state is checkpointed);
-    ``tokens_of(batch)`` counts a batch's real tokens for tokens/s."""
+    ``params``); returns the trained parameters. ``data`` is a grain iterator of this process's rows (its state is
+    checkpointed); ``tokens_of(batch)`` counts a batch's real tokens for tokens/s. With a ``mesh``, ``shardings`` =
+    (the parameters', the frozen tree's): the step runs sharded, batches are spread over (data, fsdp), and
+    checkpoints are restored straight into their shardings."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
     workdir = Path(workdir).absolute()
     optimizer = make_optimizer(cfg, params)
-    params = jax.tree.map(jnp.array, params)  # a copy: the step donates its inputs, the caller keeps ``params``
-    state = {"params": params, "opt_state": optimizer.init(params)}
+    params, opt_state, frozen, step_fn, place = _placed(optimizer, params, frozen, cfg.accumulate, objective, mesh,
+                                                        shardings)
+    state = {"params": params, "opt_state": opt_state}
     manager = ocp.CheckpointManager(
         workdir / "checkpoints" / stage,
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
@@ -174,7 +200,6 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
         state = restored.state
         data.set_state(restored.data)
     log = MetricsLog(workdir, stage, start)
-    step_fn = make_step(objective, optimizer, cfg.accumulate)
     schedule = cfg.schedule()
     bad, tokens, since = 0, 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -183,7 +208,7 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
             batch = next(data)
             tokens += tokens_of(batch)
             state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"], frozen,
-                                                                   batch)
+                                                                   place(batch))
             bad = 0 if bool(metrics["finite"]) else bad + 1
             if bad >= cfg.max_bad_steps:
                 raise TrainingDiverged(f"{stage}: {bad} steps in a row had a non-finite loss or gradient (last at "

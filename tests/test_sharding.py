@@ -1,0 +1,103 @@
+"""Sharding by name: the rules table on every parameter of every model, the mesh, and a KD run on 8 simulated CPU
+devices (data 2 × fsdp 2 × tensor 2, and fsdp 8) that logs the losses of the single-device run (fp32, rtol 1e-3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from tests.test_decoder import MIXED
+from zebrax.errors import ConfigError
+from zebrax.models import abstract_params
+from zebrax.sharding import AXES, MeshConfig, param_shardings, partition_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH = AbstractMesh((1, 2, 2), AXES)
+
+
+def test_rules_shard_heads_and_width_and_never_split_concatenations():
+    assert partition_spec(("embed", "heads", "head_dim"), (48, 4, 16), MESH) == PartitionSpec("fsdp", "tensor", None)
+    assert partition_spec(("heads", "head_dim", "embed"), (4, 16, 48), MESH) == PartitionSpec("tensor", None, "fsdp")
+    assert partition_spec(("vocab", "embed"), (97, 48), MESH) == PartitionSpec(None, "fsdp")  # 97: kept whole
+    assert partition_spec(("embed", "ssm_in"), (48, 200), MESH) == PartitionSpec("fsdp", None)  # [z ; xBC ; dt]
+    assert partition_spec(("conv", "ssm_conv"), (4, 96), MESH) == PartitionSpec(None, None)  # [x ; B ; C]
+    with pytest.raises(ConfigError, match="no rule for the logical axis 'bogus'"):
+        partition_spec(("bogus",), (4,), MESH)
+
+
+def test_every_parameter_of_a_hybrid_gets_its_rule():
+    """MIXED is L S A L S: MLA, Mamba2 and attention layers (vocab 97 divides by nothing: kept whole)."""
+    shardings = param_shardings(MIXED, abstract_params(MIXED), MESH)
+    specs = {jax.tree_util.keystr(k): v.spec for k, v in jax.tree.leaves_with_path(shardings)}
+    P = PartitionSpec  # noqa: N806
+    expected = {
+        "['embed_tokens']['embedding']": P(None, "fsdp"), "['lm_head']['kernel']": P("fsdp", None),
+        "['layers_0']['self_attn']['q_b_proj']['kernel']": P(None, "tensor", None),
+        "['layers_0']['self_attn']['kv_b_proj']": P(None, "tensor", None),
+        "['layers_0']['self_attn']['o_proj']['kernel']": P("tensor", None, "fsdp"),
+        "['layers_1']['mixer']['in_proj']['kernel']": P("fsdp", None),
+        "['layers_1']['mixer']['conv_kernel']": P(None, None), "['layers_1']['mixer']['A_log']": P("tensor"),
+        "['layers_1']['mixer']['out_proj']['kernel']": P("tensor", "fsdp"),
+        "['layers_2']['self_attn']['k_proj']['kernel']": P("fsdp", "tensor", None),
+        "['layers_2']['mlp']['down_proj']['kernel']": P("tensor", "fsdp"),
+    }
+    assert {k: specs[k] for k in expected} == expected
+    assert len(specs) == len(jax.tree.leaves(abstract_params(MIXED)))
+
+
+def test_mesh_sizes():
+    assert MeshConfig().shape(8) == (1, 8, 1)
+    assert MeshConfig(data=2, fsdp=2, tensor=2).shape(8) == (2, 2, 2)
+    assert MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="needs 16 devices; 8 are visible"):
+        MeshConfig(data=2, fsdp=4, tensor=2).shape(8)
+    with pytest.raises(ConfigError, match="at most one -1"):
+        MeshConfig(data=-1, fsdp=-1).shape(8)
+
+
+RUN = r'''
+import json, sys
+import jax, numpy as np
+from tests.test_decoder import MIXED, TEACHER, random_model
+from zebrax import data
+from zebrax.distill import TrainConfig, kd_objective, train
+from zebrax.init import init_hybrid
+from zebrax.models import build
+from zebrax.sharding import MeshConfig, make_mesh, param_shardings
+
+assert len(jax.devices()) == 8, jax.devices()
+teacher = random_model(TEACHER, seed=2)
+student, _ = init_hybrid(TEACHER, teacher.params, MIXED, jax.random.key(0))
+rng = np.random.default_rng(0)
+rows = {"tokens": rng.integers(0, 97, (32, 16)).astype(np.int32), "token_mask": np.ones((32, 16), bool),
+        "loss_mask": np.ones((32, 16), bool)}
+cfg = TrainConfig(steps=6, batch_size=8, accumulate=2, learning_rate=2e-3, log_every=1, checkpoint_every=3)
+out = {}
+for name, mesh_cfg in (("one", None), ("2x2x2", MeshConfig(2, 2, 2)), ("fsdp8", MeshConfig())):
+    mesh = None if mesh_cfg is None else make_mesh(mesh_cfg)
+    shardings = None if mesh is None else (param_shardings(MIXED, student, mesh),
+                                           param_shardings(TEACHER, teacher.params, mesh))
+    workdir = sys.argv[1] + "/" + name
+    train("kd", kd_objective(build(TEACHER), build(MIXED)), student, teacher.params, data.batches(rows, 8, 0), cfg,
+          workdir, tokens_of=lambda b: 1, mesh=mesh, shardings=shardings)
+    out[name] = [json.loads(line)["loss"] for line in open(workdir + "/metrics.jsonl")]
+print(json.dumps(out))
+'''
+
+
+def test_a_sharded_run_on_8_devices_logs_the_single_device_losses(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", RUN, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(losses["one"]) == 6 and losses["one"][-1] < losses["one"][0]
+    for name in ("2x2x2", "fsdp8"):
+        assert losses[name] == pytest.approx(losses["one"], rel=1e-3), (name, losses)

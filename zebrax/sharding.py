@@ -1,0 +1,106 @@
+"""Sharding by name: a device mesh with axes (data, fsdp, tensor) and one rules table from the logical axis names
+every parameter carries (``zebrax.models.logical_axes``) to mesh axes. Changing the mesh never changes model code.
+
+- ``data``: batch only (parameters replicated across it); ``fsdp``: batch and parameters (the ``embed`` axis of
+  every weight: fully sharded data parallelism); ``tensor``: heads, MLP width, vocabulary and SSM heads.
+- An axis naming a concatenation of unlike pieces — Mamba2's ``ssm_in`` ([z ; xBC ; dt]) and ``ssm_conv``
+  ([x ; B ; C]) — is never split: a shard boundary would cut through the pieces.
+- A dimension that a mesh axis does not divide stays whole (replicated) rather than padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zebrax.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "ssm_heads": "tensor",
+    "ssm_inner": "tensor",
+    "head_dim": None,
+    "q_lora": None,
+    "kv_lora": None,
+    "kv_latent": None,
+    "ssm_state": None,
+    "conv": None,
+    "ssm_in": None,  # [z ; xBC ; dt]
+    "ssm_conv": None,  # [x ; B ; C]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Devices per mesh axis; one of them may be -1: every visible device not taken by the others (default: all on
+    fsdp)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"MeshConfig{tuple(sizes)}: sizes must be >= 1, with at most one -1")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if n_devices % known:
+                raise ConfigError(f"MeshConfig{tuple(sizes)}: {n_devices} devices are not a multiple of {known}")
+            sizes[sizes.index(-1)] = n_devices // known
+        if int(np.prod(sizes)) > n_devices:
+            raise ConfigError(f"MeshConfig{tuple(sizes)} needs {int(np.prod(sizes))} devices; {n_devices} are visible")
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = cfg.shape(len(devices))
+    return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), AXES)
+
+
+def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The rules applied to one array: each dimension to its mesh axis, if that axis divides it and is not taken."""
+    out, used = [], set()
+    for name, size in zip(names, shape, strict=True):
+        if name not in RULES and name is not None:
+            raise ConfigError(f"sharding: no rule for the logical axis {name!r} (known: {', '.join(sorted(RULES))})")
+        axis = RULES.get(name) if name is not None else None
+        ok = axis is not None and axis not in used and size % mesh.shape[axis] == 0
+        out.append(axis if ok else None)
+        if ok:
+            used.add(axis)
+    return PartitionSpec(*out)
+
+
+def param_shardings(config, params, mesh: Mesh):
+    """``NamedSharding`` for every parameter of a model ``config`` (``params``: its tree, arrays or shapes)."""
+    from zebrax.models import logical_axes
+
+    names = logical_axes(config)
+    return jax.tree.map(lambda n, p: NamedSharding(mesh, partition_spec(tuple(n), tuple(p.shape), mesh)), names, params,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows over (data, fsdp); the other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's rows → arrays over the whole mesh (each process holds its share of the global batch)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
