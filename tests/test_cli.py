@@ -74,6 +74,15 @@ def test_bench_forward_reports_both_implementations(tiny_llama):
     json.dumps(result)
 
 
+def test_bench_train_reports_flops_against_the_matmul_peak(tiny_llama, capsys):
+    ckpt = tiny_llama("gqa_llama3_untied")[2]
+    assert main(["bench", "train", str(ckpt), "--batch", "2", "--seq-len", "16", "--steps", "2", "--num-mla", "1",
+                 "--kv-lora-rank", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step_flops"] > 0 and result["compile_s"] > 0 and result["tokens_per_sec"] > 0
+    assert 0 < result["fraction_of_matmul_peak"] < 2 and result["layers"].count("L") == 1
+
+
 def test_bench_ssd_reports_every_impl_and_the_lm_ratio():
     from zebrax.bench import bench_ssd
 

@@ -304,3 +304,53 @@ print(json.dumps({{"generate_s_with_compile": round(time.perf_counter() - t, 1),
         raise RuntimeError(f"bench long-prompt: the child process failed:\n{done.stderr[-2000:]}")
     return {"benchmark": "long_prompt", "ckpt": str(ckpt), "prompt_tokens": length, "auto": auto_choices(),
             **json.loads(done.stdout.strip().splitlines()[-1]), **machine()}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate in FLOP/s: the median of ``repeats`` jitted ``[n, n] @ [n, n]``."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    seconds = compare({"matmul": lambda: mm(a).block_until_ready()}, repeats)["matmul"]
+    return 2 * n ** 3 / seconds
+
+
+def bench_train(teacher, *, batch: int = 4, seq_len: int = 256, steps: int = 5, num_mla: int = 6,
+                recipe: dict | None = None, seed: int = 0) -> dict:
+    """One KD step of a hybrid of ``teacher`` (a ``zebrax.Model``; ``num_mla`` MLA layers spread as SMART's rule
+    places them, the rest Mamba2): compile seconds, then tokens/s and FLOP/s over ``steps`` timed steps (XLA's own
+    FLOP count of the compiled step: teacher forward, student forward and backward, optimizer), against this
+    machine's float32 matmul rate measured in the same run."""
+    from zebrax.config import HybridConfig
+    from zebrax.distill import TrainConfig, kd_objective, make_optimizer, make_step
+    from zebrax.init import init_hybrid
+    from zebrax.models import build
+    from zebrax.select import place
+
+    require_positive("bench train", batch=batch, seq_len=seq_len, steps=steps, num_mla=num_mla)
+    n = teacher.config.num_hidden_layers
+    config = HybridConfig.from_teacher(teacher.config, mla_layers=place([0.0] * n, num_mla), **(recipe or {}))
+    params = jax.device_put(init_hybrid(teacher.config, teacher.params, config, jax.random.key(seed))[0])
+    optimizer = make_optimizer(TrainConfig(steps=steps), params)
+    step = make_step(kd_objective(build(teacher.config), build(config)), optimizer)
+    rng = np.random.default_rng(seed)
+    batch_rows = {"tokens": rng.integers(0, teacher.config.vocab_size, (batch, seq_len)).astype(np.int32),
+                  "token_mask": np.ones((batch, seq_len), bool), "loss_mask": np.ones((batch, seq_len), bool)}
+    opt_state = optimizer.init(params)
+    start = time.perf_counter()
+    compiled = step.lower(params, opt_state, teacher.params, batch_rows).compile()
+    compile_s = time.perf_counter() - start
+    flops = float(compiled.cost_analysis().get("flops", 0.0))
+    params, opt_state, _ = compiled(params, opt_state, teacher.params, batch_rows)  # warm-up
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state, teacher.params, batch_rows)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
+    peak = matmul_peak()
+    return {"benchmark": "train", "machine": machine(), "auto": auto_choices(), "layers": config.layer_map(),
+            "batch": batch, "seq_len": seq_len, "compile_s": round(compile_s, 2), "step_s": round(seconds, 4),
+            "tokens_per_sec": round(batch * seq_len / seconds, 1), "step_flops": flops,
+            "achieved_flops_per_sec": round(flops / seconds), "matmul_peak_flops_per_sec": round(peak),
+            "fraction_of_matmul_peak": round(flops / seconds / peak, 3)}

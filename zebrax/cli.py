@@ -276,6 +276,9 @@ def cmd_bench(args):
     elif args.bench == "decode":
         result = bench.bench_decode(zebrax.load(args.ckpt), contexts=tuple(args.contexts), batches=tuple(args.batches),
                                     new_tokens=args.new_tokens, repeats=args.repeats)
+    elif args.bench == "train":
+        result = bench.bench_train(zebrax.load(args.ckpt), batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                                   num_mla=args.num_mla, recipe={"kv_lora_rank": args.kv_lora_rank})
     elif args.bench == "long-prompt":
         zebrax.load(args.ckpt)  # a bad checkpoint fails here, with zebrax's message
         result = bench.bench_long_prompt(args.ckpt, length=args.length, new_tokens=args.new_tokens)
@@ -432,6 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--new-tokens", type=int, default=32)
     bd.add_argument("--repeats", type=int, default=3)
     bd.set_defaults(fn=cmd_bench)
+    bt = bsub.add_parser("train", help="a KD step of a hybrid of CKPT: tokens/s, FLOP/s against the matmul peak")
+    bt.add_argument("ckpt")
+    bt.add_argument("--batch", type=int, default=4)
+    bt.add_argument("--seq-len", type=int, default=256)
+    bt.add_argument("--steps", type=int, default=5)
+    bt.add_argument("--num-mla", type=int, default=6)
+    bt.add_argument("--kv-lora-rank", type=int, default=64)
+    bt.set_defaults(fn=cmd_bench)
     bl = bsub.add_parser("long-prompt", help="one long prompt through generate: time and peak memory")
     bl.add_argument("ckpt")
     bl.add_argument("--length", type=int, default=32768)
