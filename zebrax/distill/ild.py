@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 
 from zebrax.distill.losses import ild_loss
@@ -33,8 +34,9 @@ def teacher_forced(module: DecoderLM, params: dict, inputs: list[jax.Array], tok
     cfg = module.config
     slots = make_slots(tokens, None, token_mask, None, segment_ids)
     out = {"mixer_output": [], "block_output": []}
+    block = nn.remat(Block) if module.remat else Block
     for i, spec in enumerate(cfg.plan()):
-        _, state = Block(spec, cfg, module.impls).apply({"params": params[f"layers_{i}"]}, inputs[i], slots,
+        _, state = block(spec, cfg, module.impls).apply({"params": params[f"layers_{i}"]}, inputs[i], slots,
                                                         mutable=["intermediates"])
         for name in out:
             out[name].append(state["intermediates"][name][0])

@@ -58,6 +58,9 @@ class Experiment:
     - ``pack``: several documents per training row of ``seq_len`` tokens, kept apart by segment ids (the held-out
       rows stay one document each); ``split``: the fractions of documents (held-out, ILD, KD).
     - ``preferences``: DPO pairs (none: no DPO).
+    - ``compute_dtype``: the dtype teacher and students compute in during training ("bfloat16": bf16 matmuls,
+      float32 master weights, optimizer state, LM heads and losses); ``remat``: the students recompute each
+      block's activations in the backward pass.
     - ``mesh``: ``MeshConfig`` fields (``data``, ``fsdp``, ``tensor``; ``{}``: one device): the training steps run
       sharded over it by the rules of ``zebrax.sharding``, teacher included.
     - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …); ``num_mla``: MLA
@@ -79,6 +82,8 @@ class Experiment:
     split: tuple[float, float, float] = (0.05, 0.19, 0.76)
     seed: int = 0
     mesh: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: str = "float32"
+    remat: bool = False
     student: dict = dataclasses.field(default_factory=dict)
     num_mla: int = 2
     ild_kind: str = "l2"
@@ -102,8 +107,9 @@ def _say(text: str) -> None:
 def _claim(workdir: Path, exp: Experiment) -> None:
     """The work directory holds this experiment, or is new; anything else is refused and left untouched."""
     record = workdir / "experiment.json"
-    if record.exists():
-        old, new = json.loads(record.read_text()), json.loads(exp.to_json())
+    if record.exists():  # a field added since the record was written counts at its default
+        old = {**json.loads(Experiment().to_json()), **json.loads(record.read_text())}
+        new = json.loads(exp.to_json())
         if old != new:
             diff = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise ConfigError(f"{workdir}: written by a different experiment ({diff}: {old.get(diff)!r} there, "
@@ -205,6 +211,14 @@ def _process_share() -> dict:
     return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def _compute(exp: Experiment, config, *, trained: bool):
+    """The module a training step runs: ``config`` computing in ``exp.compute_dtype`` (its parameters stay in
+    ``config.param_dtype``), with remat for a trained model when ``exp.remat``."""
+    from zebrax.models import build
+
+    return build(config.replace(dtype=exp.compute_dtype), remat=trained and exp.remat)
+
+
 def _real_tokens(batch: dict) -> int:
     return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("token_mask")))
 
@@ -266,7 +280,9 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
 
     if not (workdir / "ild").exists():
         _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
-        objective = ild_objective(teacher, {n: build(c) for n, (c, _) in students.items()}, kind=exp.ild_kind)
+        objective = ild_objective(_compute(exp, t_config, trained=False),
+                                  {n: _compute(exp, c, trained=True) for n, (c, _) in students.items()},
+                                  kind=exp.ild_kind)
         params = train("ild", objective, {n: p for n, (_, p) in students.items()}, t_params,
                        data.batches(ild_rows, exp.ild.batch_size, exp.seed, **shard), exp.ild, workdir,
                        tokens_of=_real_tokens, **_sharded(mesh, students, (t_config, t_params)))
@@ -290,8 +306,9 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
 
     if not (workdir / "kd").exists():
         _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens")
-        objective = kd_objective(teacher, build(h_config), direction=exp.kd_direction,
-                                 temperature=exp.kd_temperature, normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight)
+        objective = kd_objective(_compute(exp, t_config, trained=False), _compute(exp, h_config, trained=True),
+                                 direction=exp.kd_direction, temperature=exp.kd_temperature,
+                                 normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight)
         params = train("kd", objective, h_params, t_params, data.batches(kd_rows, exp.kd.batch_size, exp.seed + 1,
                                                                           **shard), exp.kd, workdir,
                        tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, h_params)}, (t_config, t_params)))
@@ -305,7 +322,8 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
             _say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
             pairs = data.load_rows(exp.preferences, codec, exp.seq_len, preference=True)
             reference = jax.device_put(kd_params)
-            params = train("dpo", dpo_objective(build(h_config), beta=exp.dpo_beta), kd_params, reference,
+            params = train("dpo", dpo_objective(_compute(exp, h_config, trained=True), beta=exp.dpo_beta), kd_params,
+                           reference,
                            data.batches(pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
                            tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, kd_params)}, (h_config, kd_params)))
             _save(workdir, "dpo", {"": (h_config, params)}, tokenizer)

@@ -26,10 +26,11 @@ def config_from_dict(d: dict):
     return REGISTRY[model_type].from_dict(d)
 
 
-def build(config, impl: str | Mapping[str, str] | Impls = "auto") -> DecoderLM:
+def build(config, impl: str | Mapping[str, str] | Impls = "auto", *, remat: bool = False) -> DecoderLM:
     """The Flax module of a config. ``impl``: one name for every op the model runs, or one per op
-    (``{"attention": "reference", "ssd": "chunked"}``); InvalidArgument names a value its op does not have."""
-    return DecoderLM(config, Impls.parse(impl, ops_of(config)))
+    (``{"attention": "reference", "ssd": "chunked"}``); InvalidArgument names a value its op does not have.
+    ``remat``: recompute each block's activations in the backward pass (training memory)."""
+    return DecoderLM(config, Impls.parse(impl, ops_of(config)), remat)
 
 
 def _boxed_params(config) -> dict:

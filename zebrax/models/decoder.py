@@ -123,11 +123,13 @@ class DecoderLM(nn.Module):
     ``make_slots``'s; ``segment_ids`` ``[B, L]`` (ids >= 1, 0 for padding) packs several documents into a row, each
     computed as if alone (positions restart, attention and the Mamba2 state stay within it). With a ``cache`` the
     tokens are appended at ``cache.index`` and the updated cache is returned; without one the second output is
-    None. ``impls``: the implementation of each op.
+    None. ``impls``: the implementation of each op. ``remat``: each block's activations are recomputed in the
+    backward pass instead of stored (``nn.remat``): the memory of one block's activations instead of all of them.
     """
 
     config: Any
     impls: Impls = Impls()
+    remat: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False,
@@ -137,8 +139,9 @@ class DecoderLM(nn.Module):
         embedding = embed_tokens(cfg)
         x = embedding(tokens)
         new_layers = []
+        block = nn.remat(Block) if self.remat else Block
         for i, spec in enumerate(cfg.plan()):
-            x, layer_cache = Block(spec, cfg, self.impls, name=f"layers_{i}")(
+            x, layer_cache = block(spec, cfg, self.impls, name=f"layers_{i}")(
                 x, slots, None if cache is None else cache.layers[i]
             )
             new_layers.append(layer_cache)
