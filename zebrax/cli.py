@@ -327,7 +327,9 @@ def cmd_generate_data(args):
 
 def cmd_distill(args):
     from zebrax.distill import pipeline
+    from zebrax.sharding import distributed
 
+    distributed(args.coordinator, args.num_processes, args.process_id)
     gin = parse_gin(args.gin_file, args.gin_param)
     experiment = gin.get_configurable("zebrax.distill")()
     evals = pipeline.run(experiment, args.workdir, config_text=gin.config_str())
@@ -466,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
                    help="e.g. --gin_param 'kd/TrainConfig.steps = 10' (repeatable)")
     d.add_argument("--workdir", required=True, help="where the run lives; the same command resumes it")
+    d.add_argument("--coordinator", help="host:port of process 0 in a multi-host run (jax.distributed)")
+    d.add_argument("--num-processes", type=int, help="processes in a multi-host run")
+    d.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
     d.set_defaults(fn=cmd_distill)
 
     r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")

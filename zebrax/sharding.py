@@ -100,6 +100,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def place(tree, shardings):
+    """Host arrays (the same on every process) → global arrays with ``shardings``: each process fills the shards
+    its devices hold, so a multi-host run never materialises a whole tree on one device."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
+def gather(tree):
+    """Global arrays → host numpy arrays on every process (``process_allgather`` across hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Join a multi-host run (``jax.distributed.initialize``) before any other JAX call; with no coordinator, JAX's
+    own detection (SLURM, TPU pods, …) is tried only when ``num_processes`` asks for more than one. CPU hosts
+    exchange collectives through gloo."""
+    if coordinator is None and not num_processes:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
 def global_batch(batch: dict, mesh: Mesh) -> dict:
     """This process's rows → arrays over the whole mesh (each process holds its share of the global batch)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))

@@ -104,8 +104,29 @@ def _say(text: str) -> None:
     print(f"[zebrax distill] {text}", file=sys.stderr, flush=True)
 
 
+def _sync(tag: str) -> None:
+    """Every process of a multi-host run reaches this point before any goes on (files written by process 0 are
+    then there for all)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+
+
 def _claim(workdir: Path, exp: Experiment) -> None:
-    """The work directory holds this experiment, or is new; anything else is refused and left untouched."""
+    """The work directory holds this experiment, or is new; anything else is refused and left untouched. Every
+    process decides from the directory as it was; process 0 writes."""
+    _sync("claim")
+    fresh = _check_claim(workdir, exp)
+    _sync("claimed")
+    if fresh:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_text(workdir / "experiment.json", exp.to_json())
+    _sync("recorded")
+
+
+def _check_claim(workdir: Path, exp: Experiment) -> bool:
+    """True for a new work directory; ConfigError for another experiment's or a foreign one."""
     record = workdir / "experiment.json"
     if record.exists():  # a field added since the record was written counts at its default
         old = {**json.loads(Experiment().to_json()), **json.loads(record.read_text())}
@@ -114,33 +135,43 @@ def _claim(workdir: Path, exp: Experiment) -> None:
             diff = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise ConfigError(f"{workdir}: written by a different experiment ({diff}: {old.get(diff)!r} there, "
                               f"{new.get(diff)!r} now); use another --workdir")
-        return
+        return False
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(f"{workdir}: exists and is not a zebrax distill work directory; use another --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_text(record, exp.to_json())
+    return True
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Atomically, by process 0 only."""
+    if jax.process_index() != 0:
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
-    """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself)."""
-    with checkpoint.atomic_directory(workdir / name, what="stage output") as tmp:
-        for sub, (config, params) in models.items():
-            target = tmp / sub if sub else tmp
-            target.mkdir(exist_ok=True)
-            checkpoint.save(target, config, jax.device_get(params))
-            if tokenizer is not None:
-                shutil.copytree(tokenizer, target / "tokenizer")
+    """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself), written
+    by process 0 from the parameters gathered off every host."""
+    from zebrax.sharding import gather
+
+    models = {sub: (config, gather(params)) for sub, (config, params) in models.items()}
+    if jax.process_index() == 0:
+        with checkpoint.atomic_directory(workdir / name, what="stage output") as tmp:
+            for sub, (config, params) in models.items():
+                target = tmp / sub if sub else tmp
+                target.mkdir(exist_ok=True)
+                checkpoint.save(target, config, params)
+                if tokenizer is not None:
+                    shutil.copytree(tokenizer, target / "tokenizer")
+    _sync(f"saved {name}")
 
 
 def _finished(workdir: Path, stage: str) -> None:
     """A stage's output is written: its resumption checkpoints are no longer needed."""
-    shutil.rmtree(workdir / "checkpoints" / stage, ignore_errors=True)
+    if jax.process_index() == 0:
+        shutil.rmtree(workdir / "checkpoints" / stage, ignore_errors=True)
+    _sync(f"finished {stage}")
 
 
 def _load(path: Path) -> tuple:
@@ -296,6 +327,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
                         _calibration(held, exp.seq_len))
         result["mla_layers"] = place(result["scores"], exp.num_mla)
         _write_text(workdir / "smart.json", json.dumps(result, indent=2))
+        _sync("smart")
     mla_layers = json.loads((workdir / "smart.json").read_text())["mla_layers"]
     evaluate("initialised", *assemble(students["mla"], students["mamba2"], mla_layers))
     if not (workdir / "hybrid").exists():

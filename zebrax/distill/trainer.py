@@ -133,6 +133,9 @@ class MetricsLog:
 
     def __init__(self, workdir: Path, stage: str, resumed_at: int):
         self.path, self.stage = workdir / "metrics.jsonl", stage
+        self.writes = jax.process_index() == 0  # one log for a multi-host run
+        if not self.writes:
+            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > resumed_at)]
@@ -142,6 +145,8 @@ class MetricsLog:
         self.board = SummaryWriter(str(workdir / "tensorboard" / stage), purge_step=resumed_at + 1)
 
     def write(self, step: int, values: dict) -> None:
+        if not self.writes:
+            return
         row = {"step": step, "stage": self.stage, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -150,7 +155,8 @@ class MetricsLog:
                 self.board.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self.board.close()
+        if self.writes:
+            self.board.close()
 
 
 def _plain(v):
@@ -161,13 +167,14 @@ def _plain(v):
 def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mesh, shardings):
     """(params, opt_state, frozen, step, batch placement): on the default device, or over ``mesh`` with
     ``shardings`` = (params', frozen's) and the optimizer state sharded as the parameters it mirrors."""
-    params = jax.tree.map(jnp.array, params)  # a copy: the step donates its inputs, the caller keeps ``params``
     if mesh is None:
+        params = jax.tree.map(jnp.array, params)  # a copy: the step donates its inputs, the caller keeps ``params``
         return params, optimizer.init(params), frozen, make_step(objective, optimizer, accumulate), lambda b: b
-    from zebrax.sharding import global_batch, replicated
+    from zebrax.sharding import global_batch, place, replicated
 
     p_sh, f_sh = shardings
-    params, frozen = jax.device_put(params, p_sh), jax.device_put(frozen, f_sh)
+    params = place(jax.device_get(params), p_sh)
+    frozen = None if frozen is None else place(jax.device_get(frozen), f_sh)
     o_sh = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_sh,
                                  transform_non_params=lambda _: replicated(mesh))
     step = make_step(objective, optimizer, accumulate, (p_sh, o_sh, f_sh, replicated(mesh)))
@@ -180,7 +187,9 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     ``params``); returns the trained parameters. ``data`` is a grain iterator of this process's rows (its state is
     checkpointed); ``tokens_of(batch)`` counts a batch's real tokens for tokens/s. With a ``mesh``, ``shardings`` =
     (the parameters', the frozen tree's): the step runs sharded, batches are spread over (data, fsdp), and
-    checkpoints are restored straight into their shardings."""
+    checkpoints are restored straight into their shardings. In a multi-host run every process calls this with its
+    own rows; process 0 writes the metrics, and the data position saved is process 0's (every process has taken
+    the same number of batches)."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
@@ -202,7 +211,8 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     log = MetricsLog(workdir, stage, start)
     schedule = cfg.schedule()
     bad, tokens, since = 0, 0, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=jax.process_index() != 0)
     try:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(data)
