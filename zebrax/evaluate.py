@@ -18,7 +18,7 @@ def kl_and_perplexity(teacher, teacher_params, model, params, rows: dict, *, bat
     taken where ``loss_mask`` and ``token_mask`` hold; perplexity over the next tokens those positions predict."""
 
     @jax.jit
-    def sums(tokens, token_mask, loss_mask):
+    def sums(teacher_params, params, tokens, token_mask, loss_mask):  # parameters as arguments, never constants
         counted = loss_mask & token_mask
         t_logits = teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask)[0]
         logits = model.apply({"params": params}, tokens, token_mask=token_mask)[0]
@@ -31,6 +31,7 @@ def kl_and_perplexity(teacher, teacher_params, model, params, rows: dict, *, bat
     n = len(rows["tokens"])
     for start in range(0, n, batch_size):
         part = [np.asarray(rows[k][start:start + batch_size]) for k in ("tokens", "token_mask", "loss_mask")]
-        totals += np.array([float(x) for x in sums(part[0], part[1].astype(bool), part[2].astype(bool))])
+        totals += np.array([float(x) for x in sums(teacher_params, params, part[0], part[1].astype(bool),
+                                                   part[2].astype(bool))])
     kl, kl_count, nll, nll_count = totals
     return {"kl": kl / max(kl_count, 1), "perplexity": math.exp(nll / max(nll_count, 1)), "tokens": int(kl_count)}

@@ -168,7 +168,8 @@ def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | 
 
 
 def _finished(workdir: Path, stage: str) -> None:
-    """A stage's output is written: its resumption checkpoints are no longer needed."""
+    """A stage's output is written: its resumption checkpoints and compiled steps are no longer needed."""
+    jax.clear_caches()
     if jax.process_index() == 0:
         shutil.rmtree(workdir / "checkpoints" / stage, ignore_errors=True)
     _sync(f"finished {stage}")
