@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 import zebrax
 from tests.test_decoder import TEACHER, hybrid, random_model
@@ -101,3 +102,27 @@ def test_remat_and_bf16_compute(rng):
     bf16 = loss_and_grads(build(config.replace(dtype="bfloat16")), build(TEACHER.replace(dtype="bfloat16")))
     assert bf16[0].dtype == np.float32 and all(g.dtype == np.float32 for g in jax.tree.leaves(bf16[1]))
     np.testing.assert_allclose(float(bf16[0]), float(plain[0]), rtol=5e-2)
+
+
+def test_top_k_kd_is_the_renormalised_kl_over_the_teachers_top_tokens(rng):
+    """With k = the vocabulary it is the full forward KL (1e-5); with k = 5 it equals topk_kl_loss on the teacher's
+    5 largest logits, computed here by hand."""
+    from zebrax.distill import kd_objective, kl_loss, topk_kl_loss
+    from zebrax.errors import InvalidArgument
+    from zebrax.models import build
+
+    teacher = random_model(TEACHER, seed=2)
+    config = hybrid([0, 3])
+    params = init_hybrid(TEACHER, teacher.params, config, jax.random.key(0))[0]
+    student = zebrax.Model(config, params)
+    tokens = rng.integers(0, 97, (2, 8))
+    batch = {"tokens": tokens, "token_mask": np.ones((2, 8), bool), "loss_mask": np.ones((2, 8), bool)}
+    t_logits, s_logits = teacher.logits(tokens), student.logits(tokens)
+    full = kd_objective(build(TEACHER), build(config), top_k=97)(params, teacher.params, batch)[0]
+    np.testing.assert_allclose(float(full), float(kl_loss(t_logits, s_logits)), rtol=1e-5)
+    order = np.argsort(-t_logits, axis=-1)[..., :5]
+    want = topk_kl_loss(np.take_along_axis(t_logits, order, -1), order, s_logits)
+    got = kd_objective(build(TEACHER), build(config), top_k=5)(params, teacher.params, batch)[0]
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    with pytest.raises(InvalidArgument, match="top-k KD is the forward KL at temperature 1"):
+        kd_objective(build(TEACHER), build(config), top_k=5, direction="reverse")

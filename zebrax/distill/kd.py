@@ -9,19 +9,24 @@ from collections.abc import Callable
 import jax
 
 from zebrax.data import next_in_document
-from zebrax.distill.losses import ce_loss, kl_loss
+from zebrax.distill.losses import ce_loss, kl_loss, topk_kl_loss
+from zebrax.errors import InvalidArgument
 from zebrax.models.decoder import DecoderLM
 
 
 def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "forward", temperature: float = 1.0,
-                 normalize: str = "token", ce_weight: float = 0.0) -> Callable:
+                 normalize: str = "token", ce_weight: float = 0.0, top_k: int = 0) -> Callable:
     """The trainer's objective ``(student_params, teacher_params, batch) -> (loss, {"kl", "ce"})``. ``batch``:
     ``tokens``, ``token_mask`` (real tokens; padding is False, for attention and the Mamba2 state), ``loss_mask``
     (positions whose predictions count, e.g. False on prompt tokens) and, for packed rows, ``segment_ids``. Loss:
     ``kl_loss`` (forward KL at temperature 1 by default, as the paper) plus ``ce_weight`` × the cross-entropy of the
     next tokens. ``normalize="token"`` (the default) averages over counted tokens, so the loss scale does not depend
     on lengths or padding; ``"sequence"`` sums over tokens and divides by the batch size, as the reference code
-    does."""
+    does. ``top_k`` > 0: the forward KL against the teacher's k most likely tokens only, renormalised
+    (``topk_kl_loss``), the distillation of stored top-k teacher logits (direction and temperature do not apply)."""
+    if top_k < 0 or (top_k and (direction != "forward" or temperature != 1.0)):
+        raise InvalidArgument(f"kd: top_k={top_k} must be >= 0, and top-k KD is the forward KL at temperature 1 "
+                              f"(got direction={direction!r}, temperature={temperature})")
 
     def objective(student_params, teacher_params, batch):
         tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
@@ -29,8 +34,12 @@ def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "fo
         rows = dict(token_mask=token_mask, segment_ids=batch.get("segment_ids"))
         teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0])
         logits = student.apply({"params": student_params}, tokens, **rows)[0]
-        kl = kl_loss(teacher_logits, logits, loss_mask, direction=direction, temperature=temperature,
-                     normalize=normalize)
+        if top_k:
+            values, indices = jax.lax.top_k(teacher_logits, top_k)
+            kl = topk_kl_loss(values, indices, logits, loss_mask, normalize=normalize)
+        else:
+            kl = kl_loss(teacher_logits, logits, loss_mask, direction=direction, temperature=temperature,
+                         normalize=normalize)
         ce = ce_loss(logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] & next_in_document(batch), normalize=normalize)
         return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 

@@ -67,7 +67,8 @@ class Experiment:
       layers SMART places.
     - KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``: the mean over counted tokens, the
       default, so the loss scale does not move with lengths and padding; ``"sequence"``: the reference code's sum
-      over tokens divided by the batch), ``kd_ce_weight``.
+      over tokens divided by the batch), ``kd_ce_weight``, ``kd_top_k`` (> 0: the KL against the teacher's top-k
+      tokens only, renormalised).
     """
 
     teacher: str = "tiny"
@@ -91,6 +92,7 @@ class Experiment:
     kd_temperature: float = 1.0
     kd_normalize: str = "token"
     kd_ce_weight: float = 0.0
+    kd_top_k: int = 0
     dpo_beta: float = 0.01
     ild: TrainConfig = TrainConfig()
     kd: TrainConfig = TrainConfig()
@@ -341,7 +343,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
         _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens")
         objective = kd_objective(_compute(exp, t_config, trained=False), _compute(exp, h_config, trained=True),
                                  direction=exp.kd_direction, temperature=exp.kd_temperature,
-                                 normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight)
+                                 normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k)
         params = train("kd", objective, h_params, t_params, data.batches(kd_rows, exp.kd.batch_size, exp.seed + 1,
                                                                           **shard), exp.kd, workdir,
                        tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, h_params)}, (t_config, t_params)))
