@@ -21,8 +21,8 @@ from zebrax.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.gin")
 # shorter than tiny_cpu.gin; KD long enough to be killed in its middle
-SHORT = ["teacher/TrainConfig.steps = 60", "ild/TrainConfig.steps = 12", "ild/TrainConfig.checkpoint_every = 4",
-         "kd/TrainConfig.steps = 60", "kd/TrainConfig.checkpoint_every = 4", "kd/TrainConfig.log_every = 2",
+SHORT = ["teacher/TrainConfig.steps = 40", "ild/TrainConfig.steps = 8", "ild/TrainConfig.checkpoint_every = 4",
+         "kd/TrainConfig.steps = 40", "kd/TrainConfig.checkpoint_every = 4", "kd/TrainConfig.log_every = 2",
          "dpo/TrainConfig.steps = 4"]
 
 

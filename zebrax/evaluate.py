@@ -3,6 +3,7 @@ perplexity on the rows' next tokens. Rows as ``zebrax.data`` makes them (``token
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -12,10 +13,9 @@ import numpy as np
 from zebrax.distill.losses import kl_loss
 
 
-def kl_and_perplexity(teacher, teacher_params, model, params, rows: dict, *, batch_size: int = 8) -> dict:
-    """``{"kl": …, "perplexity": …, "tokens": …}`` of ``model`` (a ``DecoderLM``) against ``teacher``, both float32
-    sums over every counted position of every row (a last partial batch included), divided by their counts. KL is
-    taken where ``loss_mask`` and ``token_mask`` hold; perplexity over the next tokens those positions predict."""
+@functools.lru_cache(maxsize=8)
+def _sums(teacher, model):
+    """The jitted per-batch sums of one (teacher, model) pair of modules: compiled once, whatever the parameters."""
 
     @jax.jit
     def sums(teacher_params, params, tokens, token_mask, loss_mask):  # parameters as arguments, never constants
@@ -27,6 +27,14 @@ def kl_and_perplexity(teacher, teacher_params, model, params, rows: dict, *, bat
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
         return kl, jnp.sum(counted), -jnp.sum(jnp.where(nxt, logp, 0.0)), jnp.sum(nxt)
 
+    return sums
+
+
+def kl_and_perplexity(teacher, teacher_params, model, params, rows: dict, *, batch_size: int = 8) -> dict:
+    """``{"kl": …, "perplexity": …, "tokens": …}`` of ``model`` (a ``DecoderLM``) against ``teacher``, both float32
+    sums over every counted position of every row (a last partial batch included), divided by their counts. KL is
+    taken where ``loss_mask`` and ``token_mask`` hold; perplexity over the next tokens those positions predict."""
+    sums = _sums(teacher, model)
     totals = np.zeros(4)
     n = len(rows["tokens"])
     for start in range(0, n, batch_size):
