@@ -137,8 +137,8 @@ class MetricsLog:
         if not self.writes:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > resumed_at)]
+            rows = [(line, json.loads(line)) for line in self.path.read_text().splitlines()]
+            kept = [line for line, row in rows if not (row["stage"] == stage and row["step"] > resumed_at)]
             self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
 
