@@ -146,6 +146,15 @@ def _overlaps(dst: Path, sources: Iterable[str | os.PathLike]) -> Path | None:
     return None
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file whole or not at all: a temporary sibling renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(
     dst: str | os.PathLike,

@@ -315,6 +315,39 @@ def run(
     print(f"({len(out) - len(prompt_tokens)} tokens in {seconds:.2f}s, first call includes compilation)")
 
 
+def cmd_eval(args):
+    import zebrax
+    from zebrax.data import codec_for
+    from zebrax.evaluate import eval_rows, evaluate
+
+    model = zebrax.load(args.ckpt)
+    teacher = zebrax.load(args.teacher) if args.teacher else None
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        from zebrax.errors import InvalidArgument
+
+        raise InvalidArgument(f"--teacher {args.teacher}: its vocabulary ({teacher.config.vocab_size}) is not the "
+                              f"model's ({model.config.vocab_size}); KL needs the same tokens")
+    rows = eval_rows(args.data, codec_for(model, args.ckpt), args.seq_len)
+    if args.max_rows:
+        rows = {k: v[:args.max_rows] for k, v in rows.items()}
+    result = evaluate(model.module, model.params, rows, batch_size=args.batch_size, progress=True,
+                      **({"teacher": teacher.module, "teacher_params": teacher.params} if teacher else {}))
+    result = {"model": str(args.ckpt), "teacher": args.teacher, "data": [str(f) for f in args.data],
+              "seq_len": args.seq_len, "rows": len(rows["tokens"]), **result}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        from zebrax.checkpoint import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
+    print(text)
+
+
+def cmd_lm_eval(argv: list[str]) -> None:
+    from zebrax.lm_eval import cli
+
+    cli(argv)
+
+
 def cmd_generate_data(args):
     import zebrax
     from zebrax.data import generate_data
@@ -451,6 +484,20 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--new-tokens", type=int, default=8)
     bl.set_defaults(fn=cmd_bench)
 
+    v = sub.add_parser("eval", help="perplexity on text/jsonl files, and KL(teacher ‖ model) with --teacher (JSON)")
+    v.add_argument("ckpt")
+    v.add_argument("--data", nargs="+", required=True, help=".txt (paragraphs), .jsonl/.parquet ({text}/{messages})")
+    v.add_argument("--teacher", help="a checkpoint of the same vocabulary: also KL(teacher ‖ model) per token")
+    v.add_argument("--seq-len", type=int, default=1024, help="window length (long texts: windows overlapping by 1)")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--max-rows", type=int, default=0, help="evaluate only the first N rows (0: all)")
+    v.add_argument("--out", help="also write the JSON here")
+    v.set_defaults(fn=cmd_eval)
+
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-eval's command line with the model zebrax: zebrax lm-eval --model zebrax --model_args "
+                        "pretrained=CKPT[,batch_size=8] --tasks … (every lm_eval argument; --help: lm-eval's)")
+
     g = sub.add_parser("generate-data", help="the teacher's replies to a prompt file, as chat records (resumable)")
     g.add_argument("teacher")
     g.add_argument("--prompts", required=True, help="jsonl of {'messages': [...]} or {'prompt': ...}")
@@ -494,7 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     one line on stderr. A signal removes whatever the command was writing (``checkpoint.atomic_directory``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own arguments, untouched by zebrax's parser
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        args = argparse.Namespace(fn=lambda _: cmd_lm_eval(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
     from zebrax import interrupts
     from zebrax.errors import Interrupted, ZebraxError
 

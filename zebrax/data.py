@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zebrax import checkpoint
 from zebrax.errors import ZebraxError
 
 LM_FIELDS = ("tokens", "token_mask", "loss_mask")
@@ -74,6 +75,17 @@ class TokenizerCodec:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+def codec_for(model, where: str):
+    """The codec of a loaded ``zebrax.Model``: its tokenizer, or bytes for a tokenizer-less model of the byte
+    vocabulary (the tiny experiments' models); DataError otherwise."""
+    if model.tokenizer is not None:
+        return TokenizerCodec(model.tokenizer)
+    if model.config.vocab_size == ByteCodec.vocab_size:
+        return ByteCodec()
+    raise DataError(f"{where}: has no tokenizer/ to turn text into tokens (and its vocabulary of "
+                    f"{model.config.vocab_size} is not the byte codec's {ByteCodec.vocab_size})")
+
+
 # -- records ----------------------------------------------------------------------------------------
 def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """``[(where, record)]`` from a ``.jsonl``/``.json`` (one object a line), ``.parquet`` or ``.txt`` file; ``where``
@@ -117,24 +129,24 @@ def _messages(where: str, value) -> list[dict]:
     return value
 
 
-def _row(ids: list[int], counted_from: int, seq_len: int) -> dict:
+def row(ids: list[int], counted_from: int, seq_len: int) -> dict:
     """One document → a row: cut to ``seq_len``, right-padded; predictions count from position ``counted_from``."""
     ids = ids[:seq_len]
-    row = {name: np.zeros(seq_len, dtype) for name, dtype in zip(LM_FIELDS, (np.int32, bool, bool), strict=True)}
-    row["tokens"][:len(ids)] = ids
-    row["token_mask"][:len(ids)] = True
-    row["loss_mask"][max(0, counted_from):len(ids)] = True
-    return row
+    out = {name: np.zeros(seq_len, dtype) for name, dtype in zip(LM_FIELDS, (np.int32, bool, bool), strict=True)}
+    out["tokens"][:len(ids)] = ids
+    out["token_mask"][:len(ids)] = True
+    out["loss_mask"][max(0, counted_from):len(ids)] = True
+    return out
 
 
 def lm_row(where: str, record: dict, codec, seq_len: int) -> dict:
     """A ``text`` or ``messages`` record → a row (chat: predictions count from the last prompt token on)."""
     if isinstance(record.get("text"), str):
-        return _row(codec.encode(record["text"]), 0, seq_len)
+        return row(codec.encode(record["text"]), 0, seq_len)
     if "messages" in record:
         messages = _messages(where, record["messages"])
         prompt = codec.chat(messages[:-1], add_generation_prompt=True) if len(messages) > 1 else []
-        return _row(codec.chat(messages, add_generation_prompt=False), len(prompt) - 1, seq_len)
+        return row(codec.chat(messages, add_generation_prompt=False), len(prompt) - 1, seq_len)
     raise DataError(f"{where}: a record needs 'text' (a string) or 'messages', it has {sorted(record)}")
 
 
@@ -151,7 +163,7 @@ def preference_row(where: str, record: dict, codec, seq_len: int) -> dict:
         if not isinstance(record[side], str):
             raise DataError(f"{where}: '{side}' must be a string (the reply)")
         ids = codec.chat([*prompt, {"role": "assistant", "content": record[side]}], add_generation_prompt=False)
-        out.update({f"{side}_{k}": v for k, v in _row(ids, start, seq_len).items()})
+        out.update({f"{side}_{k}": v for k, v in row(ids, start, seq_len).items()})
     return out
 
 
@@ -283,7 +295,4 @@ def generate_data(model, prompts: str | os.PathLike, out: str | os.PathLike, *, 
                     bar.update(1)
             f.flush()
             os.fsync(f.fileno())
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(done[i] + "\n" for i in range(len(records))))
-    os.replace(tmp, out)
-    return out
+    return checkpoint.write_text_atomic(out, "".join(done[i] + "\n" for i in range(len(records))))

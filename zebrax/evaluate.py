@@ -1,45 +1,94 @@
-"""How close a model is to its teacher on held-out rows: KL(teacher ‖ model) per counted token and the model's
-perplexity on the rows' next tokens. Rows as ``zebrax.data`` makes them (``tokens``, ``token_mask``, ``loss_mask``)."""
+"""How good a model is, and how close to its teacher: perplexity on the next tokens of rows, and KL(teacher ‖ model)
+per counted token. Rows as ``zebrax.data`` makes them (``tokens``, ``token_mask``, ``loss_mask``): a position ``p``
+with ``loss_mask`` counts in the KL, and its prediction of token ``p + 1`` (when real) counts in the perplexity.
+
+``eval_rows`` turns text files into such rows; long documents become windows of ``seq_len`` tokens that overlap by
+one token, so every token after a document's first is predicted exactly once, as in lm-eval's rolling
+log-likelihood with a context of one token.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zebrax import data
 from zebrax.distill.losses import kl_loss
 
 
 @functools.lru_cache(maxsize=8)
-def _sums(teacher, model):
-    """The jitted per-batch sums of one (teacher, model) pair of modules: compiled once, whatever the parameters."""
+def _sums(model, teacher):
+    """The jitted per-batch sums of one (model, teacher or None) pair of modules: compiled once per batch shape,
+    whatever the parameters (they are arguments, never constants)."""
 
     @jax.jit
-    def sums(teacher_params, params, tokens, token_mask, loss_mask):  # parameters as arguments, never constants
+    def sums(params, teacher_params, tokens, token_mask, loss_mask):
         counted = loss_mask & token_mask
-        t_logits = teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask)[0]
-        logits = model.apply({"params": params}, tokens, token_mask=token_mask)[0]
-        kl = kl_loss(t_logits, logits, counted, normalize="sequence") * tokens.shape[0]
+        logits = model.apply({"params": params}, tokens, token_mask=token_mask)[0].astype(jnp.float32)
         nxt = counted[:, :-1] & token_mask[:, 1:]
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
-        return kl, jnp.sum(counted), -jnp.sum(jnp.where(nxt, logp, 0.0)), jnp.sum(nxt)
+        out = {"nll": -jnp.sum(jnp.where(nxt, logp, 0.0)), "predicted": jnp.sum(nxt)}
+        if teacher is not None:
+            t_logits = teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask)[0]
+            out["kl"] = kl_loss(t_logits, logits, counted, normalize="sequence") * tokens.shape[0]
+            out["counted"] = jnp.sum(counted)
+        return out
 
     return sums
 
 
-def kl_and_perplexity(teacher, teacher_params, model, params, rows: dict, *, batch_size: int = 8) -> dict:
-    """``{"kl": …, "perplexity": …, "tokens": …}`` of ``model`` (a ``DecoderLM``) against ``teacher``, both float32
-    sums over every counted position of every row (a last partial batch included), divided by their counts. KL is
-    taken where ``loss_mask`` and ``token_mask`` hold; perplexity over the next tokens those positions predict."""
-    sums = _sums(teacher, model)
-    totals = np.zeros(4)
+def evaluate(model, params, rows: dict, *, teacher=None, teacher_params=None, batch_size: int = 8,
+             progress: bool = False) -> dict:
+    """``{"perplexity", "nll", "predicted_tokens"}`` of ``model`` (a ``DecoderLM``) on ``rows``, and with a
+    ``teacher`` also ``{"kl", "tokens"}``: KL(teacher ‖ model) per counted position. Float32 sums over every row, in
+    batches of ``batch_size`` (the last one padded with empty rows, so one shape compiles), divided by their counts.
+    ``progress``: a progress bar on stderr."""
+    from tqdm import tqdm
+
+    sums = _sums(model, teacher)
     n = len(rows["tokens"])
-    for start in range(0, n, batch_size):
-        part = [np.asarray(rows[k][start:start + batch_size]) for k in ("tokens", "token_mask", "loss_mask")]
-        totals += np.array([float(x) for x in sums(teacher_params, params, part[0], part[1].astype(bool),
-                                                   part[2].astype(bool))])
-    kl, kl_count, nll, nll_count = totals
-    return {"kl": kl / max(kl_count, 1), "perplexity": math.exp(nll / max(nll_count, 1)), "tokens": int(kl_count)}
+    totals: dict[str, float] = {}
+    with tqdm(total=n, desc="evaluate", unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            part = {k: np.asarray(rows[k][start:start + batch_size]) for k in data.LM_FIELDS}
+            pad = batch_size - len(part["tokens"])
+            part = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in part.items()}
+            out = sums(params, teacher_params, part["tokens"].astype(np.int32), part["token_mask"].astype(bool),
+                       part["loss_mask"].astype(bool))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            bar.update(batch_size - pad)
+    nll = totals["nll"] / max(totals["predicted"], 1)
+    result = {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": int(totals["predicted"])}
+    if teacher is not None:
+        result.update(kl=totals["kl"] / max(totals["counted"], 1), tokens=int(totals["counted"]))
+    return result
+
+
+def windows(ids: list[int], seq_len: int) -> list[list[int]]:
+    """A document's tokens → windows of at most ``seq_len`` tokens, each starting on the last token of the one
+    before: every token but the first is predicted once, from up to ``seq_len - 1`` tokens of context."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len={seq_len} must be at least 2")
+    step = seq_len - 1
+    return [ids[s:s + seq_len] for s in range(0, max(len(ids) - 1, 1), step)]
+
+
+def eval_rows(files: Sequence[str | os.PathLike], codec, seq_len: int) -> dict:
+    """Rows to evaluate from text/chat files (``zebrax.data.read_records``): ``text`` records whole, in windows
+    (``windows``); chat records as training rows (the replies count; longer ones are cut to ``seq_len``)."""
+    rows = []
+    for f in files:
+        for where, record in data.read_records(f):
+            if isinstance(record.get("text"), str):
+                rows += [data.row(w, 0, seq_len) for w in windows(codec.encode(record["text"]), seq_len)]
+            else:
+                rows.append(data.lm_row(where, record, codec, seq_len))
+    return {k: np.stack([r[k] for r in rows]) for k in data.LM_FIELDS}

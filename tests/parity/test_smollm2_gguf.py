@@ -56,3 +56,24 @@ def test_32_greedy_tokens_match_transformers(model, teacher):
 
 def test_answers_the_capital_question(model):
     assert "Paris" in model.chat("What is the capital of France?", max_new_tokens=24)
+
+
+TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+        "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")
+
+
+def test_eval_perplexity_matches_transformers(smollm2_checkpoint, teacher, tmp_path, capsys):
+    """`zebrax eval` on a fixed text: the perplexity transformers' logits give on the same tokens (1e-4 relative)."""
+    import json
+
+    from zebrax.cli import main
+
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["eval", str(smollm2_checkpoint), "--data", str(tmp_path / "text.txt"), "--seq-len", "256"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ids = zebrax.load(smollm2_checkpoint).encode(TEXT)
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(torch.tensor([ids])).logits[0, :-1].double(), -1)
+    nll = -logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean().item()
+    assert got["rows"] == 1 and got["predicted_tokens"] == len(ids) - 1 > 30
+    np.testing.assert_allclose(got["perplexity"], np.exp(nll), rtol=1e-4)

@@ -147,9 +147,7 @@ def _write_text(path: Path, text: str) -> None:
     """Atomically, by process 0 only."""
     if jax.process_index() != 0:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    checkpoint.write_text_atomic(path, text)
 
 
 def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
@@ -271,7 +269,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     """Run (or resume) every stage; returns ``eval.json``'s content. ``config_text``: the resolved gin config, written
     to ``WORKDIR/config.gin``."""
     from zebrax.api import Model
-    from zebrax.evaluate import kl_and_perplexity
+    from zebrax.evaluate import evaluate as measure
     from zebrax.init import assemble, init_hybrid
     from zebrax.models import build
     from zebrax.select import place, scores
@@ -302,7 +300,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
 
     def evaluate(name: str, config, params) -> None:
         if name not in evals:
-            evals[name] = kl_and_perplexity(teacher, t_params, build(config), params, held)
+            evals[name] = measure(build(config), params, held, teacher=teacher, teacher_params=t_params)
             _write_text(evals_path, json.dumps(evals, indent=2))
             _say(f"{name}: KL(teacher ‖ model) {evals[name]['kl']:.4f}, perplexity {evals[name]['perplexity']:.2f}")
 
