@@ -224,61 +224,6 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
             **machine()}
 
 
-def _zebrax_generate(model, tokens: np.ndarray, new_tokens: int) -> Callable[[], object]:
-    return lambda: model.generate(tokens, max_new_tokens=new_tokens, ignore_eos=True)
-
-
-def _torch_generate(hf, tokens: np.ndarray, new_tokens: int) -> Callable[[], object]:
-    import torch
-
-    t = torch.from_numpy(tokens.astype(np.int64))
-
-    def run():
-        with torch.inference_mode():
-            return hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-
-    return run
-
-
-def bench_decode(model, *, contexts=(512, 4096), batches=(1, 8), new_tokens: int = 32, repeats: int = 3,
-                 seed: int = 0) -> dict:
-    """Teacher decode tokens/s: zebrax ``Model.generate`` (one jitted prefill, one compiled decode loop) against
-    transformers' ``generate`` (PyTorch eager, SDPA, its dynamic KV cache), greedy, same weights, float32.
-
-    Each side generates 1 token and ``new_tokens`` tokens from the same random prompt of ``context`` tokens; the
-    difference of the two times is the decode of ``new_tokens - 1`` tokens, so the prefill cancels out. The
-    prefill times (the 1-token runs) are reported too.
-    """
-    from zebrax.convert.export import to_transformers
-
-    require_positive("bench decode", contexts=list(contexts), batches=list(batches), repeats=repeats)
-    if not isinstance(new_tokens, int) or new_tokens < 2:
-        from zebrax.errors import InvalidArgument
-
-        raise InvalidArgument(f"bench decode: new_tokens={new_tokens!r} must be an integer >= 2")
-    hf = to_transformers(model.config, jax.device_get(model.params))
-    rows = []
-    for context in contexts:
-        for batch in batches:
-            tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, context),
-                                                          dtype=np.int32)
-            s = compare({"zebrax_1": _zebrax_generate(model, tokens, 1),
-                         "zebrax_n": _zebrax_generate(model, tokens, new_tokens),
-                         "transformers_1": _torch_generate(hf, tokens, 1),
-                         "transformers_n": _torch_generate(hf, tokens, new_tokens)}, repeats)
-            decode = {k: batch * (new_tokens - 1) / max(s[f"{k}_n"] - s[f"{k}_1"], 1e-9)
-                      for k in ("zebrax", "transformers")}
-            rows.append({"context": context, "batch": batch,
-                         "zebrax_decode_tokens_per_s": round(decode["zebrax"], 1),
-                         "transformers_decode_tokens_per_s": round(decode["transformers"], 1),
-                         "decode_speedup_vs_transformers": round(decode["zebrax"] / decode["transformers"], 3),
-                         "zebrax_prefill_s": round(s["zebrax_1"], 3),
-                         "transformers_prefill_s": round(s["transformers_1"], 3)})
-    return {"benchmark": "decode", "model": repr(model), "dtype": model.config.dtype, "new_tokens": new_tokens,
-            "repeats": repeats, "auto": auto_choices(), "rows": rows, **machine()}
-
-
 def bench_long_prompt(ckpt: str, *, length: int = 32768, new_tokens: int = 8, seed: int = 0) -> dict:
     """One prompt of ``length`` random tokens through ``generate`` in a fresh process: the call's wall time
     (compilation included: a long prompt is a one-off) and the process's peak resident memory (weights, cache and

@@ -10,8 +10,10 @@
     zebrax bench forward CKPT [--batch B] [--seq-len L] [--repeats R]
     zebrax bench ssd [--lengths L ...] [--repeats R]
     zebrax bench attention [--contexts N ...] [--batch B] [--repeats R]
-    zebrax bench decode CKPT [--contexts N ...] [--batches B ...] [--new-tokens N] [--repeats R]
+    zebrax bench decode CKPT [--contexts N ...] [--batches B ...] [--models …] [--model NAME=CKPT] [--plot PNG]
     zebrax bench long-prompt CKPT [--length N] [--new-tokens N]
+    zebrax eval CKPT --data FILE ... [--teacher T] [--seq-len L] [--out FILE]
+    zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax run [GIN_FILE ...] [--gin PARAM=VALUE ...]
 """
 
@@ -24,7 +26,6 @@ import logging
 import os
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def _gin():
     from zebrax.config import HybridConfig, LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
 
     if not _GIN_REGISTERED:
+        from zebrax.job import run
+
         for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
             gin.external_configurable(fn, module="zebrax")
         gin.external_configurable(HybridConfig.from_teacher, name="zebra_hybrid", module="zebrax")
@@ -274,8 +277,7 @@ def cmd_bench(args):
     elif args.bench == "ssd":
         result = bench.bench_ssd(lengths=tuple(args.lengths), repeats=args.repeats)
     elif args.bench == "decode":
-        result = bench.bench_decode(zebrax.load(args.ckpt), contexts=tuple(args.contexts), batches=tuple(args.batches),
-                                    new_tokens=args.new_tokens, repeats=args.repeats)
+        result = _bench_decode(args)
     elif args.bench == "train":
         result = bench.bench_train(zebrax.load(args.ckpt), batch=args.batch, seq_len=args.seq_len, steps=args.steps,
                                    num_mla=args.num_mla, recipe={"kv_lora_rank": args.kv_lora_rank})
@@ -287,32 +289,32 @@ def cmd_bench(args):
     print(json.dumps(result, indent=2))
 
 
-def run(
-    source: str | None = None,
-    output: str = "artifacts/smollm2-135m-instruct",
-    prompt: str = "What is the capital of France?",
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-):
-    """The main job on the embedded default: convert the teacher (once), describe it, answer a chat."""
+def _bench_decode(args) -> dict:
     import zebrax
-    from zebrax import checkpoint
+    from zebrax import bench_decode
 
-    src = Path(source) if source else embedded_teacher()
-    if not checkpoint.is_checkpoint(output):
-        t = time.perf_counter()
-        zebrax.convert(src, output)
-        print(f"converted {src} -> {output} in {time.perf_counter() - t:.1f}s")
-    info = describe(output)
-    print(json.dumps({k: v for k, v in info.items() if k != "config"}))
-    model = zebrax.load(output)
-    prompt_tokens = model.chat_tokens(prompt)
-    t = time.perf_counter()
-    out = model.generate([prompt_tokens], max_new_tokens=max_new_tokens, temperature=temperature)[0]
-    seconds = time.perf_counter() - t
-    reply = model.decode(out[len(prompt_tokens):]).strip()
-    print(f"user: {prompt}\nassistant: {reply}")
-    print(f"({len(out) - len(prompt_tokens)} tokens in {seconds:.2f}s, first call includes compilation)")
+    extra = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            from zebrax.errors import InvalidArgument
+
+            raise InvalidArgument(f"--model {item!r}: expected NAME=CKPT (e.g. --model zebra-kd=runs/smollm2/kd)")
+        extra[name] = zebrax.load(path)
+    mla_layers = args.mla_layers
+    if args.smart:
+        mla_layers = json.loads(Path(args.smart).read_text())["mla_layers"]
+    recipe = {k: getattr(args, k) for k in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim")
+              if getattr(args, k) is not None}
+    result = bench_decode.bench_decode(
+        zebrax.load(args.ckpt), contexts=tuple(args.contexts), batches=tuple(args.batches),
+        models=tuple(args.models or bench_decode.MODELS),
+        extra=extra, num_mla=args.num_mla, mla_layers=mla_layers, recipe=recipe, new_tokens=args.new_tokens,
+        repeats=args.repeats, transformers_max_tokens=args.transformers_max_tokens)
+    if args.plot:
+        bench_decode.plot(result, args.plot)
+        result["plot"] = str(args.plot)
+    return result
 
 
 def cmd_eval(args):
@@ -371,7 +373,7 @@ def cmd_distill(args):
 
 def cmd_run(args):
     gin = parse_gin(args.gin_files or [DEFAULT_EXPERIMENT], args.gin)
-    gin.get_configurable(run)()
+    gin.get_configurable("zebrax.run")(config_text=gin.config_str())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,12 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--repeats", type=int, default=5)
     ba.set_defaults(fn=cmd_bench)
 
-    bd = bsub.add_parser("decode", help="teacher decode tokens/s: generate vs transformers' generate")
-    bd.add_argument("ckpt")
-    bd.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    bd = bsub.add_parser("decode", help="decode tokens/s against context and batch: the teacher CKPT, its hybrids, "
+                                        "transformers' generate (JSON; --plot PNG)")
+    bd.add_argument("ckpt", help="the teacher (a Llama checkpoint)")
+    bd.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     bd.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    bd.add_argument("--new-tokens", type=int, default=32)
+    bd.add_argument("--models", nargs="+", metavar="NAME",
+                    help="default all: teacher, transformers (its generate), and hybrids built from the teacher's "
+                         "weights: zebra (--num-mla MLA layers, the rest Mamba2), mamba2 (all), mambainllama (half "
+                         "attention)")
+    bd.add_argument("--model", action="append", default=[], metavar="NAME=CKPT", help="a trained model too")
+    bd.add_argument("--num-mla", type=int, default=6)
+    bd.add_argument("--mla-layers", type=_layers, help="zebra's MLA layers (default: SMART's spacing of --num-mla)")
+    bd.add_argument("--smart", help="a smart.json of zebrax distill: zebra's MLA layers from it")
+    bd.add_argument("--kv-lora-rank", type=int)
+    bd.add_argument("--q-lora-rank", type=int)
+    bd.add_argument("--qk-rope-head-dim", type=int)
+    bd.add_argument("--new-tokens", type=int, default=16)
     bd.add_argument("--repeats", type=int, default=3)
+    bd.add_argument("--transformers-max-tokens", type=int, default=8192,
+                    help="time transformers only where batch × context is at most this")
+    bd.add_argument("--plot", help="write the plot here (PNG)")
     bd.set_defaults(fn=cmd_bench)
     bt = bsub.add_parser("train", help="a KD step of a hybrid of CKPT: tokens/s, FLOP/s against the matmul peak")
     bt.add_argument("ckpt")
@@ -520,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
     d.set_defaults(fn=cmd_distill)
 
-    r = sub.add_parser("run", help="the main job (default: configs/experiments/default.gin)")
+    r = sub.add_parser("run", help="the main job: convert → distill → evaluate → benchmark → runs/NAME/report.md "
+                                   "(default: configs/experiments/default.gin, the embedded SmolLM2)")
     r.add_argument("gin_files", nargs="*", metavar="GIN_FILE")
     r.add_argument("--gin", action="append", default=[], metavar="BINDING", help="e.g. --gin 'run.prompt=\"Hi\"'")
     r.set_defaults(fn=cmd_run)

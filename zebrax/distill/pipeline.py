@@ -64,7 +64,8 @@ class Experiment:
     - ``mesh``: ``MeshConfig`` fields (``data``, ``fsdp``, ``tensor``; ``{}``: one device): the training steps run
       sharded over it by the rules of ``zebrax.sharding``, teacher included.
     - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …); ``num_mla``: MLA
-      layers SMART places.
+      layers SMART places; ``smart_rows``: SMART scores on the first that many rows of ``seq_len`` held-out tokens
+      (0: all of them).
     - KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``: the mean over counted tokens, the
       default, so the loss scale does not move with lengths and padding; ``"sequence"``: the reference code's sum
       over tokens divided by the batch), ``kd_ce_weight``, ``kd_top_k`` (> 0: the KL against the teacher's top-k
@@ -87,6 +88,7 @@ class Experiment:
     remat: bool = False
     student: dict = dataclasses.field(default_factory=dict)
     num_mla: int = 2
+    smart_rows: int = 0
     ild_kind: str = "l2"
     kd_direction: str = "forward"
     kd_temperature: float = 1.0
@@ -325,7 +327,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     if not (workdir / "smart.json").exists():
         _say(f"SMART: scoring {t_config.num_hidden_layers} layers")
         result = scores(Model(t_config, t_params), Model(*ild["mla"]), Model(*ild["mamba2"]),
-                        _calibration(held, exp.seq_len))
+                        _calibration(held, exp.seq_len)[:exp.smart_rows or None])
         result["mla_layers"] = place(result["scores"], exp.num_mla)
         _write_text(workdir / "smart.json", json.dumps(result, indent=2))
         _sync("smart")

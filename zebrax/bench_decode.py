@@ -1,0 +1,235 @@
+"""Decode throughput of a teacher, its hybrids and transformers' ``generate`` against context length and batch
+size (METHOD §7): JSON, and a PNG plot.
+
+For every (model, context, batch): one random prompt of ``context`` tokens per row is prefilled once (compiled ahead,
+timed without compilation), then the compiled decode loop (``Generator.decode``, one ``while_loop``) runs from that
+cache for 1 and for ``new_tokens`` tokens, alternately, ``repeats`` times; the difference of the medians is the decode
+of ``new_tokens - 1`` tokens. transformers' ``generate`` is timed the same way: the prompt but its last token in a
+``DynamicCache`` once, then ``generate`` for 1 and ``new_tokens`` tokens from that cache (cropped back after each).
+
+The bytes a decode step must read are the weights plus every row's cache up to the context; the ratio of the
+teacher's bytes to a hybrid's is the speed-up a memory-bound decode could reach (``bytes_limit_vs_teacher``).
+
+The hybrids are built from the teacher's weights (decode speed does not depend on training): ``zebra`` (``num_mla``
+MLA layers at SMART's spacing, or ``mla_layers``; the rest Mamba2), ``mamba2`` (every layer Mamba2) and
+``mambainllama`` (MambaInLlama's recipe: every other layer keeps its attention, the rest Mamba2). Trained
+checkpoints join by name (``extra``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zebrax.bench import machine, require_positive
+from zebrax.ops.auto import auto_choices
+
+HYBRIDS = ("zebra", "mamba2", "mambainllama")
+MODELS = ("teacher", "transformers", *HYBRIDS)
+
+
+def hybrid_recipe(name: str, n_layers: int, *, num_mla: int, mla_layers=None) -> dict:
+    """``HybridConfig.from_teacher`` layer arguments of a named hybrid of an ``n_layers`` teacher."""
+    from zebrax.select import place
+
+    if name == "zebra":
+        return {"mla_layers": list(mla_layers) if mla_layers is not None else place([0.0] * n_layers, num_mla)}
+    if name == "mamba2":
+        return {"mla_layers": "none"}
+    if name == "mambainllama":
+        return {"mla_layers": "none", "attention_layers": list(range(0, n_layers, 2))}
+    raise ValueError(f"unknown hybrid {name!r}; expected one of {HYBRIDS}")
+
+
+def build_hybrid(teacher, name: str, *, num_mla: int = 6, mla_layers=None, recipe: dict | None = None, seed: int = 0):
+    """A ``zebrax.Model`` of the named hybrid, initialised from ``teacher`` (a ``zebrax.Model``)."""
+    from zebrax.api import Model
+    from zebrax.config import HybridConfig
+    from zebrax.init import init_hybrid
+
+    layers = hybrid_recipe(name, teacher.config.num_hidden_layers, num_mla=num_mla, mla_layers=mla_layers)
+    config = HybridConfig.from_teacher(teacher.config, **layers, **(recipe or {}))
+    params = init_hybrid(teacher.config, jax.device_get(teacher.params), config, jax.random.key(seed))[0]
+    return Model(config, params, teacher.tokenizer)
+
+
+def layer_map(config) -> str:
+    """One letter a layer: A attention, L MLA, S Mamba2 (a plain Llama is all attention)."""
+    return config.layer_map() if hasattr(config, "layer_map") else "A" * config.num_hidden_layers
+
+
+def weight_bytes(model) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(model.params))
+
+
+def _median(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def time_zebrax(model, tokens: np.ndarray, new_tokens: int, repeats: int) -> dict:
+    """Prefill seconds (compilation excluded) and decode tokens/s of ``model.generate``'s two compiled programs."""
+    gen, params = model._generator, model.params
+    batch, context = tokens.shape
+    prompt_len, max_len = gen.lengths([context], new_tokens)
+    padded = np.zeros((batch, prompt_len), np.int32)
+    padded[:, prompt_len - context:] = tokens
+    mask = np.zeros(padded.shape, bool)
+    mask[:, prompt_len - context:] = True
+    prefill = gen.prefill.lower(params, padded, mask, max_len=max_len).compile()
+    t = time.perf_counter()
+    logits, cache = jax.block_until_ready(prefill(params, padded, mask))
+    prefill_s = time.perf_counter() - t
+    fixed = (jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0))
+    decode = gen.decode.lower(params, cache, logits, fixed[0], jnp.int32(1), *fixed[1:],
+                              capacity=max_len - prompt_len).compile()
+
+    def run(n):
+        return lambda: jax.block_until_ready(decode(params, cache, logits, fixed[0], jnp.int32(n), *fixed[1:]))
+
+    run(new_tokens)()  # warm-up
+    return {"prefill_s": prefill_s, "decode_tokens_per_s": _rate(batch, new_tokens, run(1), run(new_tokens), repeats)}
+
+
+def _rate(batch: int, new_tokens: int, one, many, repeats: int) -> float | None:
+    """Decode tokens/s from the medians of ``one`` (1 token) and ``many`` (``new_tokens``) timed alternately; None
+    when the difference drowns in the timing noise (raise ``new_tokens``)."""
+    t1, tn = [], []
+    for _ in range(repeats):
+        t1.append(_median(one, 1))
+        tn.append(_median(many, 1))
+    delta = statistics.median(tn) - statistics.median(t1)
+    return batch * (new_tokens - 1) / delta if delta > 0.05 * statistics.median(tn) else None
+
+
+def time_transformers(hf, tokens: np.ndarray, new_tokens: int, repeats: int) -> dict:
+    """transformers' ``generate`` (greedy, EOS ignored) from a prefilled ``DynamicCache``."""
+    import torch
+    from transformers import DynamicCache
+
+    t = torch.from_numpy(tokens.astype(np.int64))
+    cache = DynamicCache(config=hf.config)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # `past_key_values` is being renamed; both versions take it
+        start = time.perf_counter()
+        hf(t[:, :-1], past_key_values=cache, use_cache=True)
+        prefill_s = time.perf_counter() - start
+
+    def run(n):
+        def go():
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                hf.generate(t, attention_mask=torch.ones_like(t), past_key_values=cache, max_new_tokens=n,
+                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+            cache.crop(t.shape[1] - 1 - cache.get_seq_length())  # a negative count: the tokens to drop
+        return go
+
+    run(new_tokens)()  # warm-up
+    return {"prefill_s": prefill_s,
+            "decode_tokens_per_s": _rate(tokens.shape[0], new_tokens, run(1), run(new_tokens), repeats)}
+
+
+def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODELS, extra: dict | None = None,
+                 num_mla: int = 6, mla_layers=None, recipe: dict | None = None, new_tokens: int = 16,
+                 repeats: int = 3, transformers_max_tokens: int = 8192, seed: int = 0) -> dict:
+    """Rows of ``{model, context, batch, prefill_s, decode_tokens_per_s, cache_bytes, bytes_per_step,
+    decode_speedup_vs_teacher, bytes_limit_vs_teacher}`` for ``models`` (of ``MODELS``) and ``extra``
+    (``{name: zebrax.Model}``); transformers only where ``batch × context <= transformers_max_tokens``."""
+    from zebrax.errors import InvalidArgument
+
+    require_positive("bench decode", contexts=list(contexts), batches=list(batches), repeats=repeats,
+                     num_mla=num_mla)
+    if not isinstance(new_tokens, int) or new_tokens < 2:
+        raise InvalidArgument(f"bench decode: new_tokens={new_tokens!r} must be an integer >= 2")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise InvalidArgument(f"bench decode: unknown model {unknown[0]!r}; expected some of {', '.join(MODELS)}")
+    zebrax_models = {"teacher": teacher} if "teacher" in models else {}
+    for name in HYBRIDS:
+        if name in models:
+            zebrax_models[name] = build_hybrid(teacher, name, num_mla=num_mla, mla_layers=mla_layers, recipe=recipe,
+                                               seed=seed)
+    zebrax_models.update(extra or {})
+    hf = None
+    if "transformers" in models:
+        from zebrax.convert.export import to_transformers
+
+        hf = to_transformers(teacher.config, jax.device_get(teacher.params))
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            tokens = np.random.default_rng(seed).integers(0, teacher.config.vocab_size, (batch, context),
+                                                          dtype=np.int32)
+            timed = {name: time_zebrax(m, tokens, new_tokens, repeats) for name, m in zebrax_models.items()}
+            if hf is not None and batch * context <= transformers_max_tokens:
+                timed["transformers"] = time_transformers(hf, tokens, new_tokens, repeats)
+            teacher_bytes = weight_bytes(teacher) + batch * (teacher.cache_bytes_per_token() * context)
+            for name, r in timed.items():
+                m = zebrax_models.get(name, teacher)
+                cache = batch * (m.cache_bytes_per_token() * context + m.cache_state_bytes())
+                rate = r["decode_tokens_per_s"]
+                row = {"model": name, "context": context, "batch": batch, "prefill_s": round(r["prefill_s"], 3),
+                       "decode_tokens_per_s": None if rate is None else round(rate, 2), "cache_bytes": cache,
+                       "bytes_per_step": weight_bytes(m) + cache, "layers": layer_map(m.config)}
+                if "teacher" in timed:
+                    base = timed["teacher"]["decode_tokens_per_s"]
+                    row["decode_speedup_vs_teacher"] = None if rate is None or base is None else round(rate / base, 3)
+                    row["bytes_limit_vs_teacher"] = round(teacher_bytes / row["bytes_per_step"], 3)
+                rows.append(row)
+                print(f"[bench decode] {name:>14} context {context:>6} batch {batch:>3}: "
+                      f"{row['decode_tokens_per_s']} tok/s, prefill {row['prefill_s']:.2f}s", file=sys.stderr,
+                      flush=True)
+    return {"benchmark": "decode", "teacher": repr(teacher), "dtype": teacher.config.dtype, "new_tokens": new_tokens,
+            "repeats": repeats, "auto": auto_choices(), "rows": rows, **machine()}
+
+
+def plot(result: dict, path) -> None:
+    """Decode tokens/s against context (one panel per batch size, log-log), and each model's speed-up over the
+    teacher with the bytes-read limit dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7.5), squeeze=False)
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    for j, batch in enumerate(batches):
+        for name in names:
+            pts = sorted(((r["context"], r) for r in rows if r["model"] == name and r["batch"] == batch
+                          and r["decode_tokens_per_s"] is not None), key=lambda p: p[0])
+            if not pts:
+                continue
+            x = [c for c, _ in pts]
+            axes[0, j].plot(x, [r["decode_tokens_per_s"] for _, r in pts], "o-", color=colors[name], label=name)
+            pts = [(c, r) for c, r in pts if r.get("decode_speedup_vs_teacher") is not None]
+            if name != "teacher" and pts:
+                x = [c for c, _ in pts]
+                axes[1, j].plot(x, [r["decode_speedup_vs_teacher"] for _, r in pts], "o-", color=colors[name],
+                                label=name)
+                axes[1, j].plot(x, [r["bytes_limit_vs_teacher"] for _, r in pts], "--", color=colors[name],
+                                alpha=0.6)
+        axes[0, j].set(title=f"batch {batch}", xscale="log", yscale="log", xlabel="context (tokens)",
+                       ylabel="decode tokens/s")
+        axes[1, j].axhline(1.0, color="gray", lw=0.8)
+        axes[1, j].set(xscale="log", xlabel="context (tokens)",
+                       ylabel="speed-up vs teacher (dashed: bytes-read limit)")
+        for ax in axes[:, j]:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(f"decode on {result.get('cpu') or result.get('device')}, {result['dtype']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

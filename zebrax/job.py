@@ -1,0 +1,104 @@
+"""The main job (``make run``, ``zebrax run``): convert the teacher → ILD → SMART → the hybrid → KD (``zebrax.distill``
+on the experiment the gin files bind) → KL and perplexity before and after → the decode benchmark → a sample answer
+from teacher and hybrid → ``runs/NAME/report.md``.
+
+Re-running reuses every finished step: the converted teacher, each finished stage (an unfinished one resumes from
+its checkpoint), the benchmark. ``runs/NAME/job.json`` keeps the seconds each step took when it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from zebrax import checkpoint
+
+
+def _say(text: str) -> None:
+    print(f"[zebrax run] {text}", file=sys.stderr, flush=True)
+
+
+def answer(model, prompt: str, max_new_tokens: int) -> str:
+    """``model``'s greedy reply to one user turn, through its chat template (bytes for tokenizer-less models)."""
+    from zebrax.data import codec_for
+
+    codec = codec_for(model, "run")
+    tokens = codec.chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    out = model.generate([tokens], max_new_tokens=max_new_tokens)[0]
+    return codec.decode(out[len(tokens):]).strip()
+
+
+def run(name: str = "smollm2", root: str = "runs", convert_from: str | None = None, *,
+        prompt: str = "What is the capital of France?", max_new_tokens: int = 48,
+        bench_contexts: tuple[int, ...] = (256, 1024, 4096), bench_batches: tuple[int, ...] = (1,),
+        bench_new_tokens: int = 16, bench_repeats: int = 2, config_text: str | None = None) -> Path:
+    """Run (or resume) the main job in ``ROOT/NAME`` on the experiment bound to ``distill`` (gin); returns the
+    report's path. ``convert_from``: the checkpoint the teacher is converted from when ``distill.teacher`` is not a
+    zebrax checkpoint yet (``None``: the embedded SmolLM2 GGUF)."""
+    import zebrax
+    from zebrax import bench, bench_decode, report
+    from zebrax.cli import _gin, embedded_teacher
+    from zebrax.distill import pipeline
+
+    start = time.perf_counter()
+    exp = _gin().get_configurable("zebrax.distill")()
+    workdir = Path(root) / name
+    job_path = workdir / "job.json"
+    steps: dict[str, float] = {}
+
+    def done(step: str, t: float) -> None:
+        steps[step] = round(time.perf_counter() - t, 1)
+        saved = json.loads(job_path.read_text()) if job_path.exists() else {}
+        saved.setdefault("steps", {}).update(steps)
+        checkpoint.write_text_atomic(job_path, json.dumps({**saved, "teacher": exp.teacher}, indent=2))
+
+    if exp.teacher != "tiny" and not checkpoint.is_checkpoint(exp.teacher):
+        src = Path(convert_from) if convert_from else embedded_teacher()
+        _say(f"1/5 convert {src} → {exp.teacher}")
+        t = time.perf_counter()
+        zebrax.convert(src, exp.teacher)
+        done("convert", t)
+    else:
+        _say(f"1/5 convert: {exp.teacher} is there")
+
+    _say(f"2/5 distill → {workdir} (ILD → SMART → KD{' → DPO' if exp.preferences else ''}; finished stages are kept)")
+    t = time.perf_counter()
+    evals = pipeline.run(exp, workdir, config_text=config_text)
+    if not (job_path.exists() and "distill" in json.loads(job_path.read_text()).get("steps", {})):
+        done("distill", t)
+
+    teacher = zebrax.load(workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
+    hybrid = zebrax.load(workdir / ("dpo" if (workdir / "dpo").exists() else "kd"))
+    bench_path = workdir / "bench_decode.json"
+    if not bench_path.exists():
+        _say(f"3/5 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")
+        t = time.perf_counter()
+        result = bench_decode.bench_decode(teacher, contexts=bench_contexts, batches=bench_batches,
+                                           models=("teacher",), extra={"hybrid": hybrid},
+                                           new_tokens=bench_new_tokens, repeats=bench_repeats)
+        bench_decode.plot(result, workdir / "decode.png")
+        checkpoint.write_text_atomic(bench_path, json.dumps(result, indent=2))
+        done("bench", t)
+    else:
+        _say(f"3/5 decode benchmark: {bench_path} is there")
+
+    _say("4/5 the same chat prompt to teacher and hybrid")
+    t = time.perf_counter()
+    answers = {"prompt": prompt, "teacher": answer(teacher, prompt, max_new_tokens),
+               "hybrid": answer(hybrid, prompt, max_new_tokens)}
+    done("answers", t)
+    _say("5/5 report")
+    path = report.write(workdir, teacher=teacher, hybrid=hybrid, answers=answers, machine=bench.machine())
+    wall = time.perf_counter() - start
+    final = [s for s in report.STAGES if s in evals][-1]
+    print(f"{name}: hybrid {hybrid.config.layer_map()} of {exp.teacher}\n"
+          f"  KL(teacher ‖ hybrid) {evals['initialised']['kl']:.3f} initialised → {evals[final]['kl']:.3f} "
+          f"{final.replace('_', ' ')}; perplexity {evals[final]['perplexity']:.2f} (teacher "
+          f"{evals['teacher']['perplexity']:.2f})\n"
+          f"  decode cache per token {hybrid.cache_bytes_per_token():,} B vs {teacher.cache_bytes_per_token():,} B "
+          f"({100 * hybrid.cache_bytes_per_token() / teacher.cache_bytes_per_token():.2f}%)\n"
+          f"  user: {prompt}\n  teacher: {answers['teacher']}\n  hybrid: {answers['hybrid']}\n"
+          f"  report: {path} ({wall:.0f} s this time)")
+    return path
