@@ -98,3 +98,27 @@ def test_bench_attention_reports_the_three_decode_paths():
     assert row["gqa_cache_bytes_per_token"] == 2 * 8 * 64 * 4 and row["mla_absorbed_cache_bytes_per_token"] == 160 * 4
     assert result["prefill_attention"]["pallas_ms"] > 0
     json.dumps(result)
+
+
+def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
+    """Teacher, its three hybrids and transformers' generate, one row each per (context, batch); caches add up;
+    the plot is written; an unknown model or a bad NAME=CKPT is one line."""
+    ckpt = str(tiny_llama("gqa_llama3_untied")[2])  # 3 layers, GQA 6/2
+    assert main(["bench", "decode", ckpt, "--contexts", "24", "--batches", "1", "2", "--num-mla", "1",
+                 "--new-tokens", "24", "--repeats", "1", "--model", f"again={ckpt}", "--plot",
+                 str(tmp_path / "d.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {(r["model"], r["batch"]): r for r in result["rows"]}
+    models = ("teacher", "transformers", "zebra", "mamba2", "mambainllama", "again")
+    assert set(rows) == {(m, b) for m in models for b in (1, 2)}
+    assert [rows[(m, 1)]["layers"] for m in ("teacher", "zebra", "mamba2", "mambainllama")] == [
+        "AAA", "LSS", "SSS", "ASA"]
+    t = rows[("teacher", 2)]
+    assert t["cache_bytes"] == 2 * 24 * 3 * 2 * 2 * 12 * 4  # batch · context · layers · (K, V) · kv heads · dim · 4
+    assert rows[("mamba2", 2)]["cache_bytes"] < t["cache_bytes"] == rows[("again", 2)]["cache_bytes"]
+    assert t["decode_speedup_vs_teacher"] in (1.0, None) and t["bytes_limit_vs_teacher"] == 1.0
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG" and result["plot"] == str(tmp_path / "d.png")
+    assert main(["bench", "decode", ckpt, "--models", "teacher", "llama"]) == 1
+    assert "unknown model 'llama'" in capsys.readouterr().err
+    assert main(["bench", "decode", ckpt, "--model", "nameless"]) == 1
+    assert "NAME=CKPT" in capsys.readouterr().err
