@@ -49,10 +49,12 @@ def run(name: str = "smollm2", root: str = "runs", convert_from: str | None = No
     steps: dict[str, float] = {}
 
     def done(step: str, t: float) -> None:
+        """Record a step's seconds; written once the work directory is the run's (the distill step claims it)."""
         steps[step] = round(time.perf_counter() - t, 1)
-        saved = json.loads(job_path.read_text()) if job_path.exists() else {}
-        saved.setdefault("steps", {}).update(steps)
-        checkpoint.write_text_atomic(job_path, json.dumps({**saved, "teacher": exp.teacher}, indent=2))
+        if workdir.is_dir():
+            saved = json.loads(job_path.read_text()) if job_path.exists() else {}
+            saved.setdefault("steps", {}).update(steps)
+            checkpoint.write_text_atomic(job_path, json.dumps({**saved, "teacher": exp.teacher}, indent=2))
 
     if exp.teacher != "tiny" and not checkpoint.is_checkpoint(exp.teacher):
         src = Path(convert_from) if convert_from else embedded_teacher()
