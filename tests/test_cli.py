@@ -105,6 +105,7 @@ def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     the plot is written; an unknown model or a bad NAME=CKPT is one line."""
     ckpt = str(tiny_llama("gqa_llama3_untied")[2])  # 3 layers, GQA 6/2
     assert main(["bench", "decode", ckpt, "--contexts", "24", "--batches", "1", "2", "--num-mla", "1",
+                 "--kv-lora-rank", "16", "--q-lora-rank", "32", "--qk-rope-head-dim", "4",
                  "--new-tokens", "24", "--repeats", "1", "--model", f"again={ckpt}", "--plot",
                  str(tmp_path / "d.png")]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -117,6 +118,7 @@ def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     assert t["cache_bytes"] == 2 * 24 * 3 * 2 * 2 * 12 * 4  # batch · context · layers · (K, V) · kv heads · dim · 4
     assert rows[("mamba2", 2)]["cache_bytes"] < t["cache_bytes"] == rows[("again", 2)]["cache_bytes"]
     assert t["decode_speedup_vs_teacher"] in (1.0, None) and t["bytes_limit_vs_teacher"] == 1.0
+    assert all(r["peak_rss_bytes"] > 2**20 for r in result["rows"])  # Linux VmHWM, reset per model
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG" and result["plot"] == str(tmp_path / "d.png")
     assert main(["bench", "decode", ckpt, "--models", "teacher", "llama"]) == 1
     assert "unknown model 'llama'" in capsys.readouterr().err

@@ -162,6 +162,7 @@ def rounding_floor(model: zebrax.Model, tokens: np.ndarray) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2_memory")  # several GB each: one at a time, on one worker
 @pytest.mark.parametrize("name", sorted(SMOL_PLANS))
 def test_hybrids_of_the_real_teacher_decode_as_they_prefill(smol_teacher, name):
     """Cached decode equals the full pass within 2 × the model's float32 rounding floor (at least 1e-5 of the

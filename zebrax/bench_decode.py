@@ -7,7 +7,9 @@ cache for 1 and for ``new_tokens`` tokens, alternately, ``repeats`` times; the d
 of ``new_tokens - 1`` tokens. transformers' ``generate`` is timed the same way: the prompt but its last token in a
 ``DynamicCache`` once, then ``generate`` for 1 and ``new_tokens`` tokens from that cache (cropped back after each).
 
-The bytes a decode step must read are the weights plus every row's cache up to the context; the ratio of the
+``peak_rss_bytes`` is the process's resident-memory high-water mark over one model's point (Linux ``VmHWM``, reset
+before it): every loaded model's weights included, so differences between models are what their prefill and cache
+add. The bytes a decode step must read are the weights plus every row's cache up to the context; the ratio of the
 teacher's bytes to a hybrid's is the speed-up a memory-bound decode could reach (``bytes_limit_vs_teacher``).
 
 The hybrids are built from the teacher's weights (decode speed does not depend on training): ``zebra`` (``num_mla``
@@ -57,6 +59,24 @@ def build_hybrid(teacher, name: str, *, num_mla: int = 6, mla_layers=None, recip
     config = HybridConfig.from_teacher(teacher.config, **layers, **(recipe or {}))
     params = init_hybrid(teacher.config, jax.device_get(teacher.params), config, jax.random.key(seed))[0]
     return Model(config, params, teacher.tokenizer)
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the process's resident-memory high-water mark (``VmHWM``) from what is resident now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int | None:
+    """Linux: the process's resident-memory high-water mark (``VmHWM``) since the last ``reset_peak_rss``."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def layer_map(config) -> str:
@@ -142,7 +162,7 @@ def time_transformers(hf, tokens: np.ndarray, new_tokens: int, repeats: int) -> 
 def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODELS, extra: dict | None = None,
                  num_mla: int = 6, mla_layers=None, recipe: dict | None = None, new_tokens: int = 16,
                  repeats: int = 3, transformers_max_tokens: int = 8192, seed: int = 0) -> dict:
-    """Rows of ``{model, context, batch, prefill_s, decode_tokens_per_s, cache_bytes, bytes_per_step,
+    """Rows of ``{model, context, batch, prefill_s, decode_tokens_per_s, cache_bytes, bytes_per_step, peak_rss_bytes,
     decode_speedup_vs_teacher, bytes_limit_vs_teacher}`` for ``models`` (of ``MODELS``) and ``extra``
     (``{name: zebrax.Model}``); transformers only where ``batch × context <= transformers_max_tokens``."""
     from zebrax.errors import InvalidArgument
@@ -170,9 +190,14 @@ def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODEL
         for batch in batches:
             tokens = np.random.default_rng(seed).integers(0, teacher.config.vocab_size, (batch, context),
                                                           dtype=np.int32)
-            timed = {name: time_zebrax(m, tokens, new_tokens, repeats) for name, m in zebrax_models.items()}
+            timed = {}
+            for name, m in zebrax_models.items():
+                reset_peak_rss()
+                timed[name] = {**time_zebrax(m, tokens, new_tokens, repeats), "peak_rss_bytes": peak_rss_bytes()}
             if hf is not None and batch * context <= transformers_max_tokens:
-                timed["transformers"] = time_transformers(hf, tokens, new_tokens, repeats)
+                reset_peak_rss()
+                timed["transformers"] = {**time_transformers(hf, tokens, new_tokens, repeats),
+                                         "peak_rss_bytes": peak_rss_bytes()}
             teacher_bytes = weight_bytes(teacher) + batch * (teacher.cache_bytes_per_token() * context)
             for name, r in timed.items():
                 m = zebrax_models.get(name, teacher)
@@ -180,7 +205,8 @@ def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODEL
                 rate = r["decode_tokens_per_s"]
                 row = {"model": name, "context": context, "batch": batch, "prefill_s": round(r["prefill_s"], 3),
                        "decode_tokens_per_s": None if rate is None else round(rate, 2), "cache_bytes": cache,
-                       "bytes_per_step": weight_bytes(m) + cache, "layers": layer_map(m.config)}
+                       "bytes_per_step": weight_bytes(m) + cache, "peak_rss_bytes": r["peak_rss_bytes"],
+                       "layers": layer_map(m.config)}
                 if "teacher" in timed:
                     base = timed["teacher"]["decode_tokens_per_s"]
                     row["decode_speedup_vs_teacher"] = None if rate is None or base is None else round(rate / base, 3)

@@ -318,6 +318,8 @@ def _bench_decode(args) -> dict:
 
 
 def cmd_eval(args):
+    import itertools
+
     import zebrax
     from zebrax.data import codec_for
     from zebrax.evaluate import eval_rows, evaluate
@@ -331,11 +333,11 @@ def cmd_eval(args):
                               f"model's ({model.config.vocab_size}); KL needs the same tokens")
     rows = eval_rows(args.data, codec_for(model, args.ckpt), args.seq_len)
     if args.max_rows:
-        rows = {k: v[:args.max_rows] for k, v in rows.items()}
+        rows = itertools.islice(rows, args.max_rows)
     result = evaluate(model.module, model.params, rows, batch_size=args.batch_size, progress=True,
                       **({"teacher": teacher.module, "teacher_params": teacher.params} if teacher else {}))
     result = {"model": str(args.ckpt), "teacher": args.teacher, "data": [str(f) for f in args.data],
-              "seq_len": args.seq_len, "rows": len(rows["tokens"]), **result}
+              "seq_len": args.seq_len, **result}
     text = json.dumps(result, indent=2)
     if args.out:
         from zebrax.checkpoint import write_text_atomic

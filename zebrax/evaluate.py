@@ -44,29 +44,47 @@ def _sums(model, teacher):
     return sums
 
 
-def evaluate(model, params, rows: dict, *, teacher=None, teacher_params=None, batch_size: int = 8,
+def _batches(rows, batch_size: int):
+    """Stacked batches of ``batch_size`` rows (the last one padded with empty rows, so one shape compiles), and the
+    real rows in each: from stacked arrays or, streaming, from an iterable of single rows."""
+    if isinstance(rows, dict):
+        rows = ({k: rows[k][i] for k in data.LM_FIELDS} for i in range(len(rows["tokens"])))
+    part = []
+    for row in rows:
+        part.append(row)
+        if len(part) == batch_size:
+            yield {k: np.stack([r[k] for r in part]) for k in data.LM_FIELDS}, batch_size
+            part = []
+    if part:
+        stacked = {k: np.stack([r[k] for r in part]) for k in data.LM_FIELDS}
+        yield {k: np.pad(v, ((0, batch_size - len(part)), (0, 0))) for k, v in stacked.items()}, len(part)
+
+
+def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_size: int = 8,
              progress: bool = False) -> dict:
-    """``{"perplexity", "nll", "predicted_tokens"}`` of ``model`` (a ``DecoderLM``) on ``rows``, and with a
+    """``{"perplexity", "nll", "predicted_tokens", "rows"}`` of ``model`` (a ``DecoderLM``) on ``rows`` (stacked
+    ``{field: [N, L]}`` arrays, or any iterable of single ``{field: [L]}`` rows, consumed as it streams), and with a
     ``teacher`` also ``{"kl", "tokens"}``: KL(teacher ‖ model) per counted position. Float32 sums over every row, in
-    batches of ``batch_size`` (the last one padded with empty rows, so one shape compiles), divided by their counts.
-    ``progress``: a progress bar on stderr."""
+    batches of ``batch_size``, divided by their counts. ``progress``: a progress bar on stderr."""
     from tqdm import tqdm
 
     sums = _sums(model, teacher)
-    n = len(rows["tokens"])
-    totals: dict[str, float] = {}
-    with tqdm(total=n, desc="evaluate", unit="row", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
-        for start in range(0, n, batch_size):
-            part = {k: np.asarray(rows[k][start:start + batch_size]) for k in data.LM_FIELDS}
-            pad = batch_size - len(part["tokens"])
-            part = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in part.items()}
+    total = len(rows["tokens"]) if isinstance(rows, dict) else None
+    totals: dict[str, float] = {"rows": 0}
+    with tqdm(total=total, desc="evaluate", unit="row", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for part, real in _batches(rows, batch_size):
             out = sums(params, teacher_params, part["tokens"].astype(np.int32), part["token_mask"].astype(bool),
                        part["loss_mask"].astype(bool))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-            bar.update(batch_size - pad)
+            totals["rows"] += real
+            bar.update(real)
+    if not totals["rows"]:
+        raise ValueError("evaluate: no rows")
     nll = totals["nll"] / max(totals["predicted"], 1)
-    result = {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": int(totals["predicted"])}
+    result = {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": int(totals["predicted"]),
+              "rows": int(totals["rows"])}
     if teacher is not None:
         result.update(kl=totals["kl"] / max(totals["counted"], 1), tokens=int(totals["counted"]))
     return result
@@ -81,14 +99,12 @@ def windows(ids: list[int], seq_len: int) -> list[list[int]]:
     return [ids[s:s + seq_len] for s in range(0, max(len(ids) - 1, 1), step)]
 
 
-def eval_rows(files: Sequence[str | os.PathLike], codec, seq_len: int) -> dict:
-    """Rows to evaluate from text/chat files (``zebrax.data.read_records``): ``text`` records whole, in windows
-    (``windows``); chat records as training rows (the replies count; longer ones are cut to ``seq_len``)."""
-    rows = []
+def eval_rows(files: Sequence[str | os.PathLike], codec, seq_len: int):
+    """Rows to evaluate from text/chat files (``zebrax.data.read_records``), one at a time: ``text`` records whole, in
+    windows (``windows``); chat records as training rows (the replies count; longer ones are cut to ``seq_len``)."""
     for f in files:
         for where, record in data.read_records(f):
             if isinstance(record.get("text"), str):
-                rows += [data.row(w, 0, seq_len) for w in windows(codec.encode(record["text"]), seq_len)]
+                yield from (data.row(w, 0, seq_len) for w in windows(codec.encode(record["text"]), seq_len))
             else:
-                rows.append(data.lm_row(where, record, codec, seq_len))
-    return {k: np.stack([r[k] for r in rows]) for k in data.LM_FIELDS}
+                yield data.lm_row(where, record, codec, seq_len)
