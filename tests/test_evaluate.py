@@ -33,7 +33,8 @@ def byte_model(tmp_path_factory):
     import flax.linen as nn
 
     ckpt = tmp_path_factory.mktemp("eval") / "ckpt"
-    checkpoint.save(ckpt, TINY_TEACHER, nn.unbox(params))
+    with checkpoint.atomic_directory(ckpt) as tmp:
+        checkpoint.save(tmp, TINY_TEACHER, nn.unbox(params))
     return ckpt, module, nn.unbox(params)
 
 

@@ -48,7 +48,8 @@ def _batches(rows, batch_size: int):
     """Stacked batches of ``batch_size`` rows (the last one padded with empty rows, so one shape compiles), and the
     real rows in each: from stacked arrays or, streaming, from an iterable of single rows."""
     if isinstance(rows, dict):
-        rows = ({k: rows[k][i] for k in data.LM_FIELDS} for i in range(len(rows["tokens"])))
+        stacked_rows = rows
+        rows = ({k: stacked_rows[k][i] for k in data.LM_FIELDS} for i in range(len(stacked_rows["tokens"])))
     part = []
     for row in rows:
         part.append(row)
