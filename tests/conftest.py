@@ -218,3 +218,17 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _drop_compiled_programs_after_slow_tests(request):
+    """A real-model test leaves compiled programs of several GB in its worker; drop them before the next test (two
+    workers and a notebook kernel share the machine's memory)."""
+    yield
+    if request.node.get_closest_marker("slow"):
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
