@@ -20,7 +20,6 @@ checkpoints join by name (``extra``).
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import warnings
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zebrax.bench import machine, require_positive
+from zebrax.bench import compare, machine, require_positive
 from zebrax.ops.auto import auto_choices
 
 HYBRIDS = ("zebra", "mamba2", "mambainllama")
@@ -88,15 +87,6 @@ def weight_bytes(model) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(model.params))
 
 
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def time_zebrax(model, tokens: np.ndarray, new_tokens: int, repeats: int) -> dict:
     """Prefill seconds (compilation excluded) and decode tokens/s of ``model.generate``'s two compiled programs."""
     gen, params = model._generator, model.params
@@ -117,19 +107,15 @@ def time_zebrax(model, tokens: np.ndarray, new_tokens: int, repeats: int) -> dic
     def run(n):
         return lambda: jax.block_until_ready(decode(params, cache, logits, fixed[0], jnp.int32(n), *fixed[1:]))
 
-    run(new_tokens)()  # warm-up
     return {"prefill_s": prefill_s, "decode_tokens_per_s": _rate(batch, new_tokens, run(1), run(new_tokens), repeats)}
 
 
 def _rate(batch: int, new_tokens: int, one, many, repeats: int) -> float | None:
-    """Decode tokens/s from the medians of ``one`` (1 token) and ``many`` (``new_tokens``) timed alternately; None
-    when the difference drowns in the timing noise (raise ``new_tokens``)."""
-    t1, tn = [], []
-    for _ in range(repeats):
-        t1.append(_median(one, 1))
-        tn.append(_median(many, 1))
-    delta = statistics.median(tn) - statistics.median(t1)
-    return batch * (new_tokens - 1) / delta if delta > 0.05 * statistics.median(tn) else None
+    """Decode tokens/s from the medians of ``one`` (1 token) and ``many`` (``new_tokens``), timed round-robin after a
+    warm-up (``bench.compare``); None when the difference drowns in the timing noise (raise ``new_tokens``)."""
+    t = compare({"one": one, "many": many}, repeats)
+    delta = t["many"] - t["one"]
+    return batch * (new_tokens - 1) / delta if delta > 0.05 * t["many"] else None
 
 
 def time_transformers(hf, tokens: np.ndarray, new_tokens: int, repeats: int) -> dict:
@@ -154,7 +140,6 @@ def time_transformers(hf, tokens: np.ndarray, new_tokens: int, repeats: int) -> 
             cache.crop(t.shape[1] - 1 - cache.get_seq_length())  # a negative count: the tokens to drop
         return go
 
-    run(new_tokens)()  # warm-up
     return {"prefill_s": prefill_s,
             "decode_tokens_per_s": _rate(tokens.shape[0], new_tokens, run(1), run(new_tokens), repeats)}
 
@@ -219,13 +204,20 @@ def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODEL
             "repeats": repeats, "auto": auto_choices(), "rows": rows, **machine()}
 
 
-def plot(result: dict, path) -> None:
-    """Decode tokens/s against context (one panel per batch size, log-log), and each model's speed-up over the
-    teacher with the bytes-read limit dashed."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(result: dict, path) -> None:
+    """Decode tokens/s against context (one panel per batch size, log-log), and each model's speed-up over the
+    teacher with the bytes-read limit dashed."""
+    plt = pyplot()
 
     rows = result["rows"]
     batches = sorted({r["batch"] for r in rows})

@@ -7,22 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zebrax.bench_decode import pyplot
+
 CONTEXTS = (1024, 4096, 32768)  # the cache table's contexts
 STAGES = ("initialised", "after_ild", "after_kd", "after_dpo")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_losses(metrics: list[dict], path: Path) -> None:
     """The logged loss of every stage against its step, one panel each."""
-    plt = _plt()
+    plt = pyplot()
     stages = list(dict.fromkeys(r["stage"] for r in metrics))
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
@@ -37,7 +30,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 def plot_smart(smart: dict, path: Path) -> None:
     """SMART's score per layer, the MLA layers it placed in orange."""
-    plt = _plt()
+    plt = pyplot()
     scores, chosen = smart["scores"], set(smart["mla_layers"])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * len(scores)), 3.2))
     ax.bar(range(len(scores)), scores, color=["C1" if i in chosen else "C0" for i in range(len(scores))])
