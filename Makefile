@@ -22,7 +22,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -n 2 --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
