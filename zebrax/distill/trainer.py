@@ -96,8 +96,8 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, accu
     """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``, jitted; ``metrics`` holds the
     objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped). ``params`` and
     ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend can).
-    ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit``; the batch
-    keeps the sharding it arrives with."""
+    ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit``, which then
+    runs with their mesh set; the batch keeps the sharding it arrives with."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(params, opt_state, frozen, batch):
@@ -122,8 +122,15 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, accu
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
     p_sh, o_sh, f_sh, m_sh = shardings
-    return jax.jit(step, in_shardings=(p_sh, o_sh, f_sh, None), out_shardings=(p_sh, o_sh, m_sh),
-                   donate_argnums=(0, 1))
+    jitted = jax.jit(step, in_shardings=(p_sh, o_sh, f_sh, None), out_shardings=(p_sh, o_sh, m_sh),
+                     donate_argnums=(0, 1))
+    mesh = jax.tree.leaves(p_sh)[0].mesh
+
+    def sharded_step(*args):
+        with jax.set_mesh(mesh):  # the ops then run Pallas kernels on each device's shard (sharding.per_shard)
+            return jitted(*args)
+
+    return sharded_step
 
 
 class MetricsLog:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from kernels_pallas.ssd.reference import add_skip, repeat_groups, ssd_reference, ssd_step, within_chunk_resets
 from zebrax.errors import InvalidArgument
 from zebrax.ops.auto import pallas_is_default
+from zebrax.sharding import per_shard
 
 CPU_CHUNK = 64  # block length `auto` uses for the chunked path on a CPU (measured in docs/benchmarks.md)
 
@@ -62,7 +63,10 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, reset=No
         return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
     from kernels_pallas.ssd import ssd_pallas
 
-    return ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size, **kw)
+    run = lambda x, dt, A, B, C, D, s0, r: ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size,  # noqa: E731
+                                                      initial_state=s0, reset=r)
+    return per_shard(run, (x, dt, A, B, C, D, initial_state, reset), ("b.h.", "b.h", "h", "b.h.", "b.h.", "h", "bh..",
+                                                                      "b."), ("b.h.", "bh.."))
 
 
 def _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size):
