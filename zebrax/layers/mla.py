@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from zebrax import ops
 from zebrax.cache import LatentCache, Slots
 from zebrax.config import MLAConfig
-from zebrax.layers.linear import Linear
+from zebrax.layers.linear import Linear, contract
 from zebrax.layers.norms import RMSNorm
 from zebrax.layers.rope import apply_rope, attention_factor, interleaved_to_half, inv_frequencies, softmax_scale
 
@@ -80,7 +80,7 @@ class MLAttention(nn.Module):
             out = jnp.einsum("blgjc,cgv->blgjv", out_lat.reshape(b, length, g, h // g, r), w_vb)
         else:
             c_all, k_pe_all = jnp.split(latent, [r], axis=-1)
-            k_nope, v = jnp.split(jnp.einsum("bsc,cgd->bsgd", c_all, w_kvb), [nope], axis=-1)
+            k_nope, v = jnp.split(contract(c_all, w_kvb, 1), [nope], axis=-1)  # [B, S, G, nope + dv]
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe_all[:, :, None], (*k_nope.shape[:3], rope))], -1)
             out = ops.attention(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, **attend)
         out = Linear((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=cfg.attention_bias,
