@@ -94,7 +94,7 @@ def test_hybrid_prefill_then_decode_equals_the_full_pass(config, pad, rng):
     assert kinds == {{"mla": LatentCache, "mamba2": SSMCache, "attention": KVCache}[m] for m in config.mixers}
     atol = ATOL * np.abs(full).max()
     np.testing.assert_allclose(logits, full[:, 8], rtol=0, atol=atol)
-    step = jax.jit(gen.decode_step)
+    step = gen.decode_step
     for i in range(9, 17):
         logits, cache = step(model.params, cache, jnp.asarray(tokens[:, i]))
         np.testing.assert_allclose(logits, full[:, i], rtol=0, atol=atol)

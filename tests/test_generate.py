@@ -29,7 +29,7 @@ def test_prefill_then_decode_steps_equal_full_forward(model, rng, pad):
     mask = np.concatenate([np.zeros((2, pad), bool), np.ones((2, 9), bool)], axis=1)
     logits, cache = gen.prefill(model.params, prompt, mask, max_len=pad + 16)
     np.testing.assert_allclose(logits, full[:, 8], rtol=0, atol=ATOL)
-    step = jax.jit(gen.decode_step)
+    step = gen.decode_step
     for i in range(9, 16):
         logits, cache = step(model.params, cache, jnp.asarray(tokens[:, i]))
         np.testing.assert_allclose(logits, full[:, i], rtol=0, atol=ATOL)

@@ -41,7 +41,7 @@ def test_prefill_then_decode_steps_equal_full_forward(mixer, pad, rng):
     mask = np.concatenate([np.zeros((2, pad), bool), np.ones((2, 11), bool)], axis=1)
     logits, cache = gen.prefill(model.params, prompt, mask, max_len=pad + 21)
     np.testing.assert_allclose(logits, full[:, 10], rtol=0, atol=1e-5)
-    step = jax.jit(gen.decode_step)
+    step = gen.decode_step
     for i in range(11, 21):
         logits, cache = step(model.params, cache, jnp.asarray(tokens[:, i]))
         np.testing.assert_allclose(logits, full[:, i], rtol=0, atol=1e-5)

@@ -50,11 +50,12 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
 
 
 class Generator:
-    """Jitted prefill and decode loop for one Flax module (``module.init_cache(config, B, S)``)."""
+    """Jitted prefill, decode step and decode loop for one Flax module (``module.init_cache(config, B, S)``)."""
 
     def __init__(self, module):
         self.module = module
         self.prefill = jax.jit(self._prefill, static_argnames="max_len")
+        self.decode_step = jax.jit(self._decode_step)
         self.decode = jax.jit(self._decode, static_argnames="capacity")
 
     def _prefill(self, params, tokens, token_mask, *, max_len: int):
@@ -64,7 +65,7 @@ class Generator:
                                           last_only=True)
         return logits[:, 0], cache
 
-    def decode_step(self, params, cache, tokens):
+    def _decode_step(self, params, cache, tokens):
         """Feed tokens ``[B]`` at the next slot → (next-token logits ``[B, V]``, cache)."""
         logits, cache = self.module.apply({"params": params}, tokens[:, None], cache=cache)
         return logits[:, 0], cache
@@ -84,7 +85,7 @@ class Generator:
             tokens = jnp.where(done, pad_id, sample(logits, sub, temperature, top_p))
             out = out.at[:, step].set(tokens)
             done = done | jnp.isin(tokens, eos_ids)
-            logits, cache = self.decode_step(params, cache, tokens)
+            logits, cache = self._decode_step(params, cache, tokens)
             return step + 1, cache, logits, key, out, done
 
         out = jnp.full((batch, capacity), pad_id, jnp.int32)
