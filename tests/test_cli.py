@@ -68,6 +68,8 @@ def test_bench_forward_reports_both_implementations(tiny_llama):
 
     result = bench_forward(zebrax.load(tiny_llama("tied_bias_bin")[2]), batch=1, seq_len=8, repeats=1)
     assert result["zebrax_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    gemms = result["gemm_gflops"]
+    assert len(gemms) == 5 and all(g["xla"] > 0 and g["torch"] > 0 for g in gemms.values())
     json.dumps(result)
 
 

@@ -75,9 +75,44 @@ def _zebrax_forward(model, tokens: np.ndarray) -> Callable[[], object]:
     return lambda: jax.block_until_ready(model._forward(model.params, tokens, mask))
 
 
+def _fastest(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def gemm_rates(config, tokens: int, repeats: int = 10) -> dict[str, dict[str, float]]:
+    """GFLOP/s of XLA's and PyTorch's float32 matmul on the shapes of a Llama ``config``'s projections for
+    ``tokens`` rows (``[tokens, in] @ [in, out]``, the fastest of ``repeats``): what a prefill is made of."""
+    import torch
+
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv),
+              "gate_proj": (c.hidden_size, c.intermediate_size), "down_proj": (c.intermediate_size, c.hidden_size),
+              "lm_head": (c.hidden_size, c.vocab_size)}
+    rng = np.random.default_rng(0)
+    mm = jax.jit(lambda x, w: x @ w)
+    out = {}
+    for name, (k, n) in shapes.items():
+        x, w = rng.standard_normal((tokens, k), np.float32), rng.standard_normal((k, n), np.float32)
+        jx, jw, tx, tw = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
+        flop = 2 * tokens * k * n / 1e9
+        xla = flop / _fastest(lambda: mm(jx, jw).block_until_ready(), repeats)  # noqa: B023
+        with torch.inference_mode():
+            pt = flop / _fastest(lambda: tx @ tw, repeats)  # noqa: B023
+        out[f"{name} {tokens}x{k}x{n}"] = {"xla": round(xla, 1), "torch": round(pt, 1), "ratio": round(xla / pt, 3)}
+    return out
+
+
 def bench_forward(model, *, batch: int = 4, seq_len: int = 256, repeats: int = 5, seed: int = 0) -> dict:
     """Prefill (one full forward pass with logits) tokens/s: zebrax (jit) vs transformers (PyTorch eager),
-    same weights in float32."""
+    same weights in float32; and, for a Llama, the two libraries' matmul rates on its projection shapes
+    (``gemm_rates``), which bound what the prefill ratio can be on this CPU."""
     from zebrax.convert.export import to_transformers
 
     require_positive("bench forward", batch=batch, seq_len=seq_len, repeats=repeats)
@@ -95,7 +130,9 @@ def bench_forward(model, *, batch: int = 4, seq_len: int = 256, repeats: int = 5
         "transformers_tokens_per_s": round(n / s["transformers"], 1),
         "speedup_vs_transformers": round(s["transformers"] / s["zebrax"], 3),
         "zebrax_median_s": round(s["zebrax"], 4), "transformers_median_s": round(s["transformers"], 4),
-        "zebrax_compile_s": round(compile_s, 2), **machine(),
+        "zebrax_compile_s": round(compile_s, 2),
+        **({"gemm_gflops": gemm_rates(model.config, n)} if hasattr(model.config, "intermediate_size") else {}),
+        **machine(),
     }
 
 
@@ -255,15 +292,11 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 10) -> flo
     """This machine's float32 matmul peak in FLOP/s: the fastest of ``repeats`` jitted ``[n, n] @ [n, n]`` at any of
     ``sizes`` (a peak is the best the machine did; a median would lower it by the noise and flatter whatever is
     compared with it)."""
+    mm = jax.jit(lambda x: x @ x)
     best = 0.0
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        mm = jax.jit(lambda x: x @ x)
-        mm(a).block_until_ready()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            mm(a).block_until_ready()
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        best = max(best, 2 * n ** 3 / _fastest(lambda: mm(a).block_until_ready(), repeats))  # noqa: B023
     return best
 
 
