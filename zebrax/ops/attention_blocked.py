@@ -124,10 +124,11 @@ def _scores(geo: _Geometry, q_i, k_j):
 
     With few rows (a decode step) the product runs against the block as stored, ``[B, bk * G, D]``, over every
     (row group, key group) pair and keeps the matching pairs: G times the multiply-adds of a handful of rows,
-    but no copy of the cache block into a head-major layout, which is what a decode step would spend its time on.
+    but no copy of the cache block into a head-major layout, which is what a decode step would spend its time on
+    (with one KV group, MLA's latent, it is the plain product against the block as stored).
     """
     b, g, m, d = q_i.shape
-    if m <= FEW_ROWS and g > 1:
+    if m <= FEW_ROWS:
         s = jnp.einsum("bmd,bnd->bmn", q_i.reshape(b, g * m, d), k_j.reshape(b, geo.bk * g, d),
                        preferred_element_type=jnp.float32).reshape(b, g, m, geo.bk, g)
         s = jnp.moveaxis(jnp.diagonal(s, axis1=1, axis2=4), -1, 1)
@@ -140,7 +141,7 @@ def _weighted_values(p, v_j):
     """p ``[B, G, M, bk]``, v_j ``[B, bk, G, Dv]`` → float32 ``[B, G, M, Dv]`` (few rows: as in ``_scores``)."""
     b, g, m, bk = p.shape
     p = p.astype(v_j.dtype)
-    if m <= FEW_ROWS and g > 1:
+    if m <= FEW_ROWS:
         out = jnp.einsum("bmk,bkn->bmn", p.reshape(b, g * m, bk), v_j.reshape(b, bk, -1),
                          preferred_element_type=jnp.float32).reshape(b, g, m, g, -1)
         return jnp.moveaxis(jnp.diagonal(out, axis1=1, axis2=3), -1, 1)
@@ -165,7 +166,10 @@ def _forward(geo: _Geometry, qt, k, v, labels, q_offset):
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            pv = _weighted_values(p, _value_block(geo, k_j, v, j))
+            if v is None:  # the latent's value prefix, taken from the product (slicing the block first copies it)
+                pv = _weighted_values(p, k_j)[..., :geo.value_dim]
+            else:
+                pv = _weighted_values(p, _block(geo, v, j))
             return m_new, alpha * denom + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
         rows = q_i.shape[:3]
