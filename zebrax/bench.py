@@ -17,8 +17,10 @@ import numpy as np
 from zebrax.ops.auto import auto_choices
 
 
-def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each no-argument function, calls interleaved round-robin; first call is warm-up."""
+def compare(fns: dict[str, Callable[[], object]], repeats: int,
+            statistic: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Seconds of each no-argument function (the median of ``repeats``, or ``statistic`` of them, e.g. ``min`` for a
+    peak rate), calls interleaved round-robin; first call is warm-up."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -27,7 +29,7 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistic(ts) for name, ts in times.items()}
 
 
 def require_positive(where: str, **values) -> None:
@@ -75,16 +77,6 @@ def _zebrax_forward(model, tokens: np.ndarray) -> Callable[[], object]:
     return lambda: jax.block_until_ready(model._forward(model.params, tokens, mask))
 
 
-def _fastest(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def gemm_rates(config, tokens: int, repeats: int = 10) -> dict[str, dict[str, float]]:
     """GFLOP/s of XLA's and PyTorch's float32 matmul on the shapes of a Llama ``config``'s projections for
     ``tokens`` rows (``[tokens, in] @ [in, out]``, the fastest of ``repeats``): what a prefill is made of."""
@@ -101,11 +93,12 @@ def gemm_rates(config, tokens: int, repeats: int = 10) -> dict[str, dict[str, fl
     for name, (k, n) in shapes.items():
         x, w = rng.standard_normal((tokens, k), np.float32), rng.standard_normal((k, n), np.float32)
         jx, jw, tx, tw = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
+        with torch.inference_mode():  # each side in its own loop: alternating wakes the other's threads cold
+            t = {**compare({"xla": lambda: mm(jx, jw).block_until_ready()}, repeats, statistic=min),  # noqa: B023
+                 **compare({"torch": lambda: tx @ tw}, repeats, statistic=min)}  # noqa: B023
         flop = 2 * tokens * k * n / 1e9
-        xla = flop / _fastest(lambda: mm(jx, jw).block_until_ready(), repeats)  # noqa: B023
-        with torch.inference_mode():
-            pt = flop / _fastest(lambda: tx @ tw, repeats)  # noqa: B023
-        out[f"{name} {tokens}x{k}x{n}"] = {"xla": round(xla, 1), "torch": round(pt, 1), "ratio": round(xla / pt, 3)}
+        out[f"{name} {tokens}x{k}x{n}"] = {"xla": round(flop / t["xla"], 1), "torch": round(flop / t["torch"], 1),
+                                           "ratio": round(t["torch"] / t["xla"], 3)}
     return out
 
 
@@ -131,7 +124,7 @@ def bench_forward(model, *, batch: int = 4, seq_len: int = 256, repeats: int = 5
         "speedup_vs_transformers": round(s["transformers"] / s["zebrax"], 3),
         "zebrax_median_s": round(s["zebrax"], 4), "transformers_median_s": round(s["transformers"], 4),
         "zebrax_compile_s": round(compile_s, 2),
-        **({"gemm_gflops": gemm_rates(model.config, n)} if hasattr(model.config, "intermediate_size") else {}),
+        **({"gemm_gflops": gemm_rates(model.config, n)} if model.config.model_type == "llama" else {}),
         **machine(),
     }
 
@@ -296,7 +289,8 @@ def matmul_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 10) -> flo
     best = 0.0
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        best = max(best, 2 * n ** 3 / _fastest(lambda: mm(a).block_until_ready(), repeats))  # noqa: B023
+        seconds = compare({"matmul": lambda: mm(a).block_until_ready()}, repeats, statistic=min)["matmul"]  # noqa: B023
+        best = max(best, 2 * n ** 3 / seconds)
     return best
 
 

@@ -149,7 +149,6 @@ def per_shard(kernel: Callable, args: tuple, dims: tuple[str, ...], out_dims: st
     batch = tuple(a for a in BATCH if a in mesh.axis_names)
     sizes = {"b": int(np.prod([mesh.shape[a] for a in batch])), "h": mesh.shape.get("tensor", 1)}
     arrays = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]
-    outs = (out_dims,) if isinstance(out_dims, str) else out_dims
 
     def splits(letter: str) -> bool:
         marked = [args[i].shape[d] for i in arrays for d, c in enumerate(dims[i]) if c == letter]
@@ -164,6 +163,6 @@ def per_shard(kernel: Callable, args: tuple, dims: tuple[str, ...], out_dims: st
             full[i] = block
         return kernel(*full)
 
-    out_specs = spec(out_dims) if isinstance(out_dims, str) else tuple(map(spec, outs))
+    out_specs = spec(out_dims) if isinstance(out_dims, str) else tuple(map(spec, out_dims))
     return jax.shard_map(on_block, in_specs=tuple(spec(dims[i]) for i in arrays), out_specs=out_specs,
                          check_vma=False)(*(args[i] for i in arrays))

@@ -65,8 +65,8 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, reset=No
 
     run = lambda x, dt, A, B, C, D, s0, r: ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size,  # noqa: E731
                                                       initial_state=s0, reset=r)
-    return per_shard(run, (x, dt, A, B, C, D, initial_state, reset), ("b.h.", "b.h", "h", "b.h.", "b.h.", "h", "bh..",
-                                                                      "b."), ("b.h.", "bh.."))
+    dims = ("b.h.", "b.h", "h", "b.h.", "b.h.", "h", "bh..", "b.")  # x, dt, A, B, C, D, initial_state, reset
+    return per_shard(run, (x, dt, A, B, C, D, initial_state, reset), dims, ("b.h.", "bh.."))
 
 
 def _check_shapes(x, dt, A, B, C, D, initial_state, chunk_size):
