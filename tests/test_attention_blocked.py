@@ -13,7 +13,7 @@ import pytest
 import zebrax
 from kernels_pallas.flash_attention import attention_reference
 from kernels_pallas.mla_decode import latent_attention_reference
-from tests.test_attention_kernels import assert_gradients_match, close
+from tests.helpers import assert_gradients_match, close
 from zebrax.ops import attention, latent_attention
 from zebrax.ops.attention_blocked import Blocks, attention_blocked
 from zebrax.ops.auto import auto_choices, pallas_is_default

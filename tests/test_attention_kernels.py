@@ -18,6 +18,7 @@ import zebrax
 from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
 from kernels_pallas.mla_decode import BlockSizes as DecodeBlocks
 from kernels_pallas.mla_decode import latent_attention_reference, mla_decode
+from tests.helpers import assert_gradients_match, close
 from zebrax.errors import InvalidArgument
 from zebrax.ops import attention
 
@@ -30,32 +31,12 @@ FLASH_CASES = {
 }
 
 
-def close(got, want, tol, what=""):
-    scale = max(1.0, float(np.abs(np.asarray(want, np.float32)).max()))
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol,
-                               atol=tol * scale, err_msg=what)
-
-
 def flash_inputs(case, dtype=jnp.float32, seed=0):
     b, lq, lk, h, g, d, dv, offset = FLASH_CASES[case]
     rng = np.random.default_rng(seed)
     arr = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
     mask = jnp.asarray(rng.random((b, lk)) > 0.15).at[:, :2].set(False)  # queries at slots 0, 1 see nothing
     return dict(q=arr(b, lq, h, d), k=arr(b, lk, g, d), v=arr(b, lk, g, dv), kv_mask=mask, q_offset=offset)
-
-
-def assert_gradients_match(fn, args, tol, **kw):
-    """d/d(q, k, v) of <fn(q, k, v), R> for a fixed random cotangent R equal the reference's within ``tol``."""
-    rest = {k: args[k] for k in ("kv_mask", "q_offset")}
-    ct = jnp.asarray(np.random.default_rng(1).normal(size=args["q"].shape[:3] + args["v"].shape[-1:]), jnp.float32)
-
-    def grads(f, **kw):
-        loss = lambda q, k, v: jnp.sum(f(q, k, v, **rest, **kw).astype(jnp.float32) * ct)  # noqa: E731
-        return jax.grad(loss, argnums=(0, 1, 2))(args["q"], args["k"], args["v"])
-
-    for name, got, want in zip("qkv", grads(fn, **kw), grads(attention_reference), strict=True):
-        assert got.dtype == args[name].dtype
-        close(got, want, tol, f"d/d{name}")
 
 
 # the loop form (Triton's; the CPU default) and the grid form (Mosaic's), at TPU tiles, interpreted

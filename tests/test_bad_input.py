@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.test_convert_errors import assert_one_line_error
+from tests.helpers import assert_one_line_error
 from zebrax.api import load_tokenizer
 from zebrax.cli import main
 from zebrax.errors import CheckpointError, InvalidArgument, ZebraxError, ZebraxWarning

@@ -13,8 +13,7 @@ import torch
 import transformers
 
 import zebrax
-from tests.conftest import save_hf
-from tests.parity.common import assert_logits_match
+from tests.helpers import assert_logits_match, save_hf
 from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig, RopeScaling
 from zebrax.errors import ConfigError
 
@@ -122,14 +121,14 @@ def test_mamba2_conv_activation_and_deepseek_mlp_activation_match_transformers(t
     ({"quantization_config": {"quant_method": "gptq"}}, ["quantization_config"]),
 ])
 def test_fields_zebrax_does_not_compute_are_refused_by_name(capsys, tiny_llama, tmp_path, change, needles):
-    from tests.test_convert_errors import assert_nothing_left, assert_one_line_error, run_cli
+    from tests.helpers import assert_nothing_left, assert_one_line_error, convert_cli
 
     hf = shutil.copytree(tiny_llama("gqa_llama3_untied")[1], tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
     config.pop("rope_scaling", None)
     config.update(change)
     (hf / "config.json").write_text(json.dumps(config))
-    code, err = run_cli(capsys, hf, tmp_path / "out")
+    code, err = convert_cli(capsys, hf, tmp_path / "out")
     assert_one_line_error(code, err, str(hf / "config.json"), *needles)
     assert_nothing_left(tmp_path / "out")
 

@@ -14,27 +14,8 @@ from pathlib import Path
 import pytest
 
 import zebrax
+from tests.helpers import assert_nothing_left, assert_one_line_error, convert_cli
 from zebrax.cli import main
-
-
-def run_cli(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()  # drop what fixtures printed
-    code = main(["convert", *map(str, args)])
-    return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("zebrax: error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-
-
-def assert_nothing_left(dst: Path):
-    assert not dst.exists()
-    assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], "temporary dir left behind"
 
 
 @pytest.fixture
@@ -44,7 +25,7 @@ def hf_copy(tiny_llama, tmp_path) -> Path:
 
 
 def test_missing_path(capsys, tmp_path):
-    code, err = run_cli(capsys, tmp_path / "nope", tmp_path / "out")
+    code, err = convert_cli(capsys, tmp_path / "nope", tmp_path / "out")
     assert_one_line_error(code, err, str(tmp_path / "nope"), "no such file")
     assert_nothing_left(tmp_path / "out")
 
@@ -52,7 +33,7 @@ def test_missing_path(capsys, tmp_path):
 def test_truncated_safetensors(capsys, hf_copy, tmp_path):
     f = hf_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    code, err = run_cli(capsys, hf_copy, tmp_path / "out")
+    code, err = convert_cli(capsys, hf_copy, tmp_path / "out")
     assert_one_line_error(code, err, str(f), "safetensors")
     assert_nothing_left(tmp_path / "out")
 
@@ -61,7 +42,7 @@ def test_config_sizes_disagree_with_tensors(capsys, hf_copy, tmp_path):
     config = json.loads((hf_copy / "config.json").read_text())
     config["num_key_value_heads"] = 3  # the tensors were made with 2
     (hf_copy / "config.json").write_text(json.dumps(config))
-    code, err = run_cli(capsys, hf_copy, tmp_path / "out")
+    code, err = convert_cli(capsys, hf_copy, tmp_path / "out")
     assert_one_line_error(code, err, "model.safetensors", "k_proj.weight", "(24, 72)", "expected (36, 72)",
                           "num_key_value_heads=3")
     assert_nothing_left(tmp_path / "out")
@@ -71,7 +52,7 @@ def test_unsupported_architecture(capsys, hf_copy, tmp_path):
     config = json.loads((hf_copy / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (hf_copy / "config.json").write_text(json.dumps(config))
-    code, err = run_cli(capsys, hf_copy, tmp_path / "out")
+    code, err = convert_cli(capsys, hf_copy, tmp_path / "out")
     assert_one_line_error(code, err, str(hf_copy / "config.json"), "unsupported architecture", "GPT2LMHeadModel")
     assert_nothing_left(tmp_path / "out")
 
@@ -79,7 +60,7 @@ def test_unsupported_architecture(capsys, hf_copy, tmp_path):
 def test_random_bytes_named_gguf(capsys, tmp_path):
     f = tmp_path / "model.gguf"
     f.write_bytes(os.urandom(4096))
-    code, err = run_cli(capsys, f, tmp_path / "out")
+    code, err = convert_cli(capsys, f, tmp_path / "out")
     assert_one_line_error(code, err, str(f), "not a valid GGUF file")
     assert_nothing_left(tmp_path / "out")
 
@@ -107,7 +88,7 @@ def test_malicious_pickle_is_refused_and_never_executed(capsys, hf_copy, tmp_pat
     else:
         with open(bin_file, "wb") as f:
             pickle.dump(state, f)
-    code, err = run_cli(capsys, hf_copy, tmp_path / "out")
+    code, err = convert_cli(capsys, hf_copy, tmp_path / "out")
     assert_one_line_error(code, err, str(bin_file), "weights_only")
     assert not marker.exists(), "the pickle's payload ran"
     assert_nothing_left(tmp_path / "out")
@@ -118,12 +99,12 @@ def test_existing_destination_is_never_damaged(capsys, tiny_llama, hf_copy, tmp_
     dst = Path(shutil.copytree(ckpt, tmp_path / "existing"))
     before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
     # without --overwrite: refused
-    code, err = run_cli(capsys, hf_copy, dst)
+    code, err = convert_cli(capsys, hf_copy, dst)
     assert_one_line_error(code, err, str(dst), "already exists")
     # with --overwrite but a source that fails half-way through the tensors: the old checkpoint survives
     f = hf_copy / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    code, err = run_cli(capsys, hf_copy, dst, "--overwrite")
+    code, err = convert_cli(capsys, hf_copy, dst, "--overwrite")
     assert code != 0 and sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".existing")) == []
     # with --overwrite and a good source: replaced atomically, and it loads

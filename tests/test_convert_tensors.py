@@ -21,8 +21,7 @@ import transformers
 from safetensors.torch import save_file
 
 import zebrax
-from tests.parity.common import assert_logits_match
-from tests.test_convert_errors import assert_nothing_left, assert_one_line_error
+from tests.helpers import assert_logits_match, assert_nothing_left, assert_one_line_error
 from zebrax.cli import main
 from zebrax.errors import CheckpointError, ZebraxWarning
 

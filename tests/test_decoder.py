@@ -10,37 +10,15 @@ import numpy as np
 import pytest
 
 import zebrax
+from tests.helpers import MIXED, TEACHER, hybrid, random_model
 from zebrax.cache import Cache, KVCache, LatentCache, Slots, SSMCache
-from zebrax.config import MIXER_CONFIGS, AttentionConfig, HybridConfig, LayerSpec, LlamaConfig
+from zebrax.config import MIXER_CONFIGS, AttentionConfig, HybridConfig, LayerSpec
 from zebrax.errors import ConfigError, InvalidArgument
 from zebrax.generate import Generator
 from zebrax.models import MIXERS, build, param_count
 
 ATOL = 1e-5  # fp32; for whole hybrids relative to the largest logit: MLA's absorbed decode and materialised
 # prefill add in different orders (|logit| reaches ~5 here)
-
-# a tiny teacher: 5 layers, GQA 4/2, head_dim 16 (the shapes of SmolLM2, scaled down)
-TEACHER = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=(3,),
-                      max_position_embeddings=128)
-
-
-def hybrid(mla_layers, attention_layers=(), **kw) -> HybridConfig:
-    return HybridConfig.from_teacher(TEACHER, mla_layers=mla_layers, attention_layers=attention_layers,
-                                     kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8,
-                                     mamba2=dict(chunk_size=4), **kw)
-
-
-MIXED = hybrid([0, 3], attention_layers=[2])  # L S A L S
-
-
-def random_model(config, seed: int = 0) -> zebrax.Model:
-    """Weights large enough that every path matters (kernels ~ N(0, 0.3²))."""
-    params = nn.unbox(build(config).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32)))["params"]
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 256))
-    params = jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p, params)
-    return zebrax.Model(config, params)
-
 
 def test_every_model_is_a_plan_over_one_registry():
     assert set(MIXERS) == set(MIXER_CONFIGS)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import zebrax
-from tests.test_convert_errors import assert_nothing_left, assert_one_line_error
+from tests.helpers import assert_nothing_left, assert_one_line_error
 from zebrax import checkpoint
 from zebrax.cli import main
 from zebrax.errors import CheckpointError

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.test_decoder import TEACHER, hybrid, random_model
+from tests.helpers import TEACHER, hybrid, random_model
 from zebrax.config import HybridConfig
 from zebrax.distill import TrainConfig, ild_loss, ild_objective, layer_io, make_optimizer, make_step, teacher_forced
 from zebrax.init import init_hybrid

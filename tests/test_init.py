@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.test_decoder import TEACHER
+from tests.helpers import TEACHER
 from zebrax.cache import Slots
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import ConfigError

@@ -13,8 +13,7 @@ import pytest
 import zebrax
 from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
 from kernels_pallas.ssd import ssd_pallas
-from tests.test_attention_kernels import close
-from tests.test_decoder import MIXED, random_model
+from tests.helpers import MIXED, close, random_model
 from zebrax import data
 from zebrax.ops import ssd
 from zebrax.ops.attention_blocked import Blocks, attention_blocked

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.test_decoder import TEACHER, hybrid, random_model
+from tests.helpers import TEACHER, hybrid, random_model
 from zebrax import select
 from zebrax.errors import ConfigError, InvalidArgument
 from zebrax.init import assemble, init_hybrid

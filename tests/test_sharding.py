@@ -14,7 +14,7 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from tests.test_decoder import MIXED
+from tests.helpers import MIXED
 from zebrax.errors import ConfigError
 from zebrax.models import abstract_params
 from zebrax.sharding import AXES, MeshConfig, param_shardings, partition_spec
@@ -66,7 +66,7 @@ def test_mesh_sizes():
 RUN = r'''
 import json, sys
 import jax, numpy as np
-from tests.test_decoder import MIXED, TEACHER, random_model
+from tests.helpers import MIXED, TEACHER, random_model
 from zebrax import data
 from zebrax.distill import TrainConfig, kd_objective, train
 from zebrax.init import init_hybrid
@@ -165,7 +165,7 @@ from zebrax.sharding import distributed
 port, n, i, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 distributed(f"localhost:{port}" if n > 1 else None, n if n > 1 else None, i if n > 1 else None)
 import jax, numpy as np
-from tests.test_decoder import MIXED, TEACHER, random_model
+from tests.helpers import MIXED, TEACHER, random_model
 from zebrax import data
 from zebrax.distill import TrainConfig, kd_objective, train
 from zebrax.init import init_hybrid

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import zebrax
-from tests.conftest import TINY_DEEPSEEKS
-from tests.parity.common import (
+from tests.helpers import (
+    TINY_DEEPSEEKS,
     assert_export_round_trip,
     assert_greedy_matches,
     assert_logits_match,

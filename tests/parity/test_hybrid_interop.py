@@ -196,7 +196,7 @@ def test_export_writes_exactly_their_layout_and_reimports_bit_identically(tmp_pa
 
 
 def test_their_files_with_unknown_fields_or_missing_tensors_fail_in_one_line(tmp_path, capsys):
-    from tests.test_convert_errors import assert_nothing_left, assert_one_line_error
+    from tests.helpers import assert_nothing_left, assert_one_line_error
     from zebrax.cli import main
 
     write_layout(tmp_path / "theirs", "amd", [0, 2])

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.conftest import TINY_LLAMAS
-from tests.parity.common import assert_export_round_trip, assert_greedy_matches, assert_logits_match
+from tests.helpers import TINY_LLAMAS, assert_export_round_trip, assert_greedy_matches, assert_logits_match
 
 LOGIT_ATOL = 1e-4  # fp32, max |Δlogit|
 

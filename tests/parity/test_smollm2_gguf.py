@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zebrax
-from tests.parity.common import assert_greedy_matches
+from tests.helpers import assert_greedy_matches
 
 pytestmark = pytest.mark.slow
 
