@@ -182,7 +182,8 @@ RELEASED = {  # name -> (parameters in the paper, KV cache vs the base model in 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_presets_have_the_papers_sizes_and_cache_ratios(name):
-    from zebrax.cli import describe, preset_config
+    from zebrax import describe
+    from zebrax.presets import preset_config
 
     params, kv_percent = RELEASED[name]
     info = describe(name)
@@ -196,7 +197,7 @@ def test_released_presets_have_the_papers_sizes_and_cache_ratios(name):
 
 
 def test_the_released_mla_lists_are_the_presets():
-    from zebrax.cli import preset_config
+    from zebrax.presets import preset_config
 
     assert preset_config("zebra-llama-1b-4mla-12m2").layers_of("mla") == (0, 5, 10, 14)
     assert preset_config("zebra-llama-3b-6mla-22m2").layers_of("mla") == (0, 5, 10, 16, 21, 26)

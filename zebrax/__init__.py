@@ -4,16 +4,18 @@
     zebrax.build(teacher, dst, mla_layers=[…])   a Zebra-Llama hybrid initialised from the teacher
     model = zebrax.load(dst)      model.logits(tokens), model.generate(tokens, max_new_tokens=…),
                                   model.chat("…"), model.cache_bytes_per_token()
+    zebrax.describe(dst_or_preset)   layers, parameters and decode cache of a checkpoint or preset
 """
 
 from zebrax import select
 from zebrax.api import Model, build, convert, load
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import CheckpointError, ConfigError, ConversionError, ZebraxError
+from zebrax.info import describe
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "ConversionError", "HybridConfig", "LlamaConfig", "Model", "RopeScaling",
-    "ZebraxError", "build", "convert", "load", "select",
+    "ZebraxError", "build", "convert", "describe", "load", "select",
 ]

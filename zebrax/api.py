@@ -42,10 +42,6 @@ class Model:
         """(bytes per token, constant bytes) of one sequence's decode cache: traced once per model, not per call."""
         return cache_sizes(self.config)
 
-    @property
-    def num_params(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-
     def logits(self, tokens, token_mask=None) -> np.ndarray:
         """tokens int ``[B, L]`` → float32 logits ``[B, L, vocab]`` (one full forward pass)."""
         tokens = self.check_tokens(tokens, "logits")
@@ -189,8 +185,7 @@ class Model:
         return self.tokenizer
 
     def __repr__(self) -> str:
-        c = self.config
-        return f"Model({type(c).__name__}, layers={c.num_hidden_layers}, params={self.num_params:,})"
+        return f"Model({type(self.config).__name__}, layers {self.config.layer_map()})"
 
 
 def _is_int(x) -> bool:

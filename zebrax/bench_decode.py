@@ -78,11 +78,6 @@ def peak_rss_bytes() -> int | None:
         return None
 
 
-def layer_map(config) -> str:
-    """One letter a layer: A attention, L MLA, S Mamba2 (a plain Llama is all attention)."""
-    return config.layer_map() if hasattr(config, "layer_map") else "A" * config.num_hidden_layers
-
-
 def weight_bytes(model) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(model.params))
 
@@ -191,7 +186,7 @@ def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODEL
                 row = {"model": name, "context": context, "batch": batch, "prefill_s": round(r["prefill_s"], 3),
                        "decode_tokens_per_s": None if rate is None else round(rate, 2), "cache_bytes": cache,
                        "bytes_per_step": weight_bytes(m) + cache, "peak_rss_bytes": r["peak_rss_bytes"],
-                       "layers": layer_map(m.config)}
+                       "layers": m.config.layer_map()}
                 if "teacher" in timed:
                     base = timed["teacher"]["decode_tokens_per_s"]
                     row["decode_speedup_vs_teacher"] = None if rate is None or base is None else round(rate / base, 3)

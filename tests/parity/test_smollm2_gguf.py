@@ -8,6 +8,7 @@ import torch
 
 import zebrax
 from tests.helpers import assert_greedy_matches
+from zebrax.models import param_count
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_config_read_from_metadata(model):
     c = model.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
     assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (1536, 49152, 100000.0, True)
-    assert model.num_params == 134_515_008
+    assert param_count(model.config) == 134_515_008
     assert model.cache_bytes_per_token() == 30 * 2 * 3 * 64 * 4
 
 

@@ -127,7 +127,7 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, accu
     mesh = jax.tree.leaves(p_sh)[0].mesh
 
     def sharded_step(*args):
-        with jax.set_mesh(mesh):  # the ops then run Pallas kernels on each device's shard (sharding.per_shard)
+        with jax.set_mesh(mesh):  # the ops then run Pallas kernels on each device's shard (ops.sharded.per_shard)
             return jitted(*args)
 
     return sharded_step

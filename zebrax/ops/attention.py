@@ -18,7 +18,7 @@ from kernels_pallas.mla_decode.reference import latent_attention_reference
 from zebrax.errors import InvalidArgument
 from zebrax.ops.attention_blocked import attention_blocked
 from zebrax.ops.auto import pallas_is_default
-from zebrax.sharding import per_shard
+from zebrax.ops.sharded import per_shard
 
 
 class AttentionImpl(str, enum.Enum):

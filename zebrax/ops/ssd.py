@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from kernels_pallas.ssd.reference import add_skip, repeat_groups, ssd_reference, ssd_step, within_chunk_resets
 from zebrax.errors import InvalidArgument
 from zebrax.ops.auto import pallas_is_default
-from zebrax.sharding import per_shard
+from zebrax.ops.sharded import per_shard
 
 CPU_CHUNK = 64  # block length `auto` uses for the chunked path on a CPU (measured in docs/benchmarks.md)
 

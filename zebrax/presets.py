@@ -1,0 +1,85 @@
+"""gin, at the edge: the configurables ``configs/`` binds (model configs, ``zebra_hybrid``, ``distill``,
+``TrainConfig``, ``run``), the parsing of gin files and bindings, and the model presets of ``configs/models/``. gin
+files and bindings are parsed here and nowhere else; the library below takes the objects they build."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from pathlib import Path
+
+from zebrax.errors import ZebraxError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_EXPERIMENT = CONFIGS / "experiments" / "default.gin"
+
+_REGISTERED = []
+
+
+def registry():
+    """The ``gin`` module with every zebrax configurable registered (once per process)."""
+    import gin
+
+    if not _REGISTERED:
+        from zebrax.config import HybridConfig, LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
+        from zebrax.distill.pipeline import Experiment
+        from zebrax.distill.trainer import TrainConfig
+        from zebrax.job import run
+
+        for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
+            gin.external_configurable(fn, module="zebrax")
+        gin.external_configurable(HybridConfig.from_teacher, name="zebra_hybrid", module="zebrax")
+        gin.external_configurable(Experiment, name="distill", module="zebrax")
+        gin.external_configurable(TrainConfig, module="zebrax")
+        gin.add_config_file_search_path(str(CONFIGS / "models"))
+        gin.add_config_file_search_path(str(CONFIGS))  # include 'stages/kd.gin'
+        _REGISTERED.append(True)
+    return gin
+
+
+def parse_gin(files: list[str | Path], bindings: list[str]):
+    """Parse gin ``files`` then ``bindings`` into a fresh config; returns the ``gin`` module. ZebraxError names a
+    missing file, or a binding gin refuses with the names it could have meant."""
+    gin = registry()
+    gin.clear_config()
+    for f in files:
+        if not Path(f).is_file():
+            raise ZebraxError(f"{f}: gin file not found")
+    # an `include 'NAME.gin'` is found in configs/models/ after gin has logged "Path not found" for the bare name
+    unfound = lambda record: not record.getMessage().startswith("Path not found")  # noqa: E731
+    logging.getLogger().addFilter(unfound)
+    try:
+        gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
+    except (ValueError, KeyError, SyntaxError, OSError) as e:
+        raise ZebraxError(f"gin: {' '.join(str(e).split())}{_gin_names(gin, str(e))}") from None
+    finally:
+        logging.getLogger().removeFilter(unfound)
+    return gin
+
+
+def _gin_names(gin, message: str) -> str:
+    """What a misspelt binding could have named: the configurable's parameters, or the configurables."""
+    unknown_param = re.search(r"Configurable '([^']+)' doesn't have a parameter named", message)
+    if unknown_param:
+        fn = gin.config._REGISTRY.get_match(unknown_param.group(1)).wrapped
+        return f" (its parameters: {', '.join(inspect.signature(fn).parameters)})"
+    if "No configurable matching" in message:
+        names = sorted({name.split(".")[-1] for name in gin.config._REGISTRY._selector_map})
+        return f" (configurables: {', '.join(names)})"
+    return ""
+
+
+def model(config):
+    """What a preset binds: ``model.config = @LlamaConfig()`` (or any other config class)."""
+    return config
+
+
+def preset_config(name: str):
+    """A model config from ``configs/models/NAME.gin`` (or a path to a .gin file)."""
+    path = Path(name) if name.endswith(".gin") else CONFIGS / "models" / f"{name}.gin"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS / "models").glob("*.gin"))
+        raise ZebraxError(f"{name}: neither a zebrax checkpoint nor a preset; presets: {', '.join(known)}")
+    gin = parse_gin([path], [])
+    return gin.get_configurable(model)()
