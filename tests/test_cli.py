@@ -6,7 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from tests.helpers import assert_one_line_error
 from zebrax.cli import main
+from zebrax.presets import CONFIGS, parse_gin, preset_config
+
+TINY_CPU = str(CONFIGS / "experiments" / "tiny_cpu.gin")
 
 
 def test_info_json_on_a_preset(capsys):
@@ -127,3 +133,42 @@ def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     assert "unknown model 'llama'" in capsys.readouterr().err
     assert main(["bench", "decode", ckpt, "--model", "nameless"]) == 1
     assert "NAME=CKPT" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    """`zebrax distill` up to the pipeline: a test that reaches it fails at once instead of distilling."""
+    from zebrax.distill import pipeline
+
+    def run(*_, **__):
+        raise AssertionError("the pipeline ran")
+
+    monkeypatch.setattr(pipeline, "run", run)
+
+
+def test_a_binding_in_a_scope_nothing_uses_is_refused(capsys, tmp_path, no_pipeline):
+    """`kdd/TrainConfig.steps = 10` (a --gin_param or a line of a gin file) would apply nowhere: one line naming the
+    scope and the scopes the experiment uses, before anything runs."""
+    (tmp_path / "mine.gin").write_text("include 'experiments/tiny_cpu.gin'\nteachr/TrainConfig.steps = 3\n")
+    for gin in (["--gin_file", TINY_CPU, "--gin_param", "kdd/TrainConfig.steps = 10"],
+                ["--gin_file", str(tmp_path / "mine.gin")]):
+        capsys.readouterr()
+        code = main(["distill", *gin, "--workdir", str(tmp_path / "w")])
+        scope = "kdd" if "--gin_param" in gin else "teachr"
+        assert_one_line_error(code, capsys.readouterr().err, f"{scope}/TrainConfig.steps", f"'{scope}'",
+                              "dpo, ild, kd, teacher")
+    assert not (tmp_path / "w").exists()
+
+
+def test_every_shipped_gin_file_parses():
+    """Experiments, stages and presets, each alone: their scopes are all used, their bindings all known."""
+    from zebrax.config import HybridConfig
+
+    files = sorted(CONFIGS.rglob("*.gin"))
+    assert len(files) >= 20
+    for f in files:
+        parse_gin([f], [])
+    assert parse_gin([TINY_CPU], ["kd/TrainConfig.steps = 10"]).config._CONFIG[("kd", "zebrax.TrainConfig")][
+        "steps"] == 10
+    hybrids = [preset_config(f.stem) for f in (CONFIGS / "models").glob("zebra-*.gin")]
+    assert len(hybrids) == 8 and all(isinstance(c, HybridConfig) for c in hybrids)

@@ -15,6 +15,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_EXPERIMENT = CONFIGS / "experiments" / "default.gin"
 
 _REGISTERED = []
+MACRO = "gin.macro"  # the selector gin files a macro (``NAME = value``) under, with the macro's name as its scope
 
 
 def registry():
@@ -40,7 +41,7 @@ def registry():
 
 def parse_gin(files: list[str | Path], bindings: list[str]):
     """Parse gin ``files`` then ``bindings`` into a fresh config; returns the ``gin`` module. ZebraxError names a
-    missing file, or a binding gin refuses with the names it could have meant."""
+    missing file, a binding gin refuses with the names it could have meant, or a binding in a scope nothing uses."""
     gin = registry()
     gin.clear_config()
     for f in files:
@@ -55,7 +56,25 @@ def parse_gin(files: list[str | Path], bindings: list[str]):
         raise ZebraxError(f"gin: {' '.join(str(e).split())}{_gin_names(gin, str(e))}") from None
     finally:
         logging.getLogger().removeFilter(unfound)
+    _check_scopes(gin)
     return gin
+
+
+def _check_scopes(gin) -> None:
+    """ZebraxError for a binding in a scope no reference of the config enters (``kdd/TrainConfig.steps`` where only
+    ``distill.kd = @kd/TrainConfig()`` is bound): gin would keep it and apply it nowhere. A reference
+    ``@a/b/F()`` enters the scopes ``a`` and ``a/b``."""
+    config = gin.config._CONFIG
+    used = set()
+    for ref in gin.config.iterate_references(config):
+        if ref.configurable.selector != MACRO:
+            used.update("/".join(ref.scopes[:i]) for i in range(1, len(ref.scopes) + 1))
+    for scope, selector in config:
+        if scope and selector != MACRO and scope not in used:
+            params = ", ".join(f"{scope}/{selector.split('.')[-1]}.{name}" for name in config[(scope, selector)])
+            raise ZebraxError(f"gin: {params}: the scope {scope!r} is not one this config uses, so the binding "
+                              f"would apply nowhere (scopes used: {', '.join(sorted(used)) or 'none'}; a reference "
+                              "such as distill.kd = @kd/TrainConfig() uses one)")
 
 
 def _gin_names(gin, message: str) -> str:
