@@ -4,6 +4,7 @@ The tiny Llama carries SmolLM2's tokenizer, so both read the same text as the sa
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import zebrax
+from tests.helpers import assert_one_line_error
 from zebrax.lm_eval import bucket
 
 TASKS = Path(__file__).resolve().parent.parent / "configs" / "lm_eval"
@@ -111,3 +113,30 @@ def test_registered_on_import(tiny):
     cls = lm_eval.api.registry.get_model("zebrax")
     lm = cls.create_from_arg_string(f"pretrained={tiny[1]},batch_size=5", {"batch_size": 1, "device": "cpu"})
     assert lm.batch_size == 5 and lm.max_length == 256
+
+
+def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, monkeypatch):
+    """`zebrax lm-eval` with batch_size=0, without pretrained or with a misspelt argument: one line naming it (the
+    accepted ones listed), before any checkpoint is read; lm-eval's own arguments are accepted."""
+    from lm_eval.tasks import TaskManager
+
+    from zebrax.cli import main
+    from zebrax.errors import ConfigError
+    from zebrax.lm_eval import ZebraxLM
+
+    monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")
+    # only the local tasks are indexed (lm-eval's scan of its own thousands takes 20 s and is not what is tested)
+    monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
+    ckpt = tiny_llama("gqa_llama3_untied")[2]  # no tokenizer: loading it would fail with "has no tokenizer"
+    for model_args, needles in ((f"pretrained={ckpt},batch_size=0", ["batch_size=0"]),
+                                (f"pretrained={ckpt},max_gen_toks=-5", ["max_gen_toks=-5"]),
+                                ("batch_size=4", ["pretrained=CKPT"]),
+                                (f"pretrained={ckpt},batchsize=4", ["unknown model argument batchsize",
+                                                                    "pretrained, batch_size, max_length"])):
+        capsys.readouterr()
+        code = main(["lm-eval", "--model", "zebrax", "--model_args", model_args, "--tasks", "zebrax_mc",
+                     "--include_path", str(TASKS)])
+        assert_one_line_error(code, capsys.readouterr().err, *needles)
+    with pytest.raises(ConfigError, match="has no tokenizer"):  # lm-eval's device, max_batch_size, … go through
+        ZebraxLM.create_from_arg_string(f"pretrained={ckpt}", {"batch_size": 1, "max_batch_size": None,
+                                                                "device": "cpu", "trust_remote_code": True})

@@ -4,7 +4,8 @@ Importing this module registers it, so ``lm_eval.simple_evaluate(model="zebrax",
 works; ``zebrax lm-eval ARGS...`` is lm-eval's own command line with it registered (lm-eval has no plugin hook for
 models). Model arguments: ``pretrained`` (a zebrax checkpoint with a tokenizer), ``batch_size`` (8), ``max_length``
 (the checkpoint's ``max_position_embeddings``, at most 2048), ``max_gen_toks`` (256), ``dtype`` (the checkpoint's),
-``add_bos_token`` and ``prefix_token_id`` (as lm-eval's ``hf`` model has them), ``impl`` ("auto").
+``add_bos_token`` and ``prefix_token_id`` (as lm-eval's ``hf`` model has them), ``impl`` ("auto"); any other is
+refused by name, but for those lm-eval passes to every model (``LM_EVAL_ARGS``), which mean nothing here.
 
 It scores exactly what lm-eval's ``hf`` model scores: the same tokenisation (``tok_encode``), the same truncation
 of context + continuation to the last ``max_length + 1`` tokens, the same rolling windows, the same stop-sequence
@@ -26,6 +27,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 MIN_BUCKET = 32
+# what lm-eval hands every model besides its model_args: --device and --max_batch_size (simple_evaluate), and
+# trust_remote_code=True with --trust_remote_code (EvaluatorConfig); --batch_size is zebrax's own batch_size
+LM_EVAL_ARGS = ("device", "max_batch_size", "trust_remote_code")
 
 
 def bucket(length: int, limit: int) -> int:
@@ -48,35 +52,68 @@ def _scorer(module):
     return score
 
 
-def _int_or(value, default: int) -> int:
-    """lm-eval hands ``batch_size`` over as an int or a string (``"8"``, ``"auto"``, ``"auto:4"``)."""
-    return int(value) if str(value).isdigit() else default
+def _positive(name: str, value, auto: int | None = None) -> int:
+    """A model argument that must be an integer >= 1, as lm-eval hands it over (an int, or a string such as ``"8"``);
+    with ``auto``, lm-eval's automatic sizes (``"auto"``, ``"auto:4"``) mean ``auto``. InvalidArgument otherwise."""
+    from zebrax.errors import InvalidArgument
+
+    if auto is not None and str(value).startswith("auto"):
+        return auto
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"lm-eval model zebrax: {name}={value!r} must be an integer >= 1")
+    return value
+
+
+def _check_names(names) -> None:
+    """InvalidArgument naming the model arguments ``ZebraxLM`` does not take, and listing those it does."""
+    import inspect
+
+    from zebrax.errors import InvalidArgument
+
+    own = [p for p in inspect.signature(ZebraxLM.__init__).parameters if p not in ("self", "lm_eval_args")]
+    unknown = [n for n in names if n not in own and n not in LM_EVAL_ARGS]
+    if unknown:
+        raise InvalidArgument(f"lm-eval model zebrax: unknown model argument{'s' * (len(unknown) > 1)} "
+                              f"{', '.join(unknown)}; it takes {', '.join(own)} (and lm-eval's own "
+                              f"{', '.join(LM_EVAL_ARGS)}, which mean nothing to it)")
 
 
 @register_model("zebrax")
 class ZebraxLM(TemplateLM):
     def __init__(self, pretrained: str, batch_size=8, max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str | None = None, add_bos_token: bool | None = None, prefix_token_id: int | None = None,
-                 impl: str = "auto", **_ignored):  # device, max_batch_size: lm-eval's own, meaningless here
+                 impl: str = "auto", **lm_eval_args):
         import zebrax
         from zebrax.errors import ConfigError
 
+        _check_names([*lm_eval_args])
+        batch_size = _positive("batch_size", batch_size, auto=8)
+        max_length = None if max_length is None else _positive("max_length", max_length)
+        max_gen_toks = _positive("max_gen_toks", max_gen_toks)
         super().__init__()
         self.model = zebrax.load(pretrained, dtype=dtype, impl=impl)
         if self.model.tokenizer is None:
             raise ConfigError(f"{pretrained}: has no tokenizer/; lm-eval works on text")
         self.tokenizer = self.model.tokenizer
         self.pretrained = str(pretrained)
-        self.batch_size = _int_or(batch_size, 8)
-        self.max_length = int(max_length or min(self.model.config.max_position_embeddings, 2048))
-        self.max_gen_toks = int(max_gen_toks)
+        self.batch_size = batch_size
+        self.max_length = max_length or min(self.model.config.max_position_embeddings, 2048)
+        self.max_gen_toks = max_gen_toks
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self._score = _scorer(self.model.module)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """``--model_args`` win over lm-eval's own flags (``--batch_size`` defaults to 1 and is always passed)."""
+        """``--model_args`` win over lm-eval's own flags (``--batch_size`` defaults to 1 and is always passed).
+        InvalidArgument for a missing ``pretrained`` or an unknown argument, before anything is loaded."""
+        from zebrax.errors import InvalidArgument
+
+        _check_names(arg_dict)
+        if "pretrained" not in arg_dict:
+            raise InvalidArgument("lm-eval model zebrax: model_args need pretrained=CKPT (a zebrax checkpoint)")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         return cls(**arg_dict, **extra)
 
