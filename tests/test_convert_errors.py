@@ -7,8 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -114,10 +112,7 @@ def test_existing_destination_is_never_damaged(capsys, tiny_llama, hf_copy, tmp_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_the_real_entry_point_prints_one_line(tmp_path):
+def test_the_real_entry_point_prints_one_line(child_process, tmp_path):
     """Through `python -m zebrax`, as a user runs it: whatever the libraries print, stderr is one line."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "zebrax", "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = child_process.zebrax("convert", tmp_path / "missing", tmp_path / "out")
     assert_one_line_error(proc.returncode, proc.stderr, "missing", "no such file")

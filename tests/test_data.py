@@ -109,7 +109,6 @@ def test_bad_files_are_one_line_errors(tmp_path):
         data.load_rows([tmp_path / "d.csv"], ByteCodec(), 16)
 
 
-@pytest.mark.slow
 def test_generate_data_is_seeded_batched_and_resumes_to_the_same_file(smollm2_checkpoint, tmp_path):
     """SmolLM2 answers 5 prompts in batches of 2 (sampled); a run cut after one batch, with a torn line, completes
     to the same file an uninterrupted run writes."""

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -126,10 +125,9 @@ def test_with_overwrite_a_destination_that_stopped_being_a_checkpoint_is_left(ti
     assert (dst / "results.csv").read_text() == "someone else's" and hidden_siblings(tmp_path) == []
 
 
-def test_two_concurrent_converts_into_one_destination_one_wins(tiny_llama, tmp_path):
+def test_two_concurrent_converts_into_one_destination_one_wins(child_process, tiny_llama, tmp_path):
     src = tiny_llama("tied_bias_bin")[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "zebrax", "convert", str(src), str(tmp_path / "ckpt")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [child_process.zebrax("convert", src, tmp_path / "ckpt", wait=False) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     assert sorted(code for code, _, _ in results) == [0, 1], results
     loser = next(err for code, _, err in results if code)
@@ -139,9 +137,8 @@ def test_two_concurrent_converts_into_one_destination_one_wins(tiny_llama, tmp_p
 
 
 # -- 8. interrupted work is cleaned up ------------------------------------------------------------
-def _start_convert(src: Path, dst: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "zebrax", "convert", str(src), str(dst)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_convert(child_process, src: Path, dst: Path) -> subprocess.Popen:
+    proc = child_process.zebrax("convert", src, dst, wait=False)
     deadline = time.time() + 120
     while not [p for p in dst.parent.iterdir() if ".tmp-" in p.name]:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
@@ -150,9 +147,10 @@ def _start_convert(src: Path, dst: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("sig, delay", [(signal.SIGTERM, 0.5), (signal.SIGINT, 2.5)])
-def test_sigterm_and_sigint_end_in_one_line_and_remove_the_temporary(smollm2_gguf, tmp_path, sig, delay):
+def test_sigterm_and_sigint_end_in_one_line_and_remove_the_temporary(child_process, smollm2_gguf, tmp_path, sig,
+                                                                   delay):
     """The real teacher's conversion (~8 s), interrupted while reading tensors or writing parameters."""
-    proc = _start_convert(smollm2_gguf, tmp_path / "ckpt")
+    proc = _start_convert(child_process, smollm2_gguf, tmp_path / "ckpt")
     time.sleep(delay)
     proc.send_signal(sig)
     code, err = proc.wait(timeout=120), proc.stderr.read()
@@ -161,8 +159,8 @@ def test_sigterm_and_sigint_end_in_one_line_and_remove_the_temporary(smollm2_ggu
     assert os.listdir(tmp_path) == []
 
 
-def test_a_killed_writers_temporary_is_swept_by_the_next_writer(tiny_llama, smollm2_gguf, tmp_path):
-    proc = _start_convert(smollm2_gguf, tmp_path / "killed")
+def test_a_killed_writers_temporary_is_swept_by_the_next_writer(child_process, tiny_llama, smollm2_gguf, tmp_path):
+    proc = _start_convert(child_process, smollm2_gguf, tmp_path / "killed")
     proc.kill()  # SIGKILL: no cleanup can run
     proc.wait(timeout=60)
     stale = [p.name for p in tmp_path.iterdir()]

@@ -160,8 +160,6 @@ def rounding_floor(model: zebrax.Model, tokens: np.ndarray) -> float:
     return worst
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("smollm2_memory")  # several GB each: one at a time, on one worker
 @pytest.mark.parametrize("name", sorted(SMOL_PLANS))
 def test_hybrids_of_the_real_teacher_decode_as_they_prefill(smol_teacher, name):
     """Cached decode equals the full pass within 2 × the model's float32 rounding floor (at least 1e-5 of the
@@ -188,7 +186,6 @@ def test_hybrids_of_the_real_teacher_decode_as_they_prefill(smol_teacher, name):
     assert model.cache_bytes_per_token() * (30 * 2 * 3 * 64) == smol_teacher.cache_bytes_per_token() * values
 
 
-@pytest.mark.slow
 def test_zebrax_build_writes_a_loadable_hybrid(smollm2_checkpoint, tmp_path, capsys):
     from zebrax.cli import main
 

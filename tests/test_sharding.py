@@ -5,10 +5,6 @@ agree with one (fp32, rtol 1e-3)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -19,7 +15,6 @@ from zebrax.errors import ConfigError
 from zebrax.models import abstract_params
 from zebrax.sharding import AXES, MeshConfig, param_shardings, partition_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 MESH = AbstractMesh((1, 2, 2), AXES)
 
 
@@ -93,11 +88,12 @@ print(json.dumps(out))
 '''
 
 
-def test_a_sharded_run_on_8_devices_logs_the_single_device_losses(tmp_path):
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def test_a_sharded_run_on_8_devices_logs_the_single_device_losses(child_process, tmp_path):
     """With gradient accumulation over 2 micro-batches."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", RUN, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = child_process.python("-c", RUN, tmp_path, env=EIGHT_DEVICES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(losses["one"]) == 5 and losses["one"][-1] < losses["one"][0]
@@ -145,13 +141,11 @@ print(json.dumps(out))
 '''
 
 
-def test_pallas_kernels_run_on_each_shard_without_gathering_their_operands():
+def test_pallas_kernels_run_on_each_shard_without_gathering_their_operands(child_process):
     """Under a mesh (``jax.set_mesh``), each op's Pallas kernel (interpret mode here) runs on every device's rows and
     heads: the compiled step holds no all-gather, where the same step without the mesh gathers the operands; values
     and gradients equal the unsharded call (fp32, 1e-5 relative)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", KERNELS], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = child_process.python("-c", KERNELS, env=EIGHT_DEVICES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, got in out.items():
@@ -205,7 +199,7 @@ if jax.process_index() == 0:
 '''
 
 
-def test_two_processes_run_a_sharded_step_and_agree_with_one(tmp_path):
+def test_two_processes_run_a_sharded_step_and_agree_with_one(child_process, tmp_path):
     """jax.distributed on localhost, CPU collectives through gloo: 2 processes × 1 device, each holding its half of
     every global batch, log the losses of one process with 2 devices and end with its parameters."""
     import socket
@@ -213,15 +207,12 @@ def test_two_processes_run_a_sharded_step_and_agree_with_one(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI, str(port), "2", str(i), str(tmp_path / "two")], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [child_process.python("-c", MULTI, port, 2, i, tmp_path / "two", wait=False) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     two = json.loads(outs[0][0].strip().splitlines()[-1])
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    one = subprocess.run([sys.executable, "-c", MULTI, "0", "1", "0", str(tmp_path / "one")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = child_process.python("-c", MULTI, 0, 1, 0, tmp_path / "one",
+                               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert one.returncode == 0, one.stderr[-2000:]
     one = json.loads(one.stdout.strip().splitlines()[-1])
     assert two["devices"] == one["devices"] == 2

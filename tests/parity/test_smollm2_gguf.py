@@ -10,8 +10,6 @@ import zebrax
 from tests.helpers import assert_greedy_matches
 from zebrax.models import param_count
 
-pytestmark = pytest.mark.slow
-
 MESSAGES = [
     {"role": "user", "content": "Explain in two sentences why the sky is blue, and then name three colours that "
                                 "appear in a sunset over the sea. Keep it simple enough for a curious ten-year-old."},
