@@ -61,7 +61,6 @@ def test_bucket_lengths():
     assert bucket(40, 48) == 48
 
 
-@pytest.mark.slow
 def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch):
     """`zebrax lm-eval --model zebrax` (the command line) and lm-eval's `hf` (its Python API) on the same tasks:
     log-likelihoods within 1e-3, the same greedy flags and accuracies, the same rolling sums (1e-3 relative) and
@@ -103,7 +102,6 @@ def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch):
     assert any(doc[0].strip() for doc in g["zebrax_qa"]), "nothing generated: the comparison would be empty"
 
 
-@pytest.mark.slow
 def test_registered_on_import(tiny):
     """`import zebrax.lm_eval` registers the model for lm_eval.simple_evaluate; model_args win over lm-eval's flags."""
     import lm_eval.api.registry
