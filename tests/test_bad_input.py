@@ -121,25 +121,120 @@ def cli(capsys, *args) -> tuple[int, str]:
 
 def test_generate_on_the_command_line(capsys, smollm2_checkpoint, templateless):
     ck = smollm2_checkpoint
-    for args, needle in (
-        (("--seed", str(2**70)), "seed="),
-        (("--seed", "-3"), "seed=-3"),
-        (("--max-new-tokens", "100000000"), "GiB, more than the"),
-        (("--max-new-tokens", "0"), "max_new_tokens=0"),
-        (("--temperature", "nan"), "temperature=nan"),
-        (("--top-p", "1.5"), "top_p=1.5"),
+    for args, needles in (
+        (("--seed", str(2**70)), ("--seed", str(2**70))),
+        (("--seed", "-3"), ("--seed", "-3")),
+        (("--max-new-tokens", "100000000"), ("GiB, more than the",)),
+        (("--max-new-tokens", "0"), ("--max-new-tokens", "0")),
+        (("--temperature", "nan"), ("--temperature", "nan")),
+        (("--top-p", "1.5"), ("--top-p", "1.5")),
     ):
-        assert_one_line_error(*cli(capsys, "generate", ck, "--prompt", "Hello", *args), needle)
+        assert_one_line_error(*cli(capsys, "generate", ck, "--prompt", "Hello", *args), *needles)
     assert_one_line_error(*cli(capsys, "generate", templateless, "--chat", "--prompt", "Hi"), "no chat template")
     assert_one_line_error(*cli(capsys, "generate", ck.parent / "nowhere", "--prompt", "Hi"), "not a zebrax checkpoint")
 
 
-def test_bench_sizes_on_the_command_line(capsys, tiny_llama):
+def test_bench_sizes_on_the_command_line(capsys, tiny_llama, model):
+    from zebrax import bench
+
     ck = tiny_llama("tied_bias_bin")[2]
-    for args, needle in ((("forward", ck, "--seq-len", "0"), "seq_len=0"), (("forward", ck, "--batch", "0"), "batch=0"),
-                         (("forward", ck, "--repeats", "0"), "repeats=0"), (("ssd", "--lengths", "64", "0"), "lengths"),
-                         (("attention", "--contexts", "0"), "contexts"), (("attention", "--batch", "-1"), "batch=-1")):
-        assert_one_line_error(*cli(capsys, "bench", *args), needle)
+    for args, flag, value in ((("forward", ck), "--seq-len", "0"), (("forward", ck), "--batch", "0"),
+                              (("forward", ck), "--repeats", "0"), (("ssd", "--lengths", "64"), "--lengths", "0"),
+                              (("attention",), "--contexts", "0"), (("attention",), "--batch", "-1")):
+        assert_one_line_error(*cli(capsys, "bench", *args, flag, value), flag, value)
+    for call, needle in ((lambda: bench.bench_forward(model, seq_len=0), "seq_len=0"),
+                         (lambda: bench.bench_ssd(lengths=(64, 0)), "lengths"),
+                         (lambda: bench.bench_attention(batch=-1), "batch=-1")):
+        with pytest.raises(InvalidArgument, match=needle):
+            call()
+
+
+def test_numbers_on_the_command_line_are_checked_before_any_work(capsys, tiny_llama, tmp_path):
+    """Counts >= 1, indices >= 0, seeds and probabilities in range: one line naming the flag and the value, before
+    any checkpoint or data is read (the paths here need not exist)."""
+    ck, data, out = tiny_llama("gqa_llama3_untied")[2], tmp_path / "d.jsonl", tmp_path / "o.json"
+    select = ["select", "--teacher", ck, "--mla-student", ck, "--mamba-student", ck, "--data", data, "--out", out]
+    for args, flag, value in (
+        (["build", ck, tmp_path / "h"], "--seed", str(2**80)),
+        (["build", ck, tmp_path / "h"], "--seed", "-1"),
+        (["build", ck, tmp_path / "h"], "--kv-lora-rank", "0"),
+        (["build", ck, tmp_path / "h"], "--rope-factor", "nan"),
+        ([*select, "--num-mla", "2"], "--seq-len", "0"),
+        ([*select, "--num-mla", "2"], "--num-sequences", "-4"),
+        ([*select, "--num-mla", "2"], "--first", "-1"),
+        ([*select], "--num-mla", "0"),
+        (["generate", ck, "--prompt", "x"], "--max-new-tokens", "0"),
+        (["generate", ck, "--prompt", "x"], "--top-p", "2"),
+        (["generate", ck, "--prompt", "x"], "--temperature", "-1"),
+        (["generate-data", ck, "--prompts", data, "--out", out], "--batch-size", "0"),
+        (["generate-data", ck, "--prompts", data, "--out", out], "--top-p", "0"),
+        (["bench", "decode", ck], "--new-tokens", "1"),
+        (["bench", "decode", ck], "--transformers-max-tokens", "-1"),
+        (["bench", "decode", ck], "--kv-lora-rank", "0"),
+        (["bench", "train", ck], "--steps", "0"),
+        (["bench", "long-prompt", ck], "--length", "0"),
+        (["distill", "--gin_file", tmp_path / "x.gin", "--workdir", tmp_path / "w"], "--num-processes", "0"),
+        (["distill", "--gin_file", tmp_path / "x.gin", "--workdir", tmp_path / "w"], "--process-id", "-1"),
+    ):
+        code, err = cli(capsys, *args, flag, value)
+        assert code == 2, err
+        assert_one_line_error(code, err, flag, repr(value))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_locations_are_checked_before_any_work(capsys, tiny_llama, tmp_path, monkeypatch):
+    """A file to write in a missing folder (or onto a folder), or a checkpoint directory that exists: one line
+    before the work (here the work fails the test at once)."""
+    from zebrax import init
+
+    def work(*_, **__):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(init, "init_hybrid", work)
+    monkeypatch.setattr(init, "assemble", work)
+    ck = tiny_llama("gqa_llama3_untied")[2]
+    (tmp_path / "data.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "taken").mkdir()
+    missing = tmp_path / "missing"
+    for args, needles in (
+        (["select", "--teacher", ck, "--mla-student", ck, "--mamba-student", ck, "--data", tmp_path / "data.jsonl",
+          "--num-mla", "1", "--out", missing / "s.json"], ("--out", str(missing / "s.json"), "does not exist")),
+        (["generate-data", ck, "--prompts", tmp_path / "data.jsonl", "--out", missing / "g.jsonl"],
+         ("--out", "does not exist")),
+        (["generate-data", ck, "--prompts", tmp_path / "data.jsonl", "--out", tmp_path / "taken"],
+         ("--out", "is a folder")),
+        (["bench", "decode", ck, "--plot", missing / "p.png"], ("--plot", "does not exist")),
+        (["build", ck, tmp_path / "taken", "--mla-layers", "0", "--kv-lora-rank", "8"],
+         (str(tmp_path / "taken"), "already exists")),
+        (["assemble", "--mla-student", ck, "--mamba-student", ck, "--mla-layers", "0", tmp_path / "taken"],
+         (str(tmp_path / "taken"), "already exists")),
+    ):
+        assert_one_line_error(*cli(capsys, *args), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "taken"]
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_layer_lists_are_checked(capsys, tiny_llama, tmp_path):
+    """`--mla-layers ""` (an unset shell variable) is no all-Mamba2 hybrid: an empty list, a part that is no index,
+    an index given twice or past the teacher's layers is one line."""
+    ck = tiny_llama("gqa_llama3_untied")[2]  # 3 layers
+    for value, needles in (("", ("--mla-layers", "got ''")), ("0,,2", ("--mla-layers", "got '0,,2'")),
+                           ("1,x", ("--mla-layers", "got '1,x'")), ("-1", ("--mla-layers", "got '-1'")),
+                           ("2,0,2", ("--mla-layers", "layer 2 is given twice")), ("0,3", ("mla_layers holds 3",))):
+        assert_one_line_error(*cli(capsys, "build", ck, tmp_path / "h", "--kv-lora-rank", "8", "--mla-layers", value),
+                              *needles)
+    assert_one_line_error(*cli(capsys, "assemble", "--mla-student", ck, "--mamba-student", ck, "--mla-layers", "",
+                               tmp_path / "h"), "--mla-layers", "got ''")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_seeds_are_jax_seeds(tiny_llama, tmp_path):
+    """jax keeps 32 bits of a seed: a larger one would alias a smaller one, so build refuses it."""
+    ck = tiny_llama("gqa_llama3_untied")[2]
+    for seed in (2**32, -1, 2**80, 1.5):
+        with pytest.raises(InvalidArgument, match=rf"seed={seed!r} must be an integer in \[0, 2\*\*32\)"):
+            zebrax.build(ck, tmp_path / "h", seed=seed, kv_lora_rank=8)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_on_the_command_line(capsys, tiny_llama, tmp_path):
@@ -160,7 +255,7 @@ def test_damaged_parameters_through_the_real_entry_point(tiny_llama, tmp_path):
     with pytest.raises(CheckpointError, match="damaged"):
         zebrax.load(ck)
     for args in (["export", str(ck), str(tmp_path / "hf")], ["bench", "forward", str(ck)],
-                 ["generate", str(ck), "--prompt", "x", "--seed", str(2**70)]):
+                 ["generate", str(ck), "--prompt", "x"]):
         proc = subprocess.run([sys.executable, "-m", "zebrax", *args], capture_output=True, text=True, timeout=300)
         assert_one_line_error(proc.returncode, proc.stderr, str(ck / "params"), "damaged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+import zebrax
 from tests.helpers import assert_one_line_error
+from zebrax import checkpoint
 from zebrax.cli import main
 from zebrax.presets import CONFIGS, parse_gin, preset_config
 
@@ -133,6 +135,49 @@ def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     assert "unknown model 'llama'" in capsys.readouterr().err
     assert main(["bench", "decode", ckpt, "--model", "nameless"]) == 1
     assert "NAME=CKPT" in capsys.readouterr().err
+
+
+# a preset of the tiny teacher gqa_llama3_untied (3 layers, GQA 6/2, head_dim 12): MLA at 0, the rest Mamba2
+TINY_PRESET = """
+model.config = @zebra_hybrid()
+zebra_hybrid.teacher = @LlamaConfig()
+LlamaConfig.vocab_size = 211
+LlamaConfig.hidden_size = 72
+LlamaConfig.intermediate_size = 100
+LlamaConfig.num_hidden_layers = 3
+LlamaConfig.num_attention_heads = 6
+LlamaConfig.num_key_value_heads = 2
+LlamaConfig.head_dim = 12
+zebra_hybrid.mla_layers = [0]
+zebra_hybrid.kv_lora_rank = 16
+zebra_hybrid.q_lora_rank = 32
+zebra_hybrid.qk_rope_head_dim = 6
+zebra_hybrid.rope_factor = 1.0
+zebra_hybrid.mamba2 = {'chunk_size': 8}
+"""
+
+
+def test_build_lays_the_recipe_over_a_preset(tiny_llama, tmp_path, capsys):
+    """`build --preset P --kv-lora-rank …` and `zebrax.build(config=preset, **recipe)`: what is given replaces the
+    preset's, the rest stays the preset's; an override the teacher cannot take is one line."""
+    teacher = tiny_llama("gqa_llama3_untied")[2]
+    (tmp_path / "tiny.gin").write_text(TINY_PRESET)
+    preset = str(tmp_path / "tiny.gin")
+    assert main(["build", str(teacher), str(tmp_path / "a"), "--preset", preset, "--kv-lora-rank", "8",
+                 "--mla-layers", "1,2", "--rope-factor", "2"]) == 0
+    a = checkpoint.load_config(tmp_path / "a")
+    assert a.layer_map() == "SLL" and (a.mla.kv_lora_rank, a.mla.rope_scaling.factor) == (8, 2.0)
+    assert (a.mla.q_lora_rank, a.mla.qk_rope_head_dim, a.mamba2.chunk_size) == (32, 6, 8)  # the preset's
+
+    zebrax.build(teacher, tmp_path / "b", config=preset_config(preset), qk_rope_head_dim=4, attention_layers=[2])
+    b = checkpoint.load_config(tmp_path / "b")
+    assert b.layer_map() == "LSA" and (b.mla.qk_rope_head_dim, b.mla.qk_nope_head_dim) == (4, 8)
+    assert (b.mla.kv_lora_rank, b.mla.rope_scaling.factor, b.mamba2.chunk_size) == (16, 1.0, 8)
+
+    capsys.readouterr()
+    code = main(["build", str(teacher), str(tmp_path / "c"), "--preset", preset, "--kv-lora-rank", "999"])
+    assert_one_line_error(code, capsys.readouterr().err, "kv_lora_rank=999")
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.fixture

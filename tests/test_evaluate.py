@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
 from zebrax.cli import main
-from zebrax.data import ByteCodec
+from zebrax.data import LM_FIELDS, ByteCodec, DataError
 from zebrax.distill.pipeline import TINY_TEACHER
+from zebrax.errors import InvalidArgument
 from zebrax.evaluate import eval_rows, evaluate, windows
 from zebrax.models import build
 
@@ -62,3 +64,40 @@ def test_eval_command(byte_model, tmp_path, capsys):
     assert result["kl"] == pytest.approx(0.0, abs=1e-6) and result["perplexity"] > 1 and result["rows"] == 4
     assert main(["eval", ckpt, "--data", str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt: no such data file" in capsys.readouterr().err
+
+
+def test_nothing_counted_is_an_error_naming_the_data(byte_model, tmp_path, capsys):
+    """Empty texts, or chat replies that start past --seq-len, leave no token to predict: one line naming the data
+    (`evaluate` refuses it for every caller), never a perplexity of 1."""
+    ckpt = str(byte_model[0])
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    chat = {"messages": [{"role": "user", "content": "a question longer than the window"},
+                         {"role": "assistant", "content": "an answer"}]}
+    (tmp_path / "late.jsonl").write_text(json.dumps(chat) + "\n")
+    for data, seq_len in (("empty.jsonl", "32"), ("late.jsonl", "16")):
+        capsys.readouterr()
+        code = main(["eval", ckpt, "--data", str(tmp_path / data), "--seq-len", seq_len])
+        assert_one_line_error(code, capsys.readouterr().err, str(tmp_path / data), "no token was counted")
+    _, module, params = byte_model
+    rows = {k: np.stack([r[k] for r in eval_rows([tmp_path / "empty.jsonl"], ByteCodec(), 8)]) for k in LM_FIELDS}
+    with pytest.raises(DataError, match="no token was counted in the rows"):
+        evaluate(module, params, rows)
+
+
+def test_eval_refuses_bad_flags_before_any_work(byte_model, tmp_path, capsys):
+    """Each bad value is one line naming the flag and the value, found before the model is read; nothing is
+    written."""
+    ckpt = str(byte_model[0])
+    (tmp_path / "t.txt").write_text(TEXT)
+    for flag, value in (("--max-rows", "-1"), ("--batch-size", "0"), ("--seq-len", "0"), ("--seq-len", "1"),
+                        ("--out", str(tmp_path / "missing" / "o.json")), ("--out", str(tmp_path))):
+        capsys.readouterr()
+        code = main(["eval", ckpt, "--data", str(tmp_path / "t.txt"), flag, value])
+        assert_one_line_error(code, capsys.readouterr().err, flag, value)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+    _, module, params = byte_model
+    rows = list(eval_rows([tmp_path / "t.txt"], ByteCodec(), 24))
+    with pytest.raises(InvalidArgument, match="batch_size=0"):
+        evaluate(module, params, iter(rows), batch_size=0)
+    with pytest.raises(InvalidArgument, match="seq_len=1"):
+        list(eval_rows([tmp_path / "t.txt"], ByteCodec(), 1))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -257,24 +259,32 @@ def build(
 ) -> Path:
     """Build a Zebra-Llama hybrid from the Llama checkpoint ``teacher`` and write it to ``dst``.
 
-    ``config``: a ``HybridConfig`` (a preset) laid onto this teacher; otherwise ``recipe`` goes to
-    ``HybridConfig.from_teacher`` (``mla_layers``, ``attention_layers``, ``kv_lora_rank``, ``q_lora_rank``,
-    ``qk_rope_head_dim``, ``rope_factor``, ``mla={...}``, ``mamba2={...}``). MLA layers are initialised by SVD, Mamba2
-    layers from the attention weights (fresh parts from ``jax.random.key(seed)``), the rest copied. The checkpoint
-    holds the teacher's tokenizer and ``build_report.json`` (teacher, seed, truncation error per MLA layer).
+    ``recipe``: the arguments of ``HybridConfig.from_teacher`` (``mla_layers``, ``attention_layers``,
+    ``kv_lora_rank``, ``q_lora_rank``, ``qk_rope_head_dim``, ``rope_factor``, ``mla={...}``, ``mamba2={...}``, …).
+    ``config``: a ``HybridConfig`` (a preset) laid onto this teacher, with ``recipe`` over it (``_over_preset``);
+    without one, ``recipe`` alone makes the hybrid. MLA layers are initialised by SVD, Mamba2 layers from the
+    attention weights (fresh parts from ``jax.random.key(seed)``, ``seed`` in [0, 2**32)), the rest copied. The
+    checkpoint holds the teacher's tokenizer and ``build_report.json`` (teacher, seed, truncation error per MLA
+    layer). Every argument and ``dst`` are checked before the work starts.
     """
     from zebrax.init import init_hybrid
 
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise InvalidArgument(f"build: seed={seed!r} must be an integer in [0, 2**32) (a jax PRNG seed)")
     teacher_config = checkpoint.load_config(teacher)
     if not isinstance(teacher_config, LlamaConfig):
         raise ConfigError(f"{teacher}: the teacher must be a Llama checkpoint, this one is "
                           f"{type(teacher_config).__name__}")
-    config = config.on_teacher(teacher_config) if config is not None else HybridConfig.from_teacher(
-        teacher_config, **recipe)
-    params, report = init_hybrid(teacher_config, checkpoint.load_params(teacher, teacher_config), config,
-                                 jax.random.key(seed))
+    if config is None:
+        config = HybridConfig.from_teacher(teacher_config, **_checked_recipe(recipe))
+    elif isinstance(config, HybridConfig):
+        config = _over_preset(config, teacher_config, recipe)
+    else:
+        raise InvalidArgument(f"build: config is a {type(config).__name__}; a hybrid is built from a HybridConfig")
     with checkpoint.warnings_after_success(), checkpoint.atomic_directory(dst, overwrite=overwrite,
                                                                          sources=[teacher]) as tmp:
+        params, report = init_hybrid(teacher_config, checkpoint.load_params(teacher, teacher_config), config,
+                                     jax.random.key(seed))
         checkpoint.save(tmp, config, params)
         report = {"teacher": str(Path(teacher).absolute()), "seed": seed, "layer_map": config.layer_map(), **report}
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
@@ -282,6 +292,43 @@ def build(
         if tokenizer is not None:
             shutil.copytree(tokenizer, tmp / "tokenizer")
     return Path(dst)
+
+
+# the MLA fields each argument of HybridConfig.from_teacher sets
+_RECIPE_MLA_FIELDS = {"kv_lora_rank": ("kv_lora_rank",), "q_lora_rank": ("q_lora_rank",),
+                      "qk_rope_head_dim": ("qk_rope_head_dim", "qk_nope_head_dim"), "rope_factor": ("rope_scaling",),
+                      "rope_original_max_position_embeddings": ("rope_scaling",)}
+
+
+def _checked_recipe(recipe: dict) -> dict:
+    """``recipe`` after InvalidArgument for a name ``HybridConfig.from_teacher`` does not take."""
+    known = [p for p in inspect.signature(HybridConfig.from_teacher).parameters if p != "teacher"]
+    unknown = sorted(set(recipe) - set(known))
+    if unknown:
+        raise InvalidArgument(f"build: unknown recipe argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
+                              f"HybridConfig.from_teacher takes {', '.join(known)}")
+    return recipe
+
+
+def _over_preset(preset: HybridConfig, teacher: LlamaConfig, recipe: dict) -> HybridConfig:
+    """``preset`` laid onto ``teacher`` (``HybridConfig.on_teacher``) with ``recipe``, arguments of
+    ``HybridConfig.from_teacher``, over it: a layer list given replaces the preset's (layers in neither list are
+    Mamba2), a rank or RoPE setting given replaces the preset's MLA value (``qk_rope_head_dim`` with its
+    ``qk_nope_head_dim``), ``mla`` / ``mamba2`` fields replace theirs; the rest stays the preset's. The result is
+    checked against the teacher as ``from_teacher`` checks its own."""
+    config = preset.on_teacher(teacher)
+    if not _checked_recipe(recipe):
+        return config
+    mla, rope = config.mla, config.mla.rope_scaling
+    own = dict(mla_layers=list(config.layers_of("mla")), attention_layers=list(config.layers_of("attention")),
+               kv_lora_rank=mla.kv_lora_rank, q_lora_rank=mla.q_lora_rank, qk_rope_head_dim=mla.qk_rope_head_dim,
+               rope_factor=rope.factor, rope_original_max_position_embeddings=rope.original_max_position_embeddings)
+    derived = HybridConfig.from_teacher(teacher, **{**own, **recipe})
+    fields = {"mla": {f for name in recipe for f in _RECIPE_MLA_FIELDS.get(name, ())} | set(recipe.get("mla", {})),
+              "mamba2": set(recipe.get("mamba2", {}))}
+    return dataclasses.replace(config, mixers=derived.mixers, **{
+        kind: dataclasses.replace(getattr(config, kind), **{f: getattr(getattr(derived, kind), f) for f in names})
+        for kind, names in fields.items()})
 
 
 __all__ = ["Model", "build", "convert", "load", "load_tokenizer"]

@@ -1,7 +1,7 @@
 """``zebrax <command>``: the command line. gin files and bindings are parsed here and nowhere else.
 
     zebrax convert SRC DST [--dtype float32|bfloat16] [--overwrite]
-    zebrax build TEACHER DST [--preset NAME | --mla-layers 0,2,… --attention-layers … --kv-lora-rank N …] [--seed S]
+    zebrax build TEACHER DST [--preset NAME] [--mla-layers 0,2,… --attention-layers … --kv-lora-rank N …] [--seed S]
     zebrax assemble --mla-student A --mamba-student M --mla-layers LIST DST
     zebrax select --teacher T --mla-student A --mamba-student M --num-mla N --data FILE --out scores.json
     zebrax export CKPT DST [--overwrite]
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -39,32 +40,71 @@ def cmd_convert(args):
 
 
 def _layers(text: str) -> list[int] | str:
-    """``0,2,4`` → [0, 2, 4]; ``all`` and ``none`` pass through."""
+    """``0,2,4`` → [0, 2, 4]; ``all`` and ``none`` pass through. An empty list (an unset shell variable), a part that
+    is no index and an index given twice are refused."""
     if text in ("all", "none"):
         return text
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated layer indices, 'all' or 'none'") from None
+    expected = "expected comma-separated layer indices (e.g. 0,2,4), 'all' or 'none'"
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}")
+    layers = [int(part) for part in parts]
+    twice = sorted({i for i in layers if layers.count(i) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer {twice[0]} is given twice")
+    return layers
+
+
+def _number(kind, ok, expected: str):
+    """An argparse type: ``kind(text)`` where ``ok`` holds, else one line naming the value and what was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, lambda v: v >= 1, "an integer >= 1")
+INDEX = _number(int, lambda v: v >= 0, "an integer >= 0")
+SEED = _number(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
+TEMPERATURE = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+TOP_P = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _output_file(text: str) -> Path:
+    """An argparse type for a file a command writes, checked before any work: its folder exists and it is no
+    folder itself."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; expected a file to write")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write in {folder}")
+    return path
 
 
 def cmd_build(args):
     import zebrax
 
+    config = None
     if args.preset:
+        from zebrax.config import HybridConfig
+        from zebrax.errors import ZebraxError
         from zebrax.presets import preset_config
 
         config = preset_config(args.preset)
-        from zebrax.config import HybridConfig
-        from zebrax.errors import ZebraxError
-
         if not isinstance(config, HybridConfig):
             raise ZebraxError(f"--preset {args.preset}: not a hybrid preset (it builds a {type(config).__name__})")
-        recipe = {}
-    else:
-        config = None
-        names = ("mla_layers", "attention_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "rope_factor")
-        recipe = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    names = ("mla_layers", "attention_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "rope_factor")
+    recipe = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     dst = zebrax.build(args.teacher, args.dst, config=config, seed=args.seed, overwrite=args.overwrite, **recipe)
     report = json.loads((Path(dst) / "build_report.json").read_text())
     errors = [(r["q_relative_error"], r["kv_relative_error"]) for r in report["layers"] if r["mixer"] == "mla"]
@@ -81,14 +121,14 @@ def cmd_assemble(args):
     from zebrax import checkpoint
     from zebrax.init import assemble
 
-    students = []
-    for path in (args.mla_student, args.mamba_student):
-        config = checkpoint.load_config(path)
-        students.append((config, checkpoint.load_params(path, config)))
-    config, params = assemble(*students, args.mla_layers, embeddings_from=args.embeddings_from)
     source = args.mamba_student if args.embeddings_from == "mamba2" else args.mla_student
     with checkpoint.atomic_directory(args.dst, overwrite=args.overwrite,
                                      sources=[args.mla_student, args.mamba_student]) as tmp:
+        students = []
+        for path in (args.mla_student, args.mamba_student):
+            config = checkpoint.load_config(path)
+            students.append((config, checkpoint.load_params(path, config)))
+        config, params = assemble(*students, args.mla_layers, embeddings_from=args.embeddings_from)
         checkpoint.save(tmp, config, params)
         if checkpoint.tokenizer_dir(source) is not None:
             shutil.copytree(checkpoint.tokenizer_dir(source), tmp / "tokenizer")
@@ -105,9 +145,8 @@ def cmd_select(args):
     result = select.scores(teacher, zebrax.load(args.mla_student), zebrax.load(args.mamba_student), tokens)
     result["num_mla"] = args.num_mla
     result["mla_layers"] = select.place(result["scores"], args.num_mla, first=args.first, last=args.last)
-    out = Path(args.out)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}: MLA layers {result['mla_layers']} ({result['seconds']} s, "
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}: MLA layers {result['mla_layers']} ({result['seconds']} s, "
           f"{result['compilations']} compilation)")
 
 
@@ -215,7 +254,8 @@ def cmd_eval(args):
     rows = eval_rows(args.data, codec_for(model, args.ckpt), args.seq_len)
     if args.max_rows:
         rows = itertools.islice(rows, args.max_rows)
-    result = evaluate(model.module, model.params, rows, batch_size=args.batch_size, progress=True,
+    result = evaluate(model.module, model.params, rows, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+                      source=", ".join(args.data),
                       **({"teacher": teacher.module, "teacher_params": teacher.params} if teacher else {}))
     result = {"model": str(args.ckpt), "teacher": args.teacher, "data": [str(f) for f in args.data],
               "seq_len": args.seq_len, **result}
@@ -263,7 +303,7 @@ def cmd_run(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zebrax", description="Zebra-Llama hybrids in JAX/Flax.")
+    p = _Parser(prog="zebrax", description="Zebra-Llama hybrids in JAX/Flax.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="HF safetensors / .bin / GGUF Llama → zebrax checkpoint")
@@ -279,11 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--preset", help="a hybrid preset of configs/models/ (e.g. zebra-smollm2-135m-6mla-24m2)")
     h.add_argument("--mla-layers", type=_layers, help="0,2,4 | all | none (default: all)")
     h.add_argument("--attention-layers", type=_layers, help="layers that keep the teacher's attention")
-    h.add_argument("--kv-lora-rank", type=int)
-    h.add_argument("--q-lora-rank", type=int)
-    h.add_argument("--qk-rope-head-dim", type=int)
-    h.add_argument("--rope-factor", type=float)
-    h.add_argument("--seed", type=int, default=0, help="for the fresh Mamba2 parameters")
+    h.add_argument("--kv-lora-rank", type=COUNT)
+    h.add_argument("--q-lora-rank", type=COUNT)
+    h.add_argument("--qk-rope-head-dim", type=COUNT)
+    h.add_argument("--rope-factor", type=_number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"))
+    h.add_argument("--seed", type=_number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), default=0,
+                   help="for the fresh Mamba2 parameters")
     h.add_argument("--overwrite", action="store_true")
     h.set_defaults(fn=cmd_build)
 
@@ -301,13 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", required=True)
     s.add_argument("--mla-student", required=True)
     s.add_argument("--mamba-student", required=True)
-    s.add_argument("--num-mla", type=int, required=True)
+    s.add_argument("--num-mla", type=COUNT, required=True)
     s.add_argument("--data", required=True, help="jsonl of {text} / {messages} / {input_ids}")
-    s.add_argument("--out", required=True, help="scores.json")
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--num-sequences", type=int, default=8)
-    s.add_argument("--first", type=int, default=0)
-    s.add_argument("--last", type=int, default=None, help="default: layers - 2")
+    s.add_argument("--out", type=_output_file, required=True, help="scores.json")
+    s.add_argument("--seq-len", type=COUNT, default=256)
+    s.add_argument("--num-sequences", type=COUNT, default=8)
+    s.add_argument("--first", type=INDEX, default=0)
+    s.add_argument("--last", type=INDEX, default=None, help="default: layers - 2")
     s.set_defaults(fn=cmd_select)
 
     e = sub.add_parser("export", help="zebrax checkpoint → HF directory (safetensors)")
@@ -322,10 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("ckpt")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=COUNT, default=128)
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.0)
+    g.add_argument("--top-p", type=TOP_P, default=1.0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.set_defaults(fn=cmd_generate)
 
     i = sub.add_parser("info", help="layers, parameter count and cache bytes of a checkpoint or preset")
@@ -337,64 +378,65 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     bf = bsub.add_parser("forward", help="prefill tokens/s, zebrax vs transformers, same weights")
     bf.add_argument("ckpt")
-    bf.add_argument("--batch", type=int, default=4)
-    bf.add_argument("--seq-len", type=int, default=256)
-    bf.add_argument("--repeats", type=int, default=5)
+    bf.add_argument("--batch", type=COUNT, default=4)
+    bf.add_argument("--seq-len", type=COUNT, default=256)
+    bf.add_argument("--repeats", type=COUNT, default=5)
     bf.set_defaults(fn=cmd_bench)
     bs = bsub.add_parser("ssd", help="SSD impls vs the reference scan; Mamba2 LM forward vs transformers")
-    bs.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    bs.add_argument("--repeats", type=int, default=5)
+    bs.add_argument("--lengths", type=COUNT, nargs="+", default=[512, 2048, 8192])
+    bs.add_argument("--repeats", type=COUNT, default=5)
     bs.set_defaults(fn=cmd_bench)
     ba = bsub.add_parser("attention", help="decode step: MLA absorbed vs materialised vs GQA; flash vs reference")
-    ba.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
-    ba.add_argument("--batch", type=int, default=1)
-    ba.add_argument("--repeats", type=int, default=5)
+    ba.add_argument("--contexts", type=COUNT, nargs="+", default=[1024, 8192, 32768])
+    ba.add_argument("--batch", type=COUNT, default=1)
+    ba.add_argument("--repeats", type=COUNT, default=5)
     ba.set_defaults(fn=cmd_bench)
 
     bd = bsub.add_parser("decode", help="decode tokens/s against context and batch: the teacher CKPT, its hybrids, "
                                         "transformers' generate (JSON; --plot PNG)")
     bd.add_argument("ckpt", help="the teacher (a Llama checkpoint)")
-    bd.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
-    bd.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    bd.add_argument("--contexts", type=COUNT, nargs="+", default=[1024, 4096])
+    bd.add_argument("--batches", type=COUNT, nargs="+", default=[1, 8])
     bd.add_argument("--models", nargs="+", metavar="NAME",
                     help="default all: teacher, transformers (its generate), and hybrids built from the teacher's "
                          "weights: zebra (--num-mla MLA layers, the rest Mamba2), mamba2 (all), mambainllama (half "
                          "attention)")
     bd.add_argument("--model", action="append", default=[], metavar="NAME=CKPT", help="a trained model too")
-    bd.add_argument("--num-mla", type=int, default=6)
+    bd.add_argument("--num-mla", type=COUNT, default=6)
     bd.add_argument("--mla-layers", type=_layers, help="zebra's MLA layers (default: SMART's spacing of --num-mla)")
     bd.add_argument("--smart", help="a smart.json of zebrax distill: zebra's MLA layers from it")
-    bd.add_argument("--kv-lora-rank", type=int)
-    bd.add_argument("--q-lora-rank", type=int)
-    bd.add_argument("--qk-rope-head-dim", type=int)
-    bd.add_argument("--new-tokens", type=int, default=16)
-    bd.add_argument("--repeats", type=int, default=3)
-    bd.add_argument("--transformers-max-tokens", type=int, default=8192,
+    bd.add_argument("--kv-lora-rank", type=COUNT)
+    bd.add_argument("--q-lora-rank", type=COUNT)
+    bd.add_argument("--qk-rope-head-dim", type=COUNT)
+    bd.add_argument("--new-tokens", type=_number(int, lambda v: v >= 2, "an integer >= 2"), default=16)
+    bd.add_argument("--repeats", type=COUNT, default=3)
+    bd.add_argument("--transformers-max-tokens", type=INDEX, default=8192,
                     help="time transformers only where batch × context is at most this")
-    bd.add_argument("--plot", help="write the plot here (PNG)")
+    bd.add_argument("--plot", type=_output_file, help="write the plot here (PNG)")
     bd.set_defaults(fn=cmd_bench)
     bt = bsub.add_parser("train", help="a KD step of a hybrid of CKPT: tokens/s, FLOP/s against the matmul peak")
     bt.add_argument("ckpt")
-    bt.add_argument("--batch", type=int, default=4)
-    bt.add_argument("--seq-len", type=int, default=256)
-    bt.add_argument("--steps", type=int, default=5)
-    bt.add_argument("--num-mla", type=int, default=6)
-    bt.add_argument("--kv-lora-rank", type=int, default=64)
+    bt.add_argument("--batch", type=COUNT, default=4)
+    bt.add_argument("--seq-len", type=COUNT, default=256)
+    bt.add_argument("--steps", type=COUNT, default=5)
+    bt.add_argument("--num-mla", type=COUNT, default=6)
+    bt.add_argument("--kv-lora-rank", type=COUNT, default=64)
     bt.set_defaults(fn=cmd_bench)
     bl = bsub.add_parser("long-prompt", help="one long prompt through generate: time and peak memory")
     bl.add_argument("ckpt")
-    bl.add_argument("--length", type=int, default=32768)
-    bl.add_argument("--new-tokens", type=int, default=8)
+    bl.add_argument("--length", type=COUNT, default=32768)
+    bl.add_argument("--new-tokens", type=COUNT, default=8)
     bl.set_defaults(fn=cmd_bench)
 
     v = sub.add_parser("eval", help="perplexity on text/jsonl files, and KL(teacher ‖ model) with --teacher (JSON)")
     v.add_argument("ckpt")
     v.add_argument("--data", nargs="+", required=True, help=".txt (paragraphs), .jsonl/.parquet ({text}/{messages})")
     v.add_argument("--teacher", help="a checkpoint of the same vocabulary: also KL(teacher ‖ model) per token")
-    v.add_argument("--seq-len", type=int, default=1024, help="window length (long texts: windows overlapping by 1)")
-    v.add_argument("--batch-size", type=int, default=8)
-    v.add_argument("--max-rows", type=int, default=0, help="evaluate only the first N rows (0: all)")
-    v.add_argument("--out", help="also write the JSON here")
+    v.add_argument("--seq-len", type=_number(int, lambda v: v >= 2, "an integer >= 2"), default=1024,
+                   help="window length (long texts: windows overlapping by 1)")
+    v.add_argument("--batch-size", type=COUNT, default=8)
+    v.add_argument("--max-rows", type=INDEX, default=0, help="evaluate only the first N rows (0: all)")
+    v.add_argument("--out", type=_output_file, help="also write the JSON here")
     v.set_defaults(fn=cmd_eval)
 
     sub.add_parser("lm-eval", add_help=False,
@@ -404,12 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate-data", help="the teacher's replies to a prompt file, as chat records (resumable)")
     g.add_argument("teacher")
     g.add_argument("--prompts", required=True, help="jsonl of {'messages': [...]} or {'prompt': ...}")
-    g.add_argument("--out", required=True, help="jsonl to write; a re-run completes it")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=_output_file, required=True, help="jsonl to write; a re-run completes it")
+    g.add_argument("--batch-size", type=COUNT, default=16)
+    g.add_argument("--max-new-tokens", type=COUNT, default=128)
+    g.add_argument("--temperature", type=TEMPERATURE, default=0.7)
+    g.add_argument("--top-p", type=TOP_P, default=0.9)
+    g.add_argument("--seed", type=SEED, default=0)
     g.set_defaults(fn=cmd_generate_data)
 
     d = sub.add_parser("distill", help="ILD → SMART → KD → DPO from gin files, resumable in --workdir")
@@ -419,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. --gin_param 'kd/TrainConfig.steps = 10' (repeatable)")
     d.add_argument("--workdir", required=True, help="where the run lives; the same command resumes it")
     d.add_argument("--coordinator", help="host:port of process 0 in a multi-host run (jax.distributed)")
-    d.add_argument("--num-processes", type=int, help="processes in a multi-host run")
-    d.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
+    d.add_argument("--num-processes", type=COUNT, help="processes in a multi-host run")
+    d.add_argument("--process-id", type=INDEX, help="this process's index in a multi-host run")
     d.set_defaults(fn=cmd_distill)
 
     r = sub.add_parser("run", help="the main job: convert → distill → evaluate → benchmark → runs/NAME/report.md "
@@ -429,6 +471,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--gin", action="append", default=[], metavar="BINDING", help="e.g. --gin 'run.prompt=\"Hi\"'")
     r.set_defaults(fn=cmd_run)
     return p
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses (an unknown flag, a value out of range): one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the command, the flag and the value, without the usage text;
+    its sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("zebrax").strip()
+        raise _UsageError(f"{command + ': ' if command else ''}{message} (zebrax {command} --help)".replace("  ", " "))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, *, default=warnings.showwarning):
@@ -441,8 +496,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; 0 on success, 1 on a ZebraxError, 128 + signal number on SIGINT or SIGTERM, each failure
-    one line on stderr. A signal removes whatever the command was writing (``checkpoint.atomic_directory``)."""
+    """Run one command; 0 on success, 1 on a ZebraxError, 2 on a command line argparse refuses, 128 + signal number
+    on SIGINT or SIGTERM, each failure one line on stderr. A signal removes whatever the command was writing
+    (``checkpoint.atomic_directory``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -450,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         args = argparse.Namespace(fn=lambda _: cmd_lm_eval(argv[1:]))
     else:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except _UsageError as e:
+            print(f"zebrax: error: {e}", file=sys.stderr)
+            return 2
     from zebrax import interrupts
     from zebrax.errors import Interrupted, ZebraxError
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from zebrax import data
 from zebrax.distill.losses import kl_loss
+from zebrax.errors import InvalidArgument
 
 
 @functools.lru_cache(maxsize=8)
@@ -62,13 +63,17 @@ def _batches(rows, batch_size: int):
 
 
 def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_size: int = 8,
-             progress: bool = False) -> dict:
+             progress: bool = False, source: str = "the rows") -> dict:
     """``{"perplexity", "nll", "predicted_tokens", "rows"}`` of ``model`` (a ``DecoderLM``) on ``rows`` (stacked
     ``{field: [N, L]}`` arrays, or any iterable of single ``{field: [L]}`` rows, consumed as it streams), and with a
     ``teacher`` also ``{"kl", "tokens"}``: KL(teacher ‖ model) per counted position. Float32 sums over every row, in
-    batches of ``batch_size``, divided by their counts. ``progress``: a progress bar on stderr."""
+    batches of ``batch_size``, divided by their counts. ``progress``: a progress bar on stderr. Rows in which no
+    token is predicted are a ``DataError`` naming ``source`` (what the rows were read from), never a perplexity
+    of 1."""
     from tqdm import tqdm
 
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InvalidArgument(f"evaluate: batch_size={batch_size!r} must be an integer >= 1")
     sums = _sums(model, teacher)
     total = len(rows["tokens"]) if isinstance(rows, dict) else None
     totals: dict[str, float] = {"rows": 0}
@@ -81,21 +86,22 @@ def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_si
                 totals[k] = totals.get(k, 0.0) + float(v)
             totals["rows"] += real
             bar.update(real)
-    if not totals["rows"]:
-        raise ValueError("evaluate: no rows")
-    nll = totals["nll"] / max(totals["predicted"], 1)
+    if not totals.get("predicted"):
+        raise data.DataError(f"evaluate: no token was counted in {source} ({totals['rows']} rows): a text needs at "
+                             "least 2 tokens, a chat a reply that starts within seq_len")
+    nll = totals["nll"] / totals["predicted"]
     result = {"perplexity": math.exp(nll), "nll": nll, "predicted_tokens": int(totals["predicted"]),
               "rows": int(totals["rows"])}
     if teacher is not None:
-        result.update(kl=totals["kl"] / max(totals["counted"], 1), tokens=int(totals["counted"]))
+        result.update(kl=totals["kl"] / totals["counted"], tokens=int(totals["counted"]))
     return result
 
 
 def windows(ids: list[int], seq_len: int) -> list[list[int]]:
     """A document's tokens → windows of at most ``seq_len`` tokens, each starting on the last token of the one
     before: every token but the first is predicted once, from up to ``seq_len - 1`` tokens of context."""
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} must be at least 2")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+        raise InvalidArgument(f"windows: seq_len={seq_len!r} must be an integer >= 2")
     step = seq_len - 1
     return [ids[s:s + seq_len] for s in range(0, max(len(ids) - 1, 1), step)]
 
