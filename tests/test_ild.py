@@ -93,7 +93,7 @@ def test_remat_and_bf16_compute(rng):
 
     def loss_and_grads(student, teacher_module):
         objective = kd_objective(teacher_module, student)
-        return jax.value_and_grad(lambda p: objective(p, teacher.params, batch)[0])(params)
+        return jax.jit(jax.value_and_grad(lambda p: objective(p, teacher.params, batch)[0]))(params)
 
     plain = loss_and_grads(build(config), build(TEACHER))
     remat = loss_and_grads(build(config, remat=True), build(TEACHER))
@@ -118,11 +118,11 @@ def test_top_k_kd_is_the_renormalised_kl_over_the_teachers_top_tokens(rng):
     tokens = rng.integers(0, 97, (2, 8))
     batch = {"tokens": tokens, "token_mask": np.ones((2, 8), bool), "loss_mask": np.ones((2, 8), bool)}
     t_logits, s_logits = teacher.logits(tokens), student.logits(tokens)
-    full = kd_objective(build(TEACHER), build(config), top_k=97)(params, teacher.params, batch)[0]
+    full = jax.jit(kd_objective(build(TEACHER), build(config), top_k=97))(params, teacher.params, batch)[0]
     np.testing.assert_allclose(float(full), float(kl_loss(t_logits, s_logits)), rtol=1e-5)
     order = np.argsort(-t_logits, axis=-1)[..., :5]
     want = topk_kl_loss(np.take_along_axis(t_logits, order, -1), order, s_logits)
-    got = kd_objective(build(TEACHER), build(config), top_k=5)(params, teacher.params, batch)[0]
+    got = jax.jit(kd_objective(build(TEACHER), build(config), top_k=5))(params, teacher.params, batch)[0]
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     with pytest.raises(InvalidArgument, match="top-k KD is the forward KL at temperature 1"):
         kd_objective(build(TEACHER), build(config), top_k=5, direction="reverse")
