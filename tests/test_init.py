@@ -16,7 +16,7 @@ import pytest
 import zebrax
 from tests.helpers import TEACHER
 from zebrax.cache import Slots
-from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
+from zebrax.config import HybridConfig, LlamaConfig, RopeScaling, rope_head_dims
 from zebrax.errors import ConfigError
 from zebrax.init import init_hybrid, mamba2_from_attention, mla_from_attention
 from zebrax.init.mla_svd import rope_rows
@@ -46,6 +46,51 @@ def test_rope_pairs_are_whole_teacher_pairs_at_mlas_frequencies():
     teacher_freq = [theta ** (-2 * j / 16) for j in (0, 2, 4, 6)]
     mla_freq = [theta ** (-2 * k / 8) for k in range(4)]
     np.testing.assert_allclose(teacher_freq, mla_freq, rtol=1e-12)
+
+
+def test_rope_dims_whose_mla_pairs_would_change_frequency_are_refused(tmp_path, capsys):
+    """MLA pair k rotates at θ^(-2k/d_rope) and is taken from teacher pair ⌊k·head_dim/d_rope⌋, rotating at
+    θ^(-2j/head_dim): the two agree for every pair exactly when d_rope divides head_dim. Other values are refused by
+    the recipe, the SVD init and ``zebrax build``, naming the value and the valid ones."""
+    from tests.helpers import assert_nothing_left, assert_one_line_error
+    from zebrax import checkpoint
+    from zebrax.cli import main
+
+    assert rope_head_dims(16) == [2, 4, 8] and rope_head_dims(64) == [2, 4, 8, 16, 32]
+    theta = 10000.0
+    for rope in rope_head_dims(16):
+        _, rows = rope_rows(16, rope)
+        teacher_pairs = rows[0::2]  # the first row of each teacher pair, in MLA's pair order
+        np.testing.assert_allclose([theta ** (-2 * j / 16) for j in teacher_pairs],
+                                   [theta ** (-2 * k / rope) for k in range(rope // 2)], rtol=1e-12)
+        HybridConfig.from_teacher(TEACHER, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=rope)
+    for rope in (6, 12, 10):
+        with pytest.raises(ConfigError, match=rf"qk_rope_head_dim={rope}: .* one of \[2, 4, 8\]"):
+            HybridConfig.from_teacher(TEACHER, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=rope)
+    HybridConfig.from_teacher(TEACHER, mla_layers="none", qk_rope_head_dim=6)  # no MLA layer: nothing rotates
+    cfg = full_rank()
+    mla = dataclasses.replace(cfg.mla, qk_rope_head_dim=6, qk_nope_head_dim=10)
+    with pytest.raises(ConfigError, match=r"qk_rope_head_dim=6 \(needs one of \[2, 4, 8\]"):
+        mla_from_attention(teacher_params()["layers_0"]["self_attn"], cfg.attention, mla)
+    with checkpoint.atomic_directory(tmp_path / "teacher") as tmp:
+        checkpoint.save(tmp, TEACHER, teacher_params())
+    capsys.readouterr()
+    code = main(["build", str(tmp_path / "teacher"), str(tmp_path / "hyb"), "--kv-lora-rank", "8", "--q-lora-rank",
+                 "8", "--qk-rope-head-dim", "12"])
+    assert_one_line_error(code, capsys.readouterr().err, "qk_rope_head_dim=12", "[2, 4, 8]")
+    assert_nothing_left(tmp_path / "hyb")
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+def test_the_recipes_mamba2_gated_norm_has_the_reference_eps_whatever_the_teachers(eps):
+    """The reference code's Mamba2 fixes its gated norm's eps at 1e-5; the teacher's rms_norm_eps is for the blocks'
+    norms. Built from the teacher, or a preset applied to it."""
+    teacher = dataclasses.replace(TEACHER, rms_norm_eps=eps)
+    config = HybridConfig.from_teacher(teacher, mla_layers=[0], kv_lora_rank=8, q_lora_rank=8)
+    assert config.mamba2.norm_eps == 1e-5 and config.rms_norm_eps == eps
+    preset = HybridConfig.from_teacher(TEACHER, mla_layers=[0], kv_lora_rank=8, q_lora_rank=8)
+    on = preset.on_teacher(teacher)
+    assert on.mamba2.norm_eps == 1e-5 and on.rms_norm_eps == eps
 
 
 def test_svd_at_full_rank_reproduces_the_teacher_and_the_error_falls_with_rank():

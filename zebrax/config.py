@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from zebrax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+GATED_NORM_EPS = 1e-5  # the Zebra recipe's Mamba2 gated RMSNorm (the reference code fixes it)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -794,12 +795,15 @@ class HybridConfig(ModelConfig):
         """The Zebra recipe (METHOD §1–3) on a Llama teacher: layers in ``mla_layers`` (a list, ``"all"`` or
         ``"none"``) become MLA, those in ``attention_layers`` keep the teacher's attention, the rest Mamba2.
 
-        MLA: ``kv_groups`` = the teacher's KV heads, ``qk_rope_head_dim`` (default head_dim / 2) +
-        ``qk_nope_head_dim`` = head_dim, ``v_head_dim`` = head_dim, ``q_lora_rank`` (default 2/3 of the query
-        width, rounded to 8), DeepSeek's YaRN on the rope part (base = the teacher's ``rope_theta``, ``rope_factor``,
-        original length ``rope_original_max_position_embeddings``, beta 32/1), interleaved pairs, no latent norms.
+        MLA: ``kv_groups`` = the teacher's KV heads, ``qk_rope_head_dim`` (default head_dim / 2; an even divisor
+        of head_dim, so that each MLA RoPE pair keeps the frequency of the teacher pair it is taken from:
+        ``rope_head_dims``) + ``qk_nope_head_dim`` = head_dim, ``v_head_dim`` = head_dim, ``q_lora_rank`` (default
+        2/3 of the query width, rounded to 8), DeepSeek's YaRN on the rope part (base = the teacher's
+        ``rope_theta``, ``rope_factor``, original length ``rope_original_max_position_embeddings``, beta 32/1),
+        interleaved pairs, no latent norms.
         Mamba2: the attention-shaped variant, expand 1, ``n_heads = n_groups`` = query heads, ``xb_heads`` = KV
-        heads, ``head_dim = d_state`` = the teacher's head_dim, conv 4, chunk 256. ``mla`` / ``mamba2``: any
+        heads, ``head_dim = d_state`` = the teacher's head_dim, conv 4, chunk 256, gated-norm eps ``GATED_NORM_EPS``
+        (the reference code's, whatever the teacher's ``rms_norm_eps``). ``mla`` / ``mamba2``: any
         field of ``MLAConfig`` / ``Mamba2Config`` to override.
         """
         if not isinstance(teacher, LlamaConfig):
@@ -816,6 +820,10 @@ class HybridConfig(ModelConfig):
         rope = qk_rope_head_dim if qk_rope_head_dim is not None else head_dim // 2
         if q_lora_rank is None:
             q_lora_rank = max(8, round(heads * head_dim * 2 / 3 / 8) * 8)
+        if mla_set and rope not in rope_head_dims(head_dim):
+            raise ConfigError(f"HybridConfig: qk_rope_head_dim={rope!r}: MLA's RoPE pairs would rotate at other "
+                              f"frequencies than the teacher pairs they are taken from; for head_dim={head_dim} it "
+                              f"must be one of {rope_head_dims(head_dim)} (an even divisor of head_dim below it)")
         kv_rows = kv_heads * (2 * head_dim - rope)  # per KV group: the nope part of K and all of V
         limits = {"kv_lora_rank": (kv_lora_rank, min(d, kv_rows), "min(hidden, KV heads·(2·head_dim − rope))"),
                   "q_lora_rank": (q_lora_rank, min(d, heads * head_dim), "min(hidden, heads·head_dim)"),
@@ -832,7 +840,7 @@ class HybridConfig(ModelConfig):
         ), **(mla or {}))
         mamba2_config = dataclasses.replace(Mamba2Config(
             d_model=d, d_inner=heads * head_dim, n_heads=heads, head_dim=head_dim, d_state=head_dim, n_groups=heads,
-            xb_heads=kv_heads, conv_kernel=4, chunk_size=256, norm_eps=teacher.rms_norm_eps,
+            xb_heads=kv_heads, conv_kernel=4, chunk_size=256, norm_eps=GATED_NORM_EPS,
         ), **(mamba2 or {}))
         attention = AttentionConfig(heads, kv_heads, head_dim, teacher.rope_theta, teacher.rope_scaling,
                                     teacher.attention_bias)
@@ -870,12 +878,18 @@ class HybridConfig(ModelConfig):
             attention=AttentionConfig(teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,
                                       teacher.rope_theta, teacher.rope_scaling, teacher.attention_bias),
             mla=dataclasses.replace(self.mla, rope_theta=teacher.rope_theta),
-            mamba2=dataclasses.replace(self.mamba2, norm_eps=teacher.rms_norm_eps),
             rms_norm_eps=teacher.rms_norm_eps, max_position_embeddings=teacher.max_position_embeddings,
             tie_word_embeddings=teacher.tie_word_embeddings, mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act,
             bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,
             dtype=teacher.dtype, param_dtype=teacher.param_dtype,
         )
+
+
+def rope_head_dims(head_dim: int) -> list[int]:
+    """The ``qk_rope_head_dim`` values for an MLA initialised from a teacher of ``head_dim`` (``init/mla_svd.py``):
+    MLA pair ``k`` rotates at ``θ^(-2k/d_rope)`` and is taken from teacher pair ``k·head_dim/d_rope``, rotating at
+    ``θ^(-2j/head_dim)``; the two agree for every ``k`` only when ``d_rope`` divides ``head_dim``."""
+    return [r for r in range(2, head_dim, 2) if head_dim % r == 0]
 
 
 def _layer_set(name: str, layers: Sequence[int] | str, n: int) -> set[int]:

@@ -6,7 +6,8 @@ Per head, the teacher's ``head_dim`` rows (transformers' half-split RoPE layout:
 - ``q_pe`` / ``k_pe`` (``d_rope`` rows): the teacher pairs ``j = k·head_dim/d_rope``, ``k < d_rope/2``, placed as
   MLA's interleaved pair ``k`` (rows ``2k``, ``2k + 1``). Pair ``k`` of MLA rotates at ``θ^(-2k/d_rope)`` — the very
   frequency of teacher pair ``k·head_dim/d_rope`` — so these dims keep their rotation exactly (YaRN then only
-  rescales MLA's low frequencies);
+  rescales MLA's low frequencies). That needs ``d_rope`` to divide ``head_dim`` (``config.rope_head_dims``); other
+  values are refused;
 - ``q_nope`` / ``k_nope`` (``head_dim − d_rope`` rows): every other teacher row, in order.
 
 Query: ``W_q`` (rows permuted as above) ``= U Σ Vᵀ``; ``W_qa = Σ_r Vᵀ_r``, ``W_qb = U_r`` (``r = q_lora_rank``).
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zebrax.config import AttentionConfig, MLAConfig
+from zebrax.config import AttentionConfig, MLAConfig, rope_head_dims
 from zebrax.errors import ConfigError
 
 
@@ -37,6 +38,9 @@ def check_shapes(teacher: AttentionConfig, mla: MLAConfig) -> None:
     want = dict(n_heads=teacher.n_heads, kv_groups=teacher.n_kv_heads, v_head_dim=teacher.head_dim,
                 qk_nope_head_dim=teacher.head_dim - mla.qk_rope_head_dim)
     wrong = {k: (getattr(mla, k), v) for k, v in want.items() if getattr(mla, k) != v}
+    if mla.qk_rope_head_dim not in rope_head_dims(teacher.head_dim):
+        wrong["qk_rope_head_dim"] = (mla.qk_rope_head_dim, f"one of {rope_head_dims(teacher.head_dim)}, so each RoPE "
+                                     "pair keeps its teacher pair's frequency")
     if wrong or mla.q_lora_rank is None or teacher.attention_bias or mla.q_latent_norm or mla.kv_latent_norm:
         details = ", ".join(f"{k}={got} (needs {need})" for k, (got, need) in wrong.items()) or (
             "q_lora_rank is None, latent norms or attention biases")
