@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from zebrax.convert.architectures import ARCHITECTURES
-from zebrax.convert.hybrid import config_from_files, detect
+from zebrax.convert.hybrid import config_from_files, detect, weight_files
 from zebrax.errors import ConfigError, ConversionError
 
 WEIGHT_FILES = (
@@ -45,6 +45,8 @@ class HFSource:
         self.config = self._read_config()
 
     def _weight_files(self) -> list[Path]:
+        if detect(self.directory) is not None:  # the reference code's hybrids: what their loaders read
+            return weight_files(self.directory)
         for name in WEIGHT_FILES:
             f = self.directory / name
             if f.is_file():

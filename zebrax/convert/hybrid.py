@@ -2,29 +2,61 @@
 and MambaInLlama (``mamba_config.json``: kept attention + Mamba2), both beside the base model's ``config.json``.
 
 Their tensors (``model.layers.{i}.mla.*``, ``.mamba.*``, ``.self_attn.*``) map onto our parameter names in
-``architectures.HYBRID``; this module translates their JSON both ways. Both files' layouts equal ours row for row:
-MLA heads ``[q_nope; q_pe]`` with interleaved RoPE pairs, ``kv_b_proj`` per group ``[k_nope; v]``, Mamba2
-``in_proj`` rows ``[z, x, B, C, dt]`` and conv channels ``[x, B, C]`` with x and B repeated after the conv.
+``architectures.HYBRID``; this module translates their JSON both ways, as their code reads it: their loaders build
+a dataclass from the file (a missing key takes the dataclass default, an unknown key is an error) and pass
+``ssm_cfg`` to their Mamba2 constructor as keyword arguments. Both files' layouts equal ours row for row: MLA heads
+``[q_nope; q_pe]`` with interleaved RoPE pairs, ``kv_b_proj`` per group ``[k_nope; v]``, Mamba2 ``in_proj`` rows
+``[z, x, B, C, dt]`` and conv channels ``[x, B, C]`` with x and B repeated after the conv.
+
+What their code fixes rather than reads: the Mamba2 gated norm's eps (``GATED_NORM_EPS``, the recipe's too), the
+MLA latent norms' eps (``LATENT_NORM_EPS``), bias-free MLPs. Their blocks take ``rms_norm_eps``, ``hidden_act`` and
+``intermediate_size`` from the layout file, the final norm its eps from ``config.json`` (MambaInLlama's kept
+attention layers are the base model's own); zebrax has one value of each, so the files must agree where both feed a
+layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
-from zebrax.config import HybridConfig, LlamaConfig
+from zebrax.config import GATED_NORM_EPS, HybridConfig, LlamaConfig, Mamba2Config, MLAConfig, RopeScaling
 from zebrax.errors import ConfigError, ConversionError
+from zebrax.layers.rope import attention_factor, yarn_mscale
 
-AMD_FIELDS = (  # hybrid_config.json, in file order
-    "hidden_size", "intermediate_size", "hidden_act", "n_layer", "mla_layers", "rms_norm_eps", "num_attention_heads",
-    "num_key_value_heads", "kv_lora_rank", "q_lora_rank", "use_lora_layer_norm", "use_full_kv_head",
-    "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "qkv_rank_divisor", "max_position_embeddings", "rope_theta",
-    "rope_scaling", "attention_bias", "attention_dropout", "rope_type", "d_model", "ssm_cfg", "d_inner", "d_xb",
-)
-AMD_LEGACY = ("use_fixed_rank_for_first_and_last_block", "layer_rank_list", "q_energy_ratio", "kv_energy_ratio")
-MIL_FIELDS = ("d_model", "ssm_cfg", "rms_norm_eps", "vocab_size", "d_inner", "d_xb", "intermediate_size",
-              "hidden_act", "n_layer", "attn_layers")
+# hybrid_config.json: AMD's dataclass fields in file order, with the defaults their loader gives a missing key
+AMD_DEFAULTS = {
+    "hidden_size": 4096, "intermediate_size": 18432, "hidden_act": "silu", "n_layer": 32, "mla_layers": [],
+    "rms_norm_eps": 1e-5, "num_attention_heads": 32, "num_key_value_heads": 8, "kv_lora_rank": 128,
+    "q_lora_rank": 1536, "use_lora_layer_norm": False, "use_full_kv_head": False, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "qk_nope_head_dim": 128, "qkv_rank_divisor": 8, "max_position_embeddings": 4096,
+    "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+    "rope_type": "yarn", "d_model": 2560, "ssm_cfg": {}, "d_inner": None, "d_xb": 2560,
+}
+# fields of theirs that zebrax never writes: SVD-init options, and the per-layer ranks that init records
+AMD_LEGACY = {"use_fixed_rank_for_first_and_last_block": False, "layer_rank_list": {}, "q_energy_ratio": None,
+              "kv_energy_ratio": None}
+# mamba_config.json: MambaInLlama's dataclass, in file order, with its defaults
+MIL_DEFAULTS = {"d_model": 2560, "ssm_cfg": {}, "rms_norm_eps": 1e-5, "vocab_size": None, "d_inner": None,
+                "d_xb": 2560, "intermediate_size": 10240, "hidden_act": "silu", "n_layer": 32, "attn_layers": []}
+AMD_FIELDS, MIL_FIELDS = tuple(AMD_DEFAULTS), tuple(MIL_DEFAULTS)
+# ssm_cfg: keyword arguments of their Mamba2 constructor, with its defaults
+SSM_DEFAULTS = {
+    "d_state": 128, "d_conv": 4, "conv_init": None, "expand": 2, "headdim": 64, "d_ssm": None, "ngroups": 1,
+    "A_init_range": [1, 16], "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False, "dt_min": 0.001,
+    "dt_max": 0.1, "dt_init_floor": 1e-4, "dt_limit": [0.0, math.inf], "repeat_kv_before_conv": False,
+    "bias": False, "conv_bias": True, "chunk_size": 256, "use_mem_eff_path": True,
+}
+# ssm_cfg switches to other computations than zebrax's Mamba2: the only value zebrax reads
+SSM_FIXED = {"D_has_hdim": (False, "D per head"), "rmsnorm": (True, "the gated RMSNorm"),
+             "norm_before_gate": (False, "the norm after the gate"),
+             "repeat_kv_before_conv": (False, "x and B repeated after the conv")}
+LATENT_NORM_EPS = 1e-6  # their MLA's latent norms (use_lora_layer_norm)
+BLOCK_FIELDS = ("intermediate_size", "hidden_act", "rms_norm_eps")  # what every block of the layout file reads
 LAYOUT_FILES = {"amd": "hybrid_config.json", "mambainllama": "mamba_config.json"}
+BIN_WEIGHTS = "pytorch_model.bin"
 
 
 def detect(directory: Path) -> str | None:
@@ -33,6 +65,17 @@ def detect(directory: Path) -> str | None:
     if len(found) > 1:
         raise ConversionError(f"{directory}: holds both hybrid_config.json and mamba_config.json")
     return found[0] if found else None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The files their loaders read: ``pytorch_model.bin`` when present (tried first), else every
+    ``*.safetensors`` in the directory."""
+    if (directory / BIN_WEIGHTS).is_file():
+        return [directory / BIN_WEIGHTS]
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise ConversionError(f"{directory}: no weights their loaders read ({BIN_WEIGHTS} or *.safetensors)")
+    return found
 
 
 def _read(path: Path) -> dict:
@@ -45,55 +88,155 @@ def _read(path: Path) -> dict:
     return d
 
 
-def _ssm(path: Path, ssm: dict, heads: int, head_dim: int, d_inner: int, d_xb: int) -> dict:
-    """Our Mamba2 overrides from their ``ssm_cfg``; anything but the attention-shaped variant is refused."""
+def _fields(path: Path, d: dict, defaults: dict) -> dict:
+    """The file's fields over their dataclass defaults; an unknown field is an error, as in their loaders."""
+    unknown = sorted(set(d) - set(defaults))
+    if unknown:
+        raise ConversionError(f"{path}: unknown fields {unknown}; expected {list(defaults)}")
+    return {**defaults, **d}
+
+
+def _mamba2(path: Path, d: dict) -> Mamba2Config:
+    """Their Mamba2 from ``d_model``, ``d_inner``, ``d_xb`` and ``ssm_cfg``: heads = groups = ``ngroups``,
+    head_dim = ``d_state``, x and B in ``d_xb / d_state`` heads."""
+    ssm = d["ssm_cfg"]
     if not isinstance(ssm, dict) or "ngroups" not in ssm:
         raise ConversionError(f"{path}: ssm_cfg without ngroups (a Mamba1 layer?) is not supported")
-    want = {"expand": 1, "ngroups": heads, "d_state": head_dim, "repeat_kv_before_conv": False}
-    wrong = {k: ssm[k] for k, v in want.items() if k in ssm and ssm[k] != v}
-    extra = sorted(set(ssm) - set(want))
-    if wrong or extra or d_inner != heads * head_dim or d_xb % head_dim:
-        raise ConversionError(f"{path}: ssm_cfg {ssm}, d_inner={d_inner}, d_xb={d_xb}: zebrax reads the attention-"
-                              f"shaped Mamba2 (expand 1, ngroups = heads = {heads}, d_state = head_dim = {head_dim}, "
-                              "x/B repeated after the conv)")
-    return {"xb_heads": d_xb // head_dim}
+    unknown = sorted(set(ssm) - set(SSM_DEFAULTS))
+    if unknown:
+        raise ConversionError(f"{path}: ssm_cfg has unknown keys {unknown}; their Mamba2 takes {list(SSM_DEFAULTS)}")
+    s = {**SSM_DEFAULTS, **ssm}
+    for key, (value, what) in SSM_FIXED.items():
+        if s[key] != value:
+            raise ConversionError(f"{path}: ssm_cfg {key}={s[key]!r} is not supported (zebrax computes {what}, "
+                                  f"{key}={value!r})")
+    d_inner = d["d_inner"] if d["d_inner"] is not None else s["expand"] * d["d_model"]
+    groups, d_state, d_xb = s["ngroups"], s["d_state"], d["d_xb"]
+    ok = (s["d_ssm"] in (None, d_inner) and d_inner % s["headdim"] == 0 and d_inner == groups * d_state
+          and d_xb % d_state == 0 and d_inner % d_xb == 0)
+    if not ok:
+        raise ConversionError(f"{path}: d_inner={d_inner}, d_xb={d_xb}, ssm_cfg {ssm}: their Mamba2 needs d_inner = "
+                              f"ngroups·d_state, divisible by headdim ({s['headdim']}) and by d_xb, d_xb a multiple "
+                              "of d_state, and d_ssm unset or d_inner")
+    try:
+        return Mamba2Config(
+            d_model=d["d_model"], d_inner=d_inner, n_heads=groups, head_dim=d_state, d_state=d_state, n_groups=groups,
+            xb_heads=d_xb // d_state, conv_kernel=s["d_conv"], use_conv_bias=bool(s["conv_bias"]),
+            use_bias=bool(s["bias"]), chunk_size=s["chunk_size"], dt_limit=tuple(s["dt_limit"]), dt_min=s["dt_min"],
+            dt_max=s["dt_max"], dt_init_floor=s["dt_init_floor"], A_init_range=tuple(s["A_init_range"]),
+            norm_eps=GATED_NORM_EPS)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{path}: ssm_cfg {ssm}: {e}") from None
+
+
+def _rope(path: Path, r) -> RopeScaling:
+    """AMD's MLA RoPE from ``rope_scaling`` as their attention reads it: none, ``linear``, or DeepSeek's YaRN (keys
+    ``original_max_position_embeddings`` 4096, ``beta_fast`` 32, ``beta_slow`` 1, ``mscale`` 1, ``mscale_all_dim`` 0
+    when absent; cos and sin times ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``, the softmax scale
+    times ``mscale(factor, mscale_all_dim)²`` when that is non-zero). Older snapshots say ``llama3``, which their
+    attention does not build; training used YaRN with the same factor and original length."""
+    if r is None:
+        return RopeScaling()
+    if not isinstance(r, dict) or "rope_type" not in r or "factor" not in r:
+        raise ConversionError(f"{path}: rope_scaling {r!r}: their attention reads its rope_type and factor")
+    kind, factor = r["rope_type"], float(r["factor"])
+    if kind == "linear" and not r.get("mscale_all_dim"):
+        return RopeScaling("linear", factor=factor)
+    if kind not in ("yarn", "llama3"):
+        raise ConversionError(f"{path}: rope_scaling rope_type={kind!r}"
+                              f"{' with mscale_all_dim' if kind == 'linear' else ''} is not supported (zebrax reads "
+                              "none, linear and yarn)")
+    mscale, mscale_all_dim = float(r.get("mscale", 1.0)), float(r.get("mscale_all_dim", 0.0))
+    return RopeScaling(
+        "yarn", factor=factor, original_max_position_embeddings=int(r.get("original_max_position_embeddings", 4096)),
+        beta_fast=float(r.get("beta_fast", 32.0)), beta_slow=float(r.get("beta_slow", 1.0)), mscale=mscale,
+        mscale_all_dim=mscale_all_dim or None,
+        attention_factor=yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim))
+
+
+def _ranks(path: Path, d: dict, mla_layers: list[int]) -> tuple[int, int]:
+    """(q_lora_rank, kv_lora_rank) of the MLA layers. Their attention constructor, run layer by layer, overwrites
+    the config's ranks with ``layer_rank_list[str(i)]`` where it has an entry, so a layer without one takes the last
+    entry before it (or the file's ranks); zebrax's MLA layers share one pair."""
+    if not isinstance(d["layer_rank_list"], dict):
+        raise ConversionError(f"{path}: layer_rank_list must be an object of per-layer ranks")
+    q, kv, ranks = d["q_lora_rank"], d["kv_lora_rank"], {}
+    for i in sorted(mla_layers):
+        entry = d["layer_rank_list"].get(str(i))
+        if entry is not None:
+            q, kv = entry["q_rank"], entry["kv_rank"]
+        ranks[i] = (q, kv)
+    if len(set(ranks.values())) > 1:
+        raise ConversionError(f"{path}: layer_rank_list gives the MLA layers different ranks (layer: (q, kv)) "
+                              f"{ranks}; zebrax's MLA layers share one q_lora_rank and kv_lora_rank")
+    return next(iter(ranks.values()), (d["q_lora_rank"], d["kv_lora_rank"]))
+
+
+def _mla(path: Path, d: dict, mla_layers: list[int]) -> MLAConfig:
+    divisor, q, kv, heads, kv_heads = (d[k] for k in ("qkv_rank_divisor", "q_lora_rank", "kv_lora_rank",
+                                                      "num_attention_heads", "num_key_value_heads"))
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (divisor, q, kv, heads, kv_heads))
+    if not ints or divisor % 8 or q % divisor or kv % divisor or heads % kv_heads:
+        raise ConversionError(f"{path}: qkv_rank_divisor={divisor}, q_lora_rank={q}, kv_lora_rank={kv}, "
+                              f"num_attention_heads={heads}, num_key_value_heads={kv_heads}: their config needs "
+                              "positive integers, the divisor a multiple of 8 dividing both ranks, and KV heads "
+                              "dividing the heads")
+    q_rank, kv_rank = _ranks(path, d, mla_layers)
+    norms = bool(d["use_lora_layer_norm"])
+    return MLAConfig(
+        d_model=d["hidden_size"], n_heads=heads, kv_groups=heads if d["use_full_kv_head"] else kv_heads,
+        q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=d["qk_nope_head_dim"],
+        qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"], q_latent_norm=norms,
+        kv_latent_norm=norms, norm_eps=LATENT_NORM_EPS, rope_theta=float(d["rope_theta"]),
+        rope_scaling=_rope(path, d["rope_scaling"]), rope_interleave=True, attention_bias=bool(d["attention_bias"]))
+
+
+def _layers(path: Path, name: str, layers, n: int) -> list[int]:
+    if not isinstance(layers, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n
+                                           for i in layers):
+        raise ConversionError(f"{path}: {name}={layers!r}: expected a list of layer indices in 0..{n - 1}")
+    return layers
 
 
 def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
     """A ``HybridConfig`` from the base ``config.json`` and the layout's file. ``tied``: the file holds no head."""
     base_file, layout_file = directory / "config.json", directory / LAYOUT_FILES[layout]
-    base, d = _read(base_file), _read(layout_file)
-    known = AMD_FIELDS + AMD_LEGACY if layout == "amd" else MIL_FIELDS
-    unknown = sorted(set(d) - set(known))
-    if unknown:  # their loaders build a dataclass from the file: an unknown key is an error there too
-        raise ConversionError(f"{layout_file}: unknown fields {unknown}; expected {list(known)}")
+    base = _read(base_file)
     try:
-        teacher = LlamaConfig.from_hf_dict({**base, "model_type": "llama", "tie_word_embeddings": tied,
-                                            "vocab_size": d.get("vocab_size") or base["vocab_size"]})
-        n = d["n_layer"]
-        if n != teacher.num_hidden_layers or d.get("d_model", d.get("hidden_size")) != teacher.hidden_size:
-            raise ConversionError(f"{layout_file}: n_layer={n}, d_model={d.get('d_model')} disagree with "
-                                  f"{base_file} ({teacher.num_hidden_layers} layers of {teacher.hidden_size})")
-        mamba2 = _ssm(layout_file, d["ssm_cfg"], teacher.num_attention_heads, teacher.head_dim, d["d_inner"],
-                      d["d_xb"])
-        if layout == "mambainllama":
-            return HybridConfig.from_teacher(teacher, mla_layers="none", attention_layers=list(d["attn_layers"]),
-                                             mamba2=mamba2)
-        if d.get("layer_rank_list"):
-            raise ConversionError(f"{layout_file}: layer_rank_list (a rank per layer) is not supported")
-        rope = d.get("rope_scaling") or {}
-        mla = {"qk_nope_head_dim": d["qk_nope_head_dim"], "v_head_dim": d["v_head_dim"],
-               "rope_theta": float(d["rope_theta"]), "attention_bias": bool(d.get("attention_bias", False)),
-               "q_latent_norm": bool(d.get("use_lora_layer_norm")),
-               "kv_latent_norm": bool(d.get("use_lora_layer_norm"))}
-        if d.get("use_full_kv_head"):
-            mla["kv_groups"] = teacher.num_attention_heads
-        return HybridConfig.from_teacher(
-            teacher, mla_layers=list(d["mla_layers"]), kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d["q_lora_rank"],
-            qk_rope_head_dim=d["qk_rope_head_dim"], rope_factor=float(rope.get("factor", 1.0)),
-            # older snapshots say llama3; training used YaRN with the same factor and original length
-            rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
-            mla=mla, mamba2=mamba2)
+        teacher = LlamaConfig.from_hf_dict({**base, "model_type": "llama", "tie_word_embeddings": tied})
+    except KeyError as e:
+        raise ConversionError(f"{base_file}: missing key {e}") from None
+    except ConfigError as e:
+        raise ConversionError(f"{base_file}: {e}") from None
+    d = _fields(layout_file, _read(layout_file), {**AMD_DEFAULTS, **AMD_LEGACY} if layout == "amd" else MIL_DEFAULTS)
+    n, kind = teacher.num_hidden_layers, "mla" if layout == "amd" else "attention"
+    try:
+        if d["n_layer"] != n:
+            raise ConversionError(f"{layout_file}: n_layer={d['n_layer']} disagrees with {base_file} "
+                                  f"(num_hidden_layers={n})")
+        name = "mla_layers" if layout == "amd" else "attn_layers"
+        special = _layers(layout_file, name, d[name], n)
+        mamba = [i for i in range(n) if i not in special]
+        widths = {"d_model": bool(mamba), "hidden_size": layout == "amd" and bool(special)}
+        for name in (k for k, used in widths.items() if used and d[k] != teacher.hidden_size):
+            raise ConversionError(f"{layout_file}: {name}={d[name]} disagrees with {base_file} "
+                                  f"(hidden_size={teacher.hidden_size})")
+        # the blocks' settings: the layout file's where its layers use them; the final norm takes its eps from the
+        # base config, and MambaInLlama's kept attention layers are wholly the base model's
+        block = {k: d[k] for k in BLOCK_FIELDS} if layout == "amd" or mamba else {}
+        shared = ("rms_norm_eps",) if layout == "amd" or not special else BLOCK_FIELDS
+        uses = "the blocks, the final norm" if layout == "amd" else "the Mamba2 layers, the attention layers and " \
+            "the final norm"
+        for name in (k for k in shared if k in block and block[k] != getattr(teacher, k)):
+            raise ConversionError(f"{layout_file}: {name}={block[name]!r} but {base_file}: {name}="
+                                  f"{getattr(teacher, name)!r}; their code uses each ({uses}), zebrax one value")
+        teacher = dataclasses.replace(teacher, **block)
+        config = HybridConfig.from_teacher(teacher, mla_layers="none",
+                                           attention_layers=special if kind == "attention" else ())
+        return dataclasses.replace(
+            config, mixers=tuple(kind if i in special else "mamba2" for i in range(n)),
+            mla=_mla(layout_file, d, special) if kind == "mla" else config.mla,
+            mamba2=_mamba2(layout_file, d) if mamba else config.mamba2)
     except KeyError as e:
         raise ConversionError(f"{layout_file}: missing key {e}") from None
     except ConfigError as e:
@@ -109,6 +252,38 @@ def layout_of(config: HybridConfig) -> str:
         return "mambainllama"
     raise ConfigError(f"export: layers {config.layer_map()} mix MLA and attention; neither AMD's nor MambaInLlama's "
                       "layout holds both")
+
+
+def _their_rope(m: MLAConfig) -> dict | None:
+    """``rope_scaling`` for which AMD's attention computes our MLA's frequencies, cos/sin factor and softmax scale
+    (``_rope`` read backwards); ConfigError where it cannot."""
+    r = m.rope_scaling
+    if r.rope_type == "default":
+        return None
+    if r.rope_type == "linear":
+        return {"rope_type": "linear", "factor": r.factor}
+    if r.rope_type != "yarn" or not r.truncate:
+        raise ConfigError(f"export: AMD's MLA computes no RoPE scaling {r.rope_type!r}"
+                          f"{'' if r.rope_type != 'yarn' else ' without truncate'} (none, linear or yarn)")
+    mscale_all_dim, want = r.mscale_all_dim or 0.0, attention_factor(r)
+    mscale = r.mscale if r.mscale is not None else 1.0
+    if yarn_mscale(r.factor, mscale) / yarn_mscale(r.factor, mscale_all_dim) != want:
+        # their cos/sin factor is mscale(factor, mscale) / mscale(factor, mscale_all_dim): solve for mscale
+        mscale = (want * yarn_mscale(r.factor, mscale_all_dim) - 1) / (0.1 * math.log(r.factor)) if r.factor > 1 \
+            else math.nan
+        if not math.isclose(yarn_mscale(r.factor, mscale) / yarn_mscale(r.factor, mscale_all_dim), want,
+                            rel_tol=1e-12):
+            raise ConfigError(f"export: AMD's YaRN cannot put the factor {want} on cos and sin at factor {r.factor}")
+    return {"factor": r.factor, "original_max_position_embeddings": r.original_max_position_embeddings,
+            "rope_type": "yarn", "beta_fast": r.beta_fast, "beta_slow": r.beta_slow, "mscale": mscale,
+            "mscale_all_dim": mscale_all_dim}
+
+
+def _ssm_cfg(m: Mamba2Config) -> dict:
+    """Their Mamba2's keyword arguments for ours: the shape, then what differs from their defaults."""
+    ours = {"d_conv": m.conv_kernel, "conv_bias": m.use_conv_bias, "bias": m.use_bias, "dt_limit": list(m.dt_limit)}
+    return {"expand": 1, "ngroups": m.n_groups, "d_state": m.d_state,
+            **{k: v for k, v in ours.items() if v != SSM_DEFAULTS[k]}}
 
 
 def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str, dict]:
@@ -128,40 +303,58 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         param_dtype=config.param_dtype,
     ).to_hf_dict()
-    ssm = {"expand": 1, "ngroups": a.n_heads, "d_state": a.head_dim}
     common = {"d_inner": mb.d_inner, "d_xb": mb.x_heads * mb.head_dim}
     if layout == "mambainllama":
         base["_name_or_path"] = name_or_path
         return {"config.json": base, "mamba_config.json": {
-            "d_model": config.hidden_size, "ssm_cfg": ssm, "rms_norm_eps": config.rms_norm_eps,
+            "d_model": config.hidden_size, "ssm_cfg": _ssm_cfg(mb), "rms_norm_eps": config.rms_norm_eps,
             "vocab_size": config.vocab_size, **common, "intermediate_size": config.intermediate_size,
             "hidden_act": config.hidden_act, "n_layer": config.num_hidden_layers,
             "attn_layers": list(config.layers_of("attention"))}}
-    r = m.rope_scaling
     values = {
         "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
         "hidden_act": config.hidden_act, "n_layer": config.num_hidden_layers,
         "mla_layers": list(config.layers_of("mla")),
-        "rms_norm_eps": config.rms_norm_eps, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+        "rms_norm_eps": config.rms_norm_eps, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_groups,
         "kv_lora_rank": m.kv_lora_rank, "q_lora_rank": m.q_lora_rank, "use_lora_layer_norm": m.kv_latent_norm,
-        "use_full_kv_head": m.kv_groups == a.n_heads != a.n_kv_heads, "qk_rope_head_dim": m.qk_rope_head_dim,
+        "use_full_kv_head": False, "qk_rope_head_dim": m.qk_rope_head_dim,
         "v_head_dim": m.v_head_dim, "qk_nope_head_dim": m.qk_nope_head_dim, "qkv_rank_divisor": 8,
         "max_position_embeddings": config.max_position_embeddings, "rope_theta": m.rope_theta,
-        "rope_scaling": {"factor": r.factor, "original_max_position_embeddings": r.original_max_position_embeddings,
-                         "rope_type": "yarn"},
+        "rope_scaling": _their_rope(m) if "mla" in config.mixers else None,
         "attention_bias": m.attention_bias, "attention_dropout": 0.0, "rope_type": "yarn",
-        "d_model": config.hidden_size, "ssm_cfg": {**ssm, "repeat_kv_before_conv": False}, **common,
+        "d_model": config.hidden_size, "ssm_cfg": {**_ssm_cfg(mb), "repeat_kv_before_conv": False}, **common,
     }
     return {"config.json": base, "hybrid_config.json": {k: values[k] for k in AMD_FIELDS}}
 
 
 def check_exportable(config: HybridConfig, layout: str) -> None:
-    """What their layouts cannot hold."""
-    m = config.mla
-    if layout == "amd" and "mla" in config.mixers and (
-            not m.rope_interleave or m.rope_scaling.rope_type != "yarn" or m.q_latent_norm != m.kv_latent_norm
-            or m.q_lora_rank is None or m.rope_scaling.beta_fast != 32 or m.rope_scaling.beta_slow != 1):
-        raise ConfigError("export: AMD's MLA has interleaved YaRN (beta 32/1) RoPE, a low-rank query and both "
-                          "latent norms or neither")
-    if config.mamba2.use_bias:
-        raise ConfigError("export: their Mamba2 has no in/out projection biases")
+    """What their layouts cannot hold, by name (``files_for`` writes the rest so their code computes ours)."""
+    m, mb = config.mla, config.mamba2
+    wrong = {}
+    if config.mlp_bias:
+        wrong["mlp_bias"] = (True, "their MLPs have no biases")
+    if "mamba2" in config.mixers:
+        shaped = mb.n_heads == mb.n_groups and mb.head_dim == mb.d_state and mb.xb_heads is not None
+        checks = {"mamba2.norm_eps": (mb.norm_eps, mb.norm_eps == GATED_NORM_EPS,
+                                      f"their Mamba2's gated norm has eps {GATED_NORM_EPS}"),
+                  "mamba2.activation": (mb.activation, mb.activation == "silu", "their conv activation is silu"),
+                  "mamba2.d_inner": (mb.d_inner, mb.d_inner % SSM_DEFAULTS["headdim"] == 0,
+                                     f"their Mamba2 asserts d_inner % {SSM_DEFAULTS['headdim']} == 0"),
+                  "mamba2 shape": ((mb.n_heads, mb.n_groups, mb.head_dim, mb.d_state, mb.xb_heads), shaped,
+                                   "theirs is attention-shaped: heads = groups, head_dim = d_state, x/B heads set")}
+        wrong.update({k: (v, why) for k, (v, ok, why) in checks.items() if not ok})
+    if layout == "amd":
+        for name in ("kv_lora_rank", "q_lora_rank"):
+            if not isinstance(getattr(m, name), int) or getattr(m, name) % 8:
+                wrong[f"mla.{name}"] = (getattr(m, name), "their config asserts a multiple of 8 (qkv_rank_divisor)")
+    if layout == "amd" and "mla" in config.mixers:
+        checks = {"mla.rope_interleave": (m.rope_interleave, m.rope_interleave, "theirs rotates interleaved pairs"),
+                  "mla latent norms": ((m.q_latent_norm, m.kv_latent_norm), m.q_latent_norm == m.kv_latent_norm,
+                                       "their use_lora_layer_norm puts both or neither"),
+                  "mla.norm_eps": (m.norm_eps, m.norm_eps == LATENT_NORM_EPS or not m.kv_latent_norm,
+                                   f"their latent norms have eps {LATENT_NORM_EPS}")}
+        wrong.update({k: (v, why) for k, (v, ok, why) in checks.items() if not ok})
+        _their_rope(m)
+    if wrong:
+        raise ConfigError("export: the " + layout + " layout cannot hold " + "; ".join(
+            f"{k}={v!r} ({why})" for k, (v, why) in wrong.items()))
