@@ -3,9 +3,11 @@ compilation for all L + 1 passes, calibration data, assembly, and the commands."
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
+import re
 
 import jax
 import numpy as np
@@ -138,3 +140,52 @@ def test_select_and_assemble_commands(students, tmp_path, capsys):
     assert main(["assemble", "--mla-student", str(tmp_path / "mamba"), "--mamba-student", str(tmp_path / "mamba"),
                  "--mla-layers", "0", str(tmp_path / "bad")]) == 1
     assert "must be an all-mla hybrid" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("field, value", [("hidden_act", "gelu_pytorch_tanh"), ("rms_norm_eps", 1e-6)])
+def test_students_that_differ_outside_their_mixers_are_refused(students, rng, field, value):
+    """A hybrid runs every layer under one hidden_act, rms_norm_eps, …: students that differ in one are refused by
+    assemble and by the scores, naming the field and both values (a GELU student's layers would run with SiLU)."""
+    teacher, mla, mamba = students
+    ours = getattr(mla.config, field)
+    other = dataclasses.replace(mla.config, **{field: value})
+    needle = re.escape(f"{field}: {value!r} (mla_student) vs {ours!r} (mamba_student)")
+    with pytest.raises(ConfigError, match=needle):
+        assemble((other, mla.params), (mamba.config, mamba.params), [0])
+    with pytest.raises(ConfigError, match=needle):
+        select.scores(teacher, zebrax.Model(other, mla.params), mamba, rng.integers(0, 97, (1, 8)).astype(np.int32))
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: {ours!r} (mla_student) vs {value!r} (mamba_student)")):
+        assemble((mla.config, mla.params), (dataclasses.replace(mamba.config, **{field: value}), mamba.params), [0],
+                 embeddings_from="mla")
+
+
+@pytest.mark.parametrize("ids, shown", [([5, 1.9, 7], "1.9"), ([5, "6"], "'6'"), ([True, 4], "True")])
+def test_calibration_ids_must_be_integers(tmp_path, ids, shown):
+    data = tmp_path / "calib.jsonl"
+    data.write_text(json.dumps({"input_ids": list(range(10))}) + "\n" + json.dumps({"input_ids": ids}) + "\n")
+    with pytest.raises(InvalidArgument, match=re.escape(f"calib.jsonl:2: input_ids holds {shown}; token ids are")):
+        select.calibration_tokens(data, None, seq_len=4, num_sequences=3)
+
+
+def test_assemble_and_select_commands_refuse_unlike_students_and_float_ids(students, tmp_path, capsys):
+    from tests.helpers import assert_nothing_left, assert_one_line_error
+    from zebrax import checkpoint
+    from zebrax.cli import main
+
+    teacher, mla, mamba = students
+    gelu = dataclasses.replace(mla.config, hidden_act="gelu")
+    for name, config, params in (("teacher", teacher.config, teacher.params), ("mla", gelu, mla.params),
+                                 ("mamba", mamba.config, mamba.params)):
+        with checkpoint.atomic_directory(tmp_path / name) as tmp:
+            checkpoint.save(tmp, config, params)
+    capsys.readouterr()
+    code = main(["assemble", "--mla-student", str(tmp_path / "mla"), "--mamba-student", str(tmp_path / "mamba"),
+                 "--mla-layers", "0,3", str(tmp_path / "hybrid")])
+    assert_one_line_error(code, capsys.readouterr().err, "hidden_act: 'gelu' (mla_student) vs 'silu' (mamba_student)")
+    assert_nothing_left(tmp_path / "hybrid")
+    (tmp_path / "calib.jsonl").write_text(json.dumps({"input_ids": [float(i) + 0.9 for i in range(64)]}) + "\n")
+    code = main(["select", "--teacher", str(tmp_path / "teacher"), "--mla-student", str(tmp_path / "mla"),
+                 "--mamba-student", str(tmp_path / "mamba"), "--num-mla", "2", "--data", str(tmp_path / "calib.jsonl"),
+                 "--seq-len", "16", "--num-sequences", "4", "--out", str(tmp_path / "scores.json")])
+    assert_one_line_error(code, capsys.readouterr().err, "calib.jsonl:1: input_ids holds 0.9")
+    assert not (tmp_path / "scores.json").exists()

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from zebrax.config import HybridConfig
-from zebrax.errors import ConfigError, InvalidArgument
+from zebrax.distill.losses import kl_loss
+from zebrax.errors import InvalidArgument
+from zebrax.init.assemble import check_students
 from zebrax.models.decoder import Block, embed_tokens, lm_head, make_slots
 from zebrax.ops import Impls
 
@@ -53,20 +55,12 @@ class SwapLM(nn.Module):
         return lm_head(cfg, x, embedding)
 
 
-def kl_to_teacher(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
-    """Mean over tokens of KL(teacher ‖ student), float32."""
-    log_t = jax.nn.log_softmax(teacher_logits, axis=-1)
-    log_s = jax.nn.log_softmax(student_logits, axis=-1)
-    return jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1))
-
-
 def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
     """SMART scores of every layer on ``tokens`` ``[N, L]`` (``zebrax.Model``s; the students hybrids of one teacher
     shape, all-MLA and all-Mamba2). Returns ``kl_all_mamba2``, ``kl`` (per layer), ``scores``, ``seconds``,
-    ``compilations`` (of the student program; 1 unless shapes change)."""
-    for name, model, kind in (("mla_student", mla_student, "mla"), ("mamba_student", mamba_student, "mamba2")):
-        if not isinstance(model.config, HybridConfig) or set(model.config.mixers) != {kind}:
-            raise ConfigError(f"select: {name} must be an all-{kind} hybrid")
+    ``compilations`` (of the student program; 1 unless shapes change). The students must agree on every setting
+    outside their mixers (``init.assemble.check_students``)."""
+    check_students(mla_student.config, mamba_student.config, "select")
     tokens = teacher.check_tokens(tokens, "select")
     start = time.perf_counter()
     module = SwapLM(mamba_student.config, mla_student.config, mamba_student.module.impls)
@@ -76,7 +70,7 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
 
     def kl_of(params, tokens, teacher_logits, swap):
         traces.append(1)
-        return kl_to_teacher(teacher_logits, module.apply({"params": params}, tokens, swap))
+        return kl_loss(teacher_logits, module.apply({"params": params}, tokens, swap))  # mean over tokens
 
     kl_of = jax.jit(kl_of)
     teacher_logits = jnp.asarray(teacher.logits(tokens))
@@ -140,7 +134,10 @@ def calibration_tokens(path: str | os.PathLike, tokenizer, *, seq_len: int = 256
         except ValueError:
             raise InvalidArgument(f"{path}:{number}: not a JSON object") from None
         if isinstance(record, dict) and isinstance(record.get("input_ids"), list):
-            stream += [int(t) for t in record["input_ids"]]
+            bad = [t for t in record["input_ids"] if not isinstance(t, int) or isinstance(t, bool)]
+            if bad:
+                raise InvalidArgument(f"{path}:{number}: input_ids holds {bad[0]!r}; token ids are integers")
+            stream += record["input_ids"]
         elif isinstance(record, dict) and isinstance(record.get("text"), str) and tokenizer is not None:
             stream += tokenizer(record["text"])["input_ids"]
         elif isinstance(record, dict) and isinstance(record.get("messages"), list) and tokenizer is not None:
@@ -156,4 +153,4 @@ def calibration_tokens(path: str | os.PathLike, tokenizer, *, seq_len: int = 256
     return np.asarray(stream[:need], np.int32).reshape(num_sequences, seq_len)
 
 
-__all__ = ["SwapLM", "calibration_tokens", "kl_to_teacher", "place", "scores"]
+__all__ = ["SwapLM", "calibration_tokens", "place", "scores"]

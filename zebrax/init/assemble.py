@@ -9,19 +9,31 @@ from collections.abc import Sequence
 from zebrax.config import HybridConfig
 from zebrax.errors import ConfigError
 
+MIXER_FIELDS = ("mixers", "mla", "mamba2")  # what each student has of its own; every other setting is shared
+
+
+def check_students(mla_config, mamba_config, what: str) -> None:
+    """ConfigError (prefixed ``what``) unless ``mla_config`` is an all-MLA and ``mamba_config`` an all-Mamba2 hybrid
+    of as many layers that agree on every setting outside their mixers (``MIXER_FIELDS``): the hybrid runs layers of
+    both under one ``hidden_act``, ``rms_norm_eps``, ``mlp_bias``, vocabulary, … The error names each field that
+    differs and both values."""
+    for name, config, kind in (("mla_student", mla_config, "mla"), ("mamba_student", mamba_config, "mamba2")):
+        if not isinstance(config, HybridConfig) or set(config.mixers) != {kind}:
+            got = config.layer_map() if isinstance(config, HybridConfig) else type(config).__name__
+            raise ConfigError(f"{what}: {name} must be an all-{kind} hybrid, got {got}")
+    names = ["num_hidden_layers"] + [f.name for f in dataclasses.fields(HybridConfig) if f.name not in MIXER_FIELDS]
+    differ = [f"{n}: {getattr(mla_config, n)!r} (mla_student) vs {getattr(mamba_config, n)!r} (mamba_student)"
+              for n in names if getattr(mla_config, n) != getattr(mamba_config, n)]
+    if differ:
+        raise ConfigError(f"{what}: the students differ in {'; '.join(differ)} — a hybrid of their layers runs under "
+                          "one setting of each (students of one teacher, made with one recipe, agree)")
+
 
 def assemble(mla_student: tuple[HybridConfig, dict], mamba_student: tuple[HybridConfig, dict],
              mla_layers: Sequence[int], *, embeddings_from: str = "mamba2") -> tuple[HybridConfig, dict]:
     """``(config, params)`` of each student → the hybrid's. ``embeddings_from``: ``"mamba2"`` or ``"mla"``."""
     (mla_config, mla_params), (mamba_config, mamba_params) = mla_student, mamba_student
-    for name, config, kind in (("mla_student", mla_config, "mla"), ("mamba_student", mamba_config, "mamba2")):
-        if not isinstance(config, HybridConfig) or set(config.mixers) != {kind}:
-            got = config.layer_map() if isinstance(config, HybridConfig) else type(config).__name__
-            raise ConfigError(f"assemble: {name} must be an all-{kind} hybrid, got {got}")
-    shape = lambda c: (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size)  # noqa: E731
-    if shape(mla_config) != shape(mamba_config) or mla_config.attention != mamba_config.attention:
-        raise ConfigError(f"assemble: the students come from different teachers: (layers, hidden, mlp, vocab) "
-                          f"{shape(mla_config)} and {shape(mamba_config)}")
+    check_students(mla_config, mamba_config, "assemble")
     if embeddings_from not in ("mamba2", "mla"):
         raise ConfigError(f"assemble: embeddings_from={embeddings_from!r} is not 'mamba2' or 'mla'")
     n = mla_config.num_hidden_layers
