@@ -98,9 +98,9 @@ def test_an_unknown_impl_is_refused_at_load(tiny_llama, tiny_mamba2):
 
 
 @pytest.fixture(scope="module")
-def templateless(smollm2_checkpoint, tmp_path_factory) -> Path:
-    """The real teacher with its tokenizer's chat template removed."""
-    ckpt = Path(shutil.copytree(smollm2_checkpoint, tmp_path_factory.mktemp("nochat") / "ckpt"))
+def templateless(tiny_chat, tmp_path_factory) -> Path:
+    """A checkpoint with SmolLM2's tokenizer, its chat template removed."""
+    ckpt = Path(shutil.copytree(tiny_chat, tmp_path_factory.mktemp("nochat") / "ckpt"))
     (ckpt / "tokenizer" / "chat_template.jinja").unlink()
     return ckpt
 
@@ -119,8 +119,8 @@ def cli(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_generate_on_the_command_line(capsys, smollm2_checkpoint, templateless):
-    ck = smollm2_checkpoint
+def test_generate_on_the_command_line(capsys, tiny_chat, templateless):
+    ck = tiny_chat
     for args, needles in (
         (("--seed", str(2**70)), ("--seed", str(2**70))),
         (("--seed", "-3"), ("--seed", "-3")),

@@ -22,11 +22,9 @@ MAX_LENGTH = 32  # short enough that the texts roll over several windows and lon
 
 
 @pytest.fixture(scope="module")
-def tiny(smollm2_checkpoint, tmp_path_factory):
+def tiny(smollm2_tokenizer, tmp_path_factory):
     """(HF directory, zebrax checkpoint) of a random 2-layer Llama with SmolLM2's tokenizer and vocabulary."""
     import transformers
-
-    from zebrax.api import load_tokenizer
 
     root = tmp_path_factory.mktemp("lm_eval")
     torch.manual_seed(0)
@@ -37,7 +35,7 @@ def tiny(smollm2_checkpoint, tmp_path_factory):
     with torch.no_grad():  # logits spread enough that choices and greedy tokens differ
         hf.lm_head.weight.mul_(40.0)
     hf.save_pretrained(root / "hf")
-    load_tokenizer(smollm2_checkpoint).save_pretrained(root / "hf")
+    transformers.AutoTokenizer.from_pretrained(smollm2_tokenizer).save_pretrained(root / "hf")
     return root / "hf", zebrax.convert(root / "hf", root / "zebrax")
 
 
@@ -51,6 +49,15 @@ def include_path(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def local_tasks_only(monkeypatch):
+    """lm-eval indexes only the tasks of ``--include_path`` (its scan of its own thousands takes 20 s a call and is not
+    what is tested)."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
+
+
 def _samples(results: dict) -> dict:
     return {task: [s["filtered_resps"] for s in sorted(samples, key=lambda s: s["doc_id"])]
             for task, samples in results["samples"].items()}
@@ -61,7 +68,7 @@ def test_bucket_lengths():
     assert bucket(40, 48) == 48
 
 
-def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch):
+def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch, local_tasks_only):
     """`zebrax lm-eval --model zebrax` (the command line) and lm-eval's `hf` (its Python API) on the same tasks:
     log-likelihoods within 1e-3, the same greedy flags and accuracies, the same rolling sums (1e-3 relative) and
     the same generated text."""
@@ -113,18 +120,14 @@ def test_registered_on_import(tiny):
     assert lm.batch_size == 5 and lm.max_length == 256
 
 
-def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, monkeypatch):
+def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, monkeypatch, local_tasks_only):
     """`zebrax lm-eval` with batch_size=0, without pretrained or with a misspelt argument: one line naming it (the
     accepted ones listed), before any checkpoint is read; lm-eval's own arguments are accepted."""
-    from lm_eval.tasks import TaskManager
-
     from zebrax.cli import main
     from zebrax.errors import ConfigError
     from zebrax.lm_eval import ZebraxLM
 
     monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")
-    # only the local tasks are indexed (lm-eval's scan of its own thousands takes 20 s and is not what is tested)
-    monkeypatch.setattr(TaskManager, "__init__", functools.partialmethod(TaskManager.__init__, include_defaults=False))
     ckpt = tiny_llama("gqa_llama3_untied")[2]  # no tokenizer: loading it would fail with "has no tokenizer"
     for model_args, needles in ((f"pretrained={ckpt},batch_size=0", ["batch_size=0"]),
                                 (f"pretrained={ckpt},max_gen_toks=-5", ["max_gen_toks=-5"]),
