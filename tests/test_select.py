@@ -100,8 +100,10 @@ def test_assemble_takes_each_layer_from_its_student(students):
         assemble((mla.config, mla.params), (mamba.config, mamba.params), [7])
 
 
-def test_calibration_data_from_text_chat_or_ids(tmp_path, smollm2_checkpoint):
-    tokenizer = zebrax.load(smollm2_checkpoint).tokenizer
+def test_calibration_data_from_text_chat_or_ids(tmp_path, smollm2_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer)
     data = tmp_path / "calib.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in (
         {"text": "The quick brown fox jumps over the lazy dog. " * 4},
