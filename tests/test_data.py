@@ -109,6 +109,54 @@ def test_bad_files_are_one_line_errors(tmp_path):
         data.load_rows([tmp_path / "d.csv"], ByteCodec(), 16)
 
 
+def test_files_that_are_not_utf8_or_not_parquet_are_one_line_errors_naming_where(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "na\xefve"}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl:2: not UTF-8 text \(byte 0xef at byte offset 27\); save the "
+                                        r"file as UTF-8"):
+        data.load_rows([tmp_path / "a.jsonl"], ByteCodec(), 16)
+    (tmp_path / "b.txt").write_bytes(b"first\n\nsecond\nthird \x80\n")
+    with pytest.raises(DataError, match=r"b\.txt:4: not UTF-8 text \(byte 0x80 at byte offset 20\)"):
+        data.read_records(tmp_path / "b.txt")
+    (tmp_path / "c.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"c\.parquet: not a readable parquet file \("):
+        data.read_records(tmp_path / "c.parquet")
+    (tmp_path / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9"}\n')  # UTF-8 with a byte-order mark
+    assert data.read_records(tmp_path / "d.jsonl") == [(f"{tmp_path / 'd.jsonl'}:1", {"text": "café"})]
+    # generate_data's own output: a line that is not UTF-8 is dropped like a torn one (its prompt answered again)
+    (tmp_path / "out.jsonl").write_bytes(b'{"id": 0, "messages": []}\n{"id": 1, "messages": "\xff"}\n')
+    assert list(data.replies(tmp_path / "out.jsonl")) == [0]
+
+
+def test_eval_of_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, random_model
+    from zebrax import checkpoint
+    from zebrax.cli import main
+    from zebrax.distill.pipeline import TINY_TEACHER
+
+    model = random_model(TINY_TEACHER)
+    (tmp_path / "m").mkdir()
+    checkpoint.save(tmp_path / "m", model.config, model.params)
+    (tmp_path / "latin1.txt").write_bytes("a paragraph\n\ncaf\xe9 au lait\n".encode("latin-1"))
+    capsys.readouterr()
+    code = main(["eval", str(tmp_path / "m"), "--data", str(tmp_path / "latin1.txt")])
+    assert_one_line_error(code, capsys.readouterr().err,
+                          f"{tmp_path / 'latin1.txt'}:3: not UTF-8 text (byte 0xe9 at byte offset 16)")
+
+
+def test_counted_tokens_are_the_predictions_that_count():
+    codec = ByteCodec()
+    chat = {"messages": [{"role": "user", "content": "a long question?"}, {"role": "assistant", "content": "Yes."}]}
+    prompt = len(codec.chat(chat["messages"][:1], add_generation_prompt=True))
+    whole = len(codec.chat(chat["messages"], add_generation_prompt=False))
+    def counted(seq_len: int) -> int:
+        return int(data.counted({k: v[None] for k, v in data.lm_row("x", chat, codec, seq_len).items()})[0])
+
+    # the reply and EOS; a row cut where the reply starts counts none (its last position predicts nothing there)
+    assert [counted(n) for n in (64, prompt + 1, prompt, prompt - 5)] == [whole - prompt, 1, 0, 0]
+    two = data.pack({k: np.stack([v, v]) for k, v in data.lm_row("x", chat, codec, 64).items()}, 128)
+    assert data.counted(two).tolist() == [2 * (whole - prompt)]  # a document's EOS does not predict the next one
+
+
 def test_generate_data_is_seeded_batched_and_resumes_to_the_same_file(smollm2_checkpoint, tmp_path):
     """SmolLM2 answers 5 prompts in batches of 2 (sampled); a run cut after one batch, with a torn line, completes
     to the same file an uninterrupted run writes."""

@@ -19,6 +19,8 @@ small dict saved with every checkpoint, so a resumed run sees exactly the batche
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -87,6 +89,33 @@ def codec_for(model, where: str):
 
 
 # -- records ----------------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A data file's text (UTF-8, a leading byte-order mark dropped); DataError naming the file, the line and the
+    byte offset of the first byte that is not UTF-8, or why the file cannot be read."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode()
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[at]:02x} at byte offset {at}); save the file "
+                        f"as UTF-8") from None
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes: what a work directory records of the data it was made from."""
+    return hashlib.sha256(_read_bytes(Path(path))).hexdigest()
+
+
 def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """``[(where, record)]`` from a ``.jsonl``/``.json`` (one object a line), ``.parquet`` or ``.txt`` file; ``where``
     is ``file:line`` (or ``file:row``) for error messages."""
@@ -96,7 +125,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         out = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(path).split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -107,11 +136,18 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             out.append((f"{path}:{number}", record))
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        out = [(f"{path}:row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            reason = str(e).strip().splitlines()
+            raise DataError(f"{path}: not a readable parquet file ({reason[0] if reason else type(e).__name__})"
+                            ) from None
+        out = [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
     elif suffix == ".txt":
-        paragraphs = [p.strip() for p in path.read_text().split("\n\n")]
+        paragraphs = [p.strip() for p in read_text(path).split("\n\n")]
         out = [(f"{path}:paragraph {i}", {"text": p}) for i, p in enumerate(paragraphs) if p]
     else:
         raise DataError(f"{path}: unknown data format {suffix!r} (expected .jsonl, .json, .parquet or .txt)")
@@ -174,6 +210,14 @@ def load_rows(files: Sequence[str | os.PathLike], codec, seq_len: int, *, prefer
     make = preference_row if preference else lm_row
     rows = [make(where, record, codec, seq_len) for f in files for where, record in read_records(f)]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def counted(rows: dict, prefix: str = "") -> np.ndarray:
+    """``[N]``: the tokens each row's loss counts, the positions of ``loss_mask`` whose next token is real (and, in
+    packed rows, of the same document). A chat row whose prompt fills ``seq_len`` counts none. ``prefix``: the
+    rows of ``chosen_`` or ``rejected_`` replies."""
+    fields = {k: rows[prefix + k] for k in ("token_mask", "segment_ids") if prefix + k in rows}
+    return (np.asarray(rows[prefix + "loss_mask"])[:, :-1].astype(bool) & next_in_document(fields)).sum(axis=1)
 
 
 def pack(rows: dict, seq_len: int) -> dict:
@@ -248,14 +292,22 @@ def _prompt_messages(where: str, record: dict) -> list[dict]:
     raise DataError(f"{where}: a prompt record needs 'messages' or 'prompt' (a string), it has {sorted(record)}")
 
 
-def _done(out: Path) -> dict[int, str]:
-    """The complete lines already in ``out`` by id; a line torn by a crash is dropped."""
+def read_prompts(path: str | os.PathLike) -> list[list[dict]]:
+    """The prompts of a prompt file (``generate_data``'s input), each a message list; DataError names a bad one."""
+    return [_prompt_messages(where, r) for where, r in read_records(path)]
+
+
+def replies(out: str | os.PathLike) -> dict[int, str]:
+    """The complete lines already in ``out`` (``generate_data``'s output) by id; a line torn by a crash, or not
+    UTF-8, is dropped (its prompt is answered again)."""
+    out = Path(out)
     if not out.exists():
         return {}
     done = {}
-    for line in out.read_text().splitlines():
+    for line in _read_bytes(out).splitlines():
         try:
-            done[int(json.loads(line)["id"])] = line
+            text = line.decode()
+            done[int(json.loads(text)["id"])] = text
         except (ValueError, KeyError, TypeError):
             continue
     return done
@@ -274,8 +326,8 @@ def generate_data(model, prompts: str | os.PathLike, out: str | os.PathLike, *, 
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError(f"generate_data: batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
     out = Path(out)
-    records = [_prompt_messages(where, r) for where, r in read_records(prompts)]
-    done = _done(out)
+    records = read_prompts(prompts)
+    done = replies(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(records), batch_size)
     with out.open("a") as f, tqdm(total=len(records), initial=sum(i in done for i in range(len(records))),
