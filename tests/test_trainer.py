@@ -110,3 +110,41 @@ def test_metrics_lines_and_the_schedule(tmp_path):
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert (tmp_path / "tensorboard" / "toy").is_dir()
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "toy").iterdir()) == ["10", "20"]
+
+
+def test_a_stage_whose_batches_count_no_token_stops_at_its_first_logged_step(tmp_path):
+    """Rows whose loss masks are empty (chat replies cut off by seq_len) train on nothing: loss 0, no gradient. The
+    stage stops at its first logged step naming the cause, before a loss of 0 is logged; one counted token in
+    that span is enough to go on."""
+    def quad(params, frozen, batch):
+        loss = jnp.sum((params["w"] - 1.0) ** 2)
+        return loss, {}
+
+    empty = {"tokens": np.ones((4, 6), np.int32), "token_mask": np.ones((4, 6), bool),
+             "loss_mask": np.zeros((4, 6), bool)}
+    cfg = TrainConfig(steps=6, batch_size=2, learning_rate=0.1, log_every=3, checkpoint_every=10)
+    count = lambda b: int(data.counted(b).sum())  # noqa: E731
+    with pytest.raises(ZebraxError, match=r"toy: steps 1-3 counted no token \(every batch's loss mask is empty: the "
+                                          r"replies cut off by rows of 6 tokens"):
+        train("toy", quad, {"w": jnp.zeros(3)}, None, data.batches(empty, 2, seed=0), cfg, tmp_path / "a",
+              tokens_of=lambda b: 12, counted_of=count)
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    one = {**empty, "loss_mask": empty["loss_mask"].copy()}
+    one["loss_mask"][2, 0] = True  # one row predicts one token; the first two batches hold every row
+    train("toy", quad, {"w": jnp.zeros(3)}, None, data.batches(one, 2, seed=0), cfg, tmp_path / "b",
+          tokens_of=lambda b: 12, counted_of=count)
+    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [3, 6]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", "10", r"TrainConfig.steps = '10': expected an integer >= 1"),
+    ("steps", 2.0, r"TrainConfig.steps = 2.0: expected an integer >= 1"),
+    ("learning_rate", 0.0, r"TrainConfig.learning_rate = 0.0: expected a number in \(0, inf\)"),
+    ("warmup_ratio", 1.5, r"TrainConfig.warmup_ratio = 1.5: expected a number in \[0, 1\]"),
+    ("b2", 1.0, r"TrainConfig.b2 = 1.0: expected a number in \[0, 1\)"),
+    ("trainable", "layers_*", r"TrainConfig.trainable = 'layers_\*': expected a tuple of strings"),
+    ("accumulate", 3, r"TrainConfig.accumulate = 3: must divide TrainConfig.batch_size = 8"),
+])
+def test_train_config_fields_are_checked_naming_field_and_value(field, value, message):
+    with pytest.raises(ZebraxError, match=message):
+        TrainConfig(**{field: value})

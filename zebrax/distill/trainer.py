@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zebrax.errors import ZebraxError
+from zebrax.errors import ConfigError, ZebraxError
 
 NO_DECAY = ("A_log", "D", "dt_bias")  # and every norm's scale (a path part containing "norm")
 
@@ -54,14 +55,55 @@ class TrainConfig:
     max_bad_steps: int = 5
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1 or self.batch_size % self.accumulate:
-            raise ZebraxError(f"TrainConfig: steps={self.steps}, batch_size={self.batch_size} and accumulate="
-                              f"{self.accumulate} must be >= 1, with accumulate dividing batch_size")
+        field = lambda name: f"TrainConfig.{name}"  # noqa: E731
+        for name in ("steps", "batch_size", "accumulate", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "max_bad_steps"):
+            check_int(field(name), getattr(self, name), 1)
+        if self.batch_size % self.accumulate:
+            raise ConfigError(f"TrainConfig.accumulate = {self.accumulate!r}: must divide TrainConfig.batch_size = "
+                              f"{self.batch_size!r} (micro-batches of equal size)")
+        check_number(field("learning_rate"), self.learning_rate, 0.0, open_low=True)
+        for name in ("warmup_ratio", "final_lr_ratio"):
+            check_number(field(name), getattr(self, name), 0.0, 1.0)
+        check_number(field("weight_decay"), self.weight_decay, 0.0)
+        for name in ("b1", "b2"):
+            check_number(field(name), getattr(self, name), 0.0, 1.0, open_high=True)
+        check_number(field("max_grad_norm"), self.max_grad_norm, 0.0, open_low=True)
+        check_strings(field("trainable"), self.trainable)
 
     def schedule(self) -> optax.Schedule:
         warmup = round(self.warmup_ratio * self.steps)
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, warmup, max(self.steps, warmup + 1),
                                                   end_value=self.learning_rate * self.final_lr_ratio)
+
+
+def check_int(where: str, value, minimum: int) -> None:
+    """ConfigError naming ``where`` and ``value`` unless it is an integer (not a bool) >= ``minimum``."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"{where} = {value!r}: expected an integer >= {minimum}")
+
+
+def check_number(where: str, value, low: float, high: float = math.inf, *, open_low: bool = False,
+                 open_high: bool = False) -> None:
+    """ConfigError naming ``where`` and ``value`` unless it is a real number (int or float, not a bool) in the
+    interval from ``low`` to ``high`` (closed unless ``open_low`` / ``open_high``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if not (number and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)):
+        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+        raise ConfigError(f"{where} = {value!r}: expected a number in {bounds}")
+
+
+def check_choice(where: str, value, choices: tuple) -> None:
+    if not (isinstance(value, str) and value in choices):
+        raise ConfigError(f"{where} = {value!r}: expected one of {', '.join(map(repr, choices))}")
+
+
+def check_strings(where: str, value, *, empty: bool = False) -> None:
+    """A tuple (or list) of non-empty strings, non-empty itself unless ``empty``: a lone string is refused (a tuple
+    of its characters is not what was meant)."""
+    if not (isinstance(value, (tuple, list)) and (empty or value)
+            and all(isinstance(v, str) and v for v in value)):
+        raise ConfigError(f"{where} = {value!r}: expected a tuple of strings, e.g. ('a',)")
 
 
 def _path(keys) -> str:
@@ -189,10 +231,13 @@ def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mes
 
 
 def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: TrainConfig, workdir: Path,
-          *, tokens_of: Callable[[dict], int], mesh=None, shardings: tuple | None = None) -> dict:
+          *, tokens_of: Callable[[dict], int], counted_of: Callable[[dict], int] | None = None, mesh=None,
+          shardings: tuple | None = None) -> dict:
     """Run ``stage`` to ``cfg.steps`` from its latest complete checkpoint in ``WORKDIR/checkpoints/STAGE`` (or from
     ``params``); returns the trained parameters. ``data`` is a grain iterator of this process's rows (its state is
-    checkpointed); ``tokens_of(batch)`` counts a batch's real tokens for tokens/s. With a ``mesh``, ``shardings`` =
+    checkpointed); ``tokens_of(batch)`` counts a batch's real tokens for tokens/s; ``counted_of(batch)``, the tokens
+    its loss counts: when the steps up to the first logged one count none, the stage stops with a ZebraxError (a
+    loss of 0 and no gradient are no training). With a ``mesh``, ``shardings`` =
     (the parameters', the frozen tree's): the step runs sharded, batches are spread over (data, fsdp), and
     checkpoints are restored straight into their shardings. In a multi-host run every process calls this with its
     own rows; process 0 writes the metrics, and the data position saved is process 0's (every process has taken
@@ -218,12 +263,15 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     log = MetricsLog(workdir, stage, start)
     schedule = cfg.schedule()
     bad, tokens, since = 0, 0, time.perf_counter()
+    counted = None if counted_of is None else 0  # the loss's tokens until the first logged step
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=jax.process_index() != 0)
     try:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(data)
             tokens += tokens_of(batch)
+            if counted is not None:
+                counted += counted_of(batch)
             state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"], frozen,
                                                                    place(batch))
             bad = 0 if bool(metrics["finite"]) else bad + 1
@@ -231,6 +279,12 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
                 raise TrainingDiverged(f"{stage}: {bad} steps in a row had a non-finite loss or gradient (last at "
                                        f"step {step}); lower {stage}.learning_rate or check the data")
             if step % cfg.log_every == 0 or step == cfg.steps:
+                if counted == 0:
+                    length = next(v for v in batch.values() if np.ndim(v) == 2).shape[1]
+                    raise ZebraxError(f"{stage}: steps {start + 1}-{step} counted no token (every batch's loss "
+                                      f"mask is empty: the replies cut off by rows of {length} tokens, or records "
+                                      f"without reply tokens); raise distill.seq_len or check the data")
+                counted = None  # checked once, on the first logged step
                 elapsed = time.perf_counter() - since
                 values = {**metrics, "tokens_per_sec": tokens / elapsed, "lr": schedule(step - 1),
                           "skipped_steps_in_a_row": bad}
