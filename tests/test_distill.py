@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
 from zebrax.cli import main
 
@@ -152,4 +154,186 @@ def test_missing_data_is_one_line_before_any_training(tmp_path, capsys):
                  "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.jsonl: no such data file" in err, err
-    assert sorted(p.name for p in workdir.iterdir()) == ["config.gin", "experiment.json"]
+    assert not workdir.exists()  # checked before the work directory is touched
+
+
+# -- everything checked before any work -------------------------------------------------------------
+FEW = ["teacher/TrainConfig.steps = 2", "ild/TrainConfig.steps = 1", "kd/TrainConfig.steps = 1",
+       "dpo/TrainConfig.steps = 1"]
+
+
+def distill_cli(capsys, workdir: Path, *bindings: str) -> tuple[int, str]:
+    """``zebrax distill`` on the tiny experiment in this process, a few steps a stage: (exit code, stderr)."""
+    capsys.readouterr()
+    args = ["distill", "--gin_file", TINY, "--workdir", str(workdir)]
+    for binding in [*FEW, *bindings]:
+        args += ["--gin_param", binding]
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def long_prompt_chat(i: int) -> dict:
+    """A chat record whose prompt alone is longer than 48 byte tokens: its reply starts after them."""
+    return {"messages": [{"role": "user", "content": f"Question {i}: " + "why is the sky blue at noon? " * 2},
+                         {"role": "assistant", "content": "Rayleigh scattering."}]}
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("distill.seq_len = 'abc'", "distill.seq_len = 'abc': expected an integer >= 2"),
+    ("distill.seq_len = 1", "distill.seq_len = 1: expected an integer >= 2"),
+    ("kd/TrainConfig.steps = '10'", "kd/TrainConfig.steps = '10': expected an integer >= 1"),
+    ("ild/TrainConfig.warmup_ratio = 1.5", "ild/TrainConfig.warmup_ratio = 1.5: expected a number in [0, 1]"),
+    ("distill.split = (0.1, 0.9)", "distill.split = (0.1, 0.9): expected 3 fractions (held-out, ILD, KD)"),
+    ("distill.split = (0.1, -0.2, 0.7)", "distill.split[1] = -0.2: expected a number in (0, 1]"),
+    ("distill.kd_direction = 'sideways'", "distill.kd_direction = 'sideways': expected one of 'forward', 'reverse'"),
+    ("distill.data = 'configs/data/prompts.jsonl'", "distill.data = 'configs/data/prompts.jsonl': expected a tuple"),
+    ("distill.num_mla = 4", "distill.num_mla = 4: place: num_mla=4 must be in 1..3"),
+    ("distill.student = {'kv_lora_rank': 0}", "distill.student = {'kv_lora_rank': 0}: HybridConfig: kv_lora_rank=0"),
+    ("distill.teacher = 'no/such/teacher'", "no/such/teacher: not a zebrax checkpoint"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, binding, message):
+    code, err = distill_cli(capsys, tmp_path / "w", binding)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "w").exists()
+
+
+def test_rows_that_count_no_token_are_refused_before_any_work(tmp_path, capsys):
+    """Chat records whose prompts fill seq_len train on nothing (loss 0) and measure nothing (KL 0, perplexity 1):
+    refused, naming the files and seq_len, whether all the data, the DPO pairs or one part of the split."""
+    long = write_jsonl(tmp_path / "long.jsonl", [long_prompt_chat(i) for i in range(12)])
+    code, err = distill_cli(capsys, tmp_path / "a", f"distill.data = ('{long}',)", "distill.preferences = ()",
+                            "distill.seq_len = 48")
+    assert_one_line_error(code, err, f"distill.data ({long}): none of its 12 documents counts a loss token once cut "
+                                     "to distill.seq_len = 48")
+    # the shipped single-turn prompts count at any length; the pairs' prompts fill 40 tokens
+    code, err = distill_cli(capsys, tmp_path / "b", "distill.seq_len = 40")
+    assert_one_line_error(code, err, "distill.preferences (configs/data/tiny_preferences.jsonl): none of its 40 pairs "
+                                     "counts a loss token once cut to distill.seq_len = 40")
+    # one document of 10 counts: the held-out or the KD part has none (and the warning about the rest is not said)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [long_prompt_chat(i) for i in range(9)] + [{"text": "x" * 60}])
+    code, err = distill_cli(capsys, tmp_path / "c", f"distill.data = ('{mixed}',)", "distill.preferences = ()",
+                            "distill.seq_len = 48")
+    assert_one_line_error(code, err, "part (distill.split[", f"of distill.data ({mixed}): none of its")
+    assert not any((tmp_path / w).exists() for w in "abc")
+
+
+def test_bad_data_files_are_refused_before_any_work(tmp_path, capsys):
+    """Every data file is read before the teacher trains: a DPO file missing a field, a record without text, a
+    file that is not UTF-8."""
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "B."},
+                                                   {"prompt": "Q?", "chosen": "A."}])
+    code, err = distill_cli(capsys, tmp_path / "w", f"distill.preferences = ('{prefs}',)")
+    assert_one_line_error(code, err, f"{prefs}:2: a preference record needs 'prompt', 'chosen' and 'rejected' "
+                                     "(missing 'rejected')")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"text": "fine"}, {"txt": "typo"}])
+    code, err = distill_cli(capsys, tmp_path / "w", f"distill.data = ('{bad}',)")
+    assert_one_line_error(code, err, f"{bad}:3: a record needs 'text' (a string) or 'messages'")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    code, err = distill_cli(capsys, tmp_path / "w", f"distill.data = ('{latin1}',)")
+    assert_one_line_error(code, err, f"{latin1}:2: not UTF-8 text (byte 0xe9 at byte offset 30)")
+    assert not (tmp_path / "w").exists()
+
+
+# -- the work directory: one run at a time, from the same data --------------------------------------
+def test_a_second_run_is_refused_while_one_holds_the_workdir_and_kill_9_frees_it(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom zebrax.distill.pipeline import locked\n"
+                               "with locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n",
+                               str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = distill_cli(capsys, workdir)
+        assert_one_line_error(code, err, f"{workdir}: in use by another run (pid {holder.pid} on "
+                                         f"{socket.gethostname()})")
+        assert [p.name for p in workdir.iterdir()] == [".lock"]  # nothing written
+    finally:
+        holder.kill()  # SIGKILL: the lock ends with the process
+        holder.wait()
+    from zebrax.distill.pipeline import locked
+
+    with locked(workdir):
+        assert (workdir / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+        code, err = distill_cli(capsys, workdir)  # this process holds it now: a second run of its own is refused
+        assert_one_line_error(code, err, f"in use by another run (pid {os.getpid()} on")
+
+
+def test_a_data_file_changed_since_is_refused_on_resume(tmp_path, capsys, monkeypatch):
+    """The work directory records each data file's SHA-256; the same path with other content is another
+    experiment (its stages and eval.json would be stale). The stages are stubbed: this is about the record."""
+    from zebrax.distill import pipeline
+
+    monkeypatch.setattr(pipeline, "_stages", lambda exp, workdir, inputs: {})
+    data = tmp_path / "prompts.jsonl"
+    data.write_bytes((ROOT / "configs/data/prompts.jsonl").read_bytes())
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_bytes((ROOT / "configs/data/tiny_preferences.jsonl").read_bytes())
+    bindings = (f"distill.data = ('{data}',)", f"distill.preferences = ('{prefs}',)")
+    workdir = tmp_path / "w"
+    assert distill_cli(capsys, workdir, *bindings)[0] == 0
+    recorded = json.loads((workdir / "data_sha256.json").read_text())
+    assert set(recorded) == {str(data), str(prefs)}
+    assert distill_cli(capsys, workdir, *bindings)[0] == 0  # the same data: resumed
+    before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+    for changed in (data, prefs):
+        original = changed.read_bytes()
+        changed.write_bytes(original.replace(b"the", b"a", 1))
+        code, err = distill_cli(capsys, workdir, *bindings)
+        assert_one_line_error(code, err, f"{workdir}: written from other data ({changed}: sha256 "
+                                         f"{recorded[str(changed)][:12]} there,", "use another --workdir")
+        assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
+        changed.write_bytes(original)
+
+
+def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_path, monkeypatch, capsys):
+    """``zebrax run`` with other ``run.bench_*`` settings than the benchmark in the work directory measures again
+    (the benchmark holds no training) and the report shows the new contexts; the same settings reuse it. The
+    distillation is stubbed by a finished work directory of tiny random models, and the answers too: this is about
+    the benchmark step."""
+    from tests.helpers import random_model
+    from zebrax import job
+    from zebrax.config import HybridConfig, LlamaConfig
+
+    workdir = tmp_path / "tiny"
+    teacher = LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    hybrid = HybridConfig.from_teacher(teacher, mla_layers=[0], kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8,
+                                       rope_factor=1.0, mamba2={"chunk_size": 8})
+    for name, config in (("teacher", teacher), ("kd", hybrid)):
+        (workdir / name).mkdir(parents=True)
+        checkpoint.save(workdir / name, config, random_model(config).params)
+    evals = {k: {"kl": 0.5, "perplexity": 2.0, "tokens": 10} for k in ("teacher", "initialised", "after_kd")}
+    (workdir / "eval.json").write_text(json.dumps(evals))
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "stage": "kd", "loss": 1.0,
+                                                       "tokens_per_sec": 1.0}) + "\n")
+    (workdir / "smart.json").write_text(json.dumps({"scores": [0.0, 0.0], "mla_layers": [0], "kl_all_mamba2": 1.0}))
+    row = {"model": "teacher", "context": 8, "batch": 1, "prefill_s": 0.1, "decode_tokens_per_s": 1.0}
+    (workdir / "bench_decode.json").write_text(json.dumps({"rows": [row], "settings": {
+        "contexts": [8], "batches": [1], "new_tokens": 2, "repeats": 1}}))  # an earlier run's
+    from zebrax.distill import pipeline
+
+    monkeypatch.setattr(pipeline, "run", lambda exp, workdir, config_text=None: evals)
+    monkeypatch.setattr(job, "answer", lambda model, prompt, max_new_tokens: "")
+
+    def main_job() -> str:
+        capsys.readouterr()
+        job.run(pipeline.Experiment(), "tiny", str(tmp_path), bench_contexts=(16,), bench_batches=(2,),
+                bench_new_tokens=2, bench_repeats=1)
+        return capsys.readouterr().err
+
+    err = main_job()
+    assert (f"{workdir / 'bench_decode.json'} was measured with other settings (contexts [8] there, [16] now; batches "
+            "[1] there, [2] now); measuring again (the benchmark holds no training)") in err, err
+    rows = json.loads((workdir / "bench_decode.json").read_text())["rows"]
+    assert {(r["model"], r["context"], r["batch"]) for r in rows} == {("teacher", 16, 2), ("hybrid", 16, 2)}
+    report = (workdir / "report.md").read_text()
+    assert "| teacher | 16 | 2 |" in report and "| teacher | 8 | 1 |" not in report
+    written = (workdir / "bench_decode.json").stat().st_mtime_ns
+    err = main_job()  # the same settings: reused
+    assert f"3/5 decode benchmark: {workdir / 'bench_decode.json'} is there" in err, err
+    assert (workdir / "bench_decode.json").stat().st_mtime_ns == written

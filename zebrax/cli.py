@@ -285,21 +285,21 @@ def cmd_generate_data(args):
 
 def cmd_distill(args):
     from zebrax.distill import pipeline
-    from zebrax.presets import parse_gin
+    from zebrax.presets import call_configurable, parse_gin
     from zebrax.sharding import distributed
 
     distributed(args.coordinator, args.num_processes, args.process_id)
     gin = parse_gin(args.gin_file, args.gin_param)
-    experiment = gin.get_configurable("zebrax.distill")()
+    experiment = call_configurable(gin, "zebrax.distill")
     evals = pipeline.run(experiment, args.workdir, config_text=gin.config_str())
     print(json.dumps(evals, indent=2))
 
 
 def cmd_run(args):
-    from zebrax.presets import DEFAULT_EXPERIMENT, parse_gin
+    from zebrax.presets import DEFAULT_EXPERIMENT, call_configurable, parse_gin
 
     gin = parse_gin(args.gin_files or [DEFAULT_EXPERIMENT], args.gin)
-    gin.get_configurable("zebrax.run")(gin.get_configurable("zebrax.distill")(), config_text=gin.config_str())
+    call_configurable(gin, "zebrax.run", call_configurable(gin, "zebrax.distill"), config_text=gin.config_str())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@ on the experiment the gin files bind) → KL and perplexity before and after →
 from teacher and hybrid → ``runs/NAME/report.md``.
 
 Re-running reuses every finished step: the converted teacher, each finished stage (an unfinished one resumes from
-its checkpoint), the benchmark. ``runs/NAME/job.json`` keeps the seconds each step took when it ran.
+its checkpoint), the benchmark when its settings are the ones recorded in ``bench_decode.json`` (otherwise it is
+measured anew: it holds no training). ``runs/NAME/job.json`` keeps the seconds each step took when it ran.
 """
 
 from __future__ import annotations
@@ -72,26 +73,36 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
 
     teacher = load(workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
     hybrid = load(workdir / ("dpo" if (workdir / "dpo").exists() else "kd"))
-    bench_path = workdir / "bench_decode.json"
-    if not bench_path.exists():
-        _say(f"3/5 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")
-        t = time.perf_counter()
-        result = bench_decode.bench_decode(teacher, contexts=bench_contexts, batches=bench_batches,
-                                           models=("teacher",), extra={"hybrid": hybrid},
-                                           new_tokens=bench_new_tokens, repeats=bench_repeats)
-        bench_decode.plot(result, workdir / "decode.png")
-        checkpoint.write_text_atomic(bench_path, json.dumps(result, indent=2))
-        done("bench", t)
-    else:
-        _say(f"3/5 decode benchmark: {bench_path} is there")
+    with pipeline.locked(workdir):  # one run at a time writes the benchmark and the report
+        settings = {"contexts": list(bench_contexts), "batches": list(bench_batches), "new_tokens": bench_new_tokens,
+                    "repeats": bench_repeats}
+        bench_path = workdir / "bench_decode.json"
+        recorded = json.loads(bench_path.read_text()).get("settings") if bench_path.exists() else None
+        if recorded == settings:
+            _say(f"3/5 decode benchmark: {bench_path} is there")
+        else:
+            if bench_path.exists():
+                changed = [f"{k} {(recorded or {}).get(k)} there, {v} now" for k, v in settings.items()
+                           if (recorded or {}).get(k) != v]
+                _say(f"3/5 decode benchmark: {bench_path} was measured with other settings ({'; '.join(changed)}); "
+                     f"measuring again (the benchmark holds no training)")
+            else:
+                _say(f"3/5 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")
+            t = time.perf_counter()
+            result = bench_decode.bench_decode(teacher, contexts=bench_contexts, batches=bench_batches,
+                                               models=("teacher",), extra={"hybrid": hybrid},
+                                               new_tokens=bench_new_tokens, repeats=bench_repeats)
+            bench_decode.plot(result, workdir / "decode.png")
+            checkpoint.write_text_atomic(bench_path, json.dumps({**result, "settings": settings}, indent=2))
+            done("bench", t)
 
-    _say("4/5 the same chat prompt to teacher and hybrid")
-    t = time.perf_counter()
-    answers = {"prompt": prompt, "teacher": answer(teacher, prompt, max_new_tokens),
-               "hybrid": answer(hybrid, prompt, max_new_tokens)}
-    done("answers", t)
-    _say("5/5 report")
-    path = report.write(workdir, teacher=teacher, hybrid=hybrid, answers=answers, machine=bench.machine())
+        _say("4/5 the same chat prompt to teacher and hybrid")
+        t = time.perf_counter()
+        answers = {"prompt": prompt, "teacher": answer(teacher, prompt, max_new_tokens),
+                   "hybrid": answer(hybrid, prompt, max_new_tokens)}
+        done("answers", t)
+        _say("5/5 report")
+        path = report.write(workdir, teacher=teacher, hybrid=hybrid, answers=answers, machine=bench.machine())
     wall = time.perf_counter() - start
     final = [s for s in report.STAGES if s in evals][-1]
     print(f"{name}: hybrid {hybrid.config.layer_map()} of {exp.teacher}\n"

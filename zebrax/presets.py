@@ -89,6 +89,22 @@ def _gin_names(gin, message: str) -> str:
     return ""
 
 
+def call_configurable(gin, name: str, *args, **kwargs):
+    """The configurable ``name`` called with the parsed bindings (and ``args``, ``kwargs``). A ZebraxError raised
+    inside stays one line: gin's note on the call it came through becomes the binding's scope
+    (``kd/TrainConfig.steps = …``), or is dropped."""
+    try:
+        return gin.get_configurable(name)(*args, **kwargs)
+    except ZebraxError as e:
+        message, _, note = str(e).partition("\n  In call to configurable ")
+        called = re.match(r"'([^']+)'.*? in scope '([^']+)'$", note.splitlines()[0] if note else "")
+        if called and message.startswith(f"{called[1]}."):
+            message = f"{called[2]}/{message}"
+        elif called:
+            message = f"{message} (in {called[2]}/{called[1]})"
+        raise ZebraxError(message) from None
+
+
 def model(config):
     """What a preset binds: ``model.config = @LlamaConfig()`` (or any other config class)."""
     return config

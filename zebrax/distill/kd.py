@@ -14,6 +14,13 @@ from zebrax.errors import InvalidArgument
 from zebrax.models.decoder import DecoderLM
 
 
+def check_top_k(top_k: int, direction: str, temperature: float) -> None:
+    """``top_k`` >= 0; top-k KD (``top_k`` > 0) is the forward KL at temperature 1."""
+    if top_k < 0 or (top_k and (direction != "forward" or temperature != 1.0)):
+        raise InvalidArgument(f"kd: top_k={top_k} must be >= 0, and top-k KD is the forward KL at temperature 1 "
+                              f"(got direction={direction!r}, temperature={temperature})")
+
+
 def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "forward", temperature: float = 1.0,
                  normalize: str = "token", ce_weight: float = 0.0, top_k: int = 0) -> Callable:
     """The trainer's objective ``(student_params, teacher_params, batch) -> (loss, {"kl", "ce"})``. ``batch``:
@@ -24,9 +31,7 @@ def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "fo
     on lengths or padding; ``"sequence"`` sums over tokens and divides by the batch size, as the reference code
     does. ``top_k`` > 0: the forward KL against the teacher's k most likely tokens only, renormalised
     (``topk_kl_loss``), the distillation of stored top-k teacher logits (direction and temperature do not apply)."""
-    if top_k < 0 or (top_k and (direction != "forward" or temperature != 1.0)):
-        raise InvalidArgument(f"kd: top_k={top_k} must be >= 0, and top-k KD is the forward KL at temperature 1 "
-                              f"(got direction={direction!r}, temperature={temperature})")
+    check_top_k(top_k, direction, temperature)
 
     def objective(student_params, teacher_params, batch):
         tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)

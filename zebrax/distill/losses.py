@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from zebrax.errors import InvalidArgument
 
 NORMALIZE = ("token", "sequence")
+ILD_KINDS = ("l2", "mse")
+KL_DIRECTIONS = ("forward", "reverse")
 
 
 def _normalized(per_token: jax.Array, mask: jax.Array | None, normalize: str) -> jax.Array:
@@ -48,7 +50,7 @@ def ild_loss(student: dict, teacher: dict, mask: jax.Array | None = None, *, kin
     ``student`` / ``teacher``: ``{"block_output": [h_0, h_1, …], "mixer_output": [a_0, …]}``, each ``[B, L, D]``;
     the student's layers ran on the teacher's block inputs.
     """
-    if kind not in ("l2", "mse"):
+    if kind not in ILD_KINDS:
         raise InvalidArgument(f"ild_loss: kind={kind!r} is not 'l2' or 'mse'")
     total = jnp.zeros((), jnp.float32)
     for name in ("block_output", "mixer_output"):
@@ -68,7 +70,7 @@ def kl_loss(teacher_logits: jax.Array, student_logits: jax.Array, mask: jax.Arra
     """KL between the teacher's and the student's next-token distributions at temperature T (times T², so gradients
     keep their scale): ``forward`` = KL(p_teacher ‖ p_student) (the paper's), ``reverse`` = KL(p_student ‖ p_teacher).
     """
-    if direction not in ("forward", "reverse"):
+    if direction not in KL_DIRECTIONS:
         raise InvalidArgument(f"kl_loss: direction={direction!r} is not 'forward' or 'reverse'")
     log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)

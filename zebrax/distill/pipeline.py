@@ -1,9 +1,14 @@
 """The Zebra-Llama pipeline in one resumable run (METHOD §6): teacher → all-MLA and all-Mamba2 students → ILD (both
 students in one step) → SMART on held-out rows → the assembled hybrid → KD → DPO (when preference data is given).
 
-Everything lands in one work directory:
+Everything that can be checked from the settings and the files is checked before any work: the ``Experiment``'s
+fields (``__post_init__``), the teacher's config and tokenizer, the students' configs, SMART's placement, the mesh,
+and every data file (records, and the tokens their loss counts once cut to ``seq_len``). Everything then lands in one
+work directory, which one run at a time holds (``locked``):
 
     experiment.json          the run's ``Experiment``; a different one is refused (config.gin: its gin form)
+    data_sha256.json         the SHA-256 of every data file read; a file changed since is refused
+    .lock                    held (``flock``) by the run in progress; it names the process
     teacher/                 the teacher made for ``teacher="tiny"`` (a random tiny Llama)
     checkpoints/STAGE/       orbax checkpoints of the stage in progress (params, optimizer, data position),
                              removed once the stage's output is written
@@ -19,10 +24,15 @@ progress from its latest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
+import inspect
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -30,12 +40,13 @@ import jax
 import numpy as np
 
 from zebrax import checkpoint, data
-from zebrax.config import HybridConfig, LlamaConfig
+from zebrax.config import DTYPES, HybridConfig, LlamaConfig
 from zebrax.distill.dpo import dpo_objective
 from zebrax.distill.ild import ild_objective
-from zebrax.distill.kd import kd_objective
-from zebrax.distill.trainer import TrainConfig, train
-from zebrax.errors import ConfigError, ZebraxError
+from zebrax.distill.kd import check_top_k, kd_objective
+from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
+from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings, train
+from zebrax.errors import ConfigError, ZebraxError, warn
 from zebrax.sharding import MeshConfig, make_mesh
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
@@ -44,6 +55,8 @@ TINY_TEACHER = LlamaConfig(vocab_size=data.ByteCodec.vocab_size, hidden_size=64,
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            bos_token_id=data.ByteCodec.bos, eos_token_id=(data.ByteCodec.eos,),
                            max_position_embeddings=1024, tie_word_embeddings=True)
+STUDENTS = {"mla": "all", "mamba2": "none"}  # the two students ILD trains: name → mla_layers
+RECORD, HASHES, LOCK = "experiment.json", "data_sha256.json", ".lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +113,77 @@ class Experiment:
     kd: TrainConfig = TrainConfig()
     dpo: TrainConfig = TrainConfig(learning_rate=5e-7, warmup_ratio=0.1)
 
+    def __post_init__(self):
+        """Each field's type and range (ConfigError naming the field and its value), and that the data files
+        exist; what needs the teacher or the files' content is checked by ``run`` before any work."""
+        if not (isinstance(self.teacher, str) and self.teacher):
+            raise ConfigError(f"distill.teacher = {self.teacher!r}: expected 'tiny' or a zebrax Llama checkpoint")
+        for name in ("tiny_teacher", "ild", "kd", "dpo"):
+            if not isinstance(getattr(self, name), TrainConfig):
+                raise ConfigError(f"distill.{name} = {getattr(self, name)!r}: expected a TrainConfig "
+                                  f"(e.g. @{name.removeprefix('tiny_')}/TrainConfig())")
+        check_strings("distill.data", self.data, empty=True)
+        check_strings("distill.preferences", self.preferences, empty=True)
+        for name in ("generation_prompts", "generated_data"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"distill.{name} = {getattr(self, name)!r}: expected a file path (a string)")
+        for name, files in (("data", self.data), ("preferences", self.preferences),
+                            ("generation_prompts", (self.generation_prompts,) if self.generation_prompts else ())):
+            for f in files:
+                if not Path(f).is_file():
+                    raise ConfigError(f"distill.{name}: {f}: no such data file (in {Path.cwd()})")
+        if bool(self.generation_prompts) != bool(self.generated_data):
+            raise ConfigError(f"distill.generation_prompts = {self.generation_prompts!r} and distill.generated_data "
+                              f"= {self.generated_data!r}: one needs the other (the teacher's replies to the prompts "
+                              f"are written to, and reused from, generated_data)")
+        if self.generation_prompts and self.teacher == "tiny":
+            raise ConfigError("distill.generation_prompts: the tiny teacher has no chat template to answer prompts "
+                              "with; give its data in distill.data")
+        self._check_generation()
+        check_int("distill.seq_len", self.seq_len, 2)
+        for name in ("pack", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"distill.{name} = {getattr(self, name)!r}: expected True or False")
+        if not (isinstance(self.split, (tuple, list)) and len(self.split) == 3):
+            raise ConfigError(f"distill.split = {self.split!r}: expected 3 fractions (held-out, ILD, KD)")
+        for i, fraction in enumerate(self.split):
+            check_number(f"distill.split[{i}]", fraction, 0.0, 1.0, open_low=True)
+        check_int("distill.seed", self.seed, 0)
+        if not (isinstance(self.mesh, dict) and set(self.mesh) <= {f.name for f in dataclasses.fields(MeshConfig)}):
+            raise ConfigError(f"distill.mesh = {self.mesh!r}: expected a dict of mesh sizes "
+                              f"(data, fsdp, tensor), e.g. {{'data': 2, 'fsdp': -1}}")
+        for axis, size in self.mesh.items():
+            check_int(f"distill.mesh[{axis!r}]", size, -1)
+        check_choice("distill.compute_dtype", self.compute_dtype, DTYPES)
+        recipe = set(inspect.signature(HybridConfig.from_teacher).parameters) - {"teacher", "mla_layers"}
+        if not (isinstance(self.student, dict) and set(self.student) <= recipe):
+            raise ConfigError(f"distill.student = {self.student!r}: expected a dict of HybridConfig.from_teacher "
+                              f"arguments ({', '.join(sorted(recipe))})")
+        check_int("distill.num_mla", self.num_mla, 1)
+        check_int("distill.smart_rows", self.smart_rows, 0)
+        check_choice("distill.ild_kind", self.ild_kind, ILD_KINDS)
+        check_choice("distill.kd_direction", self.kd_direction, KL_DIRECTIONS)
+        check_number("distill.kd_temperature", self.kd_temperature, 0.0, open_low=True)
+        check_choice("distill.kd_normalize", self.kd_normalize, NORMALIZE)
+        check_number("distill.kd_ce_weight", self.kd_ce_weight, 0.0)
+        check_int("distill.kd_top_k", self.kd_top_k, 0)
+        check_top_k(self.kd_top_k, self.kd_direction, self.kd_temperature)
+        check_number("distill.dpo_beta", self.dpo_beta, 0.0, open_low=True)
+
+    def _check_generation(self) -> None:
+        """``generation``: ``data.generate_data``'s sampling settings."""
+        known = {name for name, p in inspect.signature(data.generate_data).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY}
+        if not (isinstance(self.generation, dict) and set(self.generation) <= known):
+            raise ConfigError(f"distill.generation = {self.generation!r}: expected a dict of generate_data settings "
+                              f"({', '.join(sorted(known))})")
+        for name, value in self.generation.items():
+            where = f"distill.generation[{name!r}]"
+            if name in ("temperature", "top_p"):
+                check_number(where, value, 0.0, 1.0 if name == "top_p" else np.inf, open_low=name == "top_p")
+            else:
+                check_int(where, value, 0 if name == "seed" else 1)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=list)
 
@@ -117,21 +201,76 @@ def _sync(tag: str) -> None:
         multihost_utils.sync_global_devices(tag)
 
 
-def _claim(workdir: Path, exp: Experiment) -> None:
-    """The work directory holds this experiment, or is new; anything else is refused and left untouched. Every
-    process decides from the directory as it was; process 0 writes."""
-    _sync("claim")
-    fresh = _check_claim(workdir, exp)
-    _sync("claimed")
-    if fresh:
+def _lock(workdir: Path) -> int:
+    """An exclusive ``flock`` on ``WORKDIR/.lock``, the file naming this process; ConfigError naming the process
+    that holds it. The lock ends with the descriptor, or with the process however it ends (``kill -9`` too)."""
+    path = workdir / LOCK
+    try:
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_text(workdir / "experiment.json", exp.to_json())
-    _sync("recorded")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot create it ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that has not named itself yet"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ConfigError(f"{path}: cannot lock it ({e.strerror or e})") from None
+        raise ConfigError(f"{workdir}: in use by another run ({holder}); wait for it to end, or use another "
+                          f"--workdir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
 
 
-def _check_claim(workdir: Path, exp: Experiment) -> bool:
-    """True for a new work directory; ConfigError for another experiment's or a foreign one."""
-    record = workdir / "experiment.json"
+@contextlib.contextmanager
+def locked(workdir: str | os.PathLike):
+    """Hold the work directory for the block: one run at a time writes it (``WORKDIR/.lock``, created with the
+    directory); ConfigError naming the holder (pid and host) if another run holds it. In a multi-host run process 0
+    locks for all (the others share its run)."""
+    workdir = Path(workdir).absolute()
+    fd, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            fd = _lock(workdir)
+        except ConfigError as e:
+            refusal = e
+    if jax.process_count() > 1:  # every process learns whether process 0 holds it
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None))) and refusal is None:
+            refusal = ConfigError(f"{workdir}: process 0 could not lock it (its error says why)")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _claimed(workdir: Path, exp: Experiment, hashes: dict[str, str]):
+    """The work directory, held (``locked``) for the block: it holds this experiment made from the same data, or
+    is new; anything else is refused and left untouched. Every process decides from the directory as it was;
+    process 0 decides again once it holds the lock, and writes the records."""
+    _sync("claim")
+    _check_claim(workdir, exp, hashes)
+    _sync("claimed")
+    with locked(workdir):
+        if jax.process_index() == 0:
+            if _check_claim(workdir, exp, hashes):
+                _write_text(workdir / RECORD, exp.to_json())
+            _record_hashes(workdir, hashes)
+        _sync("recorded")
+        yield
+
+
+def _check_claim(workdir: Path, exp: Experiment, hashes: dict[str, str]) -> bool:
+    """True for a new work directory; ConfigError for another experiment's, one made from data that has changed
+    since, or a foreign one."""
+    record = workdir / RECORD
     if record.exists():  # a field added since the record was written counts at its default
         old = {**json.loads(Experiment().to_json()), **json.loads(record.read_text())}
         new = json.loads(exp.to_json())
@@ -139,10 +278,31 @@ def _check_claim(workdir: Path, exp: Experiment) -> bool:
             diff = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise ConfigError(f"{workdir}: written by a different experiment ({diff}: {old.get(diff)!r} there, "
                               f"{new.get(diff)!r} now); use another --workdir")
+        _hashes_agree(workdir, hashes)
         return False
-    if workdir.exists() and any(workdir.iterdir()):
+    if workdir.exists() and any(p.name != LOCK for p in workdir.iterdir()):
         raise ConfigError(f"{workdir}: exists and is not a zebrax distill work directory; use another --workdir")
     return True
+
+
+def _hashes_agree(workdir: Path, hashes: dict[str, str]) -> dict[str, str]:
+    """The work directory's record of data hashes with ``hashes`` added; ConfigError naming a file whose content
+    differs from the one the work directory was made from."""
+    path = workdir / HASHES
+    old = json.loads(path.read_text()) if path.exists() else {}
+    for f in sorted(set(old) & set(hashes)):
+        if old[f] != hashes[f]:
+            raise ConfigError(f"{workdir}: written from other data ({f}: sha256 {old[f][:12]} there, "
+                              f"{hashes[f][:12]} now: the file has changed); use another --workdir")
+    return {**old, **hashes}
+
+
+def _record_hashes(workdir: Path, hashes: dict[str, str]) -> None:
+    """Add ``hashes`` to the work directory's record (refused if one differs)."""
+    merged = _hashes_agree(workdir, hashes)
+    path = workdir / HASHES
+    if not path.exists() or json.loads(path.read_text()) != merged:
+        _write_text(path, json.dumps(merged, indent=2, sort_keys=True))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -196,29 +356,12 @@ def _lm_objective(model):
     return objective
 
 
-def _teacher(exp: Experiment, workdir: Path, mesh):
-    """(config, params, codec, tokenizer dir or None)."""
+def _teacher_config(exp: Experiment) -> tuple:
+    """(config, codec, tokenizer dir or None) of the teacher, from its checkpoint's config.json and tokenizer/ (its
+    parameters are not read)."""
     if exp.teacher == "tiny":
-        path, codec = workdir / "teacher", data.ByteCodec()
-        if not checkpoint.is_checkpoint(path):
-            import flax.linen as nn
-
-            from zebrax.models import build
-
-            rows = data.load_rows(exp.data, codec, exp.seq_len)
-            rows = data.pack(rows, exp.seq_len) if exp.pack else rows
-            _say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
-            module = build(TINY_TEACHER)
-            params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
-            params = train("teacher", _lm_objective(module), params, None,
-                           data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3, **_process_share()),
-                           exp.tiny_teacher, workdir, tokens_of=_real_tokens,
-                           **_sharded(mesh, {"": (TINY_TEACHER, params)}, None))
-            _save(workdir, "teacher", {"": (TINY_TEACHER, params)}, None)
-            _finished(workdir, "teacher")
-        config, params = _load(path)
-        return config, params, codec, None
-    config, params = _load(Path(exp.teacher))
+        return TINY_TEACHER, data.ByteCodec(), None
+    config = checkpoint.load_config(exp.teacher)
     if not isinstance(config, LlamaConfig):
         raise ConfigError(f"{exp.teacher}: the teacher must be a Llama checkpoint, this one is {type(config).__name__}")
     tokenizer = checkpoint.tokenizer_dir(exp.teacher)
@@ -226,7 +369,82 @@ def _teacher(exp: Experiment, workdir: Path, mesh):
         raise ConfigError(f"{exp.teacher}: has no tokenizer/ to turn the data into tokens")
     from zebrax.api import load_tokenizer
 
-    return config, params, data.TokenizerCodec(load_tokenizer(exp.teacher)), tokenizer
+    return config, data.TokenizerCodec(load_tokenizer(exp.teacher)), tokenizer
+
+
+def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
+    """The teacher's parameters; for ``teacher="tiny"`` first trained on the document ``rows`` of ``exp.data``."""
+    if exp.teacher == "tiny":
+        path = workdir / "teacher"
+        if not checkpoint.is_checkpoint(path):
+            import flax.linen as nn
+
+            from zebrax.models import build
+
+            rows = data.pack(rows, exp.seq_len) if exp.pack else rows
+            _say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
+            module = build(config)
+            params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
+            params = train("teacher", _lm_objective(module), params, None,
+                           data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3, **_process_share()),
+                           exp.tiny_teacher, workdir, tokens_of=_real_tokens, counted_of=_counted,
+                           **_sharded(mesh, {"": (config, params)}, None))
+            _save(workdir, "teacher", {"": (config, params)}, None)
+            _finished(workdir, "teacher")
+        return _load(path)[1]
+    return _load(Path(exp.teacher))[1]
+
+
+def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "documents") -> None:
+    """``counts`` ``[N]``: the loss tokens of each of ``what``'s documents (or pairs). DataError when none counts
+    any; a warning when some do not."""
+    none = int(np.sum(counts == 0))
+    if none == len(counts):
+        raise data.DataError(f"{what}: none of its {len(counts)} {noun} counts a loss token once cut to "
+                             f"distill.seq_len = {seq_len} (a chat record counts its last reply only: each is cut "
+                             f"off, or empty); raise distill.seq_len or shorten the prompts")
+    if none:
+        warn(f"{what}: {none} of its {len(counts)} {noun} count no loss token once cut to distill.seq_len = "
+             f"{seq_len} (their replies are cut off, or empty); they add nothing to the loss")
+
+
+def _documents(exp: Experiment, codec, files: tuple[str, ...]) -> dict:
+    """Every document of ``files`` as a row ``{field: [N, L]}``, checked: some count a loss token."""
+    if not files:
+        raise data.DataError("distill.data: no data files given")
+    rows = data.load_rows(files, codec, exp.seq_len)
+    _check_counted(data.counted(rows), f"distill.data ({', '.join(files)})", exp.seq_len)
+    return rows
+
+
+def _parts(exp: Experiment, rows: dict, files: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """The held-out, ILD and KD rows (the last two packed with ``exp.pack``), checked: the held-out and KD parts
+    count loss tokens (KL and KD have something to measure and learn), and the held-out rows fill a row of
+    ``seq_len`` for SMART."""
+    held, ild_rows, kd_rows = data.split(rows, exp.split, exp.seed)
+    for i, (name, part) in enumerate((("held-out", held), ("ILD", ild_rows), ("KD", kd_rows))):
+        if name != "ILD":  # ILD matches every real token
+            _check_counted(data.counted(part), f"the {name} part (distill.split[{i}]) of distill.data "
+                                               f"({', '.join(files)})", exp.seq_len)
+    _calibration(held, exp.seq_len)
+    if exp.pack:  # the held-out rows stay one document each
+        ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
+    return held, ild_rows, kd_rows
+
+
+def _pairs(exp: Experiment, codec) -> dict:
+    """The DPO pairs of ``exp.preferences`` as rows, checked: some pair counts loss tokens in both replies."""
+    pairs = data.load_rows(exp.preferences, codec, exp.seq_len, preference=True)
+    _check_counted(np.minimum(data.counted(pairs, "chosen_"), data.counted(pairs, "rejected_")),
+                   f"distill.preferences ({', '.join(exp.preferences)})", exp.seq_len, "pairs")
+    return pairs
+
+
+def _generated(exp: Experiment) -> bool:
+    """The teacher's replies to every prompt are in ``exp.generated_data`` (the prompts are read, and checked)."""
+    prompts = data.read_prompts(exp.generation_prompts)
+    done = data.replies(exp.generated_data)
+    return all(i in done for i in range(len(prompts)))
 
 
 def _sharded(mesh, trained: dict, frozen: tuple | None) -> dict:
@@ -257,6 +475,11 @@ def _real_tokens(batch: dict) -> int:
     return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("token_mask")))
 
 
+def _counted(batch: dict) -> int:
+    """The tokens a batch's loss counts (``data.counted``; both replies of DPO pairs)."""
+    return int(sum(data.counted(batch, k.removesuffix("loss_mask")).sum() for k in batch if k.endswith("loss_mask")))
+
+
 def _calibration(rows: dict, seq_len: int) -> np.ndarray:
     """The held-out rows' real tokens, concatenated and cut into full rows (SMART scores without padding)."""
     stream = np.concatenate([t[m] for t, m in zip(rows["tokens"], rows["token_mask"], strict=True)])
@@ -267,35 +490,90 @@ def _calibration(rows: dict, seq_len: int) -> np.ndarray:
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
+@dataclasses.dataclass
+class _Inputs:
+    """What ``_prepare`` read and checked before any work."""
+
+    t_config: LlamaConfig
+    codec: object  # data.ByteCodec or data.TokenizerCodec
+    tokenizer: Path | None  # the teacher's tokenizer/, copied into every model written
+    students: dict  # {"mla", "mamba2"} → HybridConfig
+    mesh: object  # a jax Mesh, or None: one device
+    files: tuple[str, ...]  # the data files, the teacher's replies included
+    parts: tuple | None  # the held-out, ILD and KD rows; None until the teacher has answered every prompt
+    rows: dict | None  # the documents of ``files`` (what the tiny teacher learns)
+    pairs: dict | None  # the DPO pairs
+    hashes: dict  # file → SHA-256 of the files read
+
+
+@contextlib.contextmanager
+def _about(exp: Experiment, field: str):
+    """A ZebraxError raised in the block names the ``Experiment`` field it comes from, and its value."""
+    try:
+        yield
+    except ZebraxError as e:
+        raise ConfigError(f"distill.{field} = {getattr(exp, field)!r}: {e}") from None
+
+
+def _prepare(exp: Experiment) -> _Inputs:
+    """Everything the settings and the files can tell, before any work: the teacher's config and tokenizer, the
+    students' configs, SMART's placement, the mesh, every data file's records and the tokens their loss counts,
+    the split. (The teacher's replies, when still to be written, are checked once written.)"""
+    from zebrax.select import place
+
+    t_config, codec, tokenizer = _teacher_config(exp)
+    with _about(exp, "student"):
+        students = {name: HybridConfig.from_teacher(t_config, mla_layers=layers, **exp.student)
+                    for name, layers in STUDENTS.items()}
+    with _about(exp, "num_mla"):
+        place([0.0] * t_config.num_hidden_layers, exp.num_mla)  # SMART can place num_mla layers
+    with _about(exp, "mesh"):
+        mesh = make_mesh(MeshConfig(**exp.mesh)) if exp.mesh else None
+    pairs = _pairs(exp, codec) if exp.preferences else None
+    files = (*exp.data, exp.generated_data) if exp.generation_prompts else exp.data
+    rows = parts = None
+    if not exp.generation_prompts or _generated(exp):
+        rows = _documents(exp, codec, files)
+        parts = _parts(exp, rows, files)
+    hashes = {f: data.sha256(f) for f in (*exp.data, *exp.preferences, exp.generation_prompts) if f}
+    return _Inputs(t_config=t_config, codec=codec, tokenizer=tokenizer, students=students, mesh=mesh,
+                   files=files, parts=parts, rows=rows, pairs=pairs, hashes=hashes)
+
+
 def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None = None) -> dict:
     """Run (or resume) every stage; returns ``eval.json``'s content. ``config_text``: the resolved gin config, written
-    to ``WORKDIR/config.gin``."""
+    to ``WORKDIR/config.gin``. Everything is checked (``_prepare``) before the work directory is touched."""
+    workdir = Path(workdir).absolute()
+    with checkpoint.warnings_after_success():  # a refused experiment says one thing, why
+        inputs = _prepare(exp)
+    with _claimed(workdir, exp, inputs.hashes):
+        if config_text is not None:
+            _write_text(workdir / "config.gin", config_text)
+        return _stages(exp, workdir, inputs)
+
+
+def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
+    """Every stage in the claimed work directory; a stage whose output is there is skipped."""
     from zebrax.api import Model
     from zebrax.evaluate import evaluate as measure
     from zebrax.init import assemble, init_hybrid
     from zebrax.models import build
     from zebrax.select import place, scores
 
-    workdir = Path(workdir).absolute()
-    _claim(workdir, exp)
-    if config_text is not None:
-        _write_text(workdir / "config.gin", config_text)
-    mesh = make_mesh(MeshConfig(**exp.mesh)) if exp.mesh else None
-    t_config, t_params, codec, tokenizer = _teacher(exp, workdir, mesh)
+    t_config, mesh, tokenizer = inputs.t_config, inputs.mesh, inputs.tokenizer
+    t_params = _teacher(exp, t_config, workdir, mesh, inputs.rows)
     teacher = build(t_config)
     t_params = jax.device_put(t_params)
-    files = exp.data
     if exp.generation_prompts:
-        if not exp.generated_data or tokenizer is None:
-            raise ConfigError("distill.generation_prompts needs distill.generated_data (where the replies go) and a "
-                              "teacher with a chat template")
         _say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
-        data.generate_data(Model(t_config, t_params, codec.tokenizer), exp.generation_prompts, exp.generated_data,
-                           **exp.generation)
-        files = (*files, exp.generated_data)
-    held, ild_rows, kd_rows = data.split(data.load_rows(files, codec, exp.seq_len), exp.split, exp.seed)
-    if exp.pack:  # the held-out rows stay one document each
-        ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
+        data.generate_data(Model(t_config, t_params, inputs.codec.tokenizer), exp.generation_prompts,
+                           exp.generated_data, **exp.generation)
+        if jax.process_index() == 0:
+            _record_hashes(workdir, {exp.generated_data: data.sha256(exp.generated_data)})
+    if inputs.parts is None:
+        with checkpoint.warnings_after_success():
+            inputs.parts = _parts(exp, _documents(exp, inputs.codec, inputs.files), inputs.files)
+    held, ild_rows, kd_rows = inputs.parts
     shard = _process_share()
     evals_path = workdir / "eval.json"
     evals = json.loads(evals_path.read_text()) if evals_path.exists() else {}
@@ -307,10 +585,8 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
             _say(f"{name}: KL(teacher ‖ model) {evals[name]['kl']:.4f}, perplexity {evals[name]['perplexity']:.2f}")
 
     evaluate("teacher", t_config, t_params)
-    students = {}
-    for name, layers in (("mla", "all"), ("mamba2", "none")):
-        config = HybridConfig.from_teacher(t_config, mla_layers=layers, **exp.student)
-        students[name] = (config, init_hybrid(t_config, t_params, config, jax.random.key(exp.seed))[0])
+    students = {name: (config, init_hybrid(t_config, t_params, config, jax.random.key(exp.seed))[0])
+                for name, config in inputs.students.items()}
 
     if not (workdir / "ild").exists():
         _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
@@ -346,7 +622,8 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
                                  normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k)
         params = train("kd", objective, h_params, t_params, data.batches(kd_rows, exp.kd.batch_size, exp.seed + 1,
                                                                           **shard), exp.kd, workdir,
-                       tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, h_params)}, (t_config, t_params)))
+                       tokens_of=_real_tokens, counted_of=_counted,
+                       **_sharded(mesh, {"": (h_config, h_params)}, (t_config, t_params)))
         _save(workdir, "kd", {"": (h_config, params)}, tokenizer)
         _finished(workdir, "kd")
     kd_params = _load(workdir / "kd")[1]
@@ -355,12 +632,12 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     if exp.preferences:
         if not (workdir / "dpo").exists():
             _say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
-            pairs = data.load_rows(exp.preferences, codec, exp.seq_len, preference=True)
             reference = jax.device_put(kd_params)
             params = train("dpo", dpo_objective(_compute(exp, h_config, trained=True), beta=exp.dpo_beta), kd_params,
                            reference,
-                           data.batches(pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
-                           tokens_of=_real_tokens, **_sharded(mesh, {"": (h_config, kd_params)}, (h_config, kd_params)))
+                           data.batches(inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
+                           tokens_of=_real_tokens, counted_of=_counted,
+                           **_sharded(mesh, {"": (h_config, kd_params)}, (h_config, kd_params)))
             _save(workdir, "dpo", {"": (h_config, params)}, tokenizer)
             _finished(workdir, "dpo")
         evaluate("after_dpo", h_config, _load(workdir / "dpo")[1])
