@@ -247,20 +247,21 @@ def hybrid(mla_layers, attention_layers=(), **kw) -> HybridConfig:
 MIXED = hybrid([0, 3], attention_layers=[2])  # L S A L S
 
 
-@functools.lru_cache(maxsize=32)
-def _initial_params(config) -> dict:
-    """The module's own initialisation (norms, Mamba2's A and dt bias, …), compiled once per config."""
-    params = jax.jit(build(config).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return jax.device_get(nn.unbox(params)["params"])
+@functools.lru_cache(maxsize=64)
+def random_params(config, seed: int = 0) -> dict:
+    """Weights large enough that every path matters: the module's initialisation from ``jax.random.key(seed)``, then
+    every matrix ~ N(0, 0.3²). Compiled, once per (config, seed): drawn eagerly, each leaf compiled its own program."""
+
+    def draw(key):
+        params = nn.unbox(build(config).init(key, jnp.zeros((1, 1), jnp.int32)))["params"]
+        keys = iter(jax.random.split(jax.random.key(seed + 1), 256))
+        return jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p, params)
+
+    return jax.device_get(jax.jit(draw)(jax.random.key(seed)))
 
 
 def random_model(config, seed: int = 0) -> zebrax.Model:
-    """Weights large enough that every path matters (matrices ~ N(0, 0.3²), drawn in numpy from ``seed``); vectors
-    as the module initialises them."""
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda p: (0.3 * rng.standard_normal(p.shape)).astype(p.dtype) if p.ndim >= 2 else p,
-                          _initial_params(config))
-    return zebrax.Model(config, params)
+    return zebrax.Model(config, random_params(config, seed))
 
 
 # -- comparisons ----------------------------------------------------------------------------------

@@ -223,7 +223,9 @@ def test_info_json_on_a_hybrid_preset(capsys):
     (dict(mla_layers="some"), "mla_layers='some'"),
     (dict(mla_layers="all", kv_lora_rank=65), "kv_lora_rank=65 must be in 1..48"),
     (dict(mla_layers="all", q_lora_rank=100), "q_lora_rank=100 must be in 1..48"),
-    (dict(mla_layers="all", qk_rope_head_dim=16), "qk_rope_head_dim=16 must be in 1..15"),
+    (dict(mla_layers="all", qk_rope_head_dim=16), "qk_rope_head_dim=16: MLA's RoPE pairs would rotate at other "
+                                                  "frequencies than the teacher pairs they are taken from; for "
+                                                  "head_dim=16 it must be one of [2, 4, 8]"),
 ])
 def test_bad_hybrid_requests_fail_in_one_clear_line(kwargs, needle):
     kwargs = {"kv_lora_rank": 12, "q_lora_rank": 24, **kwargs}
