@@ -112,9 +112,9 @@ def test_metrics_lines_and_the_schedule(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "toy").iterdir()) == ["10", "20"]
 
 
-def test_a_stage_whose_batches_count_no_token_stops_at_its_first_logged_step(tmp_path):
+def test_a_stage_whose_first_logged_steps_count_no_token_stops(tmp_path):
     """Rows whose loss masks are empty (chat replies cut off by seq_len) train on nothing: loss 0, no gradient. The
-    stage stops at its first logged step naming the cause, before a loss of 0 is logged; one counted token in
+    stage stops after its first log_every steps naming the cause, before a loss of 0 is logged; one counted token in
     that span is enough to go on."""
     def quad(params, frozen, batch):
         loss = jnp.sum((params["w"] - 1.0) ** 2)

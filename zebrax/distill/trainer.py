@@ -236,8 +236,8 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     """Run ``stage`` to ``cfg.steps`` from its latest complete checkpoint in ``WORKDIR/checkpoints/STAGE`` (or from
     ``params``); returns the trained parameters. ``data`` is a grain iterator of this process's rows (its state is
     checkpointed); ``tokens_of(batch)`` counts a batch's real tokens for tokens/s; ``counted_of(batch)``, the tokens
-    its loss counts: when the steps up to the first logged one count none, the stage stops with a ZebraxError (a
-    loss of 0 and no gradient are no training). With a ``mesh``, ``shardings`` =
+    its loss counts: when this run's first ``log_every`` steps count none, the stage stops with a ZebraxError before
+    it logs them (a loss of 0 and no gradient are no training). With a ``mesh``, ``shardings`` =
     (the parameters', the frozen tree's): the step runs sharded, batches are spread over (data, fsdp), and
     checkpoints are restored straight into their shardings. In a multi-host run every process calls this with its
     own rows; process 0 writes the metrics, and the data position saved is process 0's (every process has taken
@@ -263,7 +263,7 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     log = MetricsLog(workdir, stage, start)
     schedule = cfg.schedule()
     bad, tokens, since = 0, 0, time.perf_counter()
-    counted = None if counted_of is None else 0  # the loss's tokens until the first logged step
+    counted = None if counted_of is None else 0  # the loss's tokens in this run's first log_every steps
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=jax.process_index() != 0)
     try:
@@ -278,13 +278,14 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
             if bad >= cfg.max_bad_steps:
                 raise TrainingDiverged(f"{stage}: {bad} steps in a row had a non-finite loss or gradient (last at "
                                        f"step {step}); lower {stage}.learning_rate or check the data")
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if counted is not None and step - start == min(cfg.log_every, cfg.steps - start):
                 if counted == 0:
                     length = next(v for v in batch.values() if np.ndim(v) == 2).shape[1]
                     raise ZebraxError(f"{stage}: steps {start + 1}-{step} counted no token (every batch's loss "
                                       f"mask is empty: the replies cut off by rows of {length} tokens, or records "
                                       f"without reply tokens); raise distill.seq_len or check the data")
-                counted = None  # checked once, on the first logged step
+                counted = None  # checked once
+            if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - since
                 values = {**metrics, "tokens_per_sec": tokens / elapsed, "lr": schedule(step - 1),
                           "skipped_steps_in_a_row": bad}
