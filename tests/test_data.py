@@ -157,12 +157,12 @@ def test_counted_tokens_are_the_predictions_that_count():
     assert data.counted(two).tolist() == [2 * (whole - prompt)]  # a document's EOS does not predict the next one
 
 
-def test_generate_data_is_seeded_batched_and_resumes_to_the_same_file(smollm2_checkpoint, tmp_path):
-    """SmolLM2 answers 5 prompts in batches of 2 (sampled); a run cut after one batch, with a torn line, completes
-    to the same file an uninterrupted run writes."""
+def test_generate_data_is_seeded_batched_and_resumes_to_the_same_file(tiny_chat, tmp_path):
+    """A chat model answers 5 prompts in batches of 2 (sampled); a run cut after one batch, with a torn line,
+    completes to the same file an uninterrupted run writes."""
     import zebrax
 
-    model = zebrax.load(smollm2_checkpoint)
+    model = zebrax.load(tiny_chat)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Name a color, {i}."} for i in range(4)]
                           + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]}])
     settings = dict(batch_size=2, max_new_tokens=6, temperature=0.8, seed=3)

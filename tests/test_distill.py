@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,20 +29,19 @@ SHORT = ["teacher/TrainConfig.steps = 40", "ild/TrainConfig.steps = 8", "ild/Tra
          "dpo/TrainConfig.steps = 4"]
 
 
-def distill(workdir: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "zebrax", "distill", "--gin_file", TINY, "--workdir", str(workdir)]
+def distill(child_process, workdir: Path, *extra: str) -> subprocess.Popen:
+    args = ["distill", "--gin_file", TINY, "--workdir", workdir]
     for binding in [*SHORT, *extra]:
         args += ["--gin_param", binding]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return child_process.zebrax(*args, wait=False)
 
 
-def main_job(root: Path) -> subprocess.CompletedProcess:
+def main_job(child_process, root: Path) -> subprocess.CompletedProcess:
     """The main job on the tiny experiment with the same bindings: its work directory is ROOT/tiny."""
-    args = [sys.executable, "-m", "zebrax", "run", TINY_RUN, "--gin", f"run.root = '{root}'", "--gin",
-            "run.bench_contexts = (32,)"]
+    args = ["run", TINY_RUN, "--gin", f"run.root = '{root}'", "--gin", "run.bench_contexts = (32,)"]
     for binding in SHORT:
         args += ["--gin", binding]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return child_process.zebrax(*args)
 
 
 def metrics(workdir: Path) -> list[dict]:
@@ -56,9 +54,9 @@ def losses(workdir: Path) -> list[tuple]:
     return [tuple(sorted((k, v) for k, v in row.items() if k != "tokens_per_sec")) for row in metrics(workdir)]
 
 
-def test_tiny_experiment_learns_and_resumes_after_kill_9_and_the_main_job_reports_it(tmp_path):
+def test_tiny_experiment_learns_and_resumes_after_kill_9_and_the_main_job_reports_it(child_process, tmp_path):
     killed = tmp_path / "killed"
-    proc = distill(killed)
+    proc = distill(child_process, killed)
     while not any(r["stage"] == "kd" and r["step"] >= 10 for r in metrics(killed)):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.05)
@@ -68,10 +66,10 @@ def test_tiny_experiment_learns_and_resumes_after_kill_9_and_the_main_job_report
     for entry in killed.iterdir():  # stage outputs are whole or absent
         if entry.name in ("teacher", "hybrid", "kd", "dpo"):
             assert checkpoint.is_checkpoint(entry), entry
-    job = main_job(tmp_path)  # uninterrupted
+    job = main_job(child_process, tmp_path)  # uninterrupted
     assert job.returncode == 0, job.stderr[-2000:]
     straight = tmp_path / "tiny"
-    resumed = distill(killed)
+    resumed = distill(child_process, killed)
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err[-2000:]
     assert losses(killed) == losses(straight)  # the resumed log reads as the uninterrupted one, number for number
@@ -109,7 +107,7 @@ def test_tiny_experiment_learns_and_resumes_after_kill_9_and_the_main_job_report
     assert set(steps) == {"distill", "bench", "answers"}
 
     bench_mtime = (straight / "bench_decode.json").stat().st_mtime
-    again = main_job(tmp_path)  # everything reused: no training, no benchmark
+    again = main_job(child_process, tmp_path)  # everything reused: no training, no benchmark
     assert again.returncode == 0, again.stderr[-2000:]
     assert "3/5 decode benchmark: " in again.stderr and "is there" in again.stderr
     assert "ILD:" not in again.stderr and "KD:" not in again.stderr
@@ -241,11 +239,11 @@ def test_bad_data_files_are_refused_before_any_work(tmp_path, capsys):
 
 
 # -- the work directory: one run at a time, from the same data --------------------------------------
-def test_a_second_run_is_refused_while_one_holds_the_workdir_and_kill_9_frees_it(tmp_path, capsys):
+def test_a_second_run_is_refused_while_one_holds_the_workdir_and_kill_9_frees_it(child_process, tmp_path, capsys):
     workdir = tmp_path / "w"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom zebrax.distill.pipeline import locked\n"
-                               "with locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n",
-                               str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = child_process.python("-c", "import sys, time\nfrom zebrax.distill.pipeline import locked\n"
+                                  "with locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n",
+                                  workdir, wait=False)
     try:
         assert holder.stdout.readline().strip() == "held"
         code, err = distill_cli(capsys, workdir)
