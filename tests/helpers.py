@@ -247,21 +247,31 @@ def hybrid(mla_layers, attention_layers=(), **kw) -> HybridConfig:
 MIXED = hybrid([0, 3], attention_layers=[2])  # L S A L S
 
 
-@functools.lru_cache(maxsize=64)
-def random_params(config, seed: int = 0) -> dict:
-    """Weights large enough that every path matters: the module's initialisation from ``jax.random.key(seed)``, then
-    every matrix ~ N(0, 0.3²). Compiled, once per (config, seed): drawn eagerly, each leaf compiled its own program."""
+def random_params(module, *inputs, seed: int = 0) -> dict:
+    """Weights large enough that every path matters: ``module``'s initialisation on ``inputs`` from
+    ``jax.random.key(seed)``, then every matrix ~ N(0, 0.3²) (``jax.random.key(seed + 1)``). One compiled program:
+    drawn eagerly, each leaf and each op of the initialisation would compile a program of its own."""
 
     def draw(key):
-        params = nn.unbox(build(config).init(key, jnp.zeros((1, 1), jnp.int32)))["params"]
+        params = nn.unbox(module.init(key, *inputs))["params"]
         keys = iter(jax.random.split(jax.random.key(seed + 1), 256))
         return jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p, params)
 
     return jax.device_get(jax.jit(draw)(jax.random.key(seed)))
 
 
+@functools.lru_cache(maxsize=64)
+def _model_params(config, seed: int) -> dict:
+    return random_params(build(config), jnp.zeros((1, 1), jnp.int32), seed=seed)
+
+
+def model_params(config, seed: int = 0) -> dict:
+    """``random_params`` of a whole model (numpy, a fresh copy: the draw is made once per config and seed)."""
+    return jax.tree.map(np.array, _model_params(config, seed))
+
+
 def random_model(config, seed: int = 0) -> zebrax.Model:
-    return zebrax.Model(config, random_params(config, seed))
+    return zebrax.Model(config, _model_params(config, seed))
 
 
 # -- comparisons ----------------------------------------------------------------------------------

@@ -43,16 +43,17 @@ def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(nam
     x = jnp.asarray(rng.normal(size=(2, 10, 48)), jnp.float32)
     cache = Cache.init(2, 12, (MIXERS[name].module.init_cache(spec.config, 2, 12, jnp.float32),))
     slots = Slots.without_cache(jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), bool))
-    params = nn.unbox(module.init(jax.random.key(0), x, slots, None))["params"]
-    full, none = module.apply({"params": params}, x, slots, None)
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), x, slots, None))["params"]
+    apply = jax.jit(lambda *a: module.apply({"params": params}, *a))
+    full, none = apply(x, slots, None)
     assert none is None
     prefill = cache.slots(slots.positions[:, :6], jnp.ones((2, 6), bool))
-    y, layer = module.apply({"params": params}, x[:, :6], prefill, cache.layers[0])
+    y, layer = apply(x[:, :6], prefill, cache.layers[0])
     np.testing.assert_allclose(y, full[:, :6], rtol=0, atol=ATOL)
     cache = cache.advance(prefill, (layer,), 6)
     for i in range(6, 10):
         step = cache.slots(jnp.full((2, 1), i), jnp.ones((2, 1), bool))
-        y, layer = module.apply({"params": params}, x[:, i:i + 1], step, cache.layers[0])
+        y, layer = apply(x[:, i:i + 1], step, cache.layers[0])
         np.testing.assert_allclose(y[:, 0], full[:, i], rtol=0, atol=ATOL)
         cache = cache.advance(step, (layer,), 1)
 
@@ -112,7 +113,8 @@ def test_an_all_attention_plan_reproduces_the_teacher_bit_for_bit(tiny_llama, rn
 def test_blocks_sow_what_layerwise_distillation_needs_only_when_asked(rng):
     model = random_model(MIXED)
     tokens = jnp.asarray(rng.integers(0, 97, (2, 7)), jnp.int32)
-    logits, state = model.module.apply({"params": model.params}, tokens, mutable=["intermediates"])
+    sown = jax.jit(lambda t: model.module.apply({"params": model.params}, t, mutable=["intermediates"]))
+    logits, state = sown(tokens)
     inter = state["intermediates"]
     assert sorted(inter) == [f"layers_{i}" for i in range(5)]
     for i in range(5):
@@ -121,9 +123,9 @@ def test_blocks_sow_what_layerwise_distillation_needs_only_when_asked(rng):
         assert layer["block_input"].shape == layer["mixer_output"].shape == (2, 7, 48)
         if i < 4:
             np.testing.assert_array_equal(layer["block_output"], inter[f"layers_{i + 1}"]["block_input"][0])
-    full = model.logits(np.asarray(tokens))  # jitted: other fusions than this eager apply
+    full = model.logits(np.asarray(tokens))  # another program: other fusions
     np.testing.assert_allclose(logits[0], full, rtol=0, atol=ATOL * np.abs(full).max())
-    plain = model.module.apply({"params": model.params}, tokens)
+    plain = jax.jit(lambda t: model.module.apply({"params": model.params}, t))(tokens)
     assert isinstance(plain, tuple) and plain[1] is None  # nothing sown unless the collection is mutable
 
 
@@ -145,7 +147,7 @@ def test_positions_default_to_those_the_cache_implies(rng):
     model = random_model(MIXED)
     tokens = jnp.asarray(rng.integers(0, 97, (2, 12)), jnp.int32)
     full = model.logits(np.asarray(tokens))
-    apply = lambda *a, **k: model.module.apply({"params": model.params}, *a, **k)  # noqa: E731
+    apply = jax.jit(lambda *a, **k: model.module.apply({"params": model.params}, *a, **k))
     cache = model.module.init_cache(model.config, 2, 16)
     padded = jnp.concatenate([jnp.zeros((2, 2), jnp.int32), tokens[:, :5]], axis=1)
     mask = jnp.concatenate([jnp.zeros((2, 2), bool), jnp.ones((2, 5), bool)], axis=1)
@@ -163,9 +165,9 @@ def test_writing_past_the_cache_is_an_error():
     model = random_model(MIXED)
     cache = model.module.init_cache(model.config, 1, 8)
     apply = lambda t, c: model.module.apply({"params": model.params}, t, cache=c)  # noqa: E731
-    _, cache = apply(jnp.ones((1, 6), jnp.int32), cache)
+    _, cache = jax.jit(apply)(jnp.ones((1, 6), jnp.int32), cache)
     with pytest.raises(InvalidArgument, match="writing 3 tokens at slot 6 runs past its 8 slots"):
-        apply(jnp.ones((1, 3), jnp.int32), cache)
+        apply(jnp.ones((1, 3), jnp.int32), cache)  # eagerly
     with pytest.raises(Exception, match="writing 3 tokens at slot 6 runs past its 8 slots"):
         jax.block_until_ready(jax.jit(apply)(jnp.ones((1, 3), jnp.int32), cache))
     logits, cache = jax.jit(apply)(jnp.ones((1, 2), jnp.int32), cache)  # exactly full is fine

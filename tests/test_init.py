@@ -7,14 +7,13 @@ import dataclasses
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import zebrax
-from tests.helpers import TEACHER
+from tests.helpers import TEACHER, model_params
 from zebrax.cache import Slots
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling, rope_head_dims
 from zebrax.errors import ConfigError
@@ -22,14 +21,10 @@ from zebrax.init import init_hybrid, mamba2_from_attention, mla_from_attention
 from zebrax.init.mla_svd import rope_rows
 from zebrax.layers import Attention
 from zebrax.layers.mla import MLAttention
-from zebrax.models import build
 
 
 def teacher_params(config: LlamaConfig = TEACHER, seed: int = 0) -> dict:
-    params = nn.unbox(build(config).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32)))["params"]
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 256))
-    return jax.tree.map(lambda p: np.asarray(0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p),
-                        params)
+    return model_params(config, seed)
 
 
 def full_rank(**kw) -> HybridConfig:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import zebrax
+from tests.helpers import random_model
 from zebrax.config import Mamba2Config, Mamba2LMConfig
 from zebrax.errors import ConfigError
 from zebrax.generate import Generator
-from zebrax.models import build
 
 STANDARD = Mamba2Config(d_model=32, d_inner=64, n_heads=4, head_dim=16, d_state=8, n_groups=2, chunk_size=8)
 # Zebra's shape: x and B like V and K (2 KV heads), C like Q (one group per head), expand 1, d_state = head_dim
@@ -20,19 +19,15 @@ ATTENTION_SHAPED = Mamba2Config(d_model=32, d_inner=32, n_heads=4, head_dim=8, d
                                 chunk_size=8)
 
 
-def random_model(mixer: Mamba2Config, seed: int = 0) -> zebrax.Model:
+def mamba2_lm(mixer: Mamba2Config, seed: int = 0) -> zebrax.Model:
     """A 2-layer LM with weights large enough that every path matters (kernels ~ N(0, 0.3²))."""
-    config = Mamba2LMConfig(vocab_size=97, num_hidden_layers=2, mixer=mixer, eos_token_id=(3,))
-    params = nn.unbox(build(config).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32)))["params"]
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-    params = jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p, params)
-    return zebrax.Model(config, params)
+    return random_model(Mamba2LMConfig(vocab_size=97, num_hidden_layers=2, mixer=mixer, eos_token_id=(3,)), seed)
 
 
 @pytest.mark.parametrize("mixer", [STANDARD, ATTENTION_SHAPED], ids=["standard", "attention_shaped"])
 @pytest.mark.parametrize("pad", [0, 3])
 def test_prefill_then_decode_steps_equal_full_forward(mixer, pad, rng):
-    model = random_model(mixer)
+    model = mamba2_lm(mixer)
     tokens = rng.integers(0, 97, (2, 21)).astype(np.int32)
     full = model.logits(tokens)
     assert full.std() > 0.3
@@ -50,7 +45,7 @@ def test_prefill_then_decode_steps_equal_full_forward(mixer, pad, rng):
 def test_attention_shaped_equals_standard_with_repeated_weights(rng):
     """The attention-shaped mixer is the standard one (n_groups = heads) whose x and B rows of in_proj and
     conv channels are repeated per head: repeat-after-conv equals conv-after-repeat."""
-    zebra = random_model(ATTENTION_SHAPED)
+    zebra = mamba2_lm(ATTENTION_SHAPED)
     m = ATTENTION_SHAPED
     expanded_cfg = Mamba2Config(**{**m.__dict__, "xb_heads": None})
     r = m.n_heads // m.xb_heads
@@ -78,14 +73,14 @@ def test_attention_shaped_equals_standard_with_repeated_weights(rng):
 
 
 def test_pallas_impl_in_the_model_equals_chunked(rng):
-    model = random_model(ATTENTION_SHAPED)
+    model = mamba2_lm(ATTENTION_SHAPED)
     pallas = zebrax.Model(model.config, model.params, impl="pallas")
     tokens = rng.integers(0, 97, (1, 13))
     np.testing.assert_allclose(pallas.logits(tokens), model.logits(tokens), rtol=0, atol=1e-4)
 
 
 def test_attention_shaped_cache_sizes():
-    model = random_model(ATTENTION_SHAPED)
+    model = mamba2_lm(ATTENTION_SHAPED)
     m = ATTENTION_SHAPED
     conv = (m.xb_heads * m.head_dim * 2 + m.n_groups * m.d_state) * (m.conv_kernel - 1) * 4
     ssm = m.n_heads * m.head_dim * m.d_state * 4

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import zebrax
+from tests.helpers import random_params
 from zebrax.cache import Cache, LatentCache, Slots
 from zebrax.config import DeepseekV3Config, MLAConfig, RopeScaling
 from zebrax.errors import ConfigError
@@ -23,12 +23,6 @@ ZEBRA = MLAConfig(d_model=48, n_heads=6, kv_groups=2, q_lora_rank=40, kv_lora_ra
 # DeepSeek's shape: one K/V group per head, latent norms, interleaved RoPE pairs
 DEEPSEEK = MLAConfig(d_model=48, n_heads=4, kv_groups=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12,
                      qk_rope_head_dim=4, v_head_dim=12, q_latent_norm=True, kv_latent_norm=True, rope_interleave=True)
-
-
-def random_params(module, *args, seed=0):
-    params = nn.unbox(module.init(jax.random.key(seed), *args))["params"]
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-    return jax.tree.map(lambda p: 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim >= 2 else p, params)
 
 
 @pytest.mark.parametrize("cfg", [ZEBRA, DEEPSEEK], ids=["zebra", "deepseek"])
