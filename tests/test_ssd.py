@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 
 from kernels_pallas.ssd import BlockSizes, ssd_pallas
+from tests.helpers import close
 from zebrax.errors import InvalidArgument
 from zebrax.ops import ssd, ssd_decode_step
 
 TOL = {"chunked": 1e-5, "pallas": 1e-4}
+# the ops compiled whole: run eagerly, each of their operations would compile a program of its own
+SSD = jax.jit(ssd, static_argnames=("chunk_size", "impl"))
+DECODE_STEP = jax.jit(ssd_decode_step)
 # (batch, length, heads, groups, head_dim, d_state, chunk_size, with initial state)
 CASES = {
     "ragged_tail_groups": (2, 37, 4, 2, 8, 6, 16, True),  # 37 % 16 != 0; p, n padded inside the kernel
@@ -37,18 +41,12 @@ def inputs(case, dtype=jnp.float32, seed=0):
     )
 
 
-def close(got, want, tol, what):
-    scale = max(1.0, float(np.abs(np.asarray(want, np.float32)).max()))
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol * scale,
-                               err_msg=what)
-
-
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_and_final_state_equal_the_reference(impl, case):
     args, chunk = inputs(case), CASES[case][6]
-    y_ref, s_ref = ssd(**args, chunk_size=chunk, impl="reference")
-    y, s = ssd(**args, chunk_size=chunk, impl=impl)
+    y_ref, s_ref = SSD(**args, chunk_size=chunk, impl="reference")
+    y, s = SSD(**args, chunk_size=chunk, impl=impl)
     assert y.dtype == jnp.float32 and s.dtype == jnp.float32
     close(y, y_ref, TOL[impl], "y")
     close(s, s_ref, TOL[impl], "final state")
@@ -65,12 +63,12 @@ def test_gradients_equal_the_reference(impl, case):
     ct_s = jnp.asarray(rng.normal(size=args["initial_state"].shape), jnp.float32)
 
     def loss(which, *values):
-        y, s = ssd(**dict(zip(names, values, strict=True)), chunk_size=chunk, impl=which)
+        y, s = SSD(**dict(zip(names, values, strict=True)), chunk_size=chunk, impl=which)
         return jnp.sum(y * ct_y) + jnp.sum(s * ct_s)
 
     values = [args[k] for k in names]
-    want = jax.grad(loss, argnums=range(1, 8))("reference", *values)
-    got = jax.grad(loss, argnums=range(1, 8))(impl, *values)
+    grad = jax.jit(jax.grad(loss, argnums=range(1, 8)), static_argnums=0)
+    want, got = grad("reference", *values), grad(impl, *values)
     for name, g, w in zip(names, got, want, strict=True):
         close(g, w, TOL[impl], f"d/d{name}")
 
@@ -78,8 +76,8 @@ def test_gradients_equal_the_reference(impl, case):
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
 def test_bfloat16_inputs(impl):
     args = inputs("ragged_tail_groups", dtype=jnp.bfloat16)
-    y_ref, s_ref = ssd(**args, chunk_size=16, impl="reference")
-    y, s = ssd(**args, chunk_size=16, impl=impl)
+    y_ref, s_ref = SSD(**args, chunk_size=16, impl="reference")
+    y, s = SSD(**args, chunk_size=16, impl=impl)
     assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     close(y, y_ref, 2e-2, "y")
     close(s, s_ref, 2e-2, "final state")
@@ -96,7 +94,7 @@ def test_pallas_tpu_form_equals_the_reference(dtype):
                 C=arr(b, length, g, n, scale=0.5), D=arr(h), initial_state=arr(b, h, p, n))
     tol = 1e-4 if dtype == jnp.float32 else 2e-2
     y, s = ssd_pallas(**args, chunk_size=128, backend="tpu", interpret=True)
-    y_ref, s_ref = ssd(**args, chunk_size=128, impl="reference")
+    y_ref, s_ref = SSD(**args, chunk_size=128, impl="reference")
     assert y.dtype == dtype
     close(y, y_ref, tol, "y")
     close(s, s_ref, tol, "final state")
@@ -104,12 +102,12 @@ def test_pallas_tpu_form_equals_the_reference(dtype):
 
     def grads(fn):
         loss = lambda x, B, C, s0: jnp.sum(fn(x, B, C, s0)[0].astype(jnp.float32) * ct)  # noqa: E731
-        return jax.grad(loss, argnums=range(4))(args["x"], args["B"], args["C"], args["initial_state"])
+        return jax.jit(jax.grad(loss, argnums=range(4)))(args["x"], args["B"], args["C"], args["initial_state"])
 
     rest = {k: args[k] for k in ("dt", "A", "D")}
     got = grads(lambda x, B, C, s0: ssd_pallas(x=x, B=B, C=C, initial_state=s0, **rest, chunk_size=128,
                                                backend="tpu", interpret=True))
-    want = grads(lambda x, B, C, s0: ssd(x=x, B=B, C=C, initial_state=s0, **rest, chunk_size=128, impl="reference"))
+    want = grads(lambda x, B, C, s0: SSD(x=x, B=B, C=C, initial_state=s0, **rest, chunk_size=128, impl="reference"))
     for name, gt, w in zip(["x", "B", "C", "initial_state"], got, want, strict=True):
         close(gt, w, tol * (3 if dtype == jnp.bfloat16 else 1), f"d/d{name}")
 
@@ -117,21 +115,21 @@ def test_pallas_tpu_form_equals_the_reference(dtype):
 def test_split_sequence_with_carried_state_equals_one_pass():
     """Running [0, 20) then [20, 37) from the carried state gives the same outputs and state as one pass."""
     args = inputs("ragged_tail_groups")
-    y, s = ssd(**args, chunk_size=16, impl="chunked")
+    y, s = SSD(**args, chunk_size=16, impl="chunked")
     first = {k: (v[:, :20] if k in ("x", "dt", "B", "C") else v) for k, v in args.items()}
-    y1, s1 = ssd(**first, chunk_size=16, impl="chunked")
+    y1, s1 = SSD(**first, chunk_size=16, impl="chunked")
     second = {k: (v[:, 20:] if k in ("x", "dt", "B", "C") else v) for k, v in args.items()} | {"initial_state": s1}
-    y2, s2 = ssd(**second, chunk_size=16, impl="chunked")
+    y2, s2 = SSD(**second, chunk_size=16, impl="chunked")
     close(jnp.concatenate([y1, y2], axis=1), y, 1e-5, "y")
     close(s2, s, 1e-5, "state")
 
 
 def test_decode_steps_equal_the_reference():
     args = inputs("ragged_tail_groups")
-    y_ref, s_ref = ssd(**args, chunk_size=16, impl="reference")
+    y_ref, s_ref = SSD(**args, chunk_size=16, impl="reference")
     state = args["initial_state"]
     for t in range(args["x"].shape[1]):
-        y_t, state = ssd_decode_step(args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t],
+        y_t, state = DECODE_STEP(args["x"][:, t], args["dt"][:, t], args["A"], args["B"][:, t],
                                      args["C"][:, t], args["D"], state)
         close(y_t, y_ref[:, t], 1e-5, f"y[{t}]")
     close(state, s_ref, 1e-5, "state")
