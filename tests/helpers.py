@@ -275,6 +275,16 @@ def random_model(config, seed: int = 0) -> zebrax.Model:
 
 
 # -- comparisons ----------------------------------------------------------------------------------
+def compiled(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as one compiled program: array arguments traced, the others (offsets, sizes, block
+    shapes, None) fixed. Run eagerly, each operation of ``fn`` would compile a program of its own."""
+    is_array = lambda x: isinstance(x, jax.Array | np.ndarray)  # noqa: E731
+    traced = {k: v for k, v in kwargs.items() if is_array(v)}
+    fixed = {k: v for k, v in kwargs.items() if k not in traced}
+    return jax.jit(lambda a, kw: fn(*a, **kw, **fixed))(args, traced)
+
+
+
 def close(got, want, tol, what=""):
     scale = max(1.0, float(np.abs(np.asarray(want, np.float32)).max()))
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol,
@@ -290,7 +300,7 @@ def assert_gradients_match(fn, args, tol, **kw):
 
     def grads(f, **kw):
         loss = lambda q, k, v: jnp.sum(f(q, k, v, **rest, **kw).astype(jnp.float32) * ct)  # noqa: E731
-        return jax.grad(loss, argnums=(0, 1, 2))(args["q"], args["k"], args["v"])
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(args["q"], args["k"], args["v"])
 
     for name, got, want in zip("qkv", grads(fn, **kw), grads(attention_reference), strict=True):
         assert got.dtype == args[name].dtype

@@ -13,7 +13,7 @@ import pytest
 import zebrax
 from kernels_pallas.flash_attention import attention_reference
 from kernels_pallas.mla_decode import latent_attention_reference
-from tests.helpers import assert_gradients_match, close
+from tests.helpers import assert_gradients_match, close, compiled
 from zebrax.ops import attention, latent_attention
 from zebrax.ops.attention_blocked import Blocks, attention_blocked
 from zebrax.ops.auto import auto_choices, pallas_is_default
@@ -44,7 +44,7 @@ def inputs(case, dtype=jnp.float32, seed=0):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_blocked_equals_reference(case, blocks):
     args = inputs(case)
-    close(attention_blocked(**args, blocks=blocks), attention_reference(**args), 1e-5)
+    close(compiled(attention_blocked, **args, blocks=blocks), compiled(attention_reference, **args), 1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -57,15 +57,15 @@ def test_traced_offset_and_masking_rules():
     args = inputs("mha_left_padded")
     step = jax.jit(lambda q, k, v, m, o: attention_blocked(q, k, v, kv_mask=m, q_offset=o, blocks=SMALL))
     out = step(args["q"], args["k"], args["v"], args["kv_mask"], jnp.int32(0))
-    close(out, attention_reference(**args), 1e-5)
+    close(out, compiled(attention_reference, **args), 1e-5)
     assert float(jnp.abs(out[0, :9]).max()) == 0.0 and float(jnp.abs(out[0, 9:]).max()) > 0
 
 
 def test_bfloat16_inputs():
     args = inputs("prefill_ragged_gqa", jnp.bfloat16)
-    got = attention_blocked(**args, blocks=SMALL)
+    got = compiled(attention_blocked, **args, blocks=SMALL)
     assert got.dtype == jnp.bfloat16
-    close(got, attention_reference(**args), 2e-2)
+    close(got, compiled(attention_reference, **args), 2e-2)
 
 
 def test_latent_attention_blocked_with_gradients():
@@ -74,9 +74,10 @@ def test_latent_attention_blocked_with_gradients():
     q = jnp.asarray(rng.normal(size=(2, 3, 4, 24)), jnp.float32)
     latent = jnp.asarray(rng.normal(size=(2, 40, 24)), jnp.float32)
     kw = dict(value_dim=16, kv_mask=jnp.ones((2, 40), bool).at[1, :3].set(False), q_offset=30, scale=0.2)
-    close(latent_attention(q, latent, **kw, impl="blocked"), latent_attention_reference(q, latent, **kw), 1e-5)
+    close(compiled(latent_attention, q, latent, **kw, impl="blocked"),
+          compiled(latent_attention_reference, q, latent, **kw), 1e-5)
     ct = jnp.asarray(rng.normal(size=(2, 3, 4, 16)), jnp.float32)
-    grads = lambda f: jax.grad(lambda q, lat: jnp.sum(f(q, lat, **kw) * ct), argnums=(0, 1))(q, latent)  # noqa: E731
+    grads = lambda f: jax.jit(jax.grad(lambda q, lat: jnp.sum(f(q, lat, **kw) * ct), argnums=(0, 1)))(q, latent)  # noqa: E731
     blocked = lambda q, lat, **kw: latent_attention(q, lat, **kw, impl="blocked")  # noqa: E731
     for got, want in zip(grads(blocked), grads(latent_attention_reference), strict=True):
         close(got, want, 1e-4)
@@ -88,7 +89,7 @@ def test_auto_takes_no_unmeasured_kernel():
         assert auto_choices(backend) == {"attention": "blocked", "latent_attention": "blocked", "ssd": "chunked"}
         assert not pallas_is_default("flash_attention", backend)
     args = inputs("prefill_ragged_gqa")
-    np.testing.assert_array_equal(attention(**args), attention(**args, impl="blocked"))
+    np.testing.assert_array_equal(compiled(attention, **args), compiled(attention, **args, impl="blocked"))
 
 
 @pytest.mark.parametrize("fixture, name", [("tiny_llama", "gqa_llama3_untied"), ("tiny_deepseek", "q_lora_yarn")])

@@ -18,7 +18,7 @@ import zebrax
 from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
 from kernels_pallas.mla_decode import BlockSizes as DecodeBlocks
 from kernels_pallas.mla_decode import latent_attention_reference, mla_decode
-from tests.helpers import assert_gradients_match, close
+from tests.helpers import assert_gradients_match, close, compiled
 from zebrax.errors import InvalidArgument
 from zebrax.ops import attention
 
@@ -47,7 +47,7 @@ FORMS = {"loop": {}, "grid": dict(backend="tpu", interpret=True, block_sizes=Blo
 @pytest.mark.parametrize("case", sorted(FLASH_CASES))
 def test_flash_forward_equals_reference(case, form):
     args = flash_inputs(case)
-    close(flash_attention(**args, **FORMS[form]), attention_reference(**args), 1e-4)
+    close(compiled(flash_attention, **args, **FORMS[form]), compiled(attention_reference, **args), 1e-4)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -58,24 +58,24 @@ def test_flash_gradients_equal_reference(case, form):
 
 def test_flash_blocks_do_not_change_the_result():
     args = flash_inputs("prefill_ragged")
-    small = flash_attention(**args, block_sizes=BlockSizes(16, 16))
-    close(flash_attention(**args, block_sizes=BlockSizes(32, 16)), small, 1e-5)
-    close(flash_attention(**args, block_sizes=BlockSizes(16, 64)), small, 1e-5)
+    small = compiled(flash_attention, **args, block_sizes=BlockSizes(16, 16))
+    close(compiled(flash_attention, **args, block_sizes=BlockSizes(32, 16)), small, 1e-5)
+    close(compiled(flash_attention, **args, block_sizes=BlockSizes(16, 64)), small, 1e-5)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_flash_bfloat16(form):
     """bf16 operands go into the products as they are (float32 accumulation): outputs 2e-2, gradients 3e-2."""
     args = flash_inputs("prefill_ragged", jnp.bfloat16)
-    got = flash_attention(**args, **FORMS[form])
+    got = compiled(flash_attention, **args, **FORMS[form])
     assert got.dtype == jnp.bfloat16
-    close(got, attention_reference(**args), 2e-2)
+    close(got, compiled(attention_reference, **args), 2e-2)
     assert_gradients_match(flash_attention, args, 3e-2, **FORMS[form])
 
 
 def test_fully_masked_queries_output_zeros():
     args = flash_inputs("prefill_ragged")
-    out = flash_attention(**args)
+    out = compiled(flash_attention, **args)
     assert float(jnp.abs(out[:, :2]).max()) == 0.0 and float(jnp.abs(out[:, 2:]).max()) > 0
 
 
@@ -93,7 +93,8 @@ def test_mla_decode_equals_reference(case, blocks):
     latent = jnp.asarray(rng.normal(size=(b, s, r + rope)), jnp.float32)
     mask = jnp.broadcast_to((jnp.arange(s) < offset + lq) & (jnp.arange(s) >= 2), (b, s))
     kw = dict(value_dim=r, kv_mask=mask, q_offset=offset, scale=(r + rope) ** -0.5)
-    close(mla_decode(q, latent, **kw, block_sizes=blocks), latent_attention_reference(q, latent, **kw), 1e-4)
+    want = compiled(latent_attention_reference, q, latent, **kw)
+    close(compiled(mla_decode, q, latent, **kw, block_sizes=blocks), want, 1e-4)
 
 
 @pytest.mark.parametrize("case", ["zebra_8b_like", "speculative_3"])
@@ -106,9 +107,9 @@ def test_mla_decode_tpu_form_equals_reference(case, dtype):
     latent = jnp.asarray(rng.normal(size=(b, s, r + rope)), dtype)
     kw = dict(value_dim=r, kv_mask=jnp.ones((b, s), bool).at[:, :2].set(False), q_offset=offset,
               scale=(r + rope) ** -0.5)
-    got = mla_decode(q, latent, **kw, block_sizes=DecodeBlocks(128, 2), backend="tpu", interpret=True)
+    got = compiled(mla_decode, q, latent, **kw, block_sizes=DecodeBlocks(128, 2), backend="tpu", interpret=True)
     assert got.dtype == dtype
-    close(got, latent_attention_reference(q, latent, **kw), 1e-4 if dtype == jnp.float32 else 2e-2)
+    close(got, compiled(latent_attention_reference, q, latent, **kw), 1e-4 if dtype == jnp.float32 else 2e-2)
 
 
 def test_block_sizes_are_legal_by_construction():
@@ -148,7 +149,7 @@ def test_kernels_lower_for_gpu_and_tpu(platform, backend, dtype):
 
 def test_ops_attention_dispatches_and_checks_heads():
     args = flash_inputs("prefill_ragged")
-    close(attention(**args, impl="pallas"), attention(**args, impl="reference"), 1e-4)
+    close(compiled(attention, **args, impl="pallas"), compiled(attention, **args, impl="reference"), 1e-4)
     with pytest.raises(InvalidArgument, match="4 KV heads must divide 6 query heads"):
         attention(args["q"], args["k"][:, :, [0, 1, 0, 1]], args["v"][:, :, [0, 1, 0, 1]])
 
