@@ -10,8 +10,8 @@ Tiers are markers applied here from the fixtures a test uses, never by hand (``-
 - ``notebook``: the quickstart notebook in a Jupyter kernel (``notebook_kernel``).
 
 ``make test`` runs every test outside the three tiers (every op, kernel, layer, conversion and error path, at tiny
-shapes); ``make test-all`` (CI) runs them all. JAX's persistent compilation cache (``build/jax-cache``) is shared by
-the workers, the child processes they start and later runs.
+shapes); ``make test-all`` (CI) runs them all. Programs compile with XLA's optimisations off into JAX's persistent
+compilation cache (``build/jax-cache``), shared by the workers, the child processes they start and later runs.
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# read by JAX in this process and in every child process a test starts
+# read by JAX in this process and in every child process a test starts: the programs of tiny models cost more to
+# optimise than to run, and the persistent cache keeps every one (the same program compiled again, in another worker,
+# by another jit wrapper or in a later run, is read back)
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "build" / "jax-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -201,14 +204,22 @@ def notebook_kernel(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _drop_compiled_programs_after_real_model_tests(request):
-    """A real-model test leaves compiled programs of several GB in its worker; drop them before the next test (two
-    workers and a notebook kernel share the machine's memory)."""
-    yield
-    if request.node.get_closest_marker("real_model"):
-        import gc
+def _real_models_compile_optimised(request, monkeypatch):
+    """The embedded teacher's programs (and the notebook's, in its kernel) are run for real: XLA optimises them. After
+    the test its compiled programs, several GB, are dropped (two workers and a notebook kernel share the memory)."""
+    if not (request.node.get_closest_marker("real_model") or request.node.get_closest_marker("notebook")):
+        yield
+        return
+    import gc
 
-        import jax
+    import jax
 
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
         jax.clear_caches()
         gc.collect()

@@ -124,8 +124,8 @@ def test_an_mla_layer_initialised_from_rope_only_attention_computes_the_teachers
     mla, _ = mla_from_attention(attn, cfg.attention, cfg.mla)
     x = jnp.asarray(rng.normal(size=(2, 11, 48)), jnp.float32)
     slots = Slots.without_cache(jnp.broadcast_to(jnp.arange(11), (2, 11)), jnp.ones((2, 11), bool))
-    want, _ = Attention(cfg.attention).apply({"params": attn}, x, slots)
-    got, _ = MLAttention(cfg.mla).apply({"params": mla}, x, slots)
+    want, _ = jax.jit(Attention(cfg.attention).apply)({"params": attn}, x, slots)
+    got, _ = jax.jit(MLAttention(cfg.mla).apply)({"params": mla}, x, slots)
     assert float(jnp.std(want)) > 0.1
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 

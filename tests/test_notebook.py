@@ -10,7 +10,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ip
 
 def test_quickstart_notebook_runs_in_a_kernel(notebook_kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("ZEBRAX_QUICKSTART_STEPS", "2")  # the kernel inherits the environment
-    monkeypatch.setenv("ZEBRAX_QUICKSTART_SEQ_LEN", "32")
+    monkeypatch.setenv("ZEBRAX_QUICKSTART_SEQ_LEN", "96")  # the chat template alone is ~30 tokens
     monkeypatch.setenv("ZEBRAX_QUICKSTART_BATCH", "2")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     outputs = notebook_kernel(NOTEBOOK)

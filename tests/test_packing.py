@@ -13,7 +13,7 @@ import pytest
 import zebrax
 from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
 from kernels_pallas.ssd import ssd_pallas
-from tests.helpers import MIXED, close, random_model
+from tests.helpers import MIXED, close, compiled, random_model
 from zebrax import data
 from zebrax.ops import ssd
 from zebrax.ops.attention_blocked import Blocks, attention_blocked
@@ -23,7 +23,7 @@ SEGMENTS = np.array([[1] * 10 + [2] * 20 + [3] * 10 + [0] * 5, [1] * 20 + [2] * 
 
 
 def grads(fn, args, ct, **kw):
-    return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v, **kw) * ct), argnums=(0, 1, 2))(*args)
+    return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v, **kw) * ct), argnums=(0, 1, 2)))(*args)
 
 
 @pytest.mark.parametrize("impl", ["blocked", "flash_loop", "flash_grid"])
@@ -40,8 +40,8 @@ def test_attention_keeps_documents_apart(impl, rng):
     close(got, want, 1e-5)
     for name, gt, w in zip("qkv", got_grads, want_grads, strict=True):
         close(gt, w, 1e-4 if impl.startswith("flash") else 1e-5, f"d/d{name}")
-    alone = attention_reference(*(a[:1, 10:30] for a in args))  # the reference itself: document 2 of row 0
-    close(attention_reference(*args, **rows)[:1, 10:30], alone, 1e-5)
+    alone = compiled(attention_reference, *(a[:1, 10:30] for a in args))  # the reference itself: document 2 of row 0
+    close(compiled(attention_reference, *args, **rows)[:1, 10:30], alone, 1e-5)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas", "pallas_grid"])
@@ -66,16 +66,17 @@ def test_ssd_resets_at_document_starts(impl, rng):
         return jnp.sum(y * ct) + jnp.sum(s), (y, s)
 
     values = [args["x"], args["B"], args["C"], s0, args["dt"], args["A"]]
-    (_, want), want_grads = jax.value_and_grad(loss, argnums=range(1, 7), has_aux=True)("reference", *values)
-    (_, got), got_grads = jax.value_and_grad(loss, argnums=range(1, 7), has_aux=True)(impl, *values)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=range(1, 7), has_aux=True), static_argnums=0)
+    (_, want), want_grads = value_and_grad("reference", *values)
+    (_, got), got_grads = value_and_grad(impl, *values)
     tol = 1e-5 if impl == "chunked" else 1e-4
     for name, gt, w in zip(["y", "final state"], got, want, strict=True):
         close(gt, w, tol, name)
     for name, gt, w in zip(["x", "B", "C", "initial_state", "dt", "A"], got_grads, want_grads, strict=True):
         close(gt, w, tol, f"d/d{name}")
     # the reference itself: document 2 of row 0 from a zero state, and the initial state never reaches it
-    alone, _ = ssd(**{k: (v[:1, 10:30] if k in ("x", "dt", "B", "C") else v) for k, v in args.items()},
-                   chunk_size=16, impl="reference")
+    alone, _ = compiled(ssd, **{k: (v[:1, 10:30] if k in ("x", "dt", "B", "C") else v) for k, v in args.items()},
+                            chunk_size=16, impl="reference")
     close(want[0][:1, 10:30], alone, 1e-5, "document alone")
 
 
