@@ -32,14 +32,16 @@ def test_absorbed_equals_materialised(cfg, rng):
     x = jnp.asarray(rng.normal(size=(2, 13, cfg.d_model)), jnp.float32)
     slots = Slots.without_cache(jnp.broadcast_to(jnp.arange(13), (2, 13)), jnp.ones((2, 13), bool))
     params = random_params(layer, x, slots)
-    run = lambda absorbed, *a: layer.apply({"params": params}, *a, absorbed=absorbed)[0]  # noqa: E731
+    apply = jax.jit(lambda *a, absorbed=False: layer.apply({"params": params}, *a, absorbed=absorbed),
+                    static_argnames="absorbed")
+    run = lambda absorbed, *a: apply(*a, absorbed=absorbed)[0]  # noqa: E731
     want = run(False, x, slots)
     assert float(jnp.std(want)) > 0.1
     np.testing.assert_allclose(run(True, x, slots), want, rtol=0, atol=1e-5)
 
     cache = Cache.init(2, 16, (MLAttention.init_cache(cfg, 2, 16, jnp.float32),))
     prefill = cache.slots(slots.positions[:, :12], jnp.ones((2, 12), bool))
-    _, filled = layer.apply({"params": params}, x[:, :12], prefill, cache.layers[0])
+    _, filled = apply(x[:, :12], prefill, cache.layers[0])
     cache = cache.advance(prefill, (filled,), 12)
     step = cache.slots(jnp.full((2, 1), 12), jnp.ones((2, 1), bool))
     absorbed = run(True, x[:, 12:], step, cache.layers[0])
