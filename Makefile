@@ -29,11 +29,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 -m "$(QUICK)" --durations=10 tests
+	$(PY) -m pytest -n 2 --dist worksteal -m "$(QUICK)" --durations=10 tests
 
 test-all: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
