@@ -96,8 +96,9 @@ def gemm_rates(config, tokens: int, repeats: int = 10) -> dict[str, dict[str, fl
         with torch.inference_mode():  # each side in its own loop: alternating wakes the other's threads cold
             t = {**compare({"xla": lambda: mm(jx, jw).block_until_ready()}, repeats, statistic=min),  # noqa: B023
                  **compare({"torch": lambda: tx @ tw}, repeats, statistic=min)}  # noqa: B023
-        flop = 2 * tokens * k * n / 1e9
-        out[f"{name} {tokens}x{k}x{n}"] = {"xla": round(flop / t["xla"], 1), "torch": round(flop / t["torch"], 1),
+        flop = 2 * tokens * k * n / 1e9  # three significant figures: a tiny GEMM runs at a fraction of a GFLOP/s
+        out[f"{name} {tokens}x{k}x{n}"] = {"xla": float(f"{flop / t['xla']:.3g}"),
+                                           "torch": float(f"{flop / t['torch']:.3g}"),
                                            "ratio": round(t["torch"] / t["xla"], 3)}
     return out
 
