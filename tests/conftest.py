@@ -7,9 +7,10 @@ Tiers are markers applied here from the fixtures a test uses, never by hand (``-
   per run for every worker;
 - ``end_to_end``: whole commands and scripts in child processes (``child_process``): signals, concurrent writers,
   several processes and devices, the pipeline and the main job;
-- ``notebook``: the quickstart notebook in a Jupyter kernel (``notebook_kernel``).
+- ``notebook``: the quickstart notebook in a Jupyter kernel (``notebook_kernel``);
+- ``tpu_compile``: programs compiled for TPU slices by libtpu's deviceless compiler (``tpu_compiler``).
 
-``make test`` runs every test outside the three tiers (every op, kernel, layer, conversion and error path, at tiny
+``make test`` runs every test outside the four tiers (every op, kernel, layer, conversion and error path, at tiny
 shapes); ``make test-all`` (CI) runs them all. Programs compile with XLA's optimisations off into JAX's persistent
 compilation cache (``build/jax-cache``), shared by the workers, the child processes they start and later runs.
 """
@@ -38,7 +39,7 @@ import pytest  # noqa: E402
 from tests.helpers import make_hf_deepseek, make_hf_llama, make_hf_mamba2  # noqa: E402
 
 TIERS = {"smollm2_checkpoint": "real_model", "smollm2_gguf": "real_model", "child_process": "end_to_end",
-         "notebook_kernel": "notebook"}
+         "notebook_kernel": "notebook", "tpu_compiler": "tpu_compile"}
 
 
 def pytest_collection_modifyitems(items):
@@ -179,6 +180,17 @@ class ChildProcess:
 def child_process() -> ChildProcess:
     """Whole commands and scripts in child processes (``end_to_end``)."""
     return ChildProcess()
+
+
+@pytest.fixture(scope="session")
+def tpu_compiler():
+    """``zebrax.aot``, libtpu present (``make`` installs it) (``tpu_compile``)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("libtpu"), "libtpu is missing: make installs it (pip install 'jax[tpu]==JAX')"
+    from zebrax import aot
+
+    return aot
 
 
 @pytest.fixture

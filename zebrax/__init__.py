@@ -5,9 +5,15 @@
     model = zebrax.load(dst)      model.logits(tokens), model.generate(tokens, max_new_tokens=…),
                                   model.chat("…"), model.cache_bytes_per_token()
     zebrax.describe(dst_or_preset)   layers, parameters and decode cache of a checkpoint or preset
+    zebrax.compile("kd", topology="v5p-16", teacher=…, student=…)   a step compiled for a TPU slice, here
 """
 
+from zebrax.platform import quiet_libtpu
+
+quiet_libtpu()  # before JAX starts: without a TPU here, libtpu (if installed) stays silent
+
 from zebrax import select
+from zebrax.aot import compile
 from zebrax.api import Model, build, convert, load
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import CheckpointError, ConfigError, ConversionError, ZebraxError
@@ -17,5 +23,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "ConversionError", "HybridConfig", "LlamaConfig", "Model", "RopeScaling",
-    "ZebraxError", "build", "convert", "describe", "load", "select",
+    "ZebraxError", "build", "compile", "convert", "describe", "load", "select",
 ]

@@ -283,6 +283,36 @@ def cmd_generate_data(args):
     print(f"wrote {out}")
 
 
+def _mesh(text: str) -> dict:
+    """``fsdp=4,tensor=2`` → {"fsdp": 4, "tensor": 2}."""
+    try:
+        mesh = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AXIS=SIZE pairs, e.g. fsdp=4,tensor=2") from None
+    if not set(mesh) <= {"data", "fsdp", "tensor"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: the mesh axes are data, fsdp and tensor")
+    return mesh
+
+
+def cmd_compile(args):
+    from zebrax import aot
+    from zebrax.errors import ZebraxError
+    from zebrax.presets import call_configurable, parse_gin
+
+    experiment = None
+    if args.gin_file or args.gin_param:
+        experiment = call_configurable(parse_gin(args.gin_file, args.gin_param), "zebrax.distill")
+    report = aot.compile(args.program, topology=args.topology, teacher=args.teacher, student=args.student,
+                         model=args.model, mesh=args.mesh, batch=args.batch, seq_len=args.seq_len,
+                         context=args.context, accumulate=args.accumulate, remat=args.remat,
+                         compute_dtype=args.compute_dtype, experiment=experiment)
+    print(report.to_json() if args.json else report)
+    if not report.fits:
+        total = report.per_chip_bytes["total"]
+        raise ZebraxError(f"{args.program} does not fit {args.topology}: {total / 2**30:.2f} GiB a chip against "
+                          f"{report.hbm_bytes / 2**30:.2f} GiB of HBM")
+
+
 def cmd_distill(args):
     from zebrax.distill import pipeline
     from zebrax.presets import call_configurable, parse_gin
@@ -464,6 +494,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-processes", type=COUNT, help="processes in a multi-host run")
     d.add_argument("--process-id", type=INDEX, help="this process's index in a multi-host run")
     d.set_defaults(fn=cmd_distill)
+
+    x = sub.add_parser("compile", help="compile a training step, prefill or decode step for a TPU slice, here, "
+                                       "deviceless: memory a chip, cost-model time, collectives")
+    x.add_argument("program", choices=("ild", "kd", "dpo", "prefill", "decode"))
+    x.add_argument("--topology", required=True, help="a TPU slice: v5p-16 (cores on v4/v5p, chips on v5e/v6e) or "
+                                                     "v5p:2x2x2")
+    x.add_argument("--teacher", help="training programs: the teacher, a preset (llama3_1_8b) or a checkpoint")
+    x.add_argument("--student", help="training programs: the hybrid, a preset or a checkpoint")
+    x.add_argument("--model", help="prefill and decode: a preset or a checkpoint")
+    x.add_argument("--mesh", type=_mesh, help="sizes over the slice's chips, e.g. fsdp=4,tensor=2 (default: all fsdp)")
+    x.add_argument("--batch", type=COUNT, help="sequences a step (training: the stage's global batch)")
+    x.add_argument("--seq-len", type=COUNT, help="tokens a sequence (training, prefill)")
+    x.add_argument("--context", type=COUNT, help="decode: the cache's length in tokens")
+    x.add_argument("--accumulate", type=COUNT, help="training: micro-batches a step")
+    x.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="training: the students recompute each block in the backward pass")
+    x.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="the dtype matmuls run in")
+    x.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                   help="training: an experiment's gin (its objective, optimizer and stage settings)")
+    x.add_argument("--gin_param", action="append", default=[], metavar="BINDING", help="e.g. 'distill.remat = True'")
+    x.add_argument("--json", action="store_true", help="one JSON object (printed whether or not it fits)")
+    x.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="the main job: convert → distill → evaluate → benchmark → runs/NAME/report.md "
                                    "(default: configs/experiments/default.gin, the embedded SmolLM2)")

@@ -34,6 +34,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -46,7 +47,7 @@ from zebrax.distill.ild import ild_objective
 from zebrax.distill.kd import check_top_k, kd_objective
 from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
 from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings, train
-from zebrax.errors import ConfigError, ZebraxError, warn
+from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
 from zebrax.sharding import MeshConfig, make_mesh
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
@@ -471,6 +472,22 @@ def _compute(exp: Experiment, config, *, trained: bool):
     return build(config.replace(dtype=exp.compute_dtype), remat=trained and exp.remat)
 
 
+def stage_objective(exp: Experiment, stage: str, teacher, trained: dict) -> Callable:
+    """The objective a training stage of ``exp`` runs (``trainer`` form): ``stage`` "ild", "kd" or "dpo";
+    ``teacher`` the teacher's config; ``trained`` {name: config} of what the stage trains (ILD: both students;
+    KD and DPO: {"": the hybrid}). ``zebrax.aot`` compiles the same objective."""
+    if stage == "ild":
+        return ild_objective(_compute(exp, teacher, trained=False),
+                             {n: _compute(exp, c, trained=True) for n, c in trained.items()}, kind=exp.ild_kind)
+    if stage == "kd":
+        return kd_objective(_compute(exp, teacher, trained=False), _compute(exp, trained[""], trained=True),
+                            direction=exp.kd_direction, temperature=exp.kd_temperature, normalize=exp.kd_normalize,
+                            ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k)
+    if stage == "dpo":
+        return dpo_objective(_compute(exp, trained[""], trained=True), beta=exp.dpo_beta)
+    raise InvalidArgument(f"stage={stage!r}: expected 'ild', 'kd' or 'dpo'")
+
+
 def _real_tokens(batch: dict) -> int:
     return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("token_mask")))
 
@@ -590,9 +607,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
 
     if not (workdir / "ild").exists():
         _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
-        objective = ild_objective(_compute(exp, t_config, trained=False),
-                                  {n: _compute(exp, c, trained=True) for n, (c, _) in students.items()},
-                                  kind=exp.ild_kind)
+        objective = stage_objective(exp, "ild", t_config, {n: c for n, (c, _) in students.items()})
         params = train("ild", objective, {n: p for n, (_, p) in students.items()}, t_params,
                        data.batches(ild_rows, exp.ild.batch_size, exp.seed, **shard), exp.ild, workdir,
                        tokens_of=_real_tokens, **_sharded(mesh, students, (t_config, t_params)))
@@ -617,9 +632,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
 
     if not (workdir / "kd").exists():
         _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens")
-        objective = kd_objective(_compute(exp, t_config, trained=False), _compute(exp, h_config, trained=True),
-                                 direction=exp.kd_direction, temperature=exp.kd_temperature,
-                                 normalize=exp.kd_normalize, ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k)
+        objective = stage_objective(exp, "kd", t_config, {"": h_config})
         params = train("kd", objective, h_params, t_params, data.batches(kd_rows, exp.kd.batch_size, exp.seed + 1,
                                                                           **shard), exp.kd, workdir,
                        tokens_of=_real_tokens, counted_of=_counted,
@@ -633,7 +646,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
         if not (workdir / "dpo").exists():
             _say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
             reference = jax.device_put(kd_params)
-            params = train("dpo", dpo_objective(_compute(exp, h_config, trained=True), beta=exp.dpo_beta), kd_params,
+            params = train("dpo", stage_objective(exp, "dpo", t_config, {"": h_config}), kd_params,
                            reference,
                            data.batches(inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
                            tokens_of=_real_tokens, counted_of=_counted,

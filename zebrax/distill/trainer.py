@@ -135,11 +135,27 @@ def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformati
 
 def make_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1,
               shardings: tuple | None = None) -> Callable:
-    """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``, jitted; ``metrics`` holds the
-    objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped). ``params`` and
-    ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend can).
-    ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit``, which then
-    runs with their mesh set; the batch keeps the sharding it arrives with."""
+    """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`` (``jitted_step``, run with the
+    shardings' mesh set)."""
+    jitted = jitted_step(objective, optimizer, accumulate, shardings)
+    if shardings is None:
+        return jitted
+    mesh = jax.tree.leaves(shardings[0])[0].mesh
+
+    def sharded_step(*args):
+        with jax.set_mesh(mesh):  # the ops then run Pallas kernels on each device's shard (ops.sharded.per_shard)
+            return jitted(*args)
+
+    return sharded_step
+
+
+def jitted_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1,
+                shardings: tuple | None = None):
+    """The training step, ``jax.jit``-ed: ``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)``;
+    ``metrics`` holds the objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped).
+    ``params`` and ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend
+    can). ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit`` (call
+    it with their mesh set); the batch keeps the sharding it arrives with. ``zebrax.aot`` compiles this function."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def step(params, opt_state, frozen, batch):
@@ -164,15 +180,8 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, accu
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
     p_sh, o_sh, f_sh, m_sh = shardings
-    jitted = jax.jit(step, in_shardings=(p_sh, o_sh, f_sh, None), out_shardings=(p_sh, o_sh, m_sh),
-                     donate_argnums=(0, 1))
-    mesh = jax.tree.leaves(p_sh)[0].mesh
-
-    def sharded_step(*args):
-        with jax.set_mesh(mesh):  # the ops then run Pallas kernels on each device's shard (ops.sharded.per_shard)
-            return jitted(*args)
-
-    return sharded_step
+    return jax.jit(step, in_shardings=(p_sh, o_sh, f_sh, None), out_shardings=(p_sh, o_sh, m_sh),
+                   donate_argnums=(0, 1))
 
 
 class MetricsLog:
@@ -213,6 +222,15 @@ def _plain(v):
     return bool(v) if v.dtype == bool else int(v) if v.dtype.kind in "iu" else round(float(v), 6)
 
 
+def state_shardings(optimizer: optax.GradientTransformation, params, p_sh, mesh):
+    """The optimizer state's ``NamedSharding``s: each moment sharded as the parameter it mirrors (``params``: arrays
+    or ``ShapeDtypeStruct``s, ``p_sh`` their shardings), counts and other scalars replicated."""
+    from zebrax.sharding import replicated
+
+    return optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_sh,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
 def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mesh, shardings):
     """(params, opt_state, frozen, step, batch placement): on the default device, or over ``mesh`` with
     ``shardings`` = (params', frozen's) and the optimizer state sharded as the parameters it mirrors."""
@@ -224,8 +242,7 @@ def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mes
     p_sh, f_sh = shardings
     params = place(jax.device_get(params), p_sh)
     frozen = None if frozen is None else place(jax.device_get(frozen), f_sh)
-    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_sh,
-                                 transform_non_params=lambda _: replicated(mesh))
+    o_sh = state_shardings(optimizer, params, p_sh, mesh)
     step = make_step(objective, optimizer, accumulate, (p_sh, o_sh, f_sh, replicated(mesh)))
     return params, jax.jit(optimizer.init, out_shardings=o_sh)(params), frozen, step, lambda b: global_batch(b, mesh)
 

@@ -17,7 +17,7 @@ from kernels_pallas.flash_attention.reference import attention_reference
 from kernels_pallas.mla_decode.reference import latent_attention_reference
 from zebrax.errors import InvalidArgument
 from zebrax.ops.attention_blocked import attention_blocked
-from zebrax.ops.auto import pallas_is_default
+from zebrax.ops.auto import pallas_is_default, target_backend
 from zebrax.ops.sharded import per_shard
 
 
@@ -60,7 +60,7 @@ def attention(
         from kernels_pallas.flash_attention import flash_attention
 
         run = lambda q, k, v, m, o, s: flash_attention(q, k, v, kv_mask=m, q_offset=o, scale=scale,  # noqa: E731
-                                                       segment_ids=s)
+                                                       segment_ids=s, backend=target_backend())
         return per_shard(run, (q, k, v, kv_mask, q_offset, segment_ids), ("b.h.", "b.h.", "b.h.", "b.", "", "b."),
                          "b.h.")
     if impl is AttentionImpl.BLOCKED:
@@ -93,7 +93,8 @@ def latent_attention(
         if segment_ids is not None:
             raise InvalidArgument("latent_attention: the Pallas decode kernel takes no segment_ids (packed rows); "
                                   "use impl='blocked' or 'reference'")
-        run = lambda q, c, m, o: mla_decode(q, c, value_dim=value_dim, kv_mask=m, q_offset=o, scale=scale)  # noqa: E731
+        run = lambda q, c, m, o: mla_decode(q, c, value_dim=value_dim, kv_mask=m, q_offset=o, scale=scale,  # noqa: E731
+                                                  backend=target_backend())
         return per_shard(run, (q, latent, kv_mask, q_offset), ("b.h.", "b..", "b.", ""), "b.h.")
     if impl is AttentionImpl.BLOCKED:
         return attention_blocked(q, latent[:, :, None], None, value_dim=value_dim, kv_mask=kv_mask,

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import enum
 
-import jax
 import jax.numpy as jnp
 
 from kernels_pallas.ssd.reference import add_skip, repeat_groups, ssd_reference, ssd_step, within_chunk_resets
 from zebrax.errors import InvalidArgument
-from zebrax.ops.auto import pallas_is_default
+from zebrax.ops.auto import pallas_is_default, target_backend
 from zebrax.ops.sharded import per_shard
 
 CPU_CHUNK = 64  # block length `auto` uses for the chunked path on a CPU (measured in docs/benchmarks.md)
@@ -55,7 +54,7 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, reset=No
             impl = SSDImpl.PALLAS
         else:  # the result does not depend on the block length; on a CPU short blocks are fastest
             impl = SSDImpl.CHUNKED
-            chunk_size = min(chunk_size, CPU_CHUNK) if jax.default_backend() == "cpu" else chunk_size
+            chunk_size = min(chunk_size, CPU_CHUNK) if target_backend() == "cpu" else chunk_size
     kw = dict(initial_state=initial_state, reset=reset)
     if impl is SSDImpl.REFERENCE:
         return ssd_reference(x, dt, A, B, C, D, **kw)
@@ -64,7 +63,7 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None, reset=No
     from kernels_pallas.ssd import ssd_pallas
 
     run = lambda x, dt, A, B, C, D, s0, r: ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size,  # noqa: E731
-                                                      initial_state=s0, reset=r)
+                                                      initial_state=s0, reset=r, backend=target_backend())
     dims = ("b.h.", "b.h", "h", "b.h.", "b.h.", "h", "bh..", "b.")  # x, dt, A, B, C, D, initial_state, reset
     return per_shard(run, (x, dt, A, B, C, D, initial_state, reset), dims, ("b.h.", "bh.."))
 
