@@ -3,6 +3,8 @@ blocks sow, implementations per op, positions from the cache, and the bounds of 
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -248,3 +250,25 @@ def test_a_hybrid_checkpoint_round_trips(tmp_path, rng):
     assert loaded.config == MIXED
     tokens = rng.integers(0, 97, (1, 9))
     np.testing.assert_array_equal(loaded.logits(tokens), model.logits(tokens))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_under_bf16_compute_the_lm_head_accumulates_in_float32(tied):
+    """bf16 operands, float32 products: the head's dot in the lowered program returns f32 from bf16 inputs (no bf16
+    logits rounded up afterwards), and its logits equal a float32-accumulated product of the bf16 operands."""
+    from zebrax.layers.norms import RMSNorm
+    from zebrax.models.decoder import LMHead
+
+    config = TEACHER.replace(dtype="bfloat16", tie_word_embeddings=tied)
+    model = random_model(config)
+    hidden = jax.random.normal(jax.random.key(1), (1, 4, config.hidden_size), jnp.bfloat16)
+    head = LMHead(config)
+    text = jax.jit(lambda p, h: head.apply({"params": p}, h)).lower(model.params, hidden).as_text()
+    assert re.search(r"dot_general.*tensor<[^>]*bf16>, tensor<[^>]*bf16>\) -> tensor<[^>]*f32>", text), text
+    logits = head.apply({"params": model.params}, hidden)
+    normed = RMSNorm(config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype).apply(
+        {"params": model.params["norm"]}, hidden)
+    weight = model.params["embed_tokens"]["embedding"].T if tied else model.params["lm_head"]["kernel"]
+    expected = jnp.matmul(normed.astype(jnp.bfloat16), weight.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)

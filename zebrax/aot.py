@@ -327,7 +327,7 @@ def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
                        (p_sh, o_sh, jax.tree.map(lambda x: x.sharding, frozen), replicated(mesh)))
     tokens = cfg.batch_size * exp.seq_len * (2 if stage == "dpo" else 1)
     settings = {"batch": cfg.batch_size, "seq_len": exp.seq_len, "accumulate": cfg.accumulate, "remat": exp.remat,
-                "compute_dtype": exp.compute_dtype}
+                "compute_dtype": exp.compute_dtype, "loss_chunk": exp.loss_chunk}
     return compile_program(step, (params, opt_state, frozen, batch), program=stage, topology=topology, mesh=mesh,
                            tokens=tokens, settings=settings, advice=_advice(exp, stage, mesh))
 
@@ -360,16 +360,16 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
 def compile(program: str, *, topology: str, teacher=None, student=None, model=None, mesh: dict | None = None,
             batch: int | None = None, seq_len: int | None = None, context: int | None = None,
             accumulate: int | None = None, remat: bool | None = None, compute_dtype: str | None = None,
-            experiment=None) -> Report:
+            loss_chunk: int | None = None, experiment=None) -> Report:
     """Compile one program of the method for a TPU ``topology`` (``"v5p-16"``, ``"v5p:2x2x2"``) on this machine,
     nothing run, and report its memory a chip, the cost model's time and its collectives (``Report``).
 
     Training programs (``ild``, ``kd``, ``dpo``): ``teacher`` and ``student`` are presets, checkpoints (their
     configs only) or config objects; ``experiment`` a ``distill`` ``Experiment`` (its objective settings,
     optimizer, remat, compute dtype, batch and ``accumulate`` of the stage); ``batch``, ``seq_len``, ``accumulate``,
-    ``remat``, ``compute_dtype`` override it. Generation (``prefill``: ``seq_len`` tokens; ``decode``: one step at a
-    ``context``-token cache): ``model``. ``mesh``: ``MeshConfig`` fields over the slice's chips (default: every chip
-    on fsdp)."""
+    ``remat``, ``compute_dtype``, ``loss_chunk`` override it. Generation (``prefill``: ``seq_len`` tokens;
+    ``decode``: one step at a ``context``-token cache): ``model``. ``mesh``: ``MeshConfig`` fields over the slice's
+    chips (default: every chip on fsdp)."""
     from zebrax.distill.pipeline import Experiment
     from zebrax.sharding import MeshConfig, make_mesh
 
@@ -387,7 +387,7 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
         cfg = getattr(exp, program)
         cfg = dataclasses.replace(cfg, **{k: v for k, v in (("batch_size", batch), ("accumulate", accumulate))
                                           if v is not None})
-        changes = {"seq_len": seq_len, "remat": remat, "compute_dtype": compute_dtype}
+        changes = {"seq_len": seq_len, "remat": remat, "compute_dtype": compute_dtype, "loss_chunk": loss_chunk}
         exp = dataclasses.replace(exp, **{program: cfg}, **{k: v for k, v in changes.items() if v is not None})
         return _training(program, exp, model_config(teacher), student and model_config(student), mesh, topology)
     if model is None:

@@ -305,7 +305,7 @@ def cmd_compile(args):
     report = aot.compile(args.program, topology=args.topology, teacher=args.teacher, student=args.student,
                          model=args.model, mesh=args.mesh, batch=args.batch, seq_len=args.seq_len,
                          context=args.context, accumulate=args.accumulate, remat=args.remat,
-                         compute_dtype=args.compute_dtype, experiment=experiment)
+                         compute_dtype=args.compute_dtype, loss_chunk=args.loss_chunk, experiment=experiment)
     print(report.to_json() if args.json else report)
     if not report.fits:
         total = report.per_chip_bytes["total"]
@@ -511,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                    help="training: the students recompute each block in the backward pass")
     x.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="the dtype matmuls run in")
+    x.add_argument("--loss-chunk", type=INDEX, help="training: tokens a chunk of the LM heads and losses (0: whole)")
     x.add_argument("--gin_file", action="append", default=[], metavar="FILE",
                    help="training: an experiment's gin (its objective, optimizer and stage settings)")
     x.add_argument("--gin_param", action="append", default=[], metavar="BINDING", help="e.g. 'distill.remat = True'")

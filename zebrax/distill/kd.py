@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from zebrax.data import next_in_document
-from zebrax.distill.losses import ce_loss, kl_loss, topk_kl_loss
+from zebrax.distill.losses import kl_per_token, normalized, token_chunks, token_logprobs, topk_kl_per_token
 from zebrax.errors import InvalidArgument
-from zebrax.models.decoder import DecoderLM
+from zebrax.models.decoder import DecoderLM, LMHead
 
 
 def check_top_k(top_k: int, direction: str, temperature: float) -> None:
@@ -22,7 +23,7 @@ def check_top_k(top_k: int, direction: str, temperature: float) -> None:
 
 
 def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "forward", temperature: float = 1.0,
-                 normalize: str = "token", ce_weight: float = 0.0, top_k: int = 0) -> Callable:
+                 normalize: str = "token", ce_weight: float = 0.0, top_k: int = 0, chunk: int = 0) -> Callable:
     """The trainer's objective ``(student_params, teacher_params, batch) -> (loss, {"kl", "ce"})``. ``batch``:
     ``tokens``, ``token_mask`` (real tokens; padding is False, for attention and the Mamba2 state), ``loss_mask``
     (positions whose predictions count, e.g. False on prompt tokens) and, for packed rows, ``segment_ids``. Loss:
@@ -30,22 +31,33 @@ def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "fo
     next tokens. ``normalize="token"`` (the default) averages over counted tokens, so the loss scale does not depend
     on lengths or padding; ``"sequence"`` sums over tokens and divides by the batch size, as the reference code
     does. ``top_k`` > 0: the forward KL against the teacher's k most likely tokens only, renormalised
-    (``topk_kl_loss``), the distillation of stored top-k teacher logits (direction and temperature do not apply)."""
+    (``topk_kl_loss``), the distillation of stored top-k teacher logits (direction and temperature do not apply).
+    ``chunk`` > 0: both LM heads and the per-token losses run ``chunk`` tokens at a time (``token_chunks``), so the
+    step never holds ``[B, L, vocab]`` logits; the values are the same."""
     check_top_k(top_k, direction, temperature)
+    t_head, s_head = LMHead(teacher.config), LMHead(student.config)
 
     def objective(student_params, teacher_params, batch):
         tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
         loss_mask = batch["loss_mask"].astype(bool) & token_mask
-        rows = dict(token_mask=token_mask, segment_ids=batch.get("segment_ids"))
-        teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0])
-        logits = student.apply({"params": student_params}, tokens, **rows)[0]
-        if top_k:
-            values, indices = jax.lax.top_k(teacher_logits, top_k)
-            kl = topk_kl_loss(values, indices, logits, loss_mask, normalize=normalize)
-        else:
-            kl = kl_loss(teacher_logits, logits, loss_mask, direction=direction, temperature=temperature,
-                         normalize=normalize)
-        ce = ce_loss(logits[:, :-1], tokens[:, 1:], loss_mask[:, :-1] & next_in_document(batch), normalize=normalize)
+        rows = dict(token_mask=token_mask, segment_ids=batch.get("segment_ids"), hidden_only=True)
+        t_hidden = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0])
+        s_hidden = student.apply({"params": student_params}, tokens, **rows)[0]
+        targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # the last position's is never counted
+
+        def per_token(t_hidden, s_hidden, targets):
+            t_logits = jax.lax.stop_gradient(t_head.apply({"params": teacher_params}, t_hidden))
+            logits = s_head.apply({"params": student_params}, s_hidden)
+            if top_k:
+                kl = topk_kl_per_token(*jax.lax.top_k(t_logits, top_k), logits)
+            else:
+                kl = kl_per_token(t_logits, logits, direction=direction, temperature=temperature)
+            return kl, -token_logprobs(logits, targets)
+
+        kl, ce = token_chunks(per_token, (t_hidden, s_hidden, targets), chunk or tokens.shape[1])
+        follows = next_in_document(batch)  # [B, L-1]; the last position predicts nothing
+        ce_mask = loss_mask & jnp.concatenate([follows, jnp.zeros_like(follows[:, :1])], axis=1)
+        kl, ce = normalized(kl, loss_mask, normalize), normalized(ce, ce_mask, normalize)
         return kl + ce_weight * ce, {"kl": kl, "ce": ce}
 
     return objective

@@ -23,7 +23,7 @@ ILD_KINDS = ("l2", "mse")
 KL_DIRECTIONS = ("forward", "reverse")
 
 
-def _normalized(per_token: jax.Array, mask: jax.Array | None, normalize: str) -> jax.Array:
+def normalized(per_token: jax.Array, mask: jax.Array | None, normalize: str) -> jax.Array:
     """per_token ``[B, L]`` → a scalar, by ``normalize``."""
     if normalize not in NORMALIZE:
         raise InvalidArgument(f"normalize={normalize!r} is not one of {NORMALIZE}")
@@ -59,49 +59,80 @@ def ild_loss(student: dict, teacher: dict, mask: jax.Array | None = None, *, kin
         for s, t in zip(student[name], teacher[name], strict=True):
             diff = s.astype(jnp.float32) - t.astype(jnp.float32)
             if kind == "l2":
-                total += _normalized(_norm(diff), mask, "token")
+                total += normalized(_norm(diff), mask, "token")
             else:
-                total += _normalized(jnp.mean(diff * diff, axis=-1), mask, "token")
+                total += normalized(jnp.mean(diff * diff, axis=-1), mask, "token")
     return total
 
 
-def kl_loss(teacher_logits: jax.Array, student_logits: jax.Array, mask: jax.Array | None = None, *,
-            direction: str = "forward", temperature: float = 1.0, normalize: str = "token") -> jax.Array:
-    """KL between the teacher's and the student's next-token distributions at temperature T (times T², so gradients
-    keep their scale): ``forward`` = KL(p_teacher ‖ p_student) (the paper's), ``reverse`` = KL(p_student ‖ p_teacher).
-    """
+def kl_per_token(teacher_logits: jax.Array, student_logits: jax.Array, *, direction: str = "forward",
+                 temperature: float = 1.0) -> jax.Array:
+    """``[B, L]``: KL between the teacher's and the student's next-token distributions at temperature T (times T²,
+    so gradients keep their scale): ``forward`` = KL(p_teacher ‖ p_student) (the paper's), ``reverse`` =
+    KL(p_student ‖ p_teacher)."""
     if direction not in KL_DIRECTIONS:
         raise InvalidArgument(f"kl_loss: direction={direction!r} is not 'forward' or 'reverse'")
     log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     p, log_p, log_q = (jnp.exp(log_t), log_t, log_s) if direction == "forward" else (jnp.exp(log_s), log_s, log_t)
-    per_token = jnp.sum(p * (log_p - log_q), axis=-1) * temperature ** 2
-    return _normalized(per_token, mask, normalize)
+    return jnp.sum(p * (log_p - log_q), axis=-1) * temperature ** 2
+
+
+def kl_loss(teacher_logits: jax.Array, student_logits: jax.Array, mask: jax.Array | None = None, *,
+            direction: str = "forward", temperature: float = 1.0, normalize: str = "token") -> jax.Array:
+    """``kl_per_token`` over the counted tokens, by ``normalize``."""
+    return normalized(kl_per_token(teacher_logits, student_logits, direction=direction, temperature=temperature),
+                       mask, normalize)
+
+
+def topk_kl_per_token(teacher_values: jax.Array, teacher_indices: jax.Array, student_logits: jax.Array) -> jax.Array:
+    """``[B, L]``: forward KL against the teacher's top-k logits only (``[B, L, k]`` values and vocabulary indices,
+    e.g. precomputed and stored): the teacher's distribution renormalised over its k tokens, the student's
+    full-vocabulary log-probabilities at those tokens."""
+    log_t = jax.nn.log_softmax(teacher_values.astype(jnp.float32), axis=-1)
+    log_s = jnp.take_along_axis(jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1), teacher_indices,
+                                axis=-1)
+    return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
 
 
 def topk_kl_loss(teacher_values: jax.Array, teacher_indices: jax.Array, student_logits: jax.Array,
                  mask: jax.Array | None = None, *, normalize: str = "token") -> jax.Array:
-    """Forward KL against the teacher's top-k logits only (``[B, L, k]`` values and vocabulary indices, e.g.
-    precomputed and stored): the teacher's distribution renormalised over its k tokens, the student's full-vocabulary
-    log-probabilities at those tokens."""
-    log_t = jax.nn.log_softmax(teacher_values.astype(jnp.float32), axis=-1)
-    log_s = jnp.take_along_axis(jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1), teacher_indices,
-                                axis=-1)
-    return _normalized(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1), mask, normalize)
+    """``topk_kl_per_token`` over the counted tokens, by ``normalize``."""
+    return normalized(topk_kl_per_token(teacher_values, teacher_indices, student_logits), mask, normalize)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``[B, L]``: log p(target) of each position (``targets`` ``[B, L]``, the next tokens)."""
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
 
 
 def ce_loss(student_logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
             normalize: str = "token") -> jax.Array:
     """Cross-entropy of ``targets`` ``[B, L]`` (the next tokens) under the student."""
-    log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-    return _normalized(-jnp.take_along_axis(log_s, targets[..., None], axis=-1)[..., 0], mask, normalize)
+    return normalized(-token_logprobs(student_logits, targets), mask, normalize)
 
 
 def sequence_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """``[B]``: the sum over counted positions of log p(target) — a response's log-likelihood, for DPO."""
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask.astype(bool), picked, 0.0), axis=-1)
+    return jnp.sum(jnp.where(mask.astype(bool), token_logprobs(logits, targets), 0.0), axis=-1)
+
+
+def token_chunks(per_token, inputs: tuple, chunk: int):
+    """``per_token(*inputs)`` — a function of ``[B, L, …]`` arrays returning ``[B, L]`` arrays (or a tuple of them)
+    whose value at a token depends only on that token's inputs — computed ``chunk`` tokens at a time: a ``lax.scan``
+    over the sequence whose body is rematerialised (``jax.checkpoint``), so neither pass holds more than one chunk's
+    intermediates (the ``[B, chunk, vocab]`` logits of an LM head inside ``per_token``) instead of ``[B, L, vocab]``.
+    ``chunk`` must divide L; the values are ``per_token``'s on the whole sequence."""
+    length = inputs[0].shape[1]
+    if chunk >= length:
+        return per_token(*inputs)
+    if length % chunk:
+        raise InvalidArgument(f"token_chunks: chunk={chunk} does not divide the {length} tokens of a row")
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    _, out = jax.lax.scan(lambda _, xs: (None, jax.checkpoint(per_token)(*xs)), None, tuple(map(split, inputs)))
+    join = lambda y: jnp.moveaxis(y, 0, 1).reshape(y.shape[1], length)  # noqa: E731
+    return jax.tree.map(join, out)
 
 
 def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,

@@ -74,7 +74,9 @@ class Experiment:
     - ``preferences``: DPO pairs (none: no DPO).
     - ``compute_dtype``: the dtype teacher and students compute in during training ("bfloat16": bf16 matmuls,
       float32 master weights, optimizer state, LM heads and losses); ``remat``: the students recompute each
-      block's activations in the backward pass.
+      block's activations in the backward pass; ``loss_chunk``: KD's and DPO's LM heads and losses run that many
+      tokens at a time, rematerialised (``losses.token_chunks``; 0: the whole row), so no step holds
+      ``[B, L, vocab]`` logits — the same values.
     - ``mesh``: ``MeshConfig`` fields (``data``, ``fsdp``, ``tensor``; ``{}``: one device): the training steps run
       sharded over it by the rules of ``zebrax.sharding``, teacher included.
     - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …); ``num_mla``: MLA
@@ -100,6 +102,7 @@ class Experiment:
     mesh: dict = dataclasses.field(default_factory=dict)
     compute_dtype: str = "float32"
     remat: bool = False
+    loss_chunk: int = 512
     student: dict = dataclasses.field(default_factory=dict)
     num_mla: int = 2
     smart_rows: int = 0
@@ -156,6 +159,7 @@ class Experiment:
         for axis, size in self.mesh.items():
             check_int(f"distill.mesh[{axis!r}]", size, -1)
         check_choice("distill.compute_dtype", self.compute_dtype, DTYPES)
+        check_int("distill.loss_chunk", self.loss_chunk, 0)
         recipe = set(inspect.signature(HybridConfig.from_teacher).parameters) - {"teacher", "mla_layers"}
         if not (isinstance(self.student, dict) and set(self.student) <= recipe):
             raise ConfigError(f"distill.student = {self.student!r}: expected a dict of HybridConfig.from_teacher "
@@ -472,6 +476,13 @@ def _compute(exp: Experiment, config, *, trained: bool):
     return build(config.replace(dtype=exp.compute_dtype), remat=trained and exp.remat)
 
 
+def _chunk(exp: Experiment) -> int:
+    """``exp.loss_chunk`` where it divides ``seq_len`` (else the largest divisor below it), 0 for whole rows."""
+    if not exp.loss_chunk or exp.loss_chunk >= exp.seq_len:
+        return 0
+    return max(c for c in range(1, exp.loss_chunk + 1) if exp.seq_len % c == 0)
+
+
 def stage_objective(exp: Experiment, stage: str, teacher, trained: dict) -> Callable:
     """The objective a training stage of ``exp`` runs (``trainer`` form): ``stage`` "ild", "kd" or "dpo";
     ``teacher`` the teacher's config; ``trained`` {name: config} of what the stage trains (ILD: both students;
@@ -482,9 +493,9 @@ def stage_objective(exp: Experiment, stage: str, teacher, trained: dict) -> Call
     if stage == "kd":
         return kd_objective(_compute(exp, teacher, trained=False), _compute(exp, trained[""], trained=True),
                             direction=exp.kd_direction, temperature=exp.kd_temperature, normalize=exp.kd_normalize,
-                            ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k)
+                            ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k, chunk=_chunk(exp))
     if stage == "dpo":
-        return dpo_objective(_compute(exp, trained[""], trained=True), beta=exp.dpo_beta)
+        return dpo_objective(_compute(exp, trained[""], trained=True), beta=exp.dpo_beta, chunk=_chunk(exp))
     raise InvalidArgument(f"stage={stage!r}: expected 'ild', 'kd' or 'dpo'")
 
 

@@ -157,15 +157,19 @@ def jitted_step(objective: Callable, optimizer: optax.GradientTransformation, ac
     can). ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit`` (call
     it with their mesh set); the batch keeps the sharding it arrives with. ``zebrax.aot`` compiles this function."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
+    like_params = (lambda tree: tree) if shardings is None else (  # noqa: E731
+        lambda tree: jax.lax.with_sharding_constraint(tree, shardings[0]))
 
     def step(params, opt_state, frozen, batch):
-        micro = jax.tree.map(lambda x: x.reshape(accumulate, -1, *x.shape[1:]), batch)
+        # micro-batch j holds rows j, j + accumulate, …: each device's rows stay on it, a share of every micro-batch
+        # (a contiguous split would put whole micro-batches on single devices, and the scan would gather them)
+        micro = jax.tree.map(lambda x: x.reshape(-1, accumulate, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def one(total, mb):
             (loss, metrics), grads = grad_fn(params, frozen, mb)
-            return jax.tree.map(jnp.add, total, grads), (loss, metrics)
+            return like_params(jax.tree.map(jnp.add, total, grads)), (loss, metrics)
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))  # sharded as params
         grads, (losses, metrics) = jax.lax.scan(one, zeros, micro)
         grads = jax.tree.map(lambda g, p: (g / accumulate).astype(p.dtype), grads, params)
         loss, grad_norm = jnp.mean(losses), optax.global_norm(grads)

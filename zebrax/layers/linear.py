@@ -10,16 +10,17 @@ import numpy as np
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
-def contract(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype=None) -> jax.Array:
     """x ``[*lead, *in_shape]`` · kernel ``[*in_shape, *features]`` → ``[*lead, *features]`` as one 2-D matmul
     ``[tokens, fan_in] @ [fan_in, fan_out]``. Flattening first matters for training speed, not the result: the weight
     gradient is then ``x2dᵀ · dy2d`` with one contracted axis, which XLA multiplies in place, where contracting the
     unflattened batch and length axes makes it materialise a transposed copy of the activations (on the CPU that
-    copy, fused with the recomputed activation, took as long as the matmul itself)."""
+    copy, fused with the recomputed activation, took as long as the matmul itself). ``out_dtype``: the product's
+    dtype, accumulated in it (``preferred_element_type``; default: the operands')."""
     lead, in_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
     out_shape = kernel.shape[n_in:]
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(out_shape))
-    y = x.reshape(-1, fan_in) @ kernel.reshape(fan_in, fan_out)
+    y = jnp.matmul(x.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out), preferred_element_type=out_dtype)
     return y.reshape(*lead, *out_shape)
 
 
@@ -28,7 +29,8 @@ class Linear(nn.Module):
 
     kernel: ``[*in_shape, *features]`` with logical axes ``in_axes + out_axes``; bias: ``[*features]``.
     Example: the attention output map contracts ``[B, L, heads, head_dim]`` with a
-    ``[heads, head_dim, embed]`` kernel.
+    ``[heads, head_dim, embed]`` kernel. ``out_dtype``: y's dtype, the product accumulated in it (the LM head:
+    float32 from bf16 operands); default ``dtype``.
     """
 
     features: tuple[int, ...]
@@ -37,6 +39,7 @@ class Linear(nn.Module):
     use_bias: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    out_dtype: str | None = None
     kernel_init: nn.initializers.Initializer = default_kernel_init
 
     @nn.compact
@@ -49,13 +52,13 @@ class Linear(nn.Module):
             (*in_shape, *self.features),
             self.param_dtype,
         )
-        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+        y = contract(x.astype(self.dtype), kernel.astype(self.dtype), n_in, self.out_dtype)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
                 self.features, self.param_dtype,
             )
-            y = y + bias.astype(self.dtype)
+            y = y + bias.astype(y.dtype)
         return y
 
     def _fan_in_init(self, in_shape):
@@ -88,6 +91,6 @@ class Embed(nn.Module):
         """tokens ``[B, L]`` int → ``[B, L, embed]``."""
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """x ``[..., embed]`` → logits ``[..., vocab]``."""
-        return contract(x.astype(self.dtype), self.embedding.astype(self.dtype).T, 1)
+    def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """x ``[..., embed]`` → logits ``[..., vocab]`` (in ``out_dtype``, accumulated in it; default ``dtype``)."""
+        return contract(x.astype(self.dtype), self.embedding.astype(self.dtype).T, 1, out_dtype)

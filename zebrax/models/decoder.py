@@ -106,18 +106,32 @@ def embed_tokens(cfg) -> Embed:
 
 
 def lm_head(cfg, x: jax.Array, embedding: Embed) -> jax.Array:
-    """Final RMSNorm (``norm``) and the LM head (``lm_head``, or the tied embedding) → float32 logits, in the scope
-    of the module that calls this."""
+    """Final RMSNorm (``norm``) and the LM head (``lm_head``, or the tied embedding) → float32 logits, multiplied
+    in the compute dtype and accumulated in float32, in the scope of the module that calls this."""
     x = RMSNorm(cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(x)
     if cfg.tie_word_embeddings:
-        return embedding.attend(x).astype(jnp.float32)
+        return embedding.attend(x, jnp.float32)
     head = Linear((cfg.vocab_size,), ("embed",), ("vocab",), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  name="lm_head")
-    return head(x).astype(jnp.float32)
+                  out_dtype="float32", name="lm_head")
+    return head(x)
+
+
+class LMHead(nn.Module):
+    """The final norm and LM head of a model, alone: final hidden states ``[B, L, D]`` → float32 logits
+    ``[B, L, vocab]``. Its parameters are the model's own (``norm``, ``lm_head`` or the tied ``embed_tokens``), so
+    ``LMHead(config).apply({"params": model_params}, hidden)`` is what ``DecoderLM`` computes after its blocks —
+    for losses that take the logits a few tokens at a time (``distill.losses.token_chunks``)."""
+
+    config: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return lm_head(self.config, x, embed_tokens(self.config))
 
 
 class DecoderLM(nn.Module):
-    """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32 (``[B, 1, vocab]`` with ``last_only``).
+    """tokens ``[B, L]`` → logits ``[B, L, vocab]`` float32 (``[B, 1, vocab]`` with ``last_only``; with
+    ``hidden_only`` the last block's output ``[B, L, D]`` instead, which ``LMHead`` turns into the logits).
 
     ``token_mask`` ``[B, L]`` marks real tokens (left padding is False); ``positions`` ``[B, L]`` default to
     ``make_slots``'s; ``segment_ids`` ``[B, L]`` (ids >= 1, 0 for padding) packs several documents into a row, each
@@ -133,7 +147,7 @@ class DecoderLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False,
-                 segment_ids=None):
+                 segment_ids=None, hidden_only=False):
         cfg = self.config
         slots = make_slots(tokens, positions, token_mask, cache, segment_ids)
         embedding = embed_tokens(cfg)
@@ -145,7 +159,8 @@ class DecoderLM(nn.Module):
                 x, slots, None if cache is None else cache.layers[i]
             )
             new_layers.append(layer_cache)
-        logits = lm_head(cfg, x[:, -1:] if last_only else x, embedding)
+        x = x[:, -1:] if last_only else x
+        logits = x if hidden_only else lm_head(cfg, x, embedding)
         return logits, None if cache is None else cache.advance(slots, tuple(new_layers), tokens.shape[1])
 
     @staticmethod
