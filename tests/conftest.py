@@ -184,10 +184,10 @@ def child_process() -> ChildProcess:
 
 @pytest.fixture(scope="session")
 def tpu_compiler():
-    """``zebrax.aot``, libtpu present (``make`` installs it) (``tpu_compile``)."""
+    """``zebrax.aot``, libtpu present (``make test-all`` installs it) (``tpu_compile``)."""
     import importlib.util
 
-    assert importlib.util.find_spec("libtpu"), "libtpu is missing: make installs it (pip install 'jax[tpu]==JAX')"
+    assert importlib.util.find_spec("libtpu"), "no libtpu: make test-all installs it (pip install 'jax[tpu]==JAX')"
     from zebrax import aot
 
     return aot

@@ -238,10 +238,13 @@ TEACHER = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_h
                       max_position_embeddings=128)
 
 
-def hybrid(mla_layers, attention_layers=(), **kw) -> HybridConfig:
-    return HybridConfig.from_teacher(TEACHER, mla_layers=mla_layers, attention_layers=attention_layers,
+def hybrid(mla_layers, attention_layers=(), teacher: LlamaConfig = TEACHER, **kw) -> HybridConfig:
+    return HybridConfig.from_teacher(teacher, mla_layers=mla_layers, attention_layers=attention_layers,
                                      kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8,
                                      mamba2=dict(chunk_size=4), **kw)
+
+
+TWO_LAYERS = TEACHER.replace(num_hidden_layers=2)  # for a whole training step whose layers all do the same thing
 
 
 MIXED = hybrid([0, 3], attention_layers=[2])  # L S A L S
