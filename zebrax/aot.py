@@ -93,9 +93,6 @@ def devices(topology: str) -> tuple:
     """The TPU devices of a slice (not attached: for compiling only)."""
     from jax.experimental import topologies
 
-    from zebrax.platform import quiet_libtpu
-
-    quiet_libtpu()
     generation, shape = parse_topology(topology)
     dims = "x".join(map(str, shape))
     kw = {"chips_per_host_bounds": (*shape, 1)[:3]} if math.prod(shape) < 4 else {}
@@ -110,6 +107,11 @@ def devices(topology: str) -> tuple:
                           ) from None
 
 
+def _bytes(found: re.Match) -> int:
+    """XLA's "432.55G" (its units are powers of 1024) → bytes; ``found``: the number and the unit letter."""
+    return int(float(found[1]) * 1024 ** ("KMGT".index(found[2]) + 1))
+
+
 @functools.cache
 def hbm_bytes(topology: str) -> int:
     """A chip's HBM as the TPU compiler counts it, from its own refusal of a program one byte too big for any chip
@@ -122,7 +124,7 @@ def hbm_bytes(topology: str) -> int:
     except Exception as e:  # noqa: BLE001 — the compiler's message is the measurement
         found = re.search(r"exceeds available HBM \(([\d.]+)([KMGT])\)", str(e))
         if found:
-            return int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
+            return _bytes(found)
         raise
     raise ZebraxError(f"{topology}: the compiler accepted 256 GiB of temporaries; its HBM is unknown")
 
@@ -221,7 +223,7 @@ def compile_program(fn, args: tuple, *, program: str, topology: str, mesh, token
         found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
         if not found:
             raise
-        temporaries = int(float(found[1]) * 1024 ** ("KMGT".index(found[2]) + 1))
+        temporaries = _bytes(found)
         arguments = _shard_bytes(args)
         return Report(**common, fits=False, per_chip_bytes={"arguments": arguments, "outputs": None,
                                                             "temporaries": temporaries,
@@ -351,7 +353,8 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
     by_rows = lambda x: (batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == batch and batch % rows == 0  # noqa: E731
                          else replicated(mesh))
     cache = _sharded(cache, jax.tree.map(by_rows, cache))
-    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_rows(jax.ShapeDtypeStruct((batch,), jnp.int32)))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    tokens = _sharded(tokens, by_rows(tokens))
     fn = jax.jit(generator._decode_step, donate_argnums=1)  # the decode loop updates its cache in place
     return compile_program(fn, (params, cache, tokens), program=program, topology=topology, mesh=mesh, tokens=batch,
                            settings=settings)

@@ -30,6 +30,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from zebrax.aot import PROGRAMS
+from zebrax.ops.sharded import AXES
+
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_convert(args):
@@ -289,8 +292,8 @@ def _mesh(text: str) -> dict:
         mesh = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected AXIS=SIZE pairs, e.g. fsdp=4,tensor=2") from None
-    if not set(mesh) <= {"data", "fsdp", "tensor"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: the mesh axes are data, fsdp and tensor")
+    if not set(mesh) <= set(AXES):
+        raise argparse.ArgumentTypeError(f"{text!r}: the mesh axes are {', '.join(AXES)}")
     return mesh
 
 
@@ -497,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("compile", help="compile a training step, prefill or decode step for a TPU slice, here, "
                                        "deviceless: memory a chip, cost-model time, collectives")
-    x.add_argument("program", choices=("ild", "kd", "dpo", "prefill", "decode"))
+    x.add_argument("program", choices=PROGRAMS)
     x.add_argument("--topology", required=True, help="a TPU slice: v5p-16 (cores on v4/v5p, chips on v5e/v6e) or "
                                                      "v5p:2x2x2")
     x.add_argument("--teacher", help="training programs: the teacher, a preset (llama3_1_8b) or a checkpoint")

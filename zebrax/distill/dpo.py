@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from zebrax.distill.losses import dpo_loss, token_chunks, token_logprobs
+from zebrax.distill.losses import dpo_loss, next_tokens, token_chunks, token_logprobs
 from zebrax.models.decoder import DecoderLM, LMHead
 
 
@@ -18,7 +18,7 @@ def response_logprobs(model: DecoderLM, params, batch: dict, chunk: int = 0) -> 
                                      for k in ("tokens", "token_mask", "loss_mask"))
     token_mask = token_mask.astype(bool)
     hidden = model.apply({"params": params}, tokens, token_mask=token_mask, hidden_only=True)[0]
-    targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # the last position's is never counted
+    targets = next_tokens(tokens)
     head = LMHead(model.config)
     logp = token_chunks(lambda h, t: token_logprobs(head.apply({"params": params}, h), t), (hidden, targets),
                         chunk or tokens.shape[1])

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from zebrax.data import next_in_document
-from zebrax.distill.losses import kl_per_token, normalized, token_chunks, token_logprobs, topk_kl_per_token
+from zebrax.distill.losses import kl_per_token, next_tokens, normalized, token_chunks, token_logprobs, topk_kl_per_token
 from zebrax.errors import InvalidArgument
 from zebrax.models.decoder import DecoderLM, LMHead
 
@@ -43,7 +43,7 @@ def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "fo
         rows = dict(token_mask=token_mask, segment_ids=batch.get("segment_ids"), hidden_only=True)
         t_hidden = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0])
         s_hidden = student.apply({"params": student_params}, tokens, **rows)[0]
-        targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # the last position's is never counted
+        targets = next_tokens(tokens)
 
         def per_token(t_hidden, s_hidden, targets):
             t_logits = jax.lax.stop_gradient(t_head.apply({"params": teacher_params}, t_hidden))

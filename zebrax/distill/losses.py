@@ -101,6 +101,12 @@ def topk_kl_loss(teacher_values: jax.Array, teacher_indices: jax.Array, student_
     return normalized(topk_kl_per_token(teacher_values, teacher_indices, student_logits), mask, normalize)
 
 
+def next_tokens(tokens: jax.Array) -> jax.Array:
+    """``[B, L]``: each position's next token (the last position's is its own, a placeholder that no mask counts),
+    the targets of ``token_logprobs`` over whole rows."""
+    return jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+
+
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """``[B, L]``: log p(target) of each position (``targets`` ``[B, L]``, the next tokens)."""
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
