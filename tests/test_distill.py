@@ -188,6 +188,8 @@ def long_prompt_chat(i: int) -> dict:
     ("ild/TrainConfig.warmup_ratio = 1.5", "ild/TrainConfig.warmup_ratio = 1.5: expected a number in [0, 1]"),
     ("distill.split = (0.1, 0.9)", "distill.split = (0.1, 0.9): expected 3 fractions (held-out, ILD, KD)"),
     ("distill.split = (0.1, -0.2, 0.7)", "distill.split[1] = -0.2: expected a number in (0, 1]"),
+    ("distill.remat = 'save_qkv'", "distill.remat = 'save_qkv': expected True, False, 'none' or one of full, "
+                                   "save_qkv_proj"),
     ("distill.kd_direction = 'sideways'", "distill.kd_direction = 'sideways': expected one of 'forward', 'reverse'"),
     ("distill.data = 'configs/data/prompts.jsonl'", "distill.data = 'configs/data/prompts.jsonl': expected a tuple"),
     ("distill.num_mla = 4", "distill.num_mla = 4: place: num_mla=4 must be in 1..3"),

@@ -80,10 +80,12 @@ def test_kd_steps_bring_a_hybrid_toward_the_teacher_and_never_touch_the_teacher(
 
 
 def test_remat_and_bf16_compute(rng):
-    """Remat recomputes, it does not change a gradient (fp32, 1e-6); bf16 compute keeps float32 logits and master
-    weights and gives the float32 loss within bf16 rounding (5e-2 relative)."""
+    """Remat recomputes, it does not change a gradient, under any policy (fp32, 1e-6); bf16 compute keeps float32
+    logits and master weights and gives the float32 loss within bf16 rounding (5e-2 relative)."""
     from zebrax.distill import kd_objective
+    from zebrax.errors import InvalidArgument
     from zebrax.models import build
+    from zebrax.models.decoder import REMAT_POLICIES
 
     teacher = random_model(TWO_LAYERS, seed=2)
     config = hybrid([0], teacher=TWO_LAYERS)  # L S
@@ -99,6 +101,12 @@ def test_remat_and_bf16_compute(rng):
     remat = loss_and_grads(build(config, remat=True), build(TWO_LAYERS))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    for policy in REMAT_POLICIES:  # what a policy keeps changes memory, never a gradient
+        kept = loss_and_grads(build(config, remat=policy), build(TWO_LAYERS))
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(kept), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    with pytest.raises(InvalidArgument, match="remat = 'save_qkv': expected True, False, 'none' or one of full"):
+        build(config, remat="save_qkv")
     bf16 = loss_and_grads(build(config.replace(dtype="bfloat16")), build(TWO_LAYERS.replace(dtype="bfloat16")))
     assert bf16[0].dtype == np.float32 and all(g.dtype == np.float32 for g in jax.tree.leaves(bf16[1]))
     np.testing.assert_allclose(float(bf16[0]), float(plain[0]), rtol=5e-2)
@@ -198,3 +206,28 @@ def test_ild_layer_by_layer_gives_the_whole_loss_and_its_gradients(rng):
         np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
     assert not np.any(np.asarray(got[1]["mla"]["embed_tokens"]["embedding"]))
     assert float(np.abs(np.asarray(jax.tree.leaves(got[1]["mamba2"]["layers_1"])[0])).max()) > 0
+
+
+def test_remat_policies_keep_the_projections_they_name(rng, capsys):
+    """What each policy saves for the backward pass (JAX's own list of residuals): "full" no projection,
+    "save_qkv_proj" the mixers' input projections, "save_out_proj" the output maps, neither the MLP's gate,
+    "save_dots" every matmul's output."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from zebrax.models import build
+
+    config = hybrid([0], teacher=TWO_LAYERS)  # L S
+    params = random_model(config, seed=4).params
+    tokens = rng.integers(0, 97, (1, 8))
+
+    def saved(policy):
+        module = build(config, remat=policy)
+        print_saved_residuals(lambda p: module.apply({"params": p}, tokens)[0].sum(), params)
+        return capsys.readouterr().out
+
+    full, qkv, out, dots = saved("full"), saved("save_qkv_proj"), saved("save_out_proj"), saved("save_dots")
+    assert "named" not in full
+    assert "named 'q_a_proj'" in qkv and "named 'in_proj'" in qkv and "named 'o_proj'" not in qkv
+    assert "named 'o_proj'" in out and "named 'out_proj'" in out and "named 'q_a_proj'" not in out
+    assert "named 'gate_proj'" not in qkv + out
+    assert dots.count("dot_general") > full.count("dot_general")

@@ -286,9 +286,12 @@ def _rows(fields: dict, batch: int, length: int, mesh) -> dict:
 
 def _advice(exp, stage: str, mesh) -> list[str]:
     """What would lower a training step's memory a chip, most effective first."""
+    from zebrax.models.decoder import remat_policy
+
     cfg = getattr(exp, stage)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    out = [] if exp.remat else ["remat (--remat): the students recompute each block's activations in the backward pass"]
+    out = [] if remat_policy(exp.remat) == "full" else [
+        "--remat (full): the students keep only each block's input for the backward pass"]
     if cfg.batch_size // cfg.accumulate > shards and cfg.batch_size % (2 * cfg.accumulate) == 0:
         out.append(f"--accumulate {2 * cfg.accumulate}: micro-batches of {cfg.batch_size // cfg.accumulate // 2} "
                    f"sequences")
@@ -362,7 +365,7 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
 
 def compile(program: str, *, topology: str, teacher=None, student=None, model=None, mesh: dict | None = None,
             batch: int | None = None, seq_len: int | None = None, context: int | None = None,
-            accumulate: int | None = None, remat: bool | None = None, compute_dtype: str | None = None,
+            accumulate: int | None = None, remat: bool | str | None = None, compute_dtype: str | None = None,
             loss_chunk: int | None = None, experiment=None) -> Report:
     """Compile one program of the method for a TPU ``topology`` (``"v5p-16"``, ``"v5p:2x2x2"``) on this machine,
     nothing run, and report its memory a chip, the cost model's time and its collectives (``Report``).

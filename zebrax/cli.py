@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 from zebrax.aot import PROGRAMS
+from zebrax.models.decoder import REMAT_POLICIES
 from zebrax.ops.sharded import AXES
 
 
@@ -511,8 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seq-len", type=COUNT, help="tokens a sequence (training, prefill)")
     x.add_argument("--context", type=COUNT, help="decode: the cache's length in tokens")
     x.add_argument("--accumulate", type=COUNT, help="training: micro-batches a step")
-    x.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                   help="training: the students recompute each block in the backward pass")
+    x.add_argument("--remat", nargs="?", const="full", choices=("none", *REMAT_POLICIES), metavar="POLICY",
+                   help="training: the students recompute each block in the backward pass, keeping what POLICY "
+                        f"names ({', '.join(REMAT_POLICIES)}; alone: full; none: no remat)")
     x.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="the dtype matmuls run in")
     x.add_argument("--loss-chunk", type=INDEX, help="training: tokens a chunk of the LM heads and losses (0: whole)")
     x.add_argument("--gin_file", action="append", default=[], metavar="FILE",

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from zebrax.distill.losses import ild_loss
-from zebrax.models.decoder import Block, DecoderLM, make_slots
+from zebrax.models.decoder import Block, DecoderLM, make_slots, remat_block
 
 OUTPUTS = ("block_input", "mixer_output", "block_output")
 TARGETS = ("mixer_output", "block_output")  # what ILD compares
@@ -36,7 +35,7 @@ def teacher_forced(module: DecoderLM, params: dict, inputs: list[jax.Array], tok
     cfg = module.config
     slots = make_slots(tokens, None, token_mask, None, segment_ids)
     out = {"mixer_output": [], "block_output": []}
-    block = nn.remat(Block) if module.remat else Block
+    block = remat_block(module.remat)
     for i, spec in enumerate(cfg.plan()):
         _, state = block(spec, cfg, module.impls).apply({"params": params[f"layers_{i}"]}, inputs[i], slots,
                                                         mutable=["intermediates"])

@@ -48,6 +48,7 @@ from zebrax.distill.kd import check_top_k, kd_objective
 from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
 from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings, train
 from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
+from zebrax.models.decoder import REMAT_POLICIES
 from zebrax.sharding import MeshConfig, make_mesh
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
@@ -74,7 +75,9 @@ class Experiment:
     - ``preferences``: DPO pairs (none: no DPO).
     - ``compute_dtype``: the dtype teacher and students compute in during training ("bfloat16": bf16 matmuls,
       float32 master weights, optimizer state, LM heads and losses); ``remat``: the students recompute each
-      block's activations in the backward pass; ``loss_chunk``: KD's and DPO's LM heads and losses run that many
+      block's activations in the backward pass (True or "full": keeping only its input; a policy of
+      ``models.decoder.REMAT_POLICIES`` keeps those projections too; ILD trains one layer at a time and never
+      needs it); ``loss_chunk``: KD's and DPO's LM heads and losses run that many
       tokens at a time, rematerialised (``losses.token_chunks``; 0: the whole row), so no step holds
       ``[B, L, vocab]`` logits — the same values.
     - ``mesh``: ``MeshConfig`` fields (``data``, ``fsdp``, ``tensor``; ``{}``: one device): the training steps run
@@ -101,7 +104,7 @@ class Experiment:
     seed: int = 0
     mesh: dict = dataclasses.field(default_factory=dict)
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False
     loss_chunk: int = 512
     student: dict = dataclasses.field(default_factory=dict)
     num_mla: int = 2
@@ -145,9 +148,11 @@ class Experiment:
                               "with; give its data in distill.data")
         self._check_generation()
         check_int("distill.seq_len", self.seq_len, 2)
-        for name in ("pack", "remat"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"distill.{name} = {getattr(self, name)!r}: expected True or False")
+        if not isinstance(self.pack, bool):
+            raise ConfigError(f"distill.pack = {self.pack!r}: expected True or False")
+        if not (isinstance(self.remat, bool) or self.remat in ("none", *REMAT_POLICIES)):
+            raise ConfigError(f"distill.remat = {self.remat!r}: expected True, False, 'none' or one of "
+                              f"{', '.join(REMAT_POLICIES)}")
         if not (isinstance(self.split, (tuple, list)) and len(self.split) == 3):
             raise ConfigError(f"distill.split = {self.split!r}: expected 3 fractions (held-out, ILD, KD)")
         for i, fraction in enumerate(self.split):

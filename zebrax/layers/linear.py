@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
@@ -59,7 +60,7 @@ class Linear(nn.Module):
                 self.features, self.param_dtype,
             )
             y = y + bias.astype(y.dtype)
-        return y
+        return checkpoint_name(y, self.name)  # what a remat policy may keep (models.decoder.REMAT_POLICIES)
 
     def _fan_in_init(self, in_shape):
         """The kernel init sees a 2-D ``[fan_in, fan_out]`` matrix, whatever the axis split."""

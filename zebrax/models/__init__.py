@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from zebrax.cache import cache_sizes as measure_cache
 from zebrax.config import DeepseekV3Config, HybridConfig, LlamaConfig, Mamba2LMConfig
 from zebrax.errors import ConfigError
-from zebrax.models.decoder import MIXERS, Block, DecoderLM, ops_of
+from zebrax.models.decoder import MIXERS, Block, DecoderLM, ops_of, remat_policy
 from zebrax.ops import Impls
 
 REGISTRY = {cls.model_type: cls for cls in (LlamaConfig, Mamba2LMConfig, DeepseekV3Config, HybridConfig)}
@@ -26,10 +26,12 @@ def config_from_dict(d: dict):
     return REGISTRY[model_type].from_dict(d)
 
 
-def build(config, impl: str | Mapping[str, str] | Impls = "auto", *, remat: bool = False) -> DecoderLM:
+def build(config, impl: str | Mapping[str, str] | Impls = "auto", *, remat: bool | str = False) -> DecoderLM:
     """The Flax module of a config. ``impl``: one name for every op the model runs, or one per op
     (``{"attention": "reference", "ssd": "chunked"}``); InvalidArgument names a value its op does not have.
-    ``remat``: recompute each block's activations in the backward pass (training memory)."""
+    ``remat``: recompute each block's activations in the backward pass (training memory): True, False, or a policy
+    of ``models.decoder.REMAT_POLICIES``."""
+    remat_policy(remat)  # a misspelt policy fails here, not when the model first runs
     return DecoderLM(config, Impls.parse(impl, ops_of(config)), remat)
 
 

@@ -98,6 +98,36 @@ class Block(nn.Module):
         return x, cache
 
 
+# What a block keeps for its backward pass under ``remat`` (the rest is recomputed). Every ``Linear``'s output carries
+# its parameter name (``checkpoint_name``); the input projections of every mixer kind and the MLP's output maps:
+_QKV = ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "in_proj")
+_OUT = ("o_proj", "out_proj", "down_proj")
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # the block's input only
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),
+    "save_out_proj": jax.checkpoint_policies.save_only_these_names(*_OUT),
+    "save_qkv_out_proj": jax.checkpoint_policies.save_only_these_names(*_QKV, *_OUT),
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every projection, the MLP's included
+}
+
+
+def remat_policy(remat: bool | str) -> str | None:
+    """``remat`` as a policy name: False or "none" → None (nothing recomputed), True → "full"; InvalidArgument for
+    a name not in ``REMAT_POLICIES``."""
+    if remat is False or remat == "none":
+        return None
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise InvalidArgument(f"remat = {remat!r}: expected True, False, 'none' or one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def remat_block(remat: bool | str):
+    """``Block`` under the remat policy ``remat`` names (``remat_policy``), or ``Block`` itself."""
+    name = remat_policy(remat)
+    return Block if name is None else nn.remat(Block, policy=REMAT_POLICIES[name])
+
+
 def _residual(x: jax.Array, h: jax.Array, in_fp32: bool) -> jax.Array:
     residual = x.astype(jnp.float32) if in_fp32 else x
     return (residual + h).astype(residual.dtype)
@@ -141,12 +171,13 @@ class DecoderLM(nn.Module):
     computed as if alone (positions restart, attention and the Mamba2 state stay within it). With a ``cache`` the
     tokens are appended at ``cache.index`` and the updated cache is returned; without one the second output is
     None. ``impls``: the implementation of each op. ``remat``: each block's activations are recomputed in the
-    backward pass instead of stored (``nn.remat``): the memory of one block's activations instead of all of them.
+    backward pass instead of stored (``nn.remat``): True or "full" keeps only each block's input, a name of
+    ``REMAT_POLICIES`` keeps those projections' outputs too; False or "none" recomputes nothing.
     """
 
     config: Any
     impls: Impls = Impls()
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, token_mask=None, cache: Cache | None = None, last_only=False,
@@ -156,7 +187,7 @@ class DecoderLM(nn.Module):
         embedding = embed_tokens(cfg)
         x = embedding(tokens)
         new_layers = []
-        block = nn.remat(Block) if self.remat else Block
+        block = remat_block(self.remat)
         for i, spec in enumerate(cfg.plan()):
             x, layer_cache = block(spec, cfg, self.impls, name=f"layers_{i}")(
                 x, slots, None if cache is None else cache.layers[i]
