@@ -78,7 +78,9 @@ def programs(tpu_compiler):
     compile = lambda program, **kw: tpu_compiler.compile(program, topology="v5e-8", mesh=mesh, **kw)  # noqa: E731
     train = dict(teacher=TEACHER, student=student, batch=16, seq_len=64, accumulate=2, remat=True,
                  compute_dtype="bfloat16")
+    score = dict(teacher=TEACHER, student=student, batch=16, seq_len=64, compute_dtype="bfloat16")
     return {"kd": compile("kd", **train), "ild": compile("ild", **train), "dpo": compile("dpo", **train),
+            "smart": compile("smart", **score), "eval": compile("eval", **score),
             "decode": compile("decode", model=student, batch=8, context=256),
             "prefill": compile("prefill", model=student, batch=8, seq_len=128)}
 
@@ -87,7 +89,7 @@ KEYS = {"fits", "hbm_bytes", "per_chip_bytes", "flops", "bytes_accessed", "secon
         "collectives", "compile_seconds"}
 
 
-@pytest.mark.parametrize("program", ["kd", "ild", "dpo", "decode", "prefill"])
+@pytest.mark.parametrize("program", ["kd", "ild", "dpo", "smart", "eval", "decode", "prefill"])
 def test_the_tiny_programs_compile_for_eight_chips_and_fit(programs, program):
     """Each program compiles for v5e-8 and fits its 15.75 GiB; the arguments a chip are the shards of the sharded
     inputs (parameters over fsdp, rows over data × fsdp), counted independently here; FSDP gathers weights."""

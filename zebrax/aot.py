@@ -31,8 +31,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from zebrax.errors import ConfigError, ZebraxError
 from zebrax.ops.auto import compiling_for
 
-PROGRAMS = ("ild", "kd", "dpo", "prefill", "decode")
+PROGRAMS = ("ild", "kd", "dpo", "smart", "eval", "prefill", "decode")
 TRAINING = ("ild", "kd", "dpo")
+SCORING = ("smart", "eval")  # forward passes of the teacher and the students over rows
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -187,13 +188,17 @@ class Report:
 
 @contextlib.contextmanager
 def _optimised():
-    """XLA's optimisations on, as a run compiles the program, whatever this process set for its own programs."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", False)
+    """XLA's optimisations on, as a run compiles the program, whatever this process set for its own programs; the
+    persistent compilation cache off (a deviceless executable cannot be read back from it)."""
+    settings = {"jax_disable_most_optimizations": False, "jax_enable_compilation_cache": False}
+    before = {k: jax.config.values[k] for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
     try:
         yield
     finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+        for k, v in before.items():
+            jax.config.update(k, v)
 
 
 def _shard_bytes(tree) -> int:
@@ -299,21 +304,59 @@ def _advice(exp, stage: str, mesh) -> list[str]:
     return out
 
 
-def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
+def _hybrid(program: str, student):
     from zebrax.config import HybridConfig
-    from zebrax.distill.pipeline import STUDENTS, stage_objective
+
+    if student is None or not isinstance(student, HybridConfig):
+        raise ConfigError(f"compile {program}: --student must be a Zebra-Llama hybrid (a preset such as "
+                          f"zebra-llama-8b-8mla-24m2, or a checkpoint); got {type(student).__name__}")
+    return student
+
+
+def _students(exp, teacher, student) -> dict:
+    """The two students ILD trains and SMART scores (all-MLA, all-Mamba2): the hybrid's settings with one mixer
+    everywhere, or without a hybrid the experiment's ``student`` settings."""
+    from zebrax.config import HybridConfig
+    from zebrax.distill.pipeline import STUDENTS
+
+    if student:
+        return {n: student.replace(mixers=(n,) * student.num_hidden_layers) for n in STUDENTS}
+    return {n: HybridConfig.from_teacher(teacher, mla_layers=layers, **exp.student) for n, layers in STUDENTS.items()}
+
+
+def _scoring(program: str, exp, teacher, student, mesh, topology: str, batch: int) -> Report:
+    """SMART's scoring pass (one swap; it runs once per layer and once with none) or the evaluation's batch sums
+    (perplexity and KL to the teacher) over ``batch`` rows of ``exp.seq_len`` tokens."""
+    from zebrax.evaluate import batch_sums
+    from zebrax.models import build
+    from zebrax.select import swap_kl, swap_params
+    from zebrax.sharding import batch_sharding, replicated
+
+    compute = lambda c: c.replace(dtype=exp.compute_dtype)  # noqa: E731
+    rows = _rows({"tokens": jnp.int32, "token_mask": bool, "loss_mask": bool}, batch, exp.seq_len, mesh)
+    if program == "eval":
+        student = _hybrid(program, student)
+        fn = batch_sums(build(compute(student)), build(compute(teacher)))
+        args = (_params(student, mesh), _params(teacher, mesh), rows["tokens"], rows["token_mask"], rows["loss_mask"])
+    else:
+        s = _students(exp, teacher, student)
+        fn = jax.jit(swap_kl(compute(s["mla"]), compute(s["mamba2"])))
+        logits = jax.ShapeDtypeStruct((batch, exp.seq_len, teacher.vocab_size), jnp.float32,
+                                      sharding=batch_sharding(mesh, 3))
+        swap = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+        args = (swap_params(_params(s["mla"], mesh), _params(s["mamba2"], mesh), teacher.num_hidden_layers),
+                rows["tokens"], logits, swap)
+    settings = {"batch": batch, "seq_len": exp.seq_len, "compute_dtype": exp.compute_dtype}
+    return compile_program(fn, args, program=program, topology=topology, mesh=mesh, tokens=batch * exp.seq_len,
+                           settings=settings)
+
+
+def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
+    from zebrax.distill.pipeline import stage_objective
     from zebrax.distill.trainer import jitted_step, make_optimizer, state_shardings
     from zebrax.sharding import replicated
 
-    if stage == "ild":
-        trained = ({n: student.replace(mixers=(n,) * student.num_hidden_layers) for n in STUDENTS} if student else
-                   {n: HybridConfig.from_teacher(teacher, mla_layers=layers, **exp.student)
-                    for n, layers in STUDENTS.items()})
-    elif student is None or not isinstance(student, HybridConfig):
-        raise ConfigError(f"compile {stage}: --student must be a Zebra-Llama hybrid (a preset such as "
-                          f"zebra-llama-8b-8mla-24m2, or a checkpoint); got {type(student).__name__}")
-    else:
-        trained = {"": student}
+    trained = _students(exp, teacher, student) if stage == "ild" else {"": _hybrid(stage, student)}
     cfg = getattr(exp, stage)
     objective = stage_objective(exp, stage, teacher, trained)
     params = {n: _params(c, mesh) for n, c in trained.items()}
@@ -373,7 +416,9 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     Training programs (``ild``, ``kd``, ``dpo``): ``teacher`` and ``student`` are presets, checkpoints (their
     configs only) or config objects; ``experiment`` a ``distill`` ``Experiment`` (its objective settings,
     optimizer, remat, compute dtype, batch and ``accumulate`` of the stage); ``batch``, ``seq_len``, ``accumulate``,
-    ``remat``, ``compute_dtype``, ``loss_chunk`` override it. Generation (``prefill``: ``seq_len`` tokens;
+    ``remat``, ``compute_dtype``, ``loss_chunk`` override it. Scoring (``smart``: SMART's pass with one layer
+    swapped; ``eval``: perplexity and KL to the teacher): ``teacher`` and ``student``, ``batch`` rows of ``seq_len``
+    tokens. Generation (``prefill``: ``seq_len`` tokens;
     ``decode``: one step at a ``context``-token cache): ``model``. ``mesh``: ``MeshConfig`` fields over the slice's
     chips (default: every chip on fsdp)."""
     from zebrax.distill.pipeline import Experiment
@@ -386,10 +431,17 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
         mesh = make_mesh(MeshConfig(**(mesh or {})), list(chips))
     except TypeError:
         raise ConfigError(f"compile: mesh={mesh!r}: expected sizes of data, fsdp, tensor") from None
-    if program in TRAINING:
+    if program in TRAINING + SCORING:
         if teacher is None:
             raise ConfigError(f"compile {program}: --teacher (a preset or a checkpoint) is required")
         exp = experiment if experiment is not None else Experiment()
+        if program in SCORING:
+            if not (isinstance(batch, int) and batch >= 1):
+                raise ConfigError(f"compile {program}: --batch must be an integer >= 1 (got {batch!r})")
+            exp = dataclasses.replace(exp, **{k: v for k, v in (("seq_len", seq_len), ("compute_dtype", compute_dtype))
+                                              if v is not None})
+            return _scoring(program, exp, model_config(teacher), student and model_config(student), mesh, topology,
+                            batch)
         cfg = getattr(exp, program)
         cfg = dataclasses.replace(cfg, **{k: v for k, v in (("batch_size", batch), ("accumulate", accumulate))
                                           if v is not None})

@@ -504,12 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("program", choices=PROGRAMS)
     x.add_argument("--topology", required=True, help="a TPU slice: v5p-16 (cores on v4/v5p, chips on v5e/v6e) or "
                                                      "v5p:2x2x2")
-    x.add_argument("--teacher", help="training programs: the teacher, a preset (llama3_1_8b) or a checkpoint")
-    x.add_argument("--student", help="training programs: the hybrid, a preset or a checkpoint")
+    x.add_argument("--teacher", help="training, smart and eval: the teacher, a preset (llama3_1_8b) or a checkpoint")
+    x.add_argument("--student", help="training, smart and eval: the hybrid, a preset or a checkpoint")
     x.add_argument("--model", help="prefill and decode: a preset or a checkpoint")
     x.add_argument("--mesh", type=_mesh, help="sizes over the slice's chips, e.g. fsdp=4,tensor=2 (default: all fsdp)")
     x.add_argument("--batch", type=COUNT, help="sequences a step (training: the stage's global batch)")
-    x.add_argument("--seq-len", type=COUNT, help="tokens a sequence (training, prefill)")
+    x.add_argument("--seq-len", type=COUNT, help="tokens a sequence (training, smart, eval, prefill)")
     x.add_argument("--context", type=COUNT, help="decode: the cache's length in tokens")
     x.add_argument("--accumulate", type=COUNT, help="training: micro-batches a step")
     x.add_argument("--remat", nargs="?", const="full", choices=("none", *REMAT_POLICIES), metavar="POLICY",

@@ -25,9 +25,9 @@ from zebrax.errors import InvalidArgument
 
 
 @functools.lru_cache(maxsize=8)
-def _sums(model, teacher):
+def batch_sums(model, teacher):
     """The jitted per-batch sums of one (model, teacher or None) pair of modules: compiled once per batch shape,
-    whatever the parameters (they are arguments, never constants)."""
+    whatever the parameters (they are arguments, never constants). ``zebrax.aot`` compiles it."""
 
     @jax.jit
     def sums(params, teacher_params, tokens, token_mask, loss_mask):
@@ -74,7 +74,7 @@ def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_si
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InvalidArgument(f"evaluate: batch_size={batch_size!r} must be an integer >= 1")
-    sums = _sums(model, teacher)
+    sums = batch_sums(model, teacher)
     total = len(rows["tokens"]) if isinstance(rows, dict) else None
     totals: dict[str, float] = {"rows": 0}
     with tqdm(total=total, desc="evaluate", unit="row", file=sys.stderr, disable=not progress,

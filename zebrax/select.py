@@ -55,6 +55,23 @@ class SwapLM(nn.Module):
         return lm_head(cfg, x, embedding)
 
 
+def swap_params(mla_params: dict, mamba_params: dict, num_layers: int) -> dict:
+    """``SwapLM``'s parameters: the all-Mamba2 student's, plus ``swap_{i}`` = the all-MLA student's ``layers_{i}``."""
+    return {**mamba_params, **{f"swap_{i}": mla_params[f"layers_{i}"] for i in range(num_layers)}}
+
+
+def swap_kl(mla_config: HybridConfig, mamba_config: HybridConfig, impls: Impls | None = None):
+    """SMART's scoring pass: ``kl(params, tokens, teacher_logits, swap)`` = KL(teacher ‖ the all-Mamba2 student with
+    layer ``swap`` taken from the all-MLA student), the mean over ``tokens`` ``[N, L]`` (``params``:
+    ``swap_params``; ``teacher_logits`` ``[N, L, V]``; ``swap`` −1 for none). ``zebrax.aot`` compiles it."""
+    module = SwapLM(mamba_config, mla_config, impls or Impls())
+
+    def kl(params, tokens, teacher_logits, swap):
+        return kl_loss(teacher_logits, module.apply({"params": params}, tokens, swap))  # mean over tokens
+
+    return kl
+
+
 def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
     """SMART scores of every layer on ``tokens`` ``[N, L]`` (``zebrax.Model``s; the students hybrids of one teacher
     shape, all-MLA and all-Mamba2). Returns ``kl_all_mamba2``, ``kl`` (per layer), ``scores``, ``seconds``,
@@ -63,14 +80,13 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
     check_students(mla_student.config, mamba_student.config, "select")
     tokens = teacher.check_tokens(tokens, "select")
     start = time.perf_counter()
-    module = SwapLM(mamba_student.config, mla_student.config, mamba_student.module.impls)
-    params = dict(mamba_student.params)
-    params.update({f"swap_{i}": mla_student.params[f"layers_{i}"] for i in range(mla_student.config.num_hidden_layers)})
+    kl = swap_kl(mla_student.config, mamba_student.config, mamba_student.module.impls)
+    params = swap_params(mla_student.params, mamba_student.params, mla_student.config.num_hidden_layers)
     traces = []
 
-    def kl_of(params, tokens, teacher_logits, swap):
+    def kl_of(*args):
         traces.append(1)
-        return kl_loss(teacher_logits, module.apply({"params": params}, tokens, swap))  # mean over tokens
+        return kl(*args)
 
     kl_of = jax.jit(kl_of)
     teacher_logits = jnp.asarray(teacher.logits(tokens))
