@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from zebrax.errors import ConfigError, ZebraxError
 from zebrax.ops.auto import compiling_for
+from zebrax.traffic import hbm_traffic
 
 PROGRAMS = ("ild", "kd", "dpo", "smart", "eval", "prefill", "decode")
 TRAINING = ("ild", "kd", "dpo")
@@ -136,8 +137,11 @@ class Report:
     compiler's), ``total`` (arguments + outputs − donated + temporaries). ``flops``, ``bytes_accessed`` and
     ``seconds`` are per chip, from the compiler's cost model (an estimate, not a measurement; where it gives none,
     ``seconds_from`` says "roofline": the larger of flops / peak and bytes / HBM bandwidth, published figures);
-    ``mfu`` = flops / seconds / the chip's published bf16 peak. When the compiler refuses the program (``fits``
-    False and ``error`` set), the figures it could not give are None."""
+    ``mfu`` = flops / seconds / the chip's published bf16 peak. ``hbm_traffic_bytes``: what a chip reads from and
+    writes to HBM in one call, estimated from the compiled program (``zebrax.traffic``; the cost model's
+    ``bytes_accessed`` also counts on-chip copies); for prefill and decode, ``must_read_bytes`` (the weights,
+    cache and states a chip holds: its arguments) and ``read_ratio`` = traffic / must-read. When the compiler
+    refuses the program (``fits`` False and ``error`` set), the figures it could not give are None."""
 
     program: str
     topology: str
@@ -156,6 +160,9 @@ class Report:
     mfu: float | None
     collectives: dict
     compile_seconds: float
+    hbm_traffic_bytes: int | None = None
+    must_read_bytes: int | None = None
+    read_ratio: float | None = None
     advice: list = dataclasses.field(default_factory=list)
     error: str | None = None
 
@@ -175,6 +182,10 @@ class Report:
             lines.append(f"  {self.seconds_from} (an estimate): {self.flops / 1e12:.2f} TFLOP and "
                          f"{self.bytes_accessed / 1e9:.2f} GB accessed a chip, {self.seconds * 1e3:.2f} ms a step "
                          f"→ {self.tokens_per_second:,.0f} tokens/s, MFU {100 * self.mfu:.1f}%")
+        if self.read_ratio is not None:
+            lines.append(f"  HBM traffic (from the compiled program): {self.hbm_traffic_bytes / 1e9:.2f} GB a chip, "
+                         f"{self.read_ratio:.2f}× the {self.must_read_bytes / 1e9:.2f} GB of weights, cache and "
+                         f"states it must read")
         if self.collectives:
             lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in self.collectives.items()))
         lines.append(f"  compiled in {self.compile_seconds:.1f} s")
@@ -212,9 +223,11 @@ def _collectives(hlo: str) -> dict:
 
 
 def compile_program(fn, args: tuple, *, program: str, topology: str, mesh, tokens: int, settings: dict,
-                    advice: list[str] = ()) -> Report:
+                    advice: list[str] = (), reads_arguments: bool = False) -> Report:
     """Compile ``fn`` (a ``jax.jit``-ed function) for ``args`` (sharded ``ShapeDtypeStruct`` trees over ``mesh``)
-    with the mesh set and the ops tracing for a TPU; ``tokens``: what one call processes (for tokens/s)."""
+    with the mesh set and the ops tracing for a TPU; ``tokens``: what one call processes (for tokens/s);
+    ``reads_arguments``: a step that must read all its arguments once (decode), whose traffic is compared with
+    them."""
     generation, _ = parse_topology(topology)
     hbm = hbm_bytes(topology)
     common = dict(program=program, topology=topology, chips=len(devices(topology)), hbm_bytes=hbm,
@@ -248,13 +261,17 @@ def compile_program(fn, args: tuple, *, program: str, topology: str, mesh, token
         chip = GENERATIONS[generation]
         seconds, source = max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth), "roofline"
     fits = total <= hbm
+    hlo = compiled.as_text()
+    moved = hbm_traffic(hlo)
+    must_read = memory.argument_size_in_bytes if reads_arguments else None
     return Report(**common, fits=fits,
                   per_chip_bytes={"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                                   "temporaries": memory.temp_size_in_bytes, "total": total},
                   flops=flops, bytes_accessed=accessed, seconds=seconds, seconds_from=source,
                   tokens_per_second=tokens / seconds if seconds else None,
                   mfu=flops / seconds / GENERATIONS[generation].peak_flops if seconds else None,
-                  collectives=_collectives(compiled.as_text()), compile_seconds=seconds_to_compile,
+                  collectives=_collectives(hlo), compile_seconds=seconds_to_compile, hbm_traffic_bytes=moved,
+                  must_read_bytes=must_read, read_ratio=moved / must_read if must_read else None,
                   advice=[] if fits else list(advice))
 
 
@@ -380,13 +397,13 @@ def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
                            tokens=tokens, settings=settings, advice=_advice(exp, stage, mesh))
 
 
-def _generation(program: str, config, mesh, topology: str, batch: int, length: int) -> Report:
+def _generation(program: str, config, mesh, topology: str, batch: int, length: int, impl) -> Report:
     from zebrax.generate import Generator
     from zebrax.models import build
     from zebrax.ops.sharded import BATCH
     from zebrax.sharding import batch_sharding, replicated
 
-    generator = Generator(build(config))
+    generator = Generator(build(config, impl))
     params = _params(config, mesh)
     rows = math.prod(mesh.shape[a] for a in BATCH)
     settings = {"batch": batch, "context" if program == "decode" else "seq_len": length, "dtype": config.dtype}
@@ -403,13 +420,13 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
     tokens = _sharded(tokens, by_rows(tokens))
     fn = jax.jit(generator._decode_step, donate_argnums=1)  # the decode loop updates its cache in place
     return compile_program(fn, (params, cache, tokens), program=program, topology=topology, mesh=mesh, tokens=batch,
-                           settings=settings)
+                           settings=settings, reads_arguments=True)
 
 
 def compile(program: str, *, topology: str, teacher=None, student=None, model=None, mesh: dict | None = None,
             batch: int | None = None, seq_len: int | None = None, context: int | None = None,
             accumulate: int | None = None, remat: bool | str | None = None, compute_dtype: str | None = None,
-            loss_chunk: int | None = None, experiment=None) -> Report:
+            loss_chunk: int | None = None, experiment=None, impl="auto") -> Report:
     """Compile one program of the method for a TPU ``topology`` (``"v5p-16"``, ``"v5p:2x2x2"``) on this machine,
     nothing run, and report its memory a chip, the cost model's time and its collectives (``Report``).
 
@@ -418,8 +435,10 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     optimizer, remat, compute dtype, batch and ``accumulate`` of the stage); ``batch``, ``seq_len``, ``accumulate``,
     ``remat``, ``compute_dtype``, ``loss_chunk`` override it. Scoring (``smart``: SMART's pass with one layer
     swapped; ``eval``: perplexity and KL to the teacher): ``teacher`` and ``student``, ``batch`` rows of ``seq_len``
-    tokens. Generation (``prefill``: ``seq_len`` tokens;
-    ``decode``: one step at a ``context``-token cache): ``model``. ``mesh``: ``MeshConfig`` fields over the slice's
+    tokens. Generation (``prefill``: ``seq_len`` tokens; ``decode``: one step at a ``context``-token cache):
+    ``model``, and ``impl`` the ops' implementations as ``models.build`` takes them ("pallas",
+    ``{"attention": "pallas"}``; default "auto": what ``auto`` runs on a TPU; a kernel that compiles is not one
+    measured faster, and the cost model's time is an estimate). ``mesh``: ``MeshConfig`` fields over the slice's
     chips (default: every chip on fsdp)."""
     from zebrax.distill.pipeline import Experiment
     from zebrax.sharding import MeshConfig, make_mesh
@@ -457,4 +476,4 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     if not (isinstance(batch, int) and batch >= 1 and isinstance(length, int) and length >= 1):
         what = "--context" if program == "decode" else "--seq-len"
         raise ConfigError(f"compile {program}: --batch and {what} must be integers >= 1 (got {batch!r}, {length!r})")
-    return _generation(program, config, mesh, topology, batch, length)
+    return _generation(program, config, mesh, topology, batch, length, impl)

@@ -298,6 +298,16 @@ def _mesh(text: str) -> dict:
     return mesh
 
 
+def _impl(text: str):
+    """``pallas`` → "pallas"; ``attention=pallas,ssd=chunked`` → {"attention": "pallas", "ssd": "chunked"}."""
+    if "=" not in text:
+        return text
+    try:
+        return {k.strip(): v.strip() for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a name or OP=NAME pairs, e.g. attention=pallas") from None
+
+
 def cmd_compile(args):
     from zebrax import aot
     from zebrax.errors import ZebraxError
@@ -309,7 +319,8 @@ def cmd_compile(args):
     report = aot.compile(args.program, topology=args.topology, teacher=args.teacher, student=args.student,
                          model=args.model, mesh=args.mesh, batch=args.batch, seq_len=args.seq_len,
                          context=args.context, accumulate=args.accumulate, remat=args.remat,
-                         compute_dtype=args.compute_dtype, loss_chunk=args.loss_chunk, experiment=experiment)
+                         compute_dtype=args.compute_dtype, loss_chunk=args.loss_chunk, experiment=experiment,
+                         impl=args.impl)
     print(report.to_json() if args.json else report)
     if not report.fits:
         total = report.per_chip_bytes["total"]
@@ -515,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--remat", nargs="?", const="full", choices=("none", *REMAT_POLICIES), metavar="POLICY",
                    help="training: the students recompute each block in the backward pass, keeping what POLICY "
                         f"names ({', '.join(REMAT_POLICIES)}; alone: full; none: no remat)")
+    x.add_argument("--impl", type=_impl, default="auto",
+                   help="prefill and decode: the ops' implementations, e.g. pallas or attention=pallas,ssd=chunked "
+                        "(default auto: the XLA paths on a TPU until a kernel is measured faster there)")
     x.add_argument("--compute-dtype", choices=("float32", "bfloat16"), help="the dtype matmuls run in")
     x.add_argument("--loss-chunk", type=INDEX, help="training: tokens a chunk of the LM heads and losses (0: whole)")
     x.add_argument("--gin_file", action="append", default=[], metavar="FILE",

@@ -6,8 +6,13 @@ first ``value_dim`` entries), as FlashMLA's "MQA mode" does. Every head of every
 a ``[rows, D]`` query tile, so the arithmetic intensity is ~2·rows FLOP per cached byte: at decode this
 kernel is memory-bound, and the split over the cache length is what fills the machine. Each range walks
 its tiles as ``kernels_pallas.common.Sweep`` does (a loop with Triton, the last grid axis with Mosaic), and
-stops at the last slot a new token may see. Latent widths are
-zero-padded to a power of two (160 + 64 → 256). Forward only: training uses the materialised path.
+stops at the last slot a new token may see. Forward only: training uses the materialised path.
+
+Mosaic reads the cache as it is stored, in place: whole-width tiles (a block dimension equal to the array's is
+legal at any width, 320 or 576), and a last tile that runs past the cache's end, whose rows past it are zeroed
+and never visible; a decode step moves no copy of the cache. Triton loads only power-of-two tiles, so the GPU form
+pads the latent's width to a power of two (160 + 64 → 256) and its length to whole ranges, a copy of the cache
+each call (the GPU form has not run on a GPU here).
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ def _visible_blocks(split, offset, lq, bk, n_blocks):
 
 
 def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *scratch, sweep, scale, bk, n_blocks,
-                  lq):
-    """One cache range: partial softmax over its filled blocks for every query row."""
+                  lq, length):
+    """One cache range: partial softmax over its filled blocks for every query row. ``length``: the cache's
+    slots; a tile past it (Mosaic's last, partial tile) has its rows past it zeroed."""
     split = pl.program_id(1)
     offset = off_ref[0]
     q = q_ref[...]  # [rows, D]
@@ -65,7 +71,9 @@ def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *s
     def body(j, carry):
         block = split * n_blocks + j
         keys = sweep.tile(block, bk)
-        kv = kv_ref[keys, :]  # [bk, D]: key, and value in its first value_dim entries
+        kv = kv_ref[keys, :].astype(q.dtype)  # [bk, D]: key, and value in its first value_dim entries
+        if length % bk:  # rows past the cache hold whatever the DMA brought: zero them (0 · NaN would be NaN)
+            kv = jnp.where(block * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < length, kv, 0)
         k_slot = block * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         visible = (k_slot <= q_slot) & (mask_ref[:, keys] > 0)
         return online_softmax_step(carry, jnp.where(visible, dot(q, kv, trans_b=True) * scale, NEG), visible, kv)
@@ -87,20 +95,22 @@ def mla_decode(q, latent, *, value_dim, kv_mask=None, q_offset=0, scale, block_s
     b, lq, h, d = q.shape
     s = latent.shape[1]
     bk, splits = blocks.block_k, blocks.splits(s)
-    n_blocks = -(-s // (bk * splits))
-    s_pad = n_blocks * bk * splits
-    d_pad, rows = lane_padded(d), lane_padded(lq * h)
+    n_blocks = -(-s // (bk * splits))  # tiles a range
+    in_place = target.sweep_in_grid  # Mosaic: the cache as it is (module docstring); Triton: padded
+    s_pad, d_pad, rows = (s, d, lane_padded(lq * h)) if in_place else (
+        n_blocks * bk * splits, lane_padded(d), lane_padded(lq * h))
     dtype = jnp.result_type(q, latent)
 
     q_rows = jnp.pad(q.astype(dtype).reshape(b, lq * h, d), [(0, 0), (0, rows - lq * h), (0, d_pad - d)])
-    kv = jnp.pad(latent.astype(dtype), [(0, 0), (0, s_pad - s), (0, d_pad - d)])
+    kv = latent if in_place else jnp.pad(latent, [(0, 0), (0, s_pad - s), (0, d_pad - d)])
     mask = jnp.ones((b, s), bool) if kv_mask is None else kv_mask
-    mask = jnp.pad(mask.astype(jnp.float32), [(0, 0), (0, s_pad - s)])[:, None, :]
+    mask = jnp.pad(mask.astype(jnp.float32), [(0, 0), (0, s_pad - s)])[:, None, :]  # [B, 1, S]: a 1/D of the cache
     slot = jnp.minimum(jnp.arange(rows, dtype=jnp.int32) // h, lq - 1)[:, None]  # padded rows copy the last token
     offset = jnp.asarray(q_offset, jnp.int32).reshape(1)
     kernel = functools.partial(_split_kernel, sweep=Sweep(target.sweep_in_grid, 2), scale=float(scale), bk=bk,
-                               n_blocks=n_blocks, lq=lq)
-    cache_tile = lambda i, split, step: split * n_blocks + step  # noqa: E731
+                               n_blocks=n_blocks, lq=lq, length=s)
+    last = -(-s // bk) - 1  # the last tile holding a slot: an empty range's resident tile is never past it
+    cache_tile = lambda i, split, step: jnp.minimum(split * n_blocks + step, last)  # noqa: E731
     o, lse = sweep_call(
         kernel, target=target, name="mla_decode", outer=(b, splits), steps=n_blocks,
         step_map=lambda i, split, step, off: jnp.minimum(
