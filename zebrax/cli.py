@@ -287,12 +287,17 @@ def cmd_generate_data(args):
     print(f"wrote {out}")
 
 
+def _pairs(text: str, value, expected: str) -> dict:
+    """``a=1,b=2`` → {"a": value("1"), "b": value("2")}; ``expected`` names the form in the error."""
+    try:
+        return {k.strip(): value(v.strip()) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+
+
 def _mesh(text: str) -> dict:
     """``fsdp=4,tensor=2`` → {"fsdp": 4, "tensor": 2}."""
-    try:
-        mesh = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected AXIS=SIZE pairs, e.g. fsdp=4,tensor=2") from None
+    mesh = _pairs(text, int, "AXIS=SIZE pairs, e.g. fsdp=4,tensor=2")
     if not set(mesh) <= set(AXES):
         raise argparse.ArgumentTypeError(f"{text!r}: the mesh axes are {', '.join(AXES)}")
     return mesh
@@ -300,12 +305,7 @@ def _mesh(text: str) -> dict:
 
 def _impl(text: str):
     """``pallas`` → "pallas"; ``attention=pallas,ssd=chunked`` → {"attention": "pallas", "ssd": "chunked"}."""
-    if "=" not in text:
-        return text
-    try:
-        return {k.strip(): v.strip() for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a name or OP=NAME pairs, e.g. attention=pallas") from None
+    return _pairs(text, str, "a name or OP=NAME pairs, e.g. attention=pallas") if "=" in text else text
 
 
 def cmd_compile(args):

@@ -71,8 +71,8 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
         params = {int(i["index"]): i["name"] for i in body if i["op"] == "parameter"}
         root = next(i for i in body if i["root"])
         in_place = root["op"] == "dynamic-update-slice"
-        total = hbm_bytes(shapes[root["args"][1]]) if in_place and hbm_bytes(instr["shape"]) else (
-            0 if in_place else hbm_bytes(instr["shape"]))
+        written = hbm_bytes(instr["shape"])
+        total = (hbm_bytes(shapes[root["args"][1]]) if written else 0) if in_place else written  # in place: the update
         for k, operand in enumerate(instr["args"]):
             whole, inner = hbm_bytes(shapes.get(operand, "")), params.get(k)
             if in_place and root["args"][0] == inner:

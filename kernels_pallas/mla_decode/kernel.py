@@ -97,8 +97,8 @@ def mla_decode(q, latent, *, value_dim, kv_mask=None, q_offset=0, scale, block_s
     bk, splits = blocks.block_k, blocks.splits(s)
     n_blocks = -(-s // (bk * splits))  # tiles a range
     in_place = target.sweep_in_grid  # Mosaic: the cache as it is (module docstring); Triton: padded
-    s_pad, d_pad, rows = (s, d, lane_padded(lq * h)) if in_place else (
-        n_blocks * bk * splits, lane_padded(d), lane_padded(lq * h))
+    s_pad, d_pad = (s, d) if in_place else (n_blocks * bk * splits, lane_padded(d))
+    rows = lane_padded(lq * h)
     dtype = jnp.result_type(q, latent)
 
     q_rows = jnp.pad(q.astype(dtype).reshape(b, lq * h, d), [(0, 0), (0, rows - lq * h), (0, d_pad - d)])
