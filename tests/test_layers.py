@@ -68,3 +68,25 @@ def test_yarn_frequencies_and_factors_match_transformers(extra):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
     np.testing.assert_allclose(softmax_scale(32, scaling), yarn_apply_mscale(params, 32 ** -0.5), rtol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (2, 5), (4, 80)], ids=["decode", "few", "many"])
+def test_an_embedding_lookup_of_few_tokens_slices_the_table_and_equals_the_gather(shape):
+    """Up to ``FEW_TOKENS`` tokens are looked up by slicing the table (what a TPU reads without relaying the table
+    out), more by a gather: the same rows, bit for bit (float32), and the tied head contracts the table as stored."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from zebrax.layers.linear import FEW_TOKENS, Embed
+
+    table = Embed(num_embeddings=97, features=24)
+    params = nn.unbox(table.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), shape, 0, 97)
+    rows = table.apply(params, tokens)
+    embedding = params["params"]["embedding"]
+    assert (tokens.size <= FEW_TOKENS) == (shape != (4, 80))
+    np.testing.assert_array_equal(rows, np.asarray(embedding)[np.asarray(tokens)])
+    x = jax.random.normal(jax.random.PRNGKey(2), (*shape, 24))
+    np.testing.assert_allclose(table.apply(params, x, method=Embed.attend), np.asarray(x) @ np.asarray(embedding).T,
+                               rtol=1e-5, atol=1e-5)

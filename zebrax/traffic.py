@@ -10,7 +10,11 @@ memory space, ``S(n)``), except where the instruction touches part of a buffer:
 - a dynamic-update-slice (alone, or as the root of a fusion) writes its update in place: the update counts, the
   buffer does not;
 - a slice, dynamic-slice or gather (alone, or as the only users of a fusion's operand) reads what it returns;
-- ``copy-start`` reads its operand, ``copy-done`` writes its result (only where that is HBM).
+- ``copy-start`` reads its operand, ``copy-done`` writes its result (only where that is HBM);
+- a loop whose trip count depends on data (attention over the filled part of a cache) is taken to walk the largest
+  buffer its body slices once: as many trips as the slices fit in it, shared with the sibling loops that walk a
+  buffer of the same shape (the blocked attention's loops over full and diagonal blocks). A decode step is so
+  counted with its cache full; a causal pass over a sequence, at most twice what it reads.
 
 It is an estimate of the program XLA built, not of a run; ``zebrax.aot`` compares a decode step's with the bytes
 it must read (``must_read``: weights, cache and states, its arguments).
@@ -30,11 +34,11 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
 _SLICING = {"slice", "dynamic-slice", "gather"}
 
 
-def hbm_bytes(shape: str) -> int:
-    """Bytes of the arrays in an HLO shape (a tuple's elements summed) that live in HBM."""
+def hbm_bytes(shape: str, anywhere: bool = False) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's elements summed) that live in HBM (``anywhere``: all)."""
     total = 0
     for dtype, dims, layout in _ARRAY.findall(shape):
-        if not re.search(r"S\(\d+\)", layout or ""):
+        if anywhere or not re.search(r"S\(\d+\)", layout or ""):
             total += _SIZES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
     return total
 
@@ -62,36 +66,103 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
     shapes = {i["name"]: i["shape"] for body in comps.values() for i in body}
     rows = []
 
-    def fusion(instr, callee) -> int:
+    def sliced(callee) -> dict[int, int]:
+        """{operand index: bytes its slices read} for the operands of fusion ``callee`` read only by slicing."""
         body = comps[callee]
         users = collections.defaultdict(list)
         for i in body:
             for a in i["args"]:
                 users[a].append(i)
+        def slice_read(user, param) -> int | None:  # what ``user`` reads of ``param`` if it only slices it
+            if user["op"] in _SLICING:
+                only = user["args"][0] == param and param not in user["args"][1:]
+                return hbm_bytes(user["shape"], anywhere=True) if only else None
+            inner = re.search(r"calls=%([\w.\-]+)", user["rest"])
+            if user["op"] != "fusion" or not inner or user["args"].count(param) != 1:
+                return None
+            return sliced(inner.group(1)).get(user["args"].index(param))  # a nested fusion
+
+        out = {}
+        for i in body:
+            reads = [slice_read(u, i["name"]) for u in users.get(i["name"], [])]
+            if i["op"] == "parameter" and reads and None not in reads:
+                out[int(i["index"])] = sum(reads)
+        return out
+
+    def fusion(instr, callee) -> int:
+        body = comps[callee]
         params = {int(i["index"]): i["name"] for i in body if i["op"] == "parameter"}
         root = next(i for i in body if i["root"])
         in_place = root["op"] == "dynamic-update-slice"
         written = hbm_bytes(instr["shape"])
         total = (hbm_bytes(shapes[root["args"][1]]) if written else 0) if in_place else written  # in place: the update
+        reads = sliced(callee)
         for k, operand in enumerate(instr["args"]):
-            whole, inner = hbm_bytes(shapes.get(operand, "")), params.get(k)
-            if in_place and root["args"][0] == inner:
+            whole = hbm_bytes(shapes.get(operand, ""))
+            if in_place and root["args"][0] == params.get(k):
                 continue
-            reads = users.get(inner, [])
-            if whole and reads and all(u["op"] in _SLICING and u["args"][0] == inner for u in reads):
-                total += min(whole, sum(hbm_bytes(u["shape"]) for u in reads))
-            else:
-                total += whole
+            total += min(whole, reads[k]) if whole and k in reads else whole
         return total
 
-    def walk(name: str, times: int) -> None:
+    def walked(body: str) -> tuple[float, int | None]:
+        """(trips, index) of a loop that walks the largest buffer its body slices, element ``index`` of the loop's
+        state: as many trips as the body's slices fit in it (1, None: it slices no part of its state)."""
+        by_name = {i["name"]: i for i in comps[body]}
+
+        def element(name):  # the state element an operand of the body is, through bitcasts
+            i = by_name.get(name)
+            while i is not None and i["op"] == "bitcast":
+                i = by_name.get(i["args"][0])
+            return int(re.search(r"index=(\d+)", i["rest"]).group(1)) if i and i["op"] == "get-tuple-element" else None
+
+        best = (1.0, 0, None)
+        for i in comps[body]:
+            callee = re.search(r"calls=%([\w.\-]+)", i["rest"])
+            if i["op"] == "fusion" and callee:
+                pairs = [(i["args"][k], b) for k, b in sliced(callee.group(1)).items()]
+            elif i["op"] in _SLICING:
+                pairs = [(i["args"][0], hbm_bytes(i["shape"], anywhere=True))]
+            else:
+                continue
+            for operand, read in pairs:
+                whole, k = hbm_bytes(shapes.get(operand, "")), element(operand)
+                if read and whole > read and k is not None:
+                    best = max(best, (whole / read, whole, k))
+        return best[0], best[2]
+
+    def walk(name: str, times: float) -> None:
+        here = {i["name"]: i for i in comps[name]}
+
+        def origin(value):  # a buffer through bitcasts and the loops that carry it
+            i = here.get(value)
+            while i is not None and i["op"] in ("bitcast", "get-tuple-element"):
+                source = here.get(i["args"][0])
+                if i["op"] == "bitcast":
+                    value, i = i["args"][0], source
+                elif source is not None and source["op"] == "while":
+                    value = here[source["args"][0]]["args"][int(re.search(r"index=(\d+)", i["rest"]).group(1))]
+                    i = here.get(value)
+                else:
+                    break
+            return value
+
+        unknown = {}  # the loops of data-dependent trip count: name → (trips, the buffer they walk)
+        for i in comps[name]:
+            if i["op"] == "while" and '"known_trip_count"' not in i["rest"]:
+                trips, k = walked(re.search(r"body=%([\w.\-]+)", i["rest"]).group(1))
+                state = here.get(i["args"][0])
+                walks = origin(state["args"][k]) if k is not None and state and state["op"] == "tuple" else None
+                unknown[i["name"]] = (trips, walks)
+        siblings = collections.Counter(walks for _, walks in unknown.values())
         for i in comps[name]:
             op, rest = i["op"], i["rest"]
             if op in _FREE:
                 continue
             if op == "while":
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                walk(re.search(r"body=%([\w.\-]+)", rest).group(1), times * (int(trips.group(1)) if trips else 1))
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                trips, walks = unknown.get(i["name"], (1, None))
+                trips = int(known.group(1)) if known else trips / siblings[walks] if walks else trips
+                walk(re.search(r"body=%([\w.\-]+)", rest).group(1), times * trips)
                 continue
             if op in ("conditional", "call"):
                 for branch in re.findall(r"%([\w.\-]+)", re.search(r"(branch_computations=\{[^}]*\}|to_apply=%[\w."
@@ -113,7 +184,7 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
             else:
                 moved = hbm_bytes(i["shape"]) + sum(hbm_bytes(shapes.get(a, "")) for a in i["args"])
             where = re.search(r'op_name="([^"]*)"', rest)
-            rows.append((moved * times, op, where.group(1) if where else ""))
+            rows.append((round(moved * times), op, where.group(1) if where else ""))
 
     walk(entry, 1)
     return rows

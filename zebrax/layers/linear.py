@@ -9,6 +9,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+FEW_TOKENS = 256  # an embedding lookup of at most this many tokens slices the table (``Embed.__call__``)
 
 
 def contract(x: jax.Array, kernel: jax.Array, n_in: int, out_dtype=None) -> jax.Array:
@@ -90,9 +91,22 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens ``[B, L]`` int → ``[B, L, embed]``."""
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        """tokens ``[B, L]`` int → ``[B, L, embed]``.
+
+        A handful of tokens (a decode step: at most ``FEW_TOKENS``) are looked up as one dynamic slice each of the
+        table's transpose, ids clamped to the table: a TPU keeps a ``[vocab, embed]`` table whose embed axis is
+        no multiple of 128 column-major (SmolLM2's 49152 × 576), and a gather from it makes XLA relayout the whole
+        table on every call (113 MB a step, more than the rest of SmolLM2's decode step reads); a slice reads the
+        row where it lies."""
+        if tokens.size > FEW_TOKENS:
+            return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        columns = [jax.lax.dynamic_slice_in_dim(self.embedding.T, t, 1, axis=1) for t in tokens.reshape(-1)]
+        return jnp.concatenate(columns, axis=1).T.reshape(*tokens.shape, self.features).astype(self.dtype)
 
     def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        """x ``[..., embed]`` → logits ``[..., vocab]`` (in ``out_dtype``, accumulated in it; default ``dtype``)."""
-        return contract(x.astype(self.dtype), self.embedding.astype(self.dtype).T, 1, out_dtype)
+        """x ``[..., embed]`` → logits ``[..., vocab]`` (in ``out_dtype``, accumulated in it; default ``dtype``),
+        contracting the table's own embed axis: a transposed ``[embed, vocab]`` table is a relayout copy of the whole
+        table on a TPU, every step."""
+        y = jax.lax.dot_general(x.astype(self.dtype).reshape(-1, self.features), self.embedding.astype(self.dtype),
+                                (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+        return y.reshape(*x.shape[:-1], self.num_embeddings)
