@@ -25,9 +25,13 @@ DEEPSEEK = MLAConfig(d_model=48, n_heads=4, kv_groups=4, q_lora_rank=24, kv_lora
                      qk_rope_head_dim=4, v_head_dim=12, q_latent_norm=True, kv_latent_norm=True, rope_interleave=True)
 
 
+@pytest.mark.parametrize("tpu_cache", [False, True], ids=["latent_width", "tpu_width"])
 @pytest.mark.parametrize("cfg", [ZEBRA, DEEPSEEK], ids=["zebra", "deepseek"])
-def test_absorbed_equals_materialised(cfg, rng):
-    """fp32, 1e-5: over a whole sequence without a cache, and for one new token over a filled cache."""
+def test_absorbed_equals_materialised(cfg, tpu_cache, rng):
+    """fp32, 1e-5: over a whole sequence without a cache, and for one new token over a filled cache — also one
+    allocated as for a TPU, 128 columns wide with zeros after the latent (``LatentCache``)."""
+    from zebrax.ops.auto import compiling_for
+
     layer = MLAttention(cfg)
     x = jnp.asarray(rng.normal(size=(2, 13, cfg.d_model)), jnp.float32)
     slots = Slots.without_cache(jnp.broadcast_to(jnp.arange(13), (2, 13)), jnp.ones((2, 13), bool))
@@ -39,7 +43,9 @@ def test_absorbed_equals_materialised(cfg, rng):
     assert float(jnp.std(want)) > 0.1
     np.testing.assert_allclose(run(True, x, slots), want, rtol=0, atol=1e-5)
 
-    cache = Cache.init(2, 16, (MLAttention.init_cache(cfg, 2, 16, jnp.float32),))
+    with compiling_for("tpu" if tpu_cache else "cpu"):
+        cache = Cache.init(2, 16, (MLAttention.init_cache(cfg, 2, 16, jnp.float32),))
+    assert cache.layers[0].kv.shape[-1] == (128 if tpu_cache else cfg.latent_dim)
     prefill = cache.slots(slots.positions[:, :12], jnp.ones((2, 12), bool))
     _, filled = apply(x[:, :12], prefill, cache.layers[0])
     cache = cache.advance(prefill, (filled,), 12)

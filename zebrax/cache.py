@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 
 from zebrax.errors import InvalidArgument
+from zebrax.ops.auto import target_backend
 
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
@@ -84,14 +85,20 @@ class KVCache:
 
 @struct.dataclass
 class LatentCache:
-    """The MLA cache of one layer: kv ``[B, S, kv_lora_rank + qk_rope_head_dim]``, the latent ``c_kv`` and the
-    rotated shared key ``k_pe`` of every token."""
+    """The MLA cache of one layer: kv ``[B, S, W]``, the latent ``c_kv`` and the rotated shared key ``k_pe`` of
+    every token in its first ``kv_lora_rank + qk_rope_head_dim`` columns, zeros after them.
+
+    ``W`` is the latent's width, rounded up to whole 128-lane tiles for a TPU: there an array whose last dimension
+    is no multiple of 128 is kept keys-minor (the default layout of a ``[2, 32768, 224]`` cache), and every decode
+    step relaid it out for the kernel (the 8B hybrid at 32k: 470 MB copied a chip a step, for 235 MB of cache).
+    Allocated row-major once, it is read where it lies."""
 
     kv: jax.Array
 
     @classmethod
     def init(cls, batch: int, max_len: int, latent_dim: int, dtype) -> LatentCache:
-        return cls(kv=jnp.zeros((batch, max_len, latent_dim), dtype))
+        width = -(-latent_dim // 128) * 128 if target_backend() == "tpu" else latent_dim
+        return cls(kv=jnp.zeros((batch, max_len, width), dtype))
 
     def update(self, kv: jax.Array, offset: jax.Array) -> LatentCache:
         """Write ``[B, L, latent_dim]`` at slots ``offset … offset + L - 1``."""

@@ -64,7 +64,7 @@ class MLAttention(nn.Module):
         latent = jnp.concatenate([c_kv, k_pe], axis=-1)  # [B, L, r + rope]
         if cache is not None:
             cache = cache.update(latent, slots.offset)
-            latent = cache.kv
+            latent = cache.kv  # [B, S, W]: zeros after column r + rope (``LatentCache``)
         w_kvb = self.param("kv_b_proj", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                      ("kv_lora", "kv_heads", "head_dim")),
                            (r, g, nope + dv), self.param_dtype).astype(self.dtype)
@@ -76,10 +76,11 @@ class MLAttention(nn.Module):
         if absorbed if absorbed is not None else (cache is not None and length == 1):
             q_lat = jnp.einsum("blgjd,cgd->blgjc", q_nope.reshape(b, length, g, h // g, nope), w_kb)
             q_abs = jnp.concatenate([q_lat.reshape(b, length, h, r), q_pe], axis=-1)
+            q_abs = jnp.pad(q_abs, [(0, 0)] * 3 + [(0, latent.shape[-1] - q_abs.shape[-1])])  # to the cache's W
             out_lat = ops.latent_attention(q_abs, latent, value_dim=r, **attend)  # [B, L, H, r]
             out = jnp.einsum("blgjc,cgv->blgjv", out_lat.reshape(b, length, g, h // g, r), w_vb)
         else:
-            c_all, k_pe_all = jnp.split(latent, [r], axis=-1)
+            c_all, k_pe_all = jnp.split(latent[..., :r + rope], [r], axis=-1)
             k_nope, v = jnp.split(contract(c_all, w_kvb, 1), [nope], axis=-1)  # [B, S, G, nope + dv]
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe_all[:, :, None], (*k_nope.shape[:3], rope))], -1)
             out = ops.attention(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, **attend)
