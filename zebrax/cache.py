@@ -64,23 +64,38 @@ class Slots:
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of one attention layer: k, v ``[B, S, kv_heads, head_dim]``."""
+    """Keys and values of one attention layer, ``keys()``/``values()`` ``[B, S, kv_heads, head_dim]``.
+
+    Stored so (``k``, ``v``), or heads-major, ``[B, kv_heads, S, head_dim]``, when allocated for a TPU
+    (``heads_major``): a TPU lays an array out by its shape, row-major ``[B, S, 8, 128]`` but keys-minor
+    ``[B, S, 3, 64]``, and a decode step whose products take the heads as a batch axis then relaid out every
+    layer's cache every step (Llama-3.1-8B at 32k: 17 GB a chip, 1.70× the bytes the step must read). Heads-major,
+    the batched products read it where it lies, whichever two axes the TPU keeps minor-most."""
 
     k: jax.Array
     v: jax.Array
+    heads_major: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-        shape = (batch, max_len, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        heads_major = target_backend() == "tpu"
+        shape = (batch, num_kv_heads, max_len, head_dim) if heads_major else (batch, max_len, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), heads_major=heads_major)
+
+    def keys(self) -> jax.Array:
+        return jnp.swapaxes(self.k, 1, 2) if self.heads_major else self.k
+
+    def values(self) -> jax.Array:
+        return jnp.swapaxes(self.v, 1, 2) if self.heads_major else self.v
 
     def update(self, k: jax.Array, v: jax.Array, offset: jax.Array) -> KVCache:
         """Write ``[B, L, G, D]`` keys/values at slots ``offset … offset + L - 1``."""
-        at = (0, offset, 0, 0)
-        return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
-        )
+        if self.heads_major:
+            k, v, at = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), (0, 0, offset, 0)
+        else:
+            at = (0, offset, 0, 0)
+        return KVCache(k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+                       v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at), heads_major=self.heads_major)
 
 
 @struct.dataclass

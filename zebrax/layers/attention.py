@@ -38,7 +38,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, slots.positions, inv_freq, factor), apply_rope(k, slots.positions, inv_freq, factor)
         if cache is not None:
             cache = cache.update(k, v, slots.offset)
-            k, v = cache.k, cache.v
+            k, v = cache.keys(), cache.values()
         out = ops.attention(q, k, v, kv_mask=slots.kv_mask, q_offset=slots.offset, segment_ids=slots.segment_ids,
                             impl=self.impl)
         out = Linear((x.shape[-1],), ("heads", "head_dim"), ("embed",), name="o_proj", **kw)(out)
