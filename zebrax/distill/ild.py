@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from zebrax.distill.losses import ild_loss
 from zebrax.models.decoder import Block, DecoderLM, make_slots, remat_block
-from zebrax.ops.sharded import rows
 
 OUTPUTS = ("block_input", "mixer_output", "block_output")
 TARGETS = ("mixer_output", "block_output")  # what ILD compares
@@ -61,9 +60,9 @@ def ild_objective(teacher: DecoderLM, students: dict[str, DecoderLM], *, kind: s
               for name, module in students.items() for i, spec in enumerate(module.config.plan())]
 
     def layer_loss(params, block, x, target, slots, mask):
-        _, state = block.apply({"params": params}, rows(x), slots, mutable=["intermediates"])
-        return ild_loss({k: [rows(state["intermediates"][k][0])] for k in TARGETS},
-                        {k: [rows(target[k])] for k in TARGETS}, mask, kind=kind)
+        _, state = block.apply({"params": params}, x, slots, mutable=["intermediates"])
+        return ild_loss({k: [state["intermediates"][k][0]] for k in TARGETS}, {k: [target[k]] for k in TARGETS},
+                        mask, kind=kind)
 
     def run(params, targets, tokens, mask, seg, with_grads):
         slots = make_slots(tokens, None, mask, None, seg)

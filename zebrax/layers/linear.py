@@ -104,9 +104,5 @@ class Embed(nn.Module):
         return jnp.concatenate(columns, axis=1).T.reshape(*tokens.shape, self.features).astype(self.dtype)
 
     def attend(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        """x ``[..., embed]`` → logits ``[..., vocab]`` (in ``out_dtype``, accumulated in it; default ``dtype``),
-        contracting the table's own embed axis: a transposed ``[embed, vocab]`` table is a relayout copy of the whole
-        table on a TPU, every step."""
-        y = jax.lax.dot_general(x.astype(self.dtype).reshape(-1, self.features), self.embedding.astype(self.dtype),
-                                (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
-        return y.reshape(*x.shape[:-1], self.num_embeddings)
+        """x ``[..., embed]`` → logits ``[..., vocab]`` (in ``out_dtype``, accumulated in it; default ``dtype``)."""
+        return contract(x.astype(self.dtype), self.embedding.astype(self.dtype).T, 1, out_dtype)

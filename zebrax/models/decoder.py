@@ -23,6 +23,7 @@ from zebrax.layers import Attention, Embed, Linear, RMSNorm, SwiGLU
 from zebrax.layers.mamba2 import Mamba2Mixer
 from zebrax.layers.mla import MLAttention
 from zebrax.ops import Impls
+from zebrax.ops.sharded import rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, slots: Slots, cache=None):
         cfg, spec = self.config, self.spec
         mixer = MIXERS[spec.mixer]
+        x = rows(x)
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.sow("intermediates", "block_input", x)
         module = mixer.module(spec.config, cfg.dtype, cfg.param_dtype, getattr(self.impls, mixer.op), name=mixer.name)
@@ -91,6 +93,7 @@ class Block(nn.Module):
         if spec.mlp:
             mlp = SwiGLU(cfg.intermediate_size, cfg.mlp_bias, cfg.dtype, cfg.param_dtype, cfg.hidden_act, name="mlp")
             x = _residual(x, mlp(RMSNorm(name="post_attention_layernorm", **norm)(x)), cfg.residual_in_fp32)
+        x = rows(x)
         self.sow("intermediates", "block_output", x)
         return x, cache
 

@@ -17,10 +17,11 @@ BATCH = ("data", "fsdp")  # rows are split over both; ``tensor`` splits heads
 
 def rows(x: jax.Array) -> jax.Array:
     """``x`` constrained to have its rows (first dimension) split over (data, fsdp) when a mesh is set and they
-    divide, the other dimensions whole. ILD's layers take it (``distill.ild``): each is fed a teacher activation,
-    and without it XLA's partitioner may follow the FSDP weights' sharding instead and compute every layer on the
-    whole batch on every device (the 1B ILD step held 96 × 2048 rows a chip: 216 GiB of temporaries). Not on
-    every block: there it made the 8B KD step 91.2 GiB a chip against 49.2 without."""
+    divide, the other dimensions whole: the residual stream stays sharded as the batch is (each block's input and
+    output, ``models.decoder.Block``). Without it XLA's partitioner may follow the FSDP weights' sharding instead:
+    the 1B ILD step computed every layer on the whole batch on every chip (96 × 2048 rows: 216 GiB of temporaries),
+    and the 1B KD step at 192 × 2048 needs 107.4 GiB a chip on v5p-16 against 66.1 with it. The 8B KD step at one
+    micro-batch is the exception (91.2 GiB with it, 49.2 without; ``docs/scaling.md``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
