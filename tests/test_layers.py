@@ -72,18 +72,22 @@ def test_yarn_frequencies_and_factors_match_transformers(extra):
 
 @pytest.mark.parametrize("shape", [(3, 1), (2, 5), (4, 80)], ids=["decode", "few", "many"])
 def test_an_embedding_lookup_of_few_tokens_slices_the_table_and_equals_the_gather(shape):
-    """Up to ``FEW_TOKENS`` tokens are looked up by slicing the table (what a TPU reads without relaying the table
-    out), more by a gather: the same rows, bit for bit (float32), and the tied head contracts the table as stored."""
+    """On a TPU up to ``FEW_TOKENS`` tokens are looked up by slicing the table (what a TPU reads without relaying
+    the table out), more by a gather: the same rows, bit for bit (float32); the tied head is the table's product."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from zebrax.layers.linear import FEW_TOKENS, Embed
 
+    from zebrax.ops.auto import compiling_for
+
     table = Embed(num_embeddings=97, features=24)
     params = nn.unbox(table.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     tokens = jax.random.randint(jax.random.PRNGKey(1), shape, 0, 97)
-    rows = table.apply(params, tokens)
+    with compiling_for("tpu"):  # the TPU's form, traced here (the ops run on the CPU)
+        rows = table.apply(params, tokens)
+        assert ("dynamic_slice" in str(jax.make_jaxpr(table.apply)(params, tokens))) == (tokens.size <= FEW_TOKENS)
     embedding = params["params"]["embedding"]
     assert (tokens.size <= FEW_TOKENS) == (shape != (4, 80))
     np.testing.assert_array_equal(rows, np.asarray(embedding)[np.asarray(tokens)])

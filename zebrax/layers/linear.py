@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from zebrax.ops.auto import target_backend
+
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 FEW_TOKENS = 256  # an embedding lookup of at most this many tokens slices the table (``Embed.__call__``)
 
@@ -93,12 +95,12 @@ class Embed(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens ``[B, L]`` int → ``[B, L, embed]``.
 
-        A handful of tokens (a decode step: at most ``FEW_TOKENS``) are looked up as one dynamic slice each of the
-        table's transpose, ids clamped to the table: a TPU keeps a ``[vocab, embed]`` table whose embed axis is
-        no multiple of 128 column-major (SmolLM2's 49152 × 576), and a gather from it makes XLA relayout the whole
-        table on every call (113 MB a step, more than the rest of SmolLM2's decode step reads); a slice reads the
-        row where it lies."""
-        if tokens.size > FEW_TOKENS:
+        On a TPU a handful of tokens (a decode step: at most ``FEW_TOKENS``) are looked up as one dynamic slice
+        each of the table's transpose, ids clamped to the table: a TPU keeps a ``[vocab, embed]`` table whose embed
+        axis is no multiple of 128 column-major (SmolLM2's 49152 × 576), and a gather from it makes XLA relayout
+        the whole table on every call (113 MB a step, more than the rest of SmolLM2's decode step reads); a slice
+        reads the row where it lies. Elsewhere tables are row-major, and a gather reads the rows."""
+        if tokens.size > FEW_TOKENS or target_backend() != "tpu":
             return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
         columns = [jax.lax.dynamic_slice_in_dim(self.embedding.T, t, 1, axis=1) for t in tokens.reshape(-1)]
         return jnp.concatenate(columns, axis=1).T.reshape(*tokens.shape, self.features).astype(self.dtype)
