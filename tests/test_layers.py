@@ -79,7 +79,6 @@ def test_an_embedding_lookup_of_few_tokens_slices_the_table_and_equals_the_gathe
     import jax.numpy as jnp
 
     from zebrax.layers.linear import FEW_TOKENS, Embed
-
     from zebrax.ops.auto import compiling_for
 
     table = Embed(num_embeddings=97, features=24)
