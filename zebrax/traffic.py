@@ -12,9 +12,10 @@ memory space, ``S(n)``), except where the instruction touches part of a buffer:
 - a slice, dynamic-slice or gather (alone, or as the only users of a fusion's operand) reads what it returns;
 - ``copy-start`` reads its operand, ``copy-done`` writes its result (only where that is HBM);
 - a loop whose trip count depends on data (attention over the filled part of a cache) is taken to walk the largest
-  buffer its body slices once: as many trips as the slices fit in it, shared with the sibling loops that walk a
-  buffer of the same shape (the blocked attention's loops over full and diagonal blocks). A decode step is so
-  counted with its cache full; a causal pass over a sequence, at most twice what it reads.
+  buffer its body slices once: as many trips as the slices fit in it, shared with the sibling loops that walk the
+  same buffer, followed through the loops that carry it (the blocked attention's loops over full and diagonal
+  blocks). A decode step is so counted with its cache full; a causal pass over a sequence, at most twice what it
+  reads.
 
 It is an estimate of the program XLA built, not of a run; ``zebrax.aot`` compares a decode step's with the bytes
 it must read (``must_read``: weights, cache and states, its arguments).
@@ -73,6 +74,7 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
         for i in body:
             for a in i["args"]:
                 users[a].append(i)
+
         def slice_read(user, param) -> int | None:  # what ``user`` reads of ``param`` if it only slices it
             if user["op"] in _SLICING:
                 only = user["args"][0] == param and param not in user["args"][1:]
@@ -139,7 +141,8 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
                 source = here.get(i["args"][0])
                 if i["op"] == "bitcast":
                     value, i = i["args"][0], source
-                elif source is not None and source["op"] == "while":
+                elif source is not None and source["op"] == "while" and here.get(source["args"][0], {}).get("op") \
+                        == "tuple":
                     value = here[source["args"][0]]["args"][int(re.search(r"index=(\d+)", i["rest"]).group(1))]
                     i = here.get(value)
                 else:
