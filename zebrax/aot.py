@@ -415,7 +415,7 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
         args = (params, *_rows({"tokens": jnp.int32, "token_mask": bool}, batch, length, mesh).values())
         return compile_program(fn, args, program=program, topology=topology, mesh=mesh, tokens=batch * length,
                                settings=settings)
-    with compiling_for("tpu"):  # the cache as a TPU allocates it (``cache.LatentCache``)
+    with compiling_for("tpu"):  # the caches as a TPU allocates them (``cache.KVCache``, ``cache.LatentCache``)
         cache = jax.eval_shape(lambda: type(generator.module).init_cache(config, batch, length))
     by_rows = lambda x: (batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == batch and batch % rows == 0  # noqa: E731
                          else replicated(mesh))
