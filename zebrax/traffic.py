@@ -24,6 +24,7 @@ it must read (``must_read``: weights, cache and states, its arguments).
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import re
 
@@ -67,6 +68,7 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
     shapes = {i["name"]: i["shape"] for body in comps.values() for i in body}
     rows = []
 
+    @functools.cache
     def sliced(callee) -> dict[int, int]:
         """{operand index: bytes its slices read} for the operands of fusion ``callee`` read only by slicing."""
         body = comps[callee]
