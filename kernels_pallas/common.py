@@ -38,6 +38,13 @@ def lane_padded(dim: int, minimum: int = 16) -> int:
     return max(minimum, next_power_of_two(dim))
 
 
+def keys_minor(dim: int, backend: str) -> bool:
+    """Whether ``backend`` lays a ``[..., L, dim]`` array out with ``L`` minor-most. A TPU does when ``dim`` is no
+    multiple of its 128 lanes (``client.get_default_layout``: ``{2,3,1,0}`` for ``[8, 3, 32768, 64]``, ``[8, 5, 32768,
+    96]`` and ``[1, 3, 100, 64]`` on v4, v5e, v5p and v6e, bf16 and fp32), which is ``[..., dim, L]`` row-major."""
+    return backend == "tpu" and dim % 128 != 0
+
+
 def cdiv(a, b):
     """Ceiling division of non-negative integers. Traced values go through ``lax.div`` (no sign fix-up, which
     Mosaic lowers only with a TPU description at hand)."""

@@ -3,7 +3,7 @@
 fp32 tolerance 1e-4 relative to each array's largest magnitude, for outputs and (flash) gradients; bf16
 inputs 2e-2 against the reference on the same bf16 inputs. Both kernel forms run: the loop form (Triton's,
 the CPU default) and the grid form (Mosaic's: ``backend="tpu", interpret=True``). Shapes exercise ragged
-tails (lengths not multiples of the blocks), the causal edge (query offsets that cut through a block), grouped
+tails (lengths not multiples of the blocks, masked in the forward, never padded), the causal edge (query offsets that cut through a block), grouped
 KV heads, qk head dim != v head dim and fully masked queries.
 """
 
@@ -28,6 +28,7 @@ FLASH_CASES = {
     "chunk_after_cache": (1, 9, 40, 4, 4, 16, 16, 23),  # 9 new queries at slots 23…31 of a 40-slot cache
     "mqa_one_query": (2, 1, 33, 8, 1, 24, 8, 32),
     "three_key_tiles": (1, 44, 300, 4, 2, 16, 8, 256),  # 44 queries after 256 cached slots: 3 tiles of 128 keys
+    "lane_wide_keys": (1, 20, 150, 4, 2, 128, 64, 10),  # TPU form: k heads-major [B, G, Lk, 128], v [B, G, 64, Lk]
 }
 
 

@@ -41,7 +41,8 @@ def test_every_model_is_a_plan_over_one_registry():
 def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(name, backend, rng):
     """Constructor ``(config, dtype, param_dtype, impl)``, call ``(x, slots, cache) -> (y, cache)``,
     ``init_cache(config, batch, max_len, dtype)``: prefill 6 tokens, then 4 one at a time = the full pass; also
-    with the cache allocated as for a TPU (KV heads-major, the MLA latent 128 columns wide)."""
+    with the cache allocated as for a TPU (KV heads-major and keys last, the head dim being no multiple of 128; the
+    MLA latent 128 columns wide)."""
     from zebrax.ops.auto import compiling_for
 
     spec = next(s for s in MIXED.plan() if s.mixer == name)
@@ -50,8 +51,8 @@ def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(nam
     with compiling_for(backend):
         cache = Cache.init(2, 12, (MIXERS[name].module.init_cache(spec.config, 2, 12, jnp.float32),))
     if name == "attention":
-        assert cache.layers[0].k.shape[1:3] == ((spec.config.n_kv_heads, 12) if backend == "tpu"
-                                                else (12, spec.config.n_kv_heads))
+        g, d = spec.config.n_kv_heads, spec.config.head_dim
+        assert cache.layers[0].k.shape == ((2, g, d, 12) if backend == "tpu" else (2, 12, g, d))
     slots = Slots.without_cache(jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), bool))
     params = nn.unbox(jax.jit(module.init)(jax.random.key(0), x, slots, None))["params"]
     apply = jax.jit(lambda *a: module.apply({"params": params}, *a))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from kernels_pallas.flash_attention.kernel import kv_axes
 from zebrax.errors import InvalidArgument
 from zebrax.ops.auto import target_backend
 
@@ -66,36 +67,40 @@ class Slots:
 class KVCache:
     """Keys and values of one attention layer, ``keys()``/``values()`` ``[B, S, kv_heads, head_dim]``.
 
-    Stored so (``k``, ``v``), or heads-major, ``[B, kv_heads, S, head_dim]``, when allocated for a TPU
-    (``heads_major``): a TPU lays an array out by its shape, row-major ``[B, S, 8, 128]`` but keys-minor
-    ``[B, S, 3, 64]``, and a decode step whose products take the heads as a batch axis then relaid out every
-    layer's cache every step (Llama-3.1-8B at 32k: 17 GB a chip, 1.70× the bytes the step must read). Heads-major,
-    the batched products read it where it lies, whichever two axes the TPU keeps minor-most."""
+    Stored with those axes in the order ``axes`` (``kernels_pallas.flash_attention.kv_axes``), the order the
+    flash-attention kernel reads in place: as they are off a TPU; on a TPU heads-major, ``[B, kv_heads, S,
+    head_dim]``, or ``[B, kv_heads, head_dim, S]`` when head_dim is no multiple of 128. A TPU lays an array out by
+    its shape (row-major ``[B, S, 8, 128]``, keys-minor ``[B, S, 3, 64]``), and a decode step whose products take
+    the heads as a batch axis relaid out every layer's cache every step (Llama-3.1-8B at 32k: 17 GB a chip, 1.70× the
+    bytes the step must read); SmolLM2's ``[B, 3, S, 64]``, which a TPU keeps keys-minor, is the bytes of ``[B, 3,
+    64, S]`` row-major, the only form of them a Pallas kernel reads (4.39× at 32k when the kernel read ``[B, 3, S,
+    64]``). The XLA path reads any of them where it lies."""
 
     k: jax.Array
     v: jax.Array
-    heads_major: bool = struct.field(pytree_node=False, default=False)
+    axes: tuple[int, ...] = struct.field(pytree_node=False, default=(0, 1, 2, 3))
 
     @classmethod
     def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-        heads_major = target_backend() == "tpu"
-        shape = (batch, num_kv_heads, max_len, head_dim) if heads_major else (batch, max_len, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), heads_major=heads_major)
+        axes = kv_axes(head_dim, target_backend())
+        shape = tuple((batch, max_len, num_kv_heads, head_dim)[a] for a in axes)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), axes=axes)
+
+    def _logical(self, t: jax.Array) -> jax.Array:
+        return jnp.transpose(t, [self.axes.index(a) for a in range(4)])
 
     def keys(self) -> jax.Array:
-        return jnp.swapaxes(self.k, 1, 2) if self.heads_major else self.k
+        return self._logical(self.k)
 
     def values(self) -> jax.Array:
-        return jnp.swapaxes(self.v, 1, 2) if self.heads_major else self.v
+        return self._logical(self.v)
 
     def update(self, k: jax.Array, v: jax.Array, offset: jax.Array) -> KVCache:
         """Write ``[B, L, G, D]`` keys/values at slots ``offset … offset + L - 1``."""
-        if self.heads_major:
-            k, v, at = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), (0, 0, offset, 0)
-        else:
-            at = (0, offset, 0, 0)
-        return KVCache(k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
-                       v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at), heads_major=self.heads_major)
+        at = tuple(offset if a == 1 else 0 for a in self.axes)
+        write = lambda cache, new: jax.lax.dynamic_update_slice(  # noqa: E731
+            cache, jnp.transpose(new, self.axes).astype(cache.dtype), at)
+        return KVCache(k=write(self.k, k), v=write(self.v, v), axes=self.axes)
 
 
 @struct.dataclass
