@@ -148,6 +148,37 @@ def test_kernels_lower_for_gpu_and_tpu(platform, backend, dtype):
     assert "mla_decode" in text
 
 
+@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_the_decode_kernels_take_the_cache_as_it_is_stored(platform, backend):
+    """A decode step over a ragged cache (4,000 slots, bf16) lowered for a GPU and a TPU: the kernels get the cache
+    arrays themselves, never a padded, transposed or converted copy (the GPU form reads power-of-two pieces and masks
+    the tail). MLA: a latent 160 + 64 wide; flash attention: 2 KV heads of 64 laid out as ``kv_axes`` says, which on
+    a TPU the kernel transposes back to its own order, the two transposes one no-op (the compiled traffic checks are
+    in ``test_aot``)."""
+    from kernels_pallas.flash_attention import kv_axes
+
+    def copies(text, shape, ops=("stablehlo.pad", "stablehlo.convert", "stablehlo.concatenate")):
+        return [line for line in text.splitlines() if f"tensor<{shape}xbf16>" in line.split("->")[0]
+                and any(op in line for op in ops)]
+
+    latent = jnp.zeros((1, 4000, 224), jnp.bfloat16)
+    text = jax.jit(lambda q, c, o: mla_decode(q, c, value_dim=160, q_offset=o, scale=0.1, backend=backend)).trace(
+        jnp.zeros((1, 1, 32, 224), jnp.bfloat16), latent, jnp.int32(3999)).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert "mla_decode" in text and not copies(text, "1x4000x224"), copies(text, "1x4000x224")
+
+    axes = kv_axes(64, backend)
+    stored = jnp.zeros(tuple((1, 4000, 2, 64)[a] for a in axes), jnp.bfloat16)
+    logical = lambda t: jnp.transpose(t, [axes.index(a) for a in range(4)])  # noqa: E731  (KVCache.keys)
+    fn = lambda q, k, v, o: flash_attention(q, logical(k), logical(v), q_offset=o, backend=backend)  # noqa: E731
+    text = jax.jit(fn).trace(jnp.zeros((1, 1, 8, 64), jnp.bfloat16), stored, stored, jnp.int32(3999)).lower(
+        lowering_platforms=(platform,)).as_text()
+    shape = "x".join(map(str, stored.shape))
+    assert "flash_attention_forward" in text and not copies(text, shape), copies(text, shape)
+    if backend == "gpu":
+        assert not copies(text, shape, ("stablehlo.transpose",))
+
+
 def test_ops_attention_dispatches_and_checks_heads():
     args = flash_inputs("prefill_ragged")
     close(compiled(attention, **args, impl="pallas"), compiled(attention, **args, impl="reference"), 1e-4)

@@ -157,26 +157,31 @@ class _Geometry:
 def online_softmax_step(carry, s, visible, v, *, v_keys_last: bool = False):
     """One key block of the online softmax: carry (running max ``[rows, 1]``, denominator ``[rows, 1]``,
     accumulator ``[rows, Dv]``), scores s ``[rows, bk]`` (masked to NEG), values v ``[bk, Dv]`` (``[Dv, bk]``
-    keys-last); the probabilities meet the values in the values' dtype."""
+    keys-last), or a tuple of column pieces of them with the accumulator the matching tuple; the probabilities meet
+    the values in the values' dtype."""
     m, denom, acc = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    pv = dot(p.astype(v.dtype), v, trans_b=v_keys_last)
-    return m_new, alpha * denom + jnp.sum(p, axis=1, keepdims=True), alpha * acc + pv
+    weigh = lambda a, t: alpha * a + dot(p.astype(t.dtype), t, trans_b=v_keys_last)  # noqa: E731
+    acc = tuple(map(weigh, acc, v)) if isinstance(v, tuple) else weigh(acc, v)
+    return m_new, alpha * denom + jnp.sum(p, axis=1, keepdims=True), acc
 
 
-def online_softmax_init(rows: int, dv: int):
+def online_softmax_init(rows: int, dv: int | tuple[int, ...]):
+    """The carry before any key; ``dv`` a tuple of widths: the accumulator in those column pieces."""
+    zeros = lambda d: jnp.zeros((rows, d), jnp.float32)  # noqa: E731
     return (jnp.full((rows, 1), NEG, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, dv), jnp.float32))
+            tuple(map(zeros, dv)) if isinstance(dv, tuple) else zeros(dv))
 
 
 def online_softmax_finish(carry, empty_lse: float):
-    """(output ``[rows, Dv]``, log-sum-exp ``[rows, 1]``); rows that saw no key give 0 and ``empty_lse``."""
+    """(output ``[rows, Dv]`` (or its pieces), log-sum-exp ``[rows, 1]``); rows that saw no key give 0 and
+    ``empty_lse``."""
     m, denom, acc = carry
     seen = denom > 0
     safe = jnp.where(seen, denom, 1.0)
-    return acc / safe, jnp.where(seen, m + jnp.log(safe), empty_lse)
+    return jax.tree.map(lambda a: a / safe, acc), jnp.where(seen, m + jnp.log(safe), empty_lse)
 
 
 def _forward_kernel(off_ref, qi_ref, q_ref, ql_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *scratch, sweep, geo,
