@@ -3,8 +3,9 @@
 fp32 tolerance 1e-4 relative to each array's largest magnitude, for outputs and (flash) gradients; bf16
 inputs 2e-2 against the reference on the same bf16 inputs. Both kernel forms run: the loop form (Triton's,
 the CPU default) and the grid form (Mosaic's: ``backend="tpu", interpret=True``). Shapes exercise ragged
-tails (lengths not multiples of the blocks, masked in the forward, never padded), the causal edge (query offsets that cut through a block), grouped
-KV heads, qk head dim != v head dim and fully masked queries.
+tails (lengths not multiples of the blocks, masked in the forward, never padded), the causal edge (query offsets
+that cut through a block), grouped KV heads (stacked as rows), qk head dim != v head dim, both TPU layouts of k and v
+(heads-major for a head dim of 128, keys-last otherwise) and fully masked queries.
 """
 
 from __future__ import annotations

@@ -218,3 +218,28 @@ def test_two_processes_run_a_sharded_step_and_agree_with_one(child_process, tmp_
     assert two["devices"] == one["devices"] == 2
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3) and len(two["losses"]) == 4
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-5)
+
+
+JOINED = '''
+from zebrax.sharding import detected_cluster, distributed
+cluster = detected_cluster()
+distributed()
+import jax
+print(cluster, jax.process_count(), jax.process_index(), jax.device_count())
+'''
+
+
+def test_a_slurm_job_joins_one_run_with_no_flags(child_process):
+    """Two processes with a SLURM job's variables (one node, localhost) join one ``jax.distributed`` run through JAX's
+    own detection; without them a process runs alone."""
+    import random
+
+    job = {"SLURM_JOB_ID": str(random.randrange(1, 4000)), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+           "SLURM_LOCALID": "0"}
+    procs = [child_process.python("-c", JOINED, wait=False, env={**job, "SLURM_PROCID": str(i)}) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    seen = sorted(o[0].split()[-4:] for o in outs)  # cluster, processes, this process, devices in the run
+    assert seen == [["slurm", "2", "0", "2"], ["slurm", "2", "1", "2"]], seen
+    alone = child_process.python("-c", JOINED)
+    assert alone.returncode == 0 and alone.stdout.split()[-4:] == ["None", "1", "0", "1"], alone.stderr[-2000:]

@@ -3,6 +3,7 @@ schedule, and the metrics it writes. fp32."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -92,6 +93,11 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     it = data.batches(rows, 1, seed=0)
     with pytest.raises(TrainingDiverged, match=r"toy: 3 steps in a row had a non-finite loss or gradient"):
         train("toy", sometimes_nan, params, None, it, cfg, tmp_path, tokens_of=lambda b: 1)
+    # counted on the device and read every log_every steps: a run of bad steps is seen at the next log, not before
+    later = dataclasses.replace(cfg, log_every=5)
+    with pytest.raises(TrainingDiverged, match=r"toy: 5 steps in a row .* \(seen at step 5\)"):
+        train("toy", sometimes_nan, params, None, data.batches({"bad": np.ones((4, 1), bool)}, 1, seed=0), later,
+              tmp_path / "later", tokens_of=lambda b: 1)
 
 
 def test_metrics_lines_and_the_schedule(tmp_path):

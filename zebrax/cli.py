@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
                    help="e.g. --gin_param 'kd/TrainConfig.steps = 10' (repeatable)")
     d.add_argument("--workdir", required=True, help="where the run lives; the same command resumes it")
-    d.add_argument("--coordinator", help="host:port of process 0 in a multi-host run (jax.distributed)")
+    d.add_argument("--coordinator", help="host:port of process 0 in a multi-host run (jax.distributed; not needed "
+                                         "on a TPU pod, SLURM or Open MPI, which JAX detects)")
     d.add_argument("--num-processes", type=COUNT, help="processes in a multi-host run")
     d.add_argument("--process-id", type=INDEX, help="this process's index in a multi-host run")
     d.set_defaults(fn=cmd_distill)

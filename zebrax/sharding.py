@@ -117,11 +117,27 @@ def gather(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Join a multi-host run (``jax.distributed.initialize``) before any other JAX call; with no coordinator, JAX's
-    own detection (SLURM, TPU pods, …) is tried only when ``num_processes`` asks for more than one. CPU hosts
-    exchange collectives through gloo."""
-    if coordinator is None and not num_processes:
+def detected_cluster() -> str | None:
+    """The cluster ``jax.distributed.initialize()`` joins with no arguments, by JAX's name for it ("gcetpu",
+    "gketpu", "slurm", "ompi", …), read from the environment by JAX's own detection (its opt-in methods, mpi4py,
+    are not tried); None off any."""
+    try:
+        from jax._src import clusters
+    except ImportError:  # a JAX without that module: flags only
+        return None
+    found = (env for env in clusters.ClusterEnv._cluster_types if not env.opt_in_only_method and env.is_env_present())
+    return getattr(next(found, None), "name", None)
+
+
+def distributed(coordinator: str | None = None, num_processes: int | None = None,
+                process_id: int | None = None) -> None:
+    """Join a multi-host run (``jax.distributed.initialize``) before any other JAX call. On a cluster JAX detects
+    (``detected_cluster``: the VMs of a TPU pod slice, a SLURM job, Open MPI) with no flags; the flags override
+    what it detects, or name the run where there is nothing to detect. Elsewhere, without flags, one process. CPU
+    hosts exchange collectives through gloo."""
+    if coordinator is None and not num_processes and detected_cluster() is None:
+        return
+    if jax.distributed.is_initialized():
         return
     if jax.config.jax_platforms in (None, "", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -29,8 +29,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.common import (Block, Sweep, Target, cdiv, dot, keys_minor, lane_padded, next_power_of_two,
-                                   resolve_target, sweep_call)
+from kernels_pallas.common import (
+    Block,
+    Sweep,
+    Target,
+    cdiv,
+    dot,
+    keys_minor,
+    lane_padded,
+    next_power_of_two,
+    resolve_target,
+    sweep_call,
+)
 from kernels_pallas.flash_attention.reference import query_segments
 
 NEG = -1e30  # finite "minus infinity": fully masked rows stay free of NaN

@@ -92,7 +92,7 @@ def _split_kernel(off_ref, slot_ref, q_ref, kv_ref, mask_ref, o_ref, lse_ref, *s
 
     def finish(carry):
         o, lse_ref[...] = online_softmax_finish(carry, empty_lse=NEG)  # empty ranges get weight 0
-        for (c, w), o_c in zip(pieces, o):
+        for (c, w), o_c in zip(pieces[:n_values], o, strict=True):
             o_ref[:, pl.ds(c, w)] = o_c
 
     init = online_softmax_init(q[0].shape[0], tuple(w for _, w in pieces[:n_values]))

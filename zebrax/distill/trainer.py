@@ -283,7 +283,8 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
         data.set_state(restored.data)
     log = MetricsLog(workdir, stage, start)
     schedule = cfg.schedule()
-    bad, tokens, since = 0, 0, time.perf_counter()
+    bad = worst = jnp.zeros((), jnp.int32)  # non-finite steps in a row now, and the longest such run since the log
+    tokens, since = 0, time.perf_counter()
     counted = None if counted_of is None else 0  # the loss's tokens in this run's first log_every steps
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, unit="step", file=sys.stderr, dynamic_ncols=True,
                disable=jax.process_index() != 0)
@@ -295,10 +296,9 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
                 counted += counted_of(batch)
             state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"], frozen,
                                                                    place(batch))
-            bad = 0 if bool(metrics["finite"]) else bad + 1
-            if bad >= cfg.max_bad_steps:
-                raise TrainingDiverged(f"{stage}: {bad} steps in a row had a non-finite loss or gradient (last at "
-                                       f"step {step}); lower {stage}.learning_rate or check the data")
+            # counted on the device and read with the metrics: no host sync a step (the next batch overlaps it)
+            bad = jnp.where(metrics["finite"], 0, bad + 1)
+            worst = jnp.maximum(worst, bad)
             if counted is not None and step - start == min(cfg.log_every, cfg.steps - start):
                 if counted == 0:
                     length = next(v for v in batch.values() if np.ndim(v) == 2).shape[1]
@@ -307,10 +307,14 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
                                       f"without reply tokens); raise distill.seq_len or check the data")
                 counted = None  # checked once
             if step % cfg.log_every == 0 or step == cfg.steps:
+                if int(worst) >= cfg.max_bad_steps:
+                    raise TrainingDiverged(f"{stage}: {int(worst)} steps in a row had a non-finite loss or gradient "
+                                           f"(seen at step {step}); lower {stage}.learning_rate or check the data")
                 elapsed = time.perf_counter() - since
                 values = {**metrics, "tokens_per_sec": tokens / elapsed, "lr": schedule(step - 1),
                           "skipped_steps_in_a_row": bad}
                 log.write(step, values)
+                worst = bad
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{tokens / elapsed:.0f}")
                 tokens, since = 0, time.perf_counter()
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
