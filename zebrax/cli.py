@@ -287,6 +287,26 @@ def cmd_generate_data(args):
     print(f"wrote {out}")
 
 
+def cmd_tokenize(args):
+    from zebrax import corpus, data
+    from zebrax.api import load_tokenizer
+
+    if args.teacher == "tiny":
+        codec = data.ByteCodec()
+    else:
+        tokenizer = load_tokenizer(args.teacher)
+        if tokenizer is None:
+            raise data.DataError(f"{args.teacher}: no tokenizer/ (expected a zebrax checkpoint with its tokenizer, "
+                                 f"or 'tiny' for the byte codec of the tiny experiments)")
+        codec = data.TokenizerCodec(tokenizer)
+    m = corpus.tokenize(args.data, args.out, codec, args.seq_len, pack=args.pack, tokenizer=str(args.teacher),
+                        overwrite=args.overwrite)
+    print(json.dumps({"out": str(args.out), **{k: m[k] for k in ("rows", "documents", "documents_counting_none",
+                                                                    "real_tokens", "counted_tokens")},
+                      "seconds": round(m["seconds"], 2), "tokens_per_second": round(m["real_tokens"] / m["seconds"])},
+                     indent=2))
+
+
 def _pairs(text: str, value, expected: str) -> dict:
     """``a=1,b=2`` → {"a": value("1"), "b": value("2")}; ``expected`` names the form in the error."""
     try:
@@ -498,6 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=TOP_P, default=0.9)
     g.add_argument("--seed", type=SEED, default=0)
     g.set_defaults(fn=cmd_generate_data)
+
+    t = sub.add_parser("tokenize", help="data files → a tokenized corpus of rows (ArrayRecord shards) that "
+                                        "distill reads as it trains (distill.data = ('DIR',))")
+    t.add_argument("data", nargs="+", help="jsonl, parquet or txt files of text or chat records")
+    t.add_argument("--out", required=True, help="the corpus directory to write (whole or not at all)")
+    t.add_argument("--teacher", required=True, help="the zebrax checkpoint whose tokenizer to use, or 'tiny' "
+                                                    "(bytes, as distill.teacher = 'tiny')")
+    t.add_argument("--seq-len", type=COUNT, required=True, help="tokens a row (distill.seq_len)")
+    t.add_argument("--pack", action="store_true", help="several documents a row (distill.pack = True)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
+    t.set_defaults(fn=cmd_tokenize)
 
     d = sub.add_parser("distill", help="ILD → SMART → KD → DPO from gin files, resumable in --workdir")
     d.add_argument("--gin_file", action="append", required=True, metavar="FILE",

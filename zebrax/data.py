@@ -96,36 +96,49 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """A data file's text (UTF-8, a leading byte-order mark dropped); DataError naming the file, the line and the
-    byte offset of the first byte that is not UTF-8, or why the file cannot be read."""
-    path = Path(path)
-    raw = _read_bytes(path)
-    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[start:].decode()
-    except UnicodeDecodeError as e:
-        at = start + e.start
-        line = raw.count(b"\n", 0, at) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[at]:02x} at byte offset {at}); save the file "
-                        f"as UTF-8") from None
-
-
 def sha256(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of a file's bytes: what a work directory records of the data it was made from."""
-    return hashlib.sha256(_read_bytes(Path(path))).hexdigest()
+    """The hex SHA-256 of a file's bytes, read a megabyte at a time: what a work directory records of the data it
+    was made from."""
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return digest.hexdigest()
 
 
-def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """``[(where, record)]`` from a ``.jsonl``/``.json`` (one object a line), ``.parquet`` or ``.txt`` file; ``where``
-    is ``file:line`` (or ``file:row``) for error messages."""
+def _lines(path: Path):
+    """``(number, line)`` of a UTF-8 text file, read as it goes (a leading byte-order mark dropped); DataError
+    naming the line and byte offset of the first byte that is not UTF-8."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+    offset = 0
+    with f:
+        for number, raw in enumerate(f, 1):
+            start = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+            try:
+                yield number, raw[start:].decode().rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                at = offset + start + e.start
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[start + e.start]:02x} at byte offset "
+                                f"{at}); save the file as UTF-8") from None
+            offset += len(raw)
+
+
+def iter_records(path: str | os.PathLike):
+    """``(where, record)`` of a ``.jsonl``/``.json`` (one object a line), ``.parquet`` or ``.txt`` file (one document
+    a paragraph), read as it goes: memory holds one record (a parquet file: one row group); ``where`` is ``file:line``
+    (or ``file:row``, ``file:paragraph``) for error messages."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        out = []
-        for number, line in enumerate(read_text(path).split("\n"), 1):
+        for number, line in _lines(path):
             if not line.strip():
                 continue
             try:
@@ -134,23 +147,36 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
                 raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            out.append((f"{path}:{number}", record))
+            yield f"{path}:{number}", record
     elif suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            i = 0
+            for group in pq.ParquetFile(path).iter_batches():
+                for r in group.to_pylist():
+                    yield f"{path}:row {i}", r
+                    i += 1
         except (pa.ArrowException, OSError, ValueError) as e:
             reason = str(e).strip().splitlines()
             raise DataError(f"{path}: not a readable parquet file ({reason[0] if reason else type(e).__name__})"
                             ) from None
-        out = [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
     elif suffix == ".txt":
-        paragraphs = [p.strip() for p in read_text(path).split("\n\n")]
-        out = [(f"{path}:paragraph {i}", {"text": p}) for i, p in enumerate(paragraphs) if p]
+        paragraph, i = [], 0
+        for _, line in (*_lines(path), (0, "")):
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield f"{path}:paragraph {i}", {"text": "\n".join(paragraph).strip()}
+                paragraph, i = [], i + 1
     else:
         raise DataError(f"{path}: unknown data format {suffix!r} (expected .jsonl, .json, .parquet or .txt)")
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """Every ``(where, record)`` of a data file (``iter_records``); DataError when it holds none."""
+    out = list(iter_records(path))
     if not out:
         raise DataError(f"{path}: no records")
     return out
@@ -256,29 +282,39 @@ def next_in_document(batch: dict):
 
 
 # -- split and batches ------------------------------------------------------------------------------
-def split(rows: dict, ratios: Sequence[float], seed: int) -> list[dict]:
-    """Disjoint parts of the documents in proportion to ``ratios`` (a seeded permutation; every part non-empty)."""
-    n = len(next(iter(rows.values())))
+def _rows_in(rows) -> int:
+    return len(rows) if not isinstance(rows, dict) else len(next(iter(rows.values())))
+
+
+def split(rows, ratios: Sequence[float], seed: int) -> list:
+    """Disjoint parts of the documents in proportion to ``ratios`` (a seeded permutation; every part non-empty).
+    ``rows``: stacked rows ``{field: [N, L]}`` (parts alike) or a ``corpus.Corpus`` (parts are views of it)."""
+    n = _rows_in(rows)
     if any(r <= 0 for r in ratios) or len(ratios) > n:
         raise DataError(f"split: ratios {list(ratios)} must be positive and at most one part per document ({n})")
     order = np.random.default_rng(seed).permutation(n)
     edges = np.round(np.cumsum(ratios) / sum(ratios) * n).astype(int)
     edges = np.maximum(edges, np.arange(1, len(ratios) + 1))  # no part left empty
     parts = np.split(order, edges[:-1])
+    if not isinstance(rows, dict):
+        return [rows.subset(idx) for idx in parts]
     return [{k: v[idx] for k, v in rows.items()} for idx in parts]
 
 
-def batches(rows: dict, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1):
+def batches(rows, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1):
     """An endless grain iterator of ``{field: [batch_size, L]}``: this process's share of the rows, shuffled from
-    ``seed`` anew each epoch. ``iterator.get_state()`` / ``set_state()`` save and restore its position."""
+    ``seed`` anew each epoch. ``rows``: stacked rows ``{field: [N, L]}``, or a ``corpus.Corpus`` (each row read from
+    its shard when a batch needs it). ``iterator.get_state()`` / ``set_state()`` save and restore its position."""
     import grain
 
-    n = len(next(iter(rows.values())))
+    n = _rows_in(rows)
     if n < process_count:
         raise DataError(f"batches: {n} documents cannot be shared by {process_count} processes")
     ds = grain.MapDataset.range(n)[process_index::process_count].shuffle(seed=seed).repeat(None)
-    ds = ds.map(lambda i: {k: v[i] for k, v in rows.items()}).batch(batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    get = (lambda i: {k: v[i] for k, v in rows.items()}) if isinstance(rows, dict) else rows.__getitem__  # noqa: E731
+    ds = ds.map(get).batch(batch_size, drop_remainder=True)
+    # a few batches read ahead by a few threads: host memory stays a few batches whatever the corpus
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
 
 
 # -- teacher-made data ------------------------------------------------------------------------------

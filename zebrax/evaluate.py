@@ -30,14 +30,16 @@ def batch_sums(model, teacher):
     whatever the parameters (they are arguments, never constants). ``zebrax.aot`` compiles it."""
 
     @jax.jit
-    def sums(params, teacher_params, tokens, token_mask, loss_mask):
+    def sums(params, teacher_params, tokens, token_mask, loss_mask, segment_ids=None):
         counted = loss_mask & token_mask
-        logits = model.apply({"params": params}, tokens, token_mask=token_mask)[0].astype(jnp.float32)
-        nxt = counted[:, :-1] & token_mask[:, 1:]
+        logits = model.apply({"params": params}, tokens, token_mask=token_mask,
+                             segment_ids=segment_ids)[0].astype(jnp.float32)
+        nxt = counted[:, :-1] & data.next_in_document({"token_mask": token_mask, "segment_ids": segment_ids})
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
         out = {"nll": -jnp.sum(jnp.where(nxt, logp, 0.0)), "predicted": jnp.sum(nxt)}
         if teacher is not None:
-            t_logits = teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask)[0]
+            t_logits = teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask,
+                                     segment_ids=segment_ids)[0]
             out["kl"] = kl_loss(t_logits, logits, counted, normalize="sequence") * tokens.shape[0]
             out["counted"] = jnp.sum(counted)
         return out
@@ -47,25 +49,32 @@ def batch_sums(model, teacher):
 
 def _batches(rows, batch_size: int):
     """Stacked batches of ``batch_size`` rows (the last one padded with empty rows, so one shape compiles), and the
-    real rows in each: from stacked arrays or, streaming, from an iterable of single rows."""
+    real rows in each: from stacked arrays or, streaming, from an iterable of single rows; packed rows keep their
+    ``segment_ids``."""
     if isinstance(rows, dict):
         stacked_rows = rows
-        rows = ({k: stacked_rows[k][i] for k in data.LM_FIELDS} for i in range(len(stacked_rows["tokens"])))
+        rows = ({k: v[i] for k, v in stacked_rows.items()} for i in range(len(stacked_rows["tokens"])))
     part = []
+
+    def stacked():
+        fields = [k for k in (*data.LM_FIELDS, "segment_ids") if k in part[0]]
+        out = {k: np.stack([r[k] for r in part]) for k in fields}
+        return {k: np.pad(v, ((0, batch_size - len(part)), (0, 0))) for k, v in out.items()}, len(part)
+
     for row in rows:
         part.append(row)
         if len(part) == batch_size:
-            yield {k: np.stack([r[k] for r in part]) for k in data.LM_FIELDS}, batch_size
+            yield stacked()
             part = []
     if part:
-        stacked = {k: np.stack([r[k] for r in part]) for k in data.LM_FIELDS}
-        yield {k: np.pad(v, ((0, batch_size - len(part)), (0, 0))) for k, v in stacked.items()}, len(part)
+        yield stacked()
 
 
 def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_size: int = 8,
              progress: bool = False, source: str = "the rows") -> dict:
     """``{"perplexity", "nll", "predicted_tokens", "rows"}`` of ``model`` (a ``DecoderLM``) on ``rows`` (stacked
-    ``{field: [N, L]}`` arrays, or any iterable of single ``{field: [L]}`` rows, consumed as it streams), and with a
+    ``{field: [N, L]}`` arrays, or any iterable of single ``{field: [L]}`` rows, consumed as it streams; packed rows
+    with ``segment_ids``, each document apart), and with a
     ``teacher`` also ``{"kl", "tokens"}``: KL(teacher ‖ model) per counted position. Float32 sums over every row, in
     batches of ``batch_size``, divided by their counts. ``progress``: a progress bar on stderr. Rows in which no
     token is predicted are a ``DataError`` naming ``source`` (what the rows were read from), never a perplexity
@@ -80,8 +89,9 @@ def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_si
     with tqdm(total=total, desc="evaluate", unit="row", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         for part, real in _batches(rows, batch_size):
+            segments = part.get("segment_ids")
             out = sums(params, teacher_params, part["tokens"].astype(np.int32), part["token_mask"].astype(bool),
-                       part["loss_mask"].astype(bool))
+                       part["loss_mask"].astype(bool), None if segments is None else segments.astype(np.int32))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             totals["rows"] += real

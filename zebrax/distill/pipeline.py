@@ -40,7 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from zebrax import checkpoint, data
+from zebrax import checkpoint, corpus, data
 from zebrax.config import DTYPES, HybridConfig, LlamaConfig
 from zebrax.distill.dpo import dpo_objective
 from zebrax.distill.ild import ild_objective
@@ -67,7 +67,9 @@ class Experiment:
 
     - ``teacher``: a zebrax Llama checkpoint, or ``"tiny"`` (a random tiny Llama first trained on ``data`` by
       ``tiny_teacher``'s settings, next-token cross-entropy).
-    - ``data``: text/chat files for ILD, KD and the held-out rows; ``generation_prompts``: a prompt file the teacher
+    - ``data``: text/chat files for ILD, KD and the held-out rows, or one corpus ``zebrax tokenize`` made (read by
+      row as training needs it; its ``seq_len``, packing and tokenizer are the run's); ``generation_prompts``: a
+      prompt file the teacher
       answers first (``generate_data`` with the ``generation`` settings), its replies cached in ``generated_data``
       (reused by every later run) and added to ``data``.
     - ``pack``: several documents per training row of ``seq_len`` tokens, kept apart by segment ids (the held-out
@@ -137,8 +139,11 @@ class Experiment:
         for name, files in (("data", self.data), ("preferences", self.preferences),
                             ("generation_prompts", (self.generation_prompts,) if self.generation_prompts else ())):
             for f in files:
-                if not Path(f).is_file():
+                if not Path(f).is_file() and not (name == "data" and corpus.is_corpus(f)):
                     raise ConfigError(f"distill.{name}: {f}: no such data file (in {Path.cwd()})")
+        if any(corpus.is_corpus(f) for f in self.data) and (len(self.data) > 1 or self.generation_prompts):
+            raise ConfigError(f"distill.data = {self.data!r}: a tokenized corpus is the whole of the data "
+                              f"(tokenize the other files, and the teacher's replies, into it)")
         if bool(self.generation_prompts) != bool(self.generated_data):
             raise ConfigError(f"distill.generation_prompts = {self.generation_prompts!r} and distill.generated_data "
                               f"= {self.generated_data!r}: one needs the other (the teacher's replies to the prompts "
@@ -391,7 +396,7 @@ def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
 
             from zebrax.models import build
 
-            rows = data.pack(rows, exp.seq_len) if exp.pack else rows
+            rows = data.pack(rows, exp.seq_len) if exp.pack and isinstance(rows, dict) else rows
             _say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
             module = build(config)
             params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
@@ -418,10 +423,25 @@ def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "doc
              f"{seq_len} (their replies are cut off, or empty); they add nothing to the loss")
 
 
-def _documents(exp: Experiment, codec, files: tuple[str, ...]) -> dict:
-    """Every document of ``files`` as a row ``{field: [N, L]}``, checked: some count a loss token."""
+def _documents(exp: Experiment, codec, files: tuple[str, ...]):
+    """Every document of ``files`` as a row ``{field: [N, L]}``, or the rows of a tokenized corpus
+    (``corpus.Corpus``), checked: some count a loss token; a corpus matches the run's ``seq_len``, packing and
+    tokenizer."""
     if not files:
         raise data.DataError("distill.data: no data files given")
+    if corpus.is_corpus(files[0]):
+        rows = corpus.Corpus(files[0])
+        m = rows.manifest
+        for what, theirs, ours in (("seq_len", rows.seq_len, exp.seq_len), ("pack", rows.packed, exp.pack),
+                                   ("the vocabulary size", m["vocab_size"], corpus.codec_vocab_size(codec))):
+            if theirs != ours:
+                raise ConfigError(f"distill.data: {files[0]} was tokenized with {what} {theirs!r}, the run's is "
+                                  f"{ours!r} (distill.{'seq_len' if what == 'seq_len' else 'pack'} or the teacher's "
+                                  f"tokenizer); tokenize it again or change the setting")
+        counts = np.ones(m["documents"], int)
+        counts[:m["documents_counting_none"]] = 0
+        _check_counted(counts, f"distill.data ({files[0]})", exp.seq_len)
+        return rows
     rows = data.load_rows(files, codec, exp.seq_len)
     _check_counted(data.counted(rows), f"distill.data ({', '.join(files)})", exp.seq_len)
     return rows
@@ -432,12 +452,15 @@ def _parts(exp: Experiment, rows: dict, files: tuple[str, ...]) -> tuple[dict, d
     count loss tokens (KL and KD have something to measure and learn), and the held-out rows fill a row of
     ``seq_len`` for SMART."""
     held, ild_rows, kd_rows = data.split(rows, exp.split, exp.seed)
+    tokenized = isinstance(rows, corpus.Corpus)
+    if tokenized:  # the held-out rows in memory (evaluation, SMART); training reads the others as it goes
+        held = held.take(range(len(held)))
     for i, (name, part) in enumerate((("held-out", held), ("ILD", ild_rows), ("KD", kd_rows))):
-        if name != "ILD":  # ILD matches every real token
+        if name != "ILD" and not (tokenized and name == "KD"):  # ILD matches every real token
             _check_counted(data.counted(part), f"the {name} part (distill.split[{i}]) of distill.data "
                                                f"({', '.join(files)})", exp.seq_len)
     _calibration(held, exp.seq_len)
-    if exp.pack:  # the held-out rows stay one document each
+    if exp.pack and not tokenized:  # the held-out rows stay one document each
         ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
     return held, ild_rows, kd_rows
 
@@ -568,7 +591,8 @@ def _prepare(exp: Experiment) -> _Inputs:
     if not exp.generation_prompts or _generated(exp):
         rows = _documents(exp, codec, files)
         parts = _parts(exp, rows, files)
-    hashes = {f: data.sha256(f) for f in (*exp.data, *exp.preferences, exp.generation_prompts) if f}
+    hashes = {f: data.sha256(Path(f) / corpus.MANIFEST if corpus.is_corpus(f) else f)
+              for f in (*exp.data, *exp.preferences, exp.generation_prompts) if f}
     return _Inputs(t_config=t_config, codec=codec, tokenizer=tokenizer, students=students, mesh=mesh,
                    files=files, parts=parts, rows=rows, pairs=pairs, hashes=hashes)
 

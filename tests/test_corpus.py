@@ -1,0 +1,135 @@
+"""Tokenized corpora (``zebrax tokenize``, ``zebrax.corpus``): the rows the files make, read by row through grain;
+the same batches, parts and run as from the files; host memory flat in the corpus size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zebrax import corpus, data
+from zebrax.cli import main
+from zebrax.data import ByteCodec, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = str(ROOT / "configs" / "data" / "prompts.jsonl")
+TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.gin")
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["documents", "packed"])
+def test_a_corpus_holds_the_rows_its_files_make(tmp_path, pack):
+    """Row for row the in-memory path's rows (``load_rows``, then ``pack``: fewer rows than the packing window)."""
+    manifest = corpus.tokenize([PROMPTS], tmp_path / "c", ByteCodec(), 128, pack=pack, rows_per_shard=50)
+    rows = data.load_rows([PROMPTS], ByteCodec(), 128)
+    want = data.pack(rows, 128) if pack else rows
+    c = corpus.Corpus(tmp_path / "c")
+    got = c.take(range(len(c)))
+    assert set(got) == set(want) and len(c) == manifest["rows"] == len(want["tokens"])
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert len(manifest["shards"]) == -(-len(c) // 50)
+    assert manifest["documents"] == len(rows["tokens"]) and manifest["real_tokens"] == rows["token_mask"].sum()
+    assert manifest["counted_tokens"] == data.counted(rows).sum()
+
+
+def test_batches_and_parts_of_a_corpus_are_those_of_its_rows(tmp_path):
+    """``data.split`` and ``data.batches`` over a corpus: the same parts, batches, process shares and resumed
+    positions as over the rows in memory."""
+    corpus.tokenize([PROMPTS], tmp_path / "c", ByteCodec(), 64)
+    rows, c = data.load_rows([PROMPTS], ByteCodec(), 64), corpus.Corpus(tmp_path / "c")
+    for part_rows, part_c in zip(data.split(rows, (0.1, 0.3, 0.6), 3), data.split(c, (0.1, 0.3, 0.6), 3), strict=True):
+        a, b = data.batches(part_rows, 4, 7, process_index=1, process_count=2), data.batches(part_c, 4, 7,
+                                                                                               process_index=1,
+                                                                                               process_count=2)
+        for _ in range(3):
+            next(b)
+            next(a)
+        state = b.get_state()
+        want = [next(a) for _ in range(2)]
+        resumed = data.batches(part_c, 4, 7, process_index=1, process_count=2)
+        resumed.set_state(state)
+        for w, g in zip(want, [next(resumed) for _ in range(2)], strict=True):
+            assert all(np.array_equal(w[k], g[k]) for k in w)
+
+
+RSS = '''
+import resource, sys
+from zebrax import corpus, data
+path, out, mode = sys.argv[1:4]
+if mode == "corpus":
+    corpus.tokenize([path], out, data.ByteCodec(), 512)
+    rows = corpus.Corpus(out)
+else:
+    rows = data.load_rows([path], data.ByteCodec(), 512)
+it = data.batches(rows, 8, 0)
+for _ in range(20):
+    next(it)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+'''
+
+
+@pytest.mark.end_to_end
+def test_host_memory_of_the_data_path_is_flat_in_the_corpus_size(child_process, tmp_path):
+    """Tokenizing a corpus and reading batches from it peaks at the same host memory (RSS, within 10%) for 2,000 and
+    20,000 documents of ~500 bytes; reading the files into memory does not (the test would see it)."""
+    rng = np.random.default_rng(0)
+    words = ["zebra", "mamba", "latent", "attention", "state", "space", "token", "cache", "layer", "teacher"]
+    for n in (2000, 20000):
+        with open(tmp_path / f"{n}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(words, 70))}) + "\n")
+
+    def peak(n, mode):
+        out = child_process.python("-c", RSS, tmp_path / f"{n}.jsonl", tmp_path / f"{n}-{mode}", mode)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    small, large = peak(2000, "corpus"), peak(20000, "corpus")
+    assert abs(large - small) <= 0.10 * small, (small, large)
+    in_memory = peak(2000, "memory"), peak(20000, "memory")
+    assert in_memory[1] - in_memory[0] > 0.10 * in_memory[0], in_memory
+
+
+def _run(tmp_path, name, data_binding, capsys):
+    steps = ["teacher/TrainConfig.steps = 20", "ild/TrainConfig.steps = 4", "kd/TrainConfig.steps = 4",
+             "dpo/TrainConfig.steps = 2", "distill.pack = False"]
+    args = ["distill", "--gin_file", TINY, "--workdir", str(tmp_path / name), "--gin_param", data_binding]
+    for binding in steps:
+        args += ["--gin_param", binding]
+    assert main(args) == 0
+    capsys.readouterr()
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    logged = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
+    smart = {k: v for k, v in json.loads((tmp_path / name / "smart.json").read_text()).items() if k != "seconds"}
+    return logged, smart, json.loads((tmp_path / name / "eval.json").read_text())
+
+
+@pytest.mark.end_to_end
+def test_a_run_from_a_corpus_is_the_run_from_its_files(tmp_path, capsys):
+    """The tiny experiment (short) from ``zebrax tokenize``'s corpus of its data file logs the same losses, places the
+    same MLA layers and measures the same figures as from the file."""
+    assert main(["tokenize", PROMPTS, "--out", str(tmp_path / "corpus"), "--teacher", "tiny", "--seq-len", "128"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 320
+    from_files = _run(tmp_path, "files", f"distill.data = ('{PROMPTS}',)", capsys)
+    from_corpus = _run(tmp_path, "corpus_run", f"distill.data = ('{tmp_path / 'corpus'}',)", capsys)
+    assert from_corpus == from_files
+
+
+def test_a_corpus_that_does_not_fit_the_run_is_refused_before_any_work(tmp_path, capsys):
+    corpus.tokenize([PROMPTS], tmp_path / "c", ByteCodec(), 64)
+    args = ["distill", "--gin_file", TINY, "--workdir", str(tmp_path / "w"), "--gin_param",
+            f"distill.data = ('{tmp_path / 'c'}',)"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "was tokenized with seq_len 64, the run's is 128" in err and not (tmp_path / "w").exists(), err
+    assert main([*args, "--gin_param", "distill.seq_len = 64"]) == 1
+    assert "was tokenized with pack False, the run's is True" in capsys.readouterr().err
+    assert main([*args[:-1], f"distill.data = ('{tmp_path / 'c'}', '{PROMPTS}')"]) == 1
+    assert "a tokenized corpus is the whole of the data" in capsys.readouterr().err
+    (tmp_path / "c" / "rows-00000.arrayrecord").unlink()
+    with pytest.raises(DataError, match=r"c: shards missing: rows-00000\.arrayrecord"):
+        corpus.Corpus(tmp_path / "c")
+    assert main(["tokenize", PROMPTS, "--out", str(tmp_path / "d"), "--teacher", str(tmp_path), "--seq-len", "8"]) == 1
+    assert "no tokenizer/" in capsys.readouterr().err and not (tmp_path / "d").exists()

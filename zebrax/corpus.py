@@ -1,0 +1,182 @@
+"""Tokenized corpora: data files tokenized once (``zebrax tokenize``) into ArrayRecord shards of rows, which training
+reads by index through grain, so a host holds a few batches of the corpus, never the corpus.
+
+``DIR/corpus.json`` describes it (``Corpus``): the rows' length and fields, whether documents were packed, the
+count of rows, documents and tokens, the tokenizer, each source file's SHA-256 and the shards. A row is one record:
+its fields' bytes back to back, ``tokens`` int32 ``[L]``, ``token_mask`` and ``loss_mask`` one byte each ``[L]``,
+and with packing ``segment_ids`` int32 ``[L]`` (``zebrax.data``'s rows, the same ``lm_row``). Packing is
+``data.pack``'s first fit, over a window of the last ``PACK_WINDOW`` open rows (the oldest written when the window is
+full), so memory stays flat in the corpus size; below that many rows it is ``data.pack`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from zebrax import checkpoint, data
+from zebrax.data import DataError
+
+FORMAT, FORMAT_VERSION = "zebrax-corpus", 1
+MANIFEST = "corpus.json"
+PACK_WINDOW = 512  # open rows packing fills first fit; the oldest is written when another is needed
+ROWS_PER_SHARD = 16384
+_TYPES = {"tokens": np.int32, "token_mask": np.uint8, "loss_mask": np.uint8, "segment_ids": np.int32}
+
+
+def is_corpus(path: str | os.PathLike) -> bool:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _fields(packed: bool) -> tuple[str, ...]:
+    return (*data.LM_FIELDS, "segment_ids") if packed else data.LM_FIELDS
+
+
+def _encode(row: dict, fields: tuple[str, ...]) -> bytes:
+    return b"".join(np.asarray(row[k]).astype(_TYPES[k]).tobytes() for k in fields)
+
+
+class _Packer:
+    """Documents (rows of one document) → packed rows, first fit over the last ``PACK_WINDOW`` open rows."""
+
+    def __init__(self, seq_len: int, emit):
+        self.seq_len, self.emit, self.open = seq_len, emit, []  # [(documents, free tokens)]
+
+    def add(self, doc: dict) -> None:
+        n = int(doc["token_mask"].sum())
+        fit = next((b for b in self.open if b[1] >= n), None)
+        if fit is None:
+            if len(self.open) == PACK_WINDOW:
+                self._write(self.open.pop(0))
+            fit = [[], self.seq_len]
+            self.open.append(fit)
+        fit[0].append(doc)
+        fit[1] -= n
+
+    def _write(self, row_of_docs) -> None:
+        docs = row_of_docs[0]
+        packed = data.pack({k: np.stack([d[k] for d in docs]) for k in data.LM_FIELDS}, self.seq_len)
+        self.emit({k: v[0] for k, v in packed.items()})
+
+    def close(self) -> None:
+        while self.open:
+            self._write(self.open.pop(0))
+
+
+def tokenize(files: Sequence[str | os.PathLike], out: str | os.PathLike, codec, seq_len: int, *, pack: bool = False,
+             tokenizer: str = "", rows_per_shard: int = ROWS_PER_SHARD, overwrite: bool = False) -> dict:
+    """Tokenize ``files`` (``data.iter_records``: jsonl, parquet, txt; ``text`` and ``messages`` records) with
+    ``codec`` into rows of ``seq_len`` in ``out`` (written whole or not at all); returns the manifest, with the
+    ``seconds`` it took. ``tokenizer`` names the codec in the manifest. Memory holds one record, one shard's index
+    and, with ``pack``, the open rows."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if not files:
+        raise DataError("tokenize: no data files given")
+    start = time.perf_counter()
+    fields = _fields(pack)
+    counts = {"rows": 0, "documents": 0, "documents_counting_none": 0, "counted_tokens": 0, "real_tokens": 0}
+    shards: list[dict] = []
+    with checkpoint.atomic_directory(out, overwrite, replaceable=is_corpus, what="tokenized corpus",
+                                     sources=files) as tmp:
+        writer = None
+
+        def emit(row: dict) -> None:
+            nonlocal writer
+            if writer is None or shards[-1]["rows"] == rows_per_shard:
+                if writer is not None:
+                    writer.close()
+                shards.append({"file": f"rows-{len(shards):05d}.arrayrecord", "rows": 0})
+                writer = ArrayRecordWriter(str(tmp / shards[-1]["file"]), "group_size:1")
+            writer.write(_encode(row, fields))
+            shards[-1]["rows"] += 1
+            counts["rows"] += 1
+
+        packer = _Packer(seq_len, emit) if pack else None
+        for f in files:
+            for where, record in data.iter_records(f):
+                doc = data.lm_row(where, record, codec, seq_len)
+                counted = int(data.counted({k: v[None] for k, v in doc.items()})[0])
+                counts["documents"] += 1
+                counts["documents_counting_none"] += counted == 0
+                counts["counted_tokens"] += counted
+                counts["real_tokens"] += int(doc["token_mask"].sum())
+                if packer is None:
+                    emit(doc)
+                else:
+                    packer.add(doc)
+        if packer is not None:
+            packer.close()
+        if writer is not None:
+            writer.close()
+        if not counts["rows"]:
+            raise DataError(f"tokenize: {', '.join(map(str, files))} hold no records")
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "seq_len": seq_len, "packed": pack,
+                    "fields": list(fields), **counts, "vocab_size": codec_vocab_size(codec), "tokenizer": tokenizer,
+                    "sources": {str(f): data.sha256(f) for f in files}, "shards": shards}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return {**manifest, "seconds": time.perf_counter() - start}
+
+
+def codec_vocab_size(codec) -> int:
+    tok = getattr(codec, "tokenizer", None)
+    return len(tok) if tok is not None else codec.vocab_size
+
+
+class Corpus:
+    """A tokenized corpus, read by row: ``len(corpus)``, ``corpus[i]`` → ``{field: [L]}`` (``bool`` masks), read from
+    its shard when asked; ``take(indices)`` stacks some rows ``{field: [N, L]}``; ``subset(indices)`` a view of some
+    rows (``data.split``'s parts)."""
+
+    def __init__(self, path: str | os.PathLike, indices: np.ndarray | None = None, _source=None):
+        self.path = Path(path)
+        manifest_file = self.path / MANIFEST
+        try:
+            self.manifest = json.loads(manifest_file.read_text())
+        except OSError as e:
+            raise DataError(f"{self.path}: not a tokenized corpus (no {MANIFEST}: {e.strerror or e})") from None
+        except ValueError as e:
+            raise DataError(f"{manifest_file}: not valid JSON ({e})") from None
+        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{manifest_file}: not a {FORMAT} version {FORMAT_VERSION} manifest "
+                            f"(make it with `zebrax tokenize`)")
+        self.seq_len, self.packed = int(self.manifest["seq_len"]), bool(self.manifest["packed"])
+        self.fields = tuple(self.manifest["fields"])
+        if _source is None:
+            import grain
+
+            missing = [s["file"] for s in self.manifest["shards"] if not (self.path / s["file"]).is_file()]
+            if missing:
+                raise DataError(f"{self.path}: shards missing: {', '.join(missing[:4])}")
+            _source = grain.sources.ArrayRecordDataSource([str(self.path / s["file"]) for s in
+                                                           self.manifest["shards"]])
+        self._source = _source
+        self.indices = np.arange(len(_source)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i) -> dict:
+        raw = self._source[int(self.indices[i])]
+        out, at, n = {}, 0, self.seq_len
+        for k in self.fields:
+            size = n * np.dtype(_TYPES[k]).itemsize
+            v = np.frombuffer(raw, _TYPES[k], n, at)
+            out[k] = v.astype(bool) if k.endswith("_mask") else v
+            at += size
+        return out
+
+    def take(self, indices) -> dict:
+        rows = [self[i] for i in indices]
+        return {k: np.stack([r[k] for r in rows]) for k in self.fields}
+
+    def subset(self, indices) -> Corpus:
+        return Corpus(self.path, self.indices[np.asarray(indices)], _source=self._source)
