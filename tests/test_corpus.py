@@ -92,18 +92,18 @@ def test_host_memory_of_the_data_path_is_flat_in_the_corpus_size(child_process, 
     assert in_memory[1] - in_memory[0] > 0.10 * in_memory[0], in_memory
 
 
-def _run(tmp_path, name, data_binding, capsys):
+def _run(tmp_path, name, data_binding, capsys, *extra):
     steps = ["teacher/TrainConfig.steps = 20", "ild/TrainConfig.steps = 4", "kd/TrainConfig.steps = 4",
-             "dpo/TrainConfig.steps = 2", "distill.pack = False"]
+             "dpo/TrainConfig.steps = 2", "distill.pack = False", *extra]
     args = ["distill", "--gin_file", TINY, "--workdir", str(tmp_path / name), "--gin_param", data_binding]
     for binding in steps:
         args += ["--gin_param", binding]
     assert main(args) == 0
-    capsys.readouterr()
+    said = capsys.readouterr().err
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     logged = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
     smart = {k: v for k, v in json.loads((tmp_path / name / "smart.json").read_text()).items() if k != "seconds"}
-    return logged, smart, json.loads((tmp_path / name / "eval.json").read_text())
+    return logged, smart, json.loads((tmp_path / name / "eval.json").read_text()), said
 
 
 @pytest.mark.end_to_end
@@ -112,8 +112,8 @@ def test_a_run_from_a_corpus_is_the_run_from_its_files(tmp_path, capsys):
     same MLA layers and measures the same figures as from the file."""
     assert main(["tokenize", PROMPTS, "--out", str(tmp_path / "corpus"), "--teacher", "tiny", "--seq-len", "128"]) == 0
     assert json.loads(capsys.readouterr().out)["documents"] == 320
-    from_files = _run(tmp_path, "files", f"distill.data = ('{PROMPTS}',)", capsys)
-    from_corpus = _run(tmp_path, "corpus_run", f"distill.data = ('{tmp_path / 'corpus'}',)", capsys)
+    from_files = _run(tmp_path, "files", f"distill.data = ('{PROMPTS}',)", capsys)[:3]
+    from_corpus = _run(tmp_path, "corpus_run", f"distill.data = ('{tmp_path / 'corpus'}',)", capsys)[:3]
     assert from_corpus == from_files
 
 
@@ -133,3 +133,50 @@ def test_a_corpus_that_does_not_fit_the_run_is_refused_before_any_work(tmp_path,
         corpus.Corpus(tmp_path / "c")
     assert main(["tokenize", PROMPTS, "--out", str(tmp_path / "d"), "--teacher", str(tmp_path), "--seq-len", "8"]) == 1
     assert "no tokenizer/" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_stored_teacher_logits_are_the_teachers_top_k(tmp_path):
+    """``teacher_logits`` stores, for every row, the top-k of the logits the teacher gives the row (fp32, 1e-5 of
+    the largest magnitude; the same vocabulary indices), read back with the rows."""
+    import jax
+
+    from tests.helpers import TEACHER, close, random_model
+
+    corpus.tokenize([PROMPTS], tmp_path / "c", ByteCodec(), 32, pack=True, rows_per_shard=40)
+    teacher = random_model(TEACHER.replace(vocab_size=258, eos_token_id=(257,), bos_token_id=256,
+                                           pad_token_id=None), seed=1)
+    entry = corpus.teacher_logits(tmp_path / "c", teacher.config, teacher.params, 6, batch_size=16)
+    assert entry["k"] == 6 and len(entry["files"]) == len(corpus.Corpus(tmp_path / "c").manifest["shards"])
+    c = corpus.Corpus(tmp_path / "c").with_teacher_topk()
+    assert c.topk == 6
+    rows = c.take([0, 41, len(c) - 1])
+    logits = teacher.module.apply({"params": teacher.params}, rows["tokens"], token_mask=rows["token_mask"],
+                                  segment_ids=rows["segment_ids"])[0]
+    values, indices = jax.lax.top_k(logits, 6)
+    close(rows["teacher_topk_values"], values, 1e-5)
+    np.testing.assert_array_equal(rows["teacher_topk_indices"], indices)
+    with pytest.raises(DataError, match="holds no teacher logits"):
+        corpus.tokenize([PROMPTS], tmp_path / "d", ByteCodec(), 32)
+        corpus.Corpus(tmp_path / "d", teacher_topk=True)
+
+
+@pytest.mark.end_to_end
+def test_kd_from_stored_teacher_logits_is_kd_with_the_teacher(tmp_path, capsys):
+    """The tiny experiment (short, top-8 KD) from a corpus: with the teacher's top-8 logits stored in the corpus
+    (``zebrax teacher-logits``) KD runs without the teacher and logs the losses it logs with it (1e-5)."""
+    assert main(["tokenize", PROMPTS, "--out", str(tmp_path / "corpus"), "--teacher", "tiny", "--seq-len", "128"]) == 0
+    data_binding = f"distill.data = ('{tmp_path / 'corpus'}',)"
+    with_teacher, _, evals, said = _run(tmp_path, "online", data_binding, capsys, "distill.kd_top_k = 8")
+    assert "stored top-8" not in said
+    assert main(["teacher-logits", str(tmp_path / "corpus"), "--teacher", str(tmp_path / "online" / "teacher"),
+                 "--top-k", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["k"] == 8
+    stored, _, stored_evals, said = _run(tmp_path, "stored", data_binding, capsys, "distill.kd_top_k = 8")
+    assert "KD: 4 steps of 4 × 128 tokens, from the teacher's stored top-8 logits" in said, said
+    kd = lambda logged: [r for r in logged if r["stage"] == "kd"]  # noqa: E731
+    assert len(kd(stored)) == len(kd(with_teacher)) > 0
+    for got, want in zip(kd(stored), kd(with_teacher), strict=True):
+        assert got.keys() == want.keys()
+        for k in ("loss", "kl", "ce", "grad_norm"):
+            assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    assert stored_evals["after_kd"]["kl"] == pytest.approx(evals["after_kd"]["kl"], rel=1e-5)

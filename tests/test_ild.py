@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.helpers import TEACHER, TWO_LAYERS, hybrid, random_model
+from tests.helpers import TEACHER, TWO_LAYERS, close, hybrid, random_model
 from zebrax.config import HybridConfig
 from zebrax.distill import TrainConfig, ild_loss, ild_objective, layer_io, make_optimizer, make_step, teacher_forced
 from zebrax.init import init_hybrid
@@ -114,7 +114,8 @@ def test_remat_and_bf16_compute(rng):
 
 def test_top_k_kd_is_the_renormalised_kl_over_the_teachers_top_tokens(rng):
     """With k = the vocabulary it is the full forward KL (1e-5); with k = 5 it equals topk_kl_loss on the teacher's
-    5 largest logits, computed here by hand."""
+    5 largest logits, computed here by hand, and so does KD from those logits stored in the batch (no teacher run;
+    gradients 1e-4 of the largest magnitude). fp32."""
     from zebrax.distill import kd_objective, kl_loss, topk_kl_loss
     from zebrax.errors import InvalidArgument
     from zebrax.models import build
@@ -132,6 +133,17 @@ def test_top_k_kd_is_the_renormalised_kl_over_the_teachers_top_tokens(rng):
     want = topk_kl_loss(np.take_along_axis(t_logits, order, -1), order, s_logits)
     got = jax.jit(kd_objective(build(TEACHER), build(config), top_k=5))(params, teacher.params, batch)[0]
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    # the same from stored top-k logits, in chunks of 4 tokens, with no teacher parameters: loss and gradients
+    stored = {**batch, "teacher_topk_values": np.take_along_axis(t_logits, order, -1), "teacher_topk_indices": order}
+    offline = kd_objective(build(TEACHER), build(config), top_k=5, chunk=4)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: offline(p, None, stored)[0]))(params)
+    online = kd_objective(build(TEACHER), build(config), top_k=5)
+    want_grads = jax.jit(jax.grad(lambda p: online(p, teacher.params, batch)[0]))(params)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        close(g, w, 1e-4)
+    with pytest.raises(InvalidArgument, match="stored teacher logits are its top 5, top_k is 3"):
+        kd_objective(build(TEACHER), build(config), top_k=3)(params, None, stored)
     with pytest.raises(InvalidArgument, match="top-k KD is the forward KL at temperature 1"):
         kd_objective(build(TEACHER), build(config), top_k=5, direction="reverse")
 

@@ -307,6 +307,18 @@ def cmd_tokenize(args):
                      indent=2))
 
 
+def cmd_teacher_logits(args):
+    from zebrax import checkpoint, corpus
+
+    config = checkpoint.load_config(args.teacher)
+    entry = corpus.teacher_logits(args.corpus, config, checkpoint.load_params(args.teacher, config), args.top_k,
+                                  teacher=str(args.teacher), batch_size=args.batch_size)
+    rows = corpus.Corpus(args.corpus).manifest["real_tokens"]
+    print(json.dumps({"corpus": str(args.corpus), "k": entry["k"], "shards": len(entry["files"]),
+                      "seconds": round(entry["seconds"], 2), "tokens_per_second": round(rows / entry["seconds"])},
+                     indent=2))
+
+
 def _pairs(text: str, value, expected: str) -> dict:
     """``a=1,b=2`` → {"a": value("1"), "b": value("2")}; ``expected`` names the form in the error."""
     try:
@@ -529,6 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pack", action="store_true", help="several documents a row (distill.pack = True)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
     t.set_defaults(fn=cmd_tokenize)
+
+    tl = sub.add_parser("teacher-logits", help="the teacher's top-k logits at every position of a tokenized corpus, "
+                                               "stored beside its rows: KD with distill.kd_top_k = K then runs "
+                                               "without the teacher")
+    tl.add_argument("corpus", help="a corpus made by zebrax tokenize")
+    tl.add_argument("--teacher", required=True, help="the zebrax checkpoint of the teacher")
+    tl.add_argument("--top-k", type=COUNT, required=True, help="logits kept a position (distill.kd_top_k)")
+    tl.add_argument("--batch-size", type=COUNT, default=8, help="rows a forward pass")
+    tl.set_defaults(fn=cmd_teacher_logits)
 
     d = sub.add_parser("distill", help="ILD → SMART → KD → DPO from gin files, resumable in --workdir")
     d.add_argument("--gin_file", action="append", required=True, metavar="FILE",

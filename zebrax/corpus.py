@@ -7,6 +7,11 @@ its fields' bytes back to back, ``tokens`` int32 ``[L]``, ``token_mask`` and ``l
 and with packing ``segment_ids`` int32 ``[L]`` (``zebrax.data``'s rows, the same ``lm_row``). Packing is
 ``data.pack``'s first fit, over a window of the last ``PACK_WINDOW`` open rows (the oldest written when the window is
 full), so memory stays flat in the corpus size; below that many rows it is ``data.pack`` exactly.
+
+``teacher_logits`` (``zebrax teacher-logits``) stores a teacher's top-k logits at every position beside the rows
+(``teacher-topk-NNNNN.arrayrecord``, a record per row: float32 values then int32 vocabulary indices, ``[L, k]``
+each), so that KD can run from them without the teacher (``data.TOPK_FIELDS``; MaxText's stored top-k
+logits).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ MANIFEST = "corpus.json"
 PACK_WINDOW = 512  # open rows packing fills first fit; the oldest is written when another is needed
 ROWS_PER_SHARD = 16384
 _TYPES = {"tokens": np.int32, "token_mask": np.uint8, "loss_mask": np.uint8, "segment_ids": np.int32}
+TOPK = "teacher_topk"  # the manifest's entry for stored teacher logits: {"k", "teacher", "files"}
 
 
 def is_corpus(path: str | os.PathLike) -> bool:
@@ -131,12 +137,22 @@ def codec_vocab_size(codec) -> int:
     return len(tok) if tok is not None else codec.vocab_size
 
 
+def _source(path: Path, files: list[str]):
+    import grain
+
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"{path}: shards missing: {', '.join(missing[:4])}")
+    return grain.sources.ArrayRecordDataSource([str(path / f) for f in files])
+
+
 class Corpus:
     """A tokenized corpus, read by row: ``len(corpus)``, ``corpus[i]`` → ``{field: [L]}`` (``bool`` masks), read from
     its shard when asked; ``take(indices)`` stacks some rows ``{field: [N, L]}``; ``subset(indices)`` a view of some
-    rows (``data.split``'s parts)."""
+    rows (``data.split``'s parts). ``teacher_topk``: rows carry the stored teacher logits too
+    (``data.TOPK_FIELDS``, ``[L, k]``)."""
 
-    def __init__(self, path: str | os.PathLike, indices: np.ndarray | None = None, _source=None):
+    def __init__(self, path: str | os.PathLike, *, teacher_topk: bool = False, _view=None):
         self.path = Path(path)
         manifest_file = self.path / MANIFEST
         try:
@@ -150,33 +166,89 @@ class Corpus:
                             f"(make it with `zebrax tokenize`)")
         self.seq_len, self.packed = int(self.manifest["seq_len"]), bool(self.manifest["packed"])
         self.fields = tuple(self.manifest["fields"])
-        if _source is None:
-            import grain
+        if teacher_topk and TOPK not in self.manifest:
+            raise DataError(f"{self.path}: holds no teacher logits (make them with `zebrax teacher-logits`)")
+        self.teacher_topk = teacher_topk
+        if _view is None:
+            rows = _source(self.path, [s["file"] for s in self.manifest["shards"]])
+            topk = _source(self.path, self.manifest[TOPK]["files"]) if teacher_topk else None
+            _view = (rows, topk, np.arange(len(rows)))
+        self._rows, self._topk, self.indices = _view
 
-            missing = [s["file"] for s in self.manifest["shards"] if not (self.path / s["file"]).is_file()]
-            if missing:
-                raise DataError(f"{self.path}: shards missing: {', '.join(missing[:4])}")
-            _source = grain.sources.ArrayRecordDataSource([str(self.path / s["file"]) for s in
-                                                           self.manifest["shards"]])
-        self._source = _source
-        self.indices = np.arange(len(_source)) if indices is None else np.asarray(indices)
+    @property
+    def topk(self) -> int:
+        """k of the stored teacher logits (0: none stored)."""
+        return int(self.manifest.get(TOPK, {}).get("k", 0))
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i) -> dict:
-        raw = self._source[int(self.indices[i])]
+        index = int(self.indices[i])
+        raw = self._rows[index]
         out, at, n = {}, 0, self.seq_len
         for k in self.fields:
-            size = n * np.dtype(_TYPES[k]).itemsize
             v = np.frombuffer(raw, _TYPES[k], n, at)
             out[k] = v.astype(bool) if k.endswith("_mask") else v
-            at += size
+            at += n * np.dtype(_TYPES[k]).itemsize
+        if self._topk is not None:
+            raw, k = self._topk[index], self.topk
+            values = np.frombuffer(raw, np.float32, n * k).reshape(n, k)
+            indices = np.frombuffer(raw, np.int32, n * k, n * k * 4).reshape(n, k)
+            out.update(zip(data.TOPK_FIELDS, (values, indices), strict=True))
         return out
 
     def take(self, indices) -> dict:
         rows = [self[i] for i in indices]
-        return {k: np.stack([r[k] for r in rows]) for k in self.fields}
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def subset(self, indices) -> Corpus:
-        return Corpus(self.path, self.indices[np.asarray(indices)], _source=self._source)
+        return Corpus(self.path, teacher_topk=self.teacher_topk,
+                      _view=(self._rows, self._topk, self.indices[np.asarray(indices)]))
+
+    def with_teacher_topk(self) -> Corpus:
+        """The same rows, carrying the stored teacher logits."""
+        view = Corpus(self.path, teacher_topk=True)
+        return Corpus(self.path, teacher_topk=True, _view=(view._rows, view._topk, self.indices))
+
+
+def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teacher: str = "",
+                   batch_size: int = 8) -> dict:
+    """Store the teacher's (``config``, ``params``) top ``top_k`` logits at every position of every row of the corpus
+    at ``path``, a shard of them beside each shard of rows; the manifest names them last (a later run replaces them).
+    Returns the manifest's entry with the ``seconds`` it took."""
+    import jax
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from zebrax.models import build
+
+    c = Corpus(path)
+    if not 1 <= top_k <= config.vocab_size:
+        raise DataError(f"teacher-logits: top_k={top_k} must be between 1 and the vocabulary ({config.vocab_size})")
+    start = time.perf_counter()
+    module = build(config)
+
+    @jax.jit
+    def top(params, batch):
+        logits = module.apply({"params": params}, batch["tokens"], token_mask=batch["token_mask"],
+                              segment_ids=batch.get("segment_ids"))[0]
+        return jax.lax.top_k(logits.astype(np.float32), top_k)
+
+    files, first = [], 0
+    for n, shard in enumerate(c.manifest["shards"]):
+        files.append(f"teacher-topk-{n:05d}.arrayrecord")
+        tmp = c.path / f".{files[-1]}.tmp-{os.getpid()}"
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        for at in range(first, first + shard["rows"], batch_size):
+            rows = c.take(range(at, min(at + batch_size, first + shard["rows"])))
+            real = len(rows["tokens"])
+            padded = {k: np.pad(v, ((0, batch_size - real), (0, 0))) for k, v in rows.items()}
+            values, indices = jax.device_get(top(params, padded))
+            for v, i in zip(values[:real], indices[:real], strict=True):
+                writer.write(v.astype(np.float32).tobytes() + i.astype(np.int32).tobytes())
+        writer.close()
+        os.replace(tmp, c.path / files[-1])
+        first += shard["rows"]
+    entry = {"k": top_k, "teacher": teacher, "files": files}
+    checkpoint.write_text_atomic(c.path / MANIFEST, json.dumps({**c.manifest, TOPK: entry}, indent=2))
+    return {**entry, "seconds": time.perf_counter() - start}

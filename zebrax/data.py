@@ -32,6 +32,7 @@ from zebrax import checkpoint
 from zebrax.errors import ZebraxError
 
 LM_FIELDS = ("tokens", "token_mask", "loss_mask")
+TOPK_FIELDS = ("teacher_topk_values", "teacher_topk_indices")  # stored teacher logits (KD without the teacher)
 
 
 class DataError(ZebraxError):

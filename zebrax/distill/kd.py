@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from zebrax.data import next_in_document
+from zebrax.data import TOPK_FIELDS, next_in_document
 from zebrax.distill.losses import kl_per_token, next_tokens, normalized, token_chunks, token_logprobs, topk_kl_per_token
 from zebrax.errors import InvalidArgument
 from zebrax.models.decoder import DecoderLM, LMHead
@@ -33,7 +33,11 @@ def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "fo
     does. ``top_k`` > 0: the forward KL against the teacher's k most likely tokens only, renormalised
     (``topk_kl_loss``), the distillation of stored top-k teacher logits (direction and temperature do not apply).
     ``chunk`` > 0: both LM heads and the per-token losses run ``chunk`` tokens at a time (``token_chunks``), so the
-    step never holds ``[B, L, vocab]`` logits; the values are the same."""
+    step never holds ``[B, L, vocab]`` logits; the values are the same.
+
+    A batch that carries the teacher's stored top-k logits (``data.TOPK_FIELDS``: ``[B, L, top_k]`` values and
+    vocabulary indices, ``zebrax teacher-logits``) is distilled from them: the teacher does not run, and the step
+    takes no teacher parameters (None)."""
     check_top_k(top_k, direction, temperature)
     t_head, s_head = LMHead(teacher.config), LMHead(student.config)
 
@@ -41,20 +45,28 @@ def kd_objective(teacher: DecoderLM, student: DecoderLM, *, direction: str = "fo
         tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
         loss_mask = batch["loss_mask"].astype(bool) & token_mask
         rows = dict(token_mask=token_mask, segment_ids=batch.get("segment_ids"), hidden_only=True)
-        t_hidden = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0])
         s_hidden = student.apply({"params": student_params}, tokens, **rows)[0]
         targets = next_tokens(tokens)
+        stored = TOPK_FIELDS[0] in batch
 
-        def per_token(t_hidden, s_hidden, targets):
-            t_logits = jax.lax.stop_gradient(t_head.apply({"params": teacher_params}, t_hidden))
+        def per_token(s_hidden, targets, *teacher_side):
             logits = s_head.apply({"params": student_params}, s_hidden)
-            if top_k:
-                kl = topk_kl_per_token(*jax.lax.top_k(t_logits, top_k), logits)
+            if stored:
+                kl = topk_kl_per_token(*teacher_side, logits)
             else:
-                kl = kl_per_token(t_logits, logits, direction=direction, temperature=temperature)
+                t_logits = jax.lax.stop_gradient(t_head.apply({"params": teacher_params}, teacher_side[0]))
+                kl = (topk_kl_per_token(*jax.lax.top_k(t_logits, top_k), logits) if top_k else
+                      kl_per_token(t_logits, logits, direction=direction, temperature=temperature))
             return kl, -token_logprobs(logits, targets)
 
-        kl, ce = token_chunks(per_token, (t_hidden, s_hidden, targets), chunk or tokens.shape[1])
+        if stored:
+            if batch[TOPK_FIELDS[0]].shape[-1] != top_k:
+                raise InvalidArgument(f"kd: the batch's stored teacher logits are its top "
+                                      f"{batch[TOPK_FIELDS[0]].shape[-1]}, top_k is {top_k}")
+            teacher_side = tuple(jax.lax.stop_gradient(batch[k]) for k in TOPK_FIELDS)
+        else:
+            teacher_side = (jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, tokens, **rows)[0]),)
+        kl, ce = token_chunks(per_token, (s_hidden, targets, *teacher_side), chunk or tokens.shape[1])
         follows = next_in_document(batch)  # [B, L-1]; the last position predicts nothing
         ce_mask = loss_mask & jnp.concatenate([follows, jnp.zeros_like(follows[:, :1])], axis=1)
         kl, ce = normalized(kl, loss_mask, normalize), normalized(ce, ce_mask, normalize)

@@ -90,7 +90,8 @@ class Experiment:
     - KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``: the mean over counted tokens, the
       default, so the loss scale does not move with lengths and padding; ``"sequence"``: the reference code's sum
       over tokens divided by the batch), ``kd_ce_weight``, ``kd_top_k`` (> 0: the KL against the teacher's top-k
-      tokens only, renormalised).
+      tokens only, renormalised; read from the corpus when ``zebrax teacher-logits`` stored that many there, and
+      the KD step then runs without the teacher).
     """
 
     teacher: str = "tiny"
@@ -671,12 +672,16 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
     evaluate("after_ild", h_config, h_params)
 
     if not (workdir / "kd").exists():
-        _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens")
+        # a corpus holding the teacher's top-k logits (``zebrax teacher-logits``) for kd_top_k: KD without the teacher
+        stored = isinstance(kd_rows, corpus.Corpus) and 0 < exp.kd_top_k == kd_rows.topk
+        _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens"
+             + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
         objective = stage_objective(exp, "kd", t_config, {"": h_config})
-        params = train("kd", objective, h_params, t_params, data.batches(kd_rows, exp.kd.batch_size, exp.seed + 1,
-                                                                          **shard), exp.kd, workdir,
+        kd_data = data.batches(kd_rows.with_teacher_topk() if stored else kd_rows, exp.kd.batch_size, exp.seed + 1,
+                               **shard)
+        params = train("kd", objective, h_params, None if stored else t_params, kd_data, exp.kd, workdir,
                        tokens_of=_real_tokens, counted_of=_counted,
-                       **_sharded(mesh, {"": (h_config, h_params)}, (t_config, t_params)))
+                       **_sharded(mesh, {"": (h_config, h_params)}, None if stored else (t_config, t_params)))
         _save(workdir, "kd", {"": (h_config, params)}, tokenizer)
         _finished(workdir, "kd")
     kd_params = _load(workdir / "kd")[1]
