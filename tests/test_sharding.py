@@ -35,8 +35,8 @@ def test_every_parameter_of_a_hybrid_gets_its_rule():
     P = PartitionSpec  # noqa: N806
     expected = {
         "['embed_tokens']['embedding']": P(None, "fsdp"), "['lm_head']['kernel']": P("fsdp", None),
-        "['layers_0']['self_attn']['q_b_proj']['kernel']": P(None, "tensor", None),
-        "['layers_0']['self_attn']['kv_b_proj']": P(None, "tensor", None),
+        "['layers_0']['self_attn']['q_b_proj']['kernel']": P("fsdp", "tensor", None),  # no embed axis: the latent's
+        "['layers_0']['self_attn']['kv_b_proj']": P("fsdp", "tensor", None),
         "['layers_0']['self_attn']['o_proj']['kernel']": P("tensor", None, "fsdp"),
         "['layers_1']['mixer']['in_proj']['kernel']": P("fsdp", None),
         "['layers_1']['mixer']['conv_kernel']": P(None, None), "['layers_1']['mixer']['A_log']": P("tensor"),
@@ -243,3 +243,56 @@ def test_a_slurm_job_joins_one_run_with_no_flags(child_process):
     assert seen == [["slurm", "2", "0", "2"], ["slurm", "2", "1", "2"]], seen
     alone = child_process.python("-c", JOINED)
     assert alone.returncode == 0 and alone.stdout.split()[-4:] == ["None", "1", "0", "1"], alone.stderr[-2000:]
+
+
+PIPELINE = '''
+import json, sys
+from pathlib import Path
+import jax
+from zebrax.cli import main
+from zebrax.distill.pipeline import _load
+from zebrax.sharding import MeshConfig, make_mesh
+
+workdir, mesh_binding = Path(sys.argv[1]), sys.argv[2]
+args = ["distill", "--gin_file", "configs/experiments/tiny_cpu.gin", "--workdir", str(workdir)]
+for binding in ["teacher/TrainConfig.steps = 20", "ild/TrainConfig.steps = 4", "kd/TrainConfig.steps = 4",
+                "dpo/TrainConfig.steps = 2", *([mesh_binding] if mesh_binding else [])]:
+    args += ["--gin_param", binding]
+assert main(args) == 0
+whole = []  # leaves over 4 KiB that a device holds whole, restored as the run restores them
+mesh = make_mesh(MeshConfig(fsdp=len(jax.devices()))) if mesh_binding else None
+for stage in ("teacher", "ild/mla", "ild/mamba2", "hybrid", "kd", "dpo"):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(_load(workdir / stage, mesh)[1]):
+        leaf = jax.device_put(leaf)  # a host array (no mesh) on the device
+        if leaf.nbytes > 4096 and max(s.data.nbytes for s in leaf.addressable_shards) == leaf.nbytes:
+            whole.append(stage + jax.tree_util.keystr(path))
+print(json.dumps({"whole": whole, "devices": len(jax.devices())}))
+'''
+
+
+def test_the_tiny_pipeline_on_four_devices_is_the_pipeline_on_one(child_process, tmp_path):
+    """The tiny experiment (short) with ``distill.mesh = {'fsdp': 4}`` on 4 simulated CPU devices: the losses of one
+    device (1e-5 relative), the same SMART choice and evaluation (1e-5), and every stage output restored into its
+    shardings, no leaf over 4 KiB whole on a device (on one device every such leaf is whole: the check can fail)."""
+    def run(name, binding, devices):
+        out = child_process.python("-c", PIPELINE, tmp_path / name, binding,
+                                   env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        logged = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
+        smart = json.loads((tmp_path / name / "smart.json").read_text())
+        return json.loads(out.stdout.split("\n")[-2]), logged, smart, json.loads(
+            (tmp_path / name / "eval.json").read_text())
+
+    one, logged_one, smart_one, eval_one = run("one", "", 1)
+    four, logged_four, smart_four, eval_four = run("four", "distill.mesh = {'fsdp': 4}", 4)
+    assert one["whole"] and four["devices"] == 4 and four["whole"] == [], four
+    assert len(logged_four) == len(logged_one)
+    for a, b in zip(logged_four, logged_one, strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"] and a["stage"] == b["stage"]
+        for k in ("loss", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (a["stage"], a["step"], k)
+    assert smart_four["mla_layers"] == smart_one["mla_layers"]
+    for name in eval_one:
+        assert eval_four[name]["kl"] == pytest.approx(eval_one[name]["kl"], rel=1e-5, abs=1e-7), name
+        assert eval_four[name]["perplexity"] == pytest.approx(eval_one[name]["perplexity"], rel=1e-5), name

@@ -394,9 +394,10 @@ def _compare_params(params_dir: Path, expected: dict[str, tuple[tuple[int, ...],
     return "; ".join(problems)
 
 
-def load_params(path: str | os.PathLike, config) -> dict:
+def load_params(path: str | os.PathLike, config, shardings=None) -> dict:
     """Restore the parameters, cast to ``config.param_dtype``, after checking every stored leaf's path and
-    shape against what ``config`` builds."""
+    shape against what ``config`` builds. ``shardings``: a ``NamedSharding`` tree (``sharding.param_shardings``):
+    each leaf is restored straight into it, each process reading only the shards its devices hold."""
     from zebrax.models import abstract_params
 
     params_dir = Path(path).absolute() / "params"
@@ -405,6 +406,10 @@ def load_params(path: str | os.PathLike, config) -> dict:
     check_writable_path(params_dir)
     target = abstract_params(config)
     expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat(target).items()}
+    if shardings is not None:
+        import jax
+
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     try:
         problems = _compare_params(params_dir, expected, dtypes=False)
     except _Unreadable as e:

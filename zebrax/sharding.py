@@ -2,7 +2,8 @@
 every parameter carries (``zebrax.models.logical_axes``) to mesh axes. Changing the mesh never changes model code.
 
 - ``data``: batch only (parameters replicated across it); ``fsdp``: batch and parameters (the ``embed`` axis of
-  every weight: fully sharded data parallelism); ``tensor``: heads, MLP width, vocabulary and SSM heads.
+  every weight, or the latent axis of MLA's up-projections, which have none: fully sharded data parallelism);
+  ``tensor``: heads, MLP width, vocabulary and SSM heads.
 - An axis naming a concatenation of unlike pieces — Mamba2's ``ssm_in`` ([z ; xBC ; dt]) and ``ssm_conv``
   ([x ; B ; C]) — is never split: a shard boundary would cut through the pieces.
 - A dimension that a mesh axis does not divide stays whole (replicated) rather than padded.
@@ -30,8 +31,8 @@ RULES: dict[str, str | None] = {
     "ssm_heads": "tensor",
     "ssm_inner": "tensor",
     "head_dim": None,
-    "q_lora": None,
-    "kv_lora": None,
+    "q_lora": "fsdp",  # MLA's q_b_proj and kv_b_proj have no embed axis: fsdp takes their latent one
+    "kv_lora": "fsdp",
     "kv_latent": None,
     "ssm_state": None,
     "conv": None,
@@ -102,10 +103,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def place(tree, shardings):
-    """Host arrays (the same on every process) → global arrays with ``shardings``: each process fills the shards
-    its devices hold, so a multi-host run never materialises a whole tree on one device."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)
+    """Host arrays (the same on every process), or global arrays, → new global arrays with ``shardings``: each
+    process fills the shards its devices hold from host arrays, and global arrays are resharded on the devices
+    (copied, never aliased: a training step may donate the result), so no tree is ever whole on one device."""
+    def one(x, s):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:  # a global array
+            return jax.device_put(x, s, may_alias=False)
+        return jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def gather(tree):

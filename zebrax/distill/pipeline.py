@@ -353,9 +353,16 @@ def _finished(workdir: Path, stage: str) -> None:
     _sync(f"finished {stage}")
 
 
-def _load(path: Path) -> tuple:
+def _load(path: Path, mesh=None) -> tuple:
+    """(config, params) of a checkpoint; with a ``mesh``, the parameters restored straight into their shardings
+    (``sharding.param_shardings``): no device, and no host, holds a whole model."""
     config = checkpoint.load_config(path)
-    return config, checkpoint.load_params(path, config)
+    if mesh is None:
+        return config, checkpoint.load_params(path, config)
+    from zebrax.models import abstract_params
+    from zebrax.sharding import param_shardings
+
+    return config, checkpoint.load_params(path, config, param_shardings(config, abstract_params(config), mesh))
 
 
 def _lm_objective(model):
@@ -407,8 +414,8 @@ def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
                            **_sharded(mesh, {"": (config, params)}, None))
             _save(workdir, "teacher", {"": (config, params)}, None)
             _finished(workdir, "teacher")
-        return _load(path)[1]
-    return _load(Path(exp.teacher))[1]
+        return _load(path, mesh)[1]
+    return _load(Path(exp.teacher), mesh)[1]
 
 
 def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "documents") -> None:
@@ -621,7 +628,8 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
     t_config, mesh, tokenizer = inputs.t_config, inputs.mesh, inputs.tokenizer
     t_params = _teacher(exp, t_config, workdir, mesh, inputs.rows)
     teacher = build(t_config)
-    t_params = jax.device_put(t_params)
+    if mesh is None:
+        t_params = jax.device_put(t_params)
     if exp.generation_prompts:
         _say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
         data.generate_data(Model(t_config, t_params, inputs.codec.tokenizer), exp.generation_prompts,
@@ -643,8 +651,12 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
             _say(f"{name}: KL(teacher ‖ model) {evals[name]['kl']:.4f}, perplexity {evals[name]['perplexity']:.2f}")
 
     evaluate("teacher", t_config, t_params)
-    students = {name: (config, init_hybrid(t_config, t_params, config, jax.random.key(exp.seed))[0])
+    from zebrax.sharding import gather
+
+    host_teacher = gather(t_params) if mesh is not None else t_params  # the initialisations read host arrays
+    students = {name: (config, init_hybrid(t_config, host_teacher, config, jax.random.key(exp.seed))[0])
                 for name, config in inputs.students.items()}
+    del host_teacher
 
     if not (workdir / "ild").exists():
         _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
@@ -654,7 +666,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
                        tokens_of=_real_tokens, **_sharded(mesh, students, (t_config, t_params)))
         _save(workdir, "ild", {n: (students[n][0], params[n]) for n in students}, tokenizer)
         _finished(workdir, "ild")
-    ild = {n: _load(workdir / "ild" / n) for n in students}
+    ild = {n: _load(workdir / "ild" / n, mesh) for n in students}
 
     if not (workdir / "smart.json").exists():
         _say(f"SMART: scoring {t_config.num_hidden_layers} layers")
@@ -667,7 +679,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
     evaluate("initialised", *assemble(students["mla"], students["mamba2"], mla_layers))
     if not (workdir / "hybrid").exists():
         _save(workdir, "hybrid", {"": assemble(ild["mla"], ild["mamba2"], mla_layers)}, tokenizer)
-    h_config, h_params = _load(workdir / "hybrid")
+    h_config, h_params = _load(workdir / "hybrid", mesh)
     _say(f"hybrid: layers {h_config.layer_map()} (L MLA, S Mamba2)")
     evaluate("after_ild", h_config, h_params)
 
@@ -684,13 +696,13 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
                        **_sharded(mesh, {"": (h_config, h_params)}, None if stored else (t_config, t_params)))
         _save(workdir, "kd", {"": (h_config, params)}, tokenizer)
         _finished(workdir, "kd")
-    kd_params = _load(workdir / "kd")[1]
+    kd_params = _load(workdir / "kd", mesh)[1]
     evaluate("after_kd", h_config, kd_params)
 
     if exp.preferences:
         if not (workdir / "dpo").exists():
             _say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
-            reference = jax.device_put(kd_params)
+            reference = kd_params if mesh is not None else jax.device_put(kd_params)
             params = train("dpo", stage_objective(exp, "dpo", t_config, {"": h_config}), kd_params,
                            reference,
                            data.batches(inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
@@ -698,5 +710,5 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
                            **_sharded(mesh, {"": (h_config, kd_params)}, (h_config, kd_params)))
             _save(workdir, "dpo", {"": (h_config, params)}, tokenizer)
             _finished(workdir, "dpo")
-        evaluate("after_dpo", h_config, _load(workdir / "dpo")[1])
+        evaluate("after_dpo", h_config, _load(workdir / "dpo", mesh)[1])
     return evals

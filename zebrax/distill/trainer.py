@@ -244,8 +244,8 @@ def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mes
     from zebrax.sharding import global_batch, place, replicated
 
     p_sh, f_sh = shardings
-    params = place(jax.device_get(params), p_sh)
-    frozen = None if frozen is None else place(jax.device_get(frozen), f_sh)
+    params = place(params, p_sh)  # a copy: the step donates its inputs, the caller keeps ``params``
+    frozen = None if frozen is None else place(frozen, f_sh)
     o_sh = state_shardings(optimizer, params, p_sh, mesh)
     step = make_step(objective, optimizer, accumulate, (p_sh, o_sh, f_sh, replicated(mesh)))
     return params, jax.jit(optimizer.init, out_shardings=o_sh)(params), frozen, step, lambda b: global_batch(b, mesh)
