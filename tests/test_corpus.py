@@ -159,7 +159,7 @@ def test_stored_teacher_logits_are_the_teachers_top_k(tmp_path):
     np.testing.assert_array_equal(rows["teacher_topk_indices"], indices)
     with pytest.raises(DataError, match="holds no teacher logits"):
         corpus.tokenize([PROMPTS], tmp_path / "d", ByteCodec(), 32)
-        corpus.Corpus(tmp_path / "d", teacher_topk=True)
+        corpus.Corpus(tmp_path / "d").with_teacher_topk()
 
 
 @pytest.mark.end_to_end

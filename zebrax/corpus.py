@@ -16,6 +16,7 @@ logits).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -126,15 +127,10 @@ def tokenize(files: Sequence[str | os.PathLike], out: str | os.PathLike, codec, 
         if not counts["rows"]:
             raise DataError(f"tokenize: {', '.join(map(str, files))} hold no records")
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "seq_len": seq_len, "packed": pack,
-                    "fields": list(fields), **counts, "vocab_size": codec_vocab_size(codec), "tokenizer": tokenizer,
+                    "fields": list(fields), **counts, "vocab_size": codec.vocab_size, "tokenizer": tokenizer,
                     "sources": {str(f): data.sha256(f) for f in files}, "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {**manifest, "seconds": time.perf_counter() - start}
-
-
-def codec_vocab_size(codec) -> int:
-    tok = getattr(codec, "tokenizer", None)
-    return len(tok) if tok is not None else codec.vocab_size
 
 
 def _source(path: Path, files: list[str]):
@@ -149,10 +145,10 @@ def _source(path: Path, files: list[str]):
 class Corpus:
     """A tokenized corpus, read by row: ``len(corpus)``, ``corpus[i]`` → ``{field: [L]}`` (``bool`` masks), read from
     its shard when asked; ``take(indices)`` stacks some rows ``{field: [N, L]}``; ``subset(indices)`` a view of some
-    rows (``data.split``'s parts). ``teacher_topk``: rows carry the stored teacher logits too
+    rows (``data.split``'s parts); ``with_teacher_topk()`` the rows with the stored teacher logits too
     (``data.TOPK_FIELDS``, ``[L, k]``)."""
 
-    def __init__(self, path: str | os.PathLike, *, teacher_topk: bool = False, _view=None):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         manifest_file = self.path / MANIFEST
         try:
@@ -166,14 +162,15 @@ class Corpus:
                             f"(make it with `zebrax tokenize`)")
         self.seq_len, self.packed = int(self.manifest["seq_len"]), bool(self.manifest["packed"])
         self.fields = tuple(self.manifest["fields"])
-        if teacher_topk and TOPK not in self.manifest:
-            raise DataError(f"{self.path}: holds no teacher logits (make them with `zebrax teacher-logits`)")
-        self.teacher_topk = teacher_topk
-        if _view is None:
-            rows = _source(self.path, [s["file"] for s in self.manifest["shards"]])
-            topk = _source(self.path, self.manifest[TOPK]["files"]) if teacher_topk else None
-            _view = (rows, topk, np.arange(len(rows)))
-        self._rows, self._topk, self.indices = _view
+        self._rows = _source(self.path, [s["file"] for s in self.manifest["shards"]])
+        self._topk = None
+        self.indices = np.arange(len(self._rows))
+
+    def _view(self, **changes) -> Corpus:
+        """This corpus with some of its state replaced; the manifest and the open shards are shared."""
+        view = copy.copy(self)
+        view.__dict__.update(changes)
+        return view
 
     @property
     def topk(self) -> int:
@@ -203,13 +200,13 @@ class Corpus:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def subset(self, indices) -> Corpus:
-        return Corpus(self.path, teacher_topk=self.teacher_topk,
-                      _view=(self._rows, self._topk, self.indices[np.asarray(indices)]))
+        return self._view(indices=self.indices[np.asarray(indices)])
 
     def with_teacher_topk(self) -> Corpus:
         """The same rows, carrying the stored teacher logits."""
-        view = Corpus(self.path, teacher_topk=True)
-        return Corpus(self.path, teacher_topk=True, _view=(view._rows, view._topk, self.indices))
+        if TOPK not in self.manifest:
+            raise DataError(f"{self.path}: holds no teacher logits (make them with `zebrax teacher-logits`)")
+        return self._view(_topk=_source(self.path, self.manifest[TOPK]["files"]))
 
 
 def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teacher: str = "",

@@ -65,6 +65,7 @@ class TokenizerCodec:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)  # added tokens included
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])

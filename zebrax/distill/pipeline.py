@@ -421,13 +421,17 @@ def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
 def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "documents") -> None:
     """``counts`` ``[N]``: the loss tokens of each of ``what``'s documents (or pairs). DataError when none counts
     any; a warning when some do not."""
-    none = int(np.sum(counts == 0))
-    if none == len(counts):
-        raise data.DataError(f"{what}: none of its {len(counts)} {noun} counts a loss token once cut to "
+    _check_none_counted(int(np.sum(counts == 0)), len(counts), what, seq_len, noun)
+
+
+def _check_none_counted(none: int, total: int, what: str, seq_len: int, noun: str = "documents") -> None:
+    """``none`` of ``what``'s ``total`` documents count a loss token: ``_check_counted`` from the counts alone."""
+    if none == total:
+        raise data.DataError(f"{what}: none of its {total} {noun} counts a loss token once cut to "
                              f"distill.seq_len = {seq_len} (a chat record counts its last reply only: each is cut "
                              f"off, or empty); raise distill.seq_len or shorten the prompts")
     if none:
-        warn(f"{what}: {none} of its {len(counts)} {noun} count no loss token once cut to distill.seq_len = "
+        warn(f"{what}: {none} of its {total} {noun} count no loss token once cut to distill.seq_len = "
              f"{seq_len} (their replies are cut off, or empty); they add nothing to the loss")
 
 
@@ -441,14 +445,12 @@ def _documents(exp: Experiment, codec, files: tuple[str, ...]):
         rows = corpus.Corpus(files[0])
         m = rows.manifest
         for what, theirs, ours in (("seq_len", rows.seq_len, exp.seq_len), ("pack", rows.packed, exp.pack),
-                                   ("the vocabulary size", m["vocab_size"], corpus.codec_vocab_size(codec))):
+                                   ("the vocabulary size", m["vocab_size"], codec.vocab_size)):
             if theirs != ours:
                 raise ConfigError(f"distill.data: {files[0]} was tokenized with {what} {theirs!r}, the run's is "
                                   f"{ours!r} (distill.{'seq_len' if what == 'seq_len' else 'pack'} or the teacher's "
                                   f"tokenizer); tokenize it again or change the setting")
-        counts = np.ones(m["documents"], int)
-        counts[:m["documents_counting_none"]] = 0
-        _check_counted(counts, f"distill.data ({files[0]})", exp.seq_len)
+        _check_none_counted(m["documents_counting_none"], m["documents"], f"distill.data ({files[0]})", exp.seq_len)
         return rows
     rows = data.load_rows(files, codec, exp.seq_len)
     _check_counted(data.counted(rows), f"distill.data ({', '.join(files)})", exp.seq_len)
