@@ -81,9 +81,14 @@ def test_batches_are_seeded_sharded_and_resume_from_their_state():
     assert [next(resumed)["tokens"][:, 0].tolist() for _ in range(6)] == rest
     assert sorted(sum(first + rest[:2], [])) == list(range(12))  # one epoch is every row once
     assert sum(first + rest[:2], []) != sum(rest[2:6], [])  # the next epoch is shuffled anew
-    for i in range(3):  # process i of 3 reads rows i, i + 3, …
-        got = next(data.batches(rows, 2, seed=0, process_index=i, process_count=3))["tokens"][:, 0]
-        assert set(got.tolist()) <= set(range(i, 12, 3))
+    # process i of 3 reads the i-th third of each global batch of one process: a run on 3 hosts trains on its rows
+    whole = data.batches(rows, 6, seed=0)
+    shares = [data.batches(rows, 6, seed=0, process_index=i, process_count=3) for i in range(3)]
+    for _ in range(3):
+        got = np.concatenate([next(share)["tokens"][:, 0] for share in shares])
+        assert got.tolist() == next(whole)["tokens"][:, 0].tolist()
+    with pytest.raises(data.DataError, match="a batch of 4 rows cannot be shared equally by 3 processes"):
+        data.batches(rows, 4, seed=0, process_count=3)
 
 
 @pytest.mark.parametrize("records, preference, message", [

@@ -19,6 +19,9 @@ import pytest
 from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
 from zebrax.cli import main
+from zebrax.distill.pipeline import Experiment
+from zebrax.distill.trainer import TrainConfig
+from zebrax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.gin")
@@ -200,6 +203,19 @@ def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, bind
     code, err = distill_cli(capsys, tmp_path / "w", binding)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "w").exists()
+
+
+def test_micro_batches_a_mesh_cannot_split_are_refused_naming_the_stage():
+    """Rows are split over the mesh's (data, fsdp) devices: a stage whose micro-batches they do not divide is a
+    ConfigError naming its batch size, accumulation and the mesh (it was an IndivisibleError from inside JAX at the
+    stage's first step)."""
+    from zebrax.distill.pipeline import _check_rows_divide
+
+    exp = Experiment(mesh={"fsdp": 4}, kd=TrainConfig(batch_size=12, accumulate=2))
+    _check_rows_divide(exp, 2)
+    with pytest.raises(ConfigError, match=r"kd/TrainConfig.batch_size = 12 \(accumulate 2\): micro-batches of 6 "
+                                          r"rows, which distill.mesh = \{'fsdp': 4\} cannot split over its 4 row"):
+        _check_rows_divide(exp, 4)
 
 
 def test_rows_that_count_no_token_are_refused_before_any_work(tmp_path, capsys):

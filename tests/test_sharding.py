@@ -100,6 +100,76 @@ def test_a_sharded_run_on_8_devices_logs_the_single_device_losses(child_process,
     assert losses["2x2x2"] == pytest.approx(losses["one"], rel=1e-3), losses
 
 
+MODELS = r'''
+import json
+import jax, numpy as np
+from tests.helpers import MIXED, TEACHER, hybrid, random_model
+from zebrax import Model
+from zebrax.evaluate import evaluate
+from zebrax.init import init_hybrid
+from zebrax.models import abstract_params
+from zebrax.select import scores
+from zebrax.sharding import MeshConfig, make_mesh, param_shardings
+
+mesh = make_mesh(MeshConfig(fsdp=8))
+teacher = random_model(TEACHER, seed=2)
+t_sharded = Model(TEACHER, teacher.params, mesh=mesh)
+r = np.random.default_rng(0)
+tokens = r.integers(0, 97, (8, 24)).astype(np.int32)
+rows = {"tokens": tokens, "token_mask": np.ones(tokens.shape, bool), "loss_mask": r.random(tokens.shape) < 0.8}
+out, whole = {}, []
+
+
+def check_whole(name, params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if leaf.nbytes > 4096 and max(s.data.nbytes for s in leaf.addressable_shards) == leaf.nbytes:
+            whole.append(name + jax.tree_util.keystr(path))
+
+
+def diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)) / (1 + np.abs(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+students = {}
+for name, config in (("mixed", MIXED), ("mla", hybrid([0, 1, 2, 3, 4])), ("mamba2", hybrid([]))):
+    host = init_hybrid(TEACHER, jax.device_get(teacher.params), config, jax.random.key(0))[0]
+    sharded = init_hybrid(TEACHER, t_sharded.params, config, jax.random.key(0),
+                          param_shardings(config, abstract_params(config), mesh))[0]
+    check_whole("init " + name, sharded)
+    out["init " + name] = diff(jax.device_get(sharded), host)
+    students[name] = (Model(config, host), Model(config, sharded, mesh=mesh))
+one, eight = students["mixed"]
+check_whole("model", eight.params)
+out["logits"] = diff(eight.logits(tokens), one.logits(tokens))
+out["generate"] = int(np.any(eight.generate(tokens[:, :8], max_new_tokens=6, ignore_eos=True)
+                             != one.generate(tokens[:, :8], max_new_tokens=6, ignore_eos=True)))
+evals = [evaluate(m.module, m.params, rows, teacher=t.module, teacher_params=t.params, mesh=m.mesh)
+         for m, t in ((one, teacher), (eight, t_sharded))]
+out["evaluate"] = diff([evals[1]["kl"], evals[1]["perplexity"]], [evals[0]["kl"], evals[0]["perplexity"]])
+smart = [scores(t, students["mla"][i], students["mamba2"][i], tokens)["kl"] for i, t in ((0, teacher), (1, t_sharded))]
+out["smart"] = diff(smart[1], smart[0])
+print(json.dumps({"diff": out, "whole": whole}))
+'''
+
+
+def test_models_students_evaluation_and_smart_under_a_mesh_are_those_of_one_device(child_process):
+    """On 8 simulated devices (fsdp 8): the students made shard by shard from a sharded teacher equal those made
+    on the host (fp32, exactly), a ``Model`` with a mesh gives the logits (1e-4) and greedy tokens of one device, and
+    the evaluation and SMART's per-layer KL with a mesh are those without (1e-5); no parameter over 4 KiB is whole
+    on a device."""
+    proc = child_process.python("-c", MODELS, env=EIGHT_DEVICES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["whole"] == [], out["whole"]
+    # logits 1e-4: one device's own logits of these large random weights move 2.5e-5 between batch shapes
+    tolerance = {"init mixed": 0.0, "init mla": 0.0, "init mamba2": 0.0, "logits": 1e-4, "generate": 0,
+                 "evaluate": 1e-5, "smart": 1e-5}
+    assert out["diff"].keys() == tolerance.keys()
+    for name, d in out["diff"].items():
+        assert d <= tolerance[name], (name, d)
+
+
 KERNELS = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np
@@ -248,51 +318,78 @@ def test_a_slurm_job_joins_one_run_with_no_flags(child_process):
 PIPELINE = '''
 import json, sys
 from pathlib import Path
-import jax
 from zebrax.cli import main
-from zebrax.distill.pipeline import _load
-from zebrax.sharding import MeshConfig, make_mesh
 
-workdir, mesh_binding = Path(sys.argv[1]), sys.argv[2]
+workdir, mesh_binding, processes = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]  # processes: port, count, index
 args = ["distill", "--gin_file", "configs/experiments/tiny_cpu.gin", "--workdir", str(workdir)]
 for binding in ["teacher/TrainConfig.steps = 20", "ild/TrainConfig.steps = 4", "kd/TrainConfig.steps = 4",
                 "dpo/TrainConfig.steps = 2", *([mesh_binding] if mesh_binding else [])]:
     args += ["--gin_param", binding]
-assert main(args) == 0
+for stage in ("teacher", "ild", "kd", "dpo"):  # rows a mesh of 8 splits
+    args += ["--gin_param", f"{stage}/TrainConfig.batch_size = 8"]
+if processes:
+    args += ["--coordinator", f"localhost:{processes[0]}", "--num-processes", processes[1],
+             "--process-id", processes[2]]
+assert main(args) == 0  # joins the run first (jax.distributed), as a user's command does
+
+import jax
+from zebrax.distill.pipeline import _load
+from zebrax.sharding import MeshConfig, make_mesh
+
 whole = []  # leaves over 4 KiB that a device holds whole, restored as the run restores them
-mesh = make_mesh(MeshConfig(fsdp=len(jax.devices()))) if mesh_binding else None
+mesh = make_mesh(MeshConfig(fsdp=jax.device_count())) if mesh_binding else None
 for stage in ("teacher", "ild/mla", "ild/mamba2", "hybrid", "kd", "dpo"):
     for path, leaf in jax.tree_util.tree_leaves_with_path(_load(workdir / stage, mesh)[1]):
-        leaf = jax.device_put(leaf)  # a host array (no mesh) on the device
+        leaf = leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf)  # a host array (no mesh) on the device
         if leaf.nbytes > 4096 and max(s.data.nbytes for s in leaf.addressable_shards) == leaf.nbytes:
             whole.append(stage + jax.tree_util.keystr(path))
-print(json.dumps({"whole": whole, "devices": len(jax.devices())}))
+print(json.dumps({"whole": whole, "devices": jax.device_count(), "processes": jax.process_count()}))
 '''
 
 
-def test_the_tiny_pipeline_on_four_devices_is_the_pipeline_on_one(child_process, tmp_path):
-    """The tiny experiment (short) with ``distill.mesh = {'fsdp': 4}`` on 4 simulated CPU devices: the losses of one
-    device (1e-5 relative), the same SMART choice and evaluation (1e-5), and every stage output restored into its
-    shardings, no leaf over 4 KiB whole on a device (on one device every such leaf is whole: the check can fail)."""
+def test_the_tiny_pipeline_on_eight_devices_and_on_two_processes_is_the_pipeline_on_one(child_process, tmp_path):
+    """The tiny experiment (short: teacher, ILD, SMART, KD, DPO, eval) with ``distill.mesh = {'fsdp': 8}`` on 8
+    simulated CPU devices, and on 2 processes × 4 devices (``--coordinator``, ``--num-processes``, ``--process-id``):
+    the losses of one device (1e-5 relative), the same SMART choice and evaluation (1e-5), and every stage output —
+    written by each process, its own shards — restored into its shardings with no leaf over 4 KiB whole on a device
+    (on one device every such leaf is whole: the check can fail)."""
+    import socket
+
+    def results(name, outs):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        logged = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
+        return ([json.loads(out.split("\n")[-2]) for out in outs], logged,
+                json.loads((tmp_path / name / "smart.json").read_text()),
+                json.loads((tmp_path / name / "eval.json").read_text()))
+
     def run(name, binding, devices):
         out = child_process.python("-c", PIPELINE, tmp_path / name, binding,
                                    env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
         assert out.returncode == 0, out.stderr[-3000:]
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        logged = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
-        smart = json.loads((tmp_path / name / "smart.json").read_text())
-        return json.loads(out.stdout.split("\n")[-2]), logged, smart, json.loads(
-            (tmp_path / name / "eval.json").read_text())
+        return results(name, [out.stdout])
+
+    def run_two(name, binding):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        procs = [child_process.python("-c", PIPELINE, tmp_path / name, binding, port, 2, i, wait=False,
+                                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                 for i in range(2)]
+        outs = [p.communicate(timeout=1800) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+        return results(name, [o[0] for o in outs])
 
     one, logged_one, smart_one, eval_one = run("one", "", 1)
-    four, logged_four, smart_four, eval_four = run("four", "distill.mesh = {'fsdp': 4}", 4)
-    assert one["whole"] and four["devices"] == 4 and four["whole"] == [], four
-    assert len(logged_four) == len(logged_one)
-    for a, b in zip(logged_four, logged_one, strict=True):
-        assert a.keys() == b.keys() and a["step"] == b["step"] and a["stage"] == b["stage"]
-        for k in ("loss", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5), (a["stage"], a["step"], k)
-    assert smart_four["mla_layers"] == smart_one["mla_layers"]
-    for name in eval_one:
-        assert eval_four[name]["kl"] == pytest.approx(eval_one[name]["kl"], rel=1e-5, abs=1e-7), name
-        assert eval_four[name]["perplexity"] == pytest.approx(eval_one[name]["perplexity"], rel=1e-5), name
+    assert one[0]["whole"], one
+    for outs, logged, smart, evals in (run("eight", "distill.mesh = {'fsdp': 8}", 8),
+                                       run_two("two_by_four", "distill.mesh = {'fsdp': 8}")):
+        assert all(o["devices"] == 8 and o["whole"] == [] for o in outs), outs
+        assert len(logged) == len(logged_one)
+        for a, b in zip(logged, logged_one, strict=True):
+            assert a.keys() == b.keys() and a["step"] == b["step"] and a["stage"] == b["stage"]
+            for k in ("loss", "grad_norm"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (outs[0]["processes"], a["stage"], a["step"], k)
+        assert smart["mla_layers"] == smart_one["mla_layers"]
+        for name in eval_one:
+            assert evals[name]["kl"] == pytest.approx(eval_one[name]["kl"], rel=1e-5, abs=1e-7), name
+            assert evals[name]["perplexity"] == pytest.approx(eval_one[name]["perplexity"], rel=1e-5), name

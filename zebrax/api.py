@@ -29,11 +29,18 @@ class Model:
 
     ``impl`` picks the implementation of each op the model runs: one name for all (``"auto"``, ``"reference"``,
     ``"pallas"``) or one per op (``{"attention": "reference", "ssd": "chunked"}``; see ``zebrax.ops.Impls``).
+    ``mesh``: a ``jax.sharding.Mesh`` the parameters are sharded over by the rules of ``zebrax.sharding`` (global
+    arrays already sharded so are used as they lie, not copied); ``forward`` and ``logits`` then split their rows
+    over its (data, fsdp) axes.
     """
 
-    def __init__(self, config, params, tokenizer=None, *, impl: str | dict = "auto"):
-        self.config = config
-        self.params = jax.device_put(params)  # on the device once, not copied from the host on every call
+    def __init__(self, config, params, tokenizer=None, *, impl: str | dict = "auto", mesh=None):
+        from zebrax.sharding import param_shardings, place
+
+        self.config, self.mesh = config, mesh
+        # on the devices once, not copied from the host on every call
+        self.params = jax.device_put(params) if mesh is None else place(
+            params, param_shardings(config, params, mesh), copy=False)
         self.tokenizer = tokenizer
         self.module = build_module(config, impl)
         self._forward = jax.jit(lambda p, t, m: self.module.apply({"params": p}, t, token_mask=m)[0])
@@ -45,17 +52,28 @@ class Model:
         return cache_sizes(self.config)
 
     def logits(self, tokens, token_mask=None) -> np.ndarray:
-        """tokens int ``[B, L]`` → float32 logits ``[B, L, vocab]`` (one full forward pass)."""
-        tokens = self.check_tokens(tokens, "logits")
+        """tokens int ``[B, L]`` → float32 logits ``[B, L, vocab]`` (one full forward pass), on the host."""
+        from zebrax.sharding import gather
+
+        return np.asarray(gather(self.forward(tokens, token_mask, "logits")))
+
+    def forward(self, tokens, token_mask=None, where: str = "forward") -> jax.Array:
+        """``logits`` left on the devices: with a ``mesh``, a global array whose rows are split as ``tokens``'."""
+        from zebrax.sharding import place_rows
+
+        tokens = self.check_tokens(tokens, where)
         if token_mask is None:
             mask = np.ones(tokens.shape, bool)
         else:
             mask = np.asarray(token_mask)
             if mask.shape != tokens.shape or mask.dtype.kind not in "bi":
-                raise InvalidArgument(f"logits: token_mask must be a bool array of the tokens' shape {tokens.shape}, "
+                raise InvalidArgument(f"{where}: token_mask must be a bool array of the tokens' shape {tokens.shape}, "
                                       f"got {mask.dtype} {mask.shape}")
             mask = mask.astype(bool)
-        return np.asarray(self._forward(self.params, tokens, mask))
+        if self.mesh is not None:
+            placed = place_rows({"tokens": tokens, "mask": mask}, self.mesh)
+            tokens, mask = placed["tokens"], placed["mask"]
+        return self._forward(self.params, tokens, mask)
 
     def check_tokens(self, tokens, where: str) -> np.ndarray:
         """``tokens`` as int32 ``[B, L]`` after checking, on the host, that every id is an integer in the
@@ -239,13 +257,18 @@ def load_tokenizer(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None, impl: str | dict = "auto") -> Model:
-    """Load a zebrax checkpoint. ``dtype`` overrides the compute and parameter dtype."""
+def load(path: str | os.PathLike, *, dtype: str | None = None, impl: str | dict = "auto", mesh=None) -> Model:
+    """Load a zebrax checkpoint. ``dtype`` overrides the compute and parameter dtype. ``mesh``: the parameters are
+    restored straight into their shardings over it (each process reads the shards its devices hold; ``Model``)."""
+    from zebrax.models import abstract_params
+    from zebrax.sharding import param_shardings
+
     path = Path(path)
     config = checkpoint.load_config(path)
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
-    return Model(config, checkpoint.load_params(path, config), load_tokenizer(path), impl=impl)
+    shardings = None if mesh is None else param_shardings(config, abstract_params(config), mesh)
+    return Model(config, checkpoint.load_params(path, config, shardings), load_tokenizer(path), impl=impl, mesh=mesh)
 
 
 def build(

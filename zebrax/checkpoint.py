@@ -207,6 +207,43 @@ def atomic_directory(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_directory_of_all(dst: str | os.PathLike, *, what: str = "zebrax checkpoint"):
+    """``atomic_directory`` for every process of a multi-host run: process 0 makes the temporary directory (on a
+    filesystem every host sees) and commits it; every process writes its part into it in the block (orbax: the
+    shards of each array that its devices hold), and the commit waits for all. One process: ``atomic_directory``."""
+    import jax
+
+    from zebrax.sharding import broadcast_text, sync
+
+    if jax.process_count() == 1:
+        with atomic_directory(dst, what=what) as tmp:
+            yield tmp
+        return
+    if jax.process_index() != 0:
+        shared = broadcast_text(None)
+        if shared is None:
+            raise CheckpointError(f"{dst}: process 0 could not start writing it (its error says why)")
+        yield Path(shared)
+        sync(f"written {dst}")
+        if broadcast_text(None) is None:
+            raise CheckpointError(f"{dst}: process 0 could not commit it (its error says why)")
+        return
+    stage = "start"
+    try:
+        with atomic_directory(dst, what=what) as tmp:
+            broadcast_text(str(tmp))
+            stage = "write"
+            yield tmp
+            sync(f"written {dst}")
+            stage = "commit"
+    except BaseException:
+        if stage != "write":  # the others wait for word of the start or of the commit
+            broadcast_text(None)
+        raise
+    broadcast_text("committed")
+
+
 def remove_leftovers(settle_s: float = 3.0) -> None:
     """Remove this process's temporaries that a background writer recreated after their cleanup (orbax's commit
     threads outlive an interrupted save): retried until they stay gone for ``settle_s``. Called by the command line
@@ -289,12 +326,19 @@ def _native_output_held(replay: bool = True):
 
 def save(directory: Path, config, params: dict) -> None:
     """Write config and params into ``directory`` (normally the one ``atomic_directory`` yields), then read
-    the parameter metadata back: a write that cannot be restored is an error, not a success."""
+    the parameter metadata back: a write that cannot be restored is an error, not a success. In a multi-host run
+    every process calls it (``atomic_directory_of_all``): each writes the shards its devices hold of the global
+    arrays ``params``, none gathers a whole array, and process 0 writes config.json."""
+    import jax
+
+    from zebrax.sharding import sync
+
     directory = Path(directory).absolute()
     check_writable_path(directory)
-    (directory / "config.json").write_text(
-        json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}, indent=2)
-    )
+    if jax.process_index() == 0:
+        (directory / "config.json").write_text(
+            json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict()}, indent=2)
+        )
     try:
         with _native_output_held():
             checkpointer = _ocp().StandardCheckpointer()
@@ -305,6 +349,7 @@ def save(directory: Path, config, params: dict) -> None:
         text = str(e).strip().splitlines()
         raise CheckpointError(f"{directory / 'params'}: cannot write parameters "
                               f"({text[0] if text else type(e).__name__})") from None
+    sync(f"saved {directory}")
     expected = {path: (tuple(np.shape(x)), np.dtype(x.dtype)) for path, x in _flat(params).items()}
     try:
         problems = _compare_params(directory / "params", expected, dtypes=True)
@@ -432,5 +477,6 @@ def tokenizer_dir(path: str | os.PathLike) -> Path | None:
     return d if d.is_dir() else None
 
 
-__all__ = ["atomic_directory", "save", "load_config", "load_params", "is_checkpoint", "is_replaceable", "tokenizer_dir",
+__all__ = ["atomic_directory", "atomic_directory_of_all",
+           "save", "load_config", "load_params", "is_checkpoint", "is_replaceable", "tokenizer_dir",
            "sweep_stale", "rename_noreplace", "check_writable_path"]

@@ -304,19 +304,31 @@ def split(rows, ratios: Sequence[float], seed: int) -> list:
 
 
 def batches(rows, batch_size: int, seed: int, *, process_index: int = 0, process_count: int = 1):
-    """An endless grain iterator of ``{field: [batch_size, L]}``: this process's share of the rows, shuffled from
-    ``seed`` anew each epoch. ``rows``: stacked rows ``{field: [N, L]}``, or a ``corpus.Corpus`` (each row read from
-    its shard when a batch needs it). ``iterator.get_state()`` / ``set_state()`` save and restore its position."""
+    """An endless grain iterator of this process's rows of each global batch of ``batch_size`` rows: the rows
+    shuffled from ``seed`` anew each epoch and cut into global batches, of which process ``i`` of ``n`` reads rows
+    ``i·b/n … (i+1)·b/n`` (``{field: [b/n, L]}``). The global batches are those of one process whatever the
+    number: a run on several hosts trains on the rows one host would. ``rows``: stacked rows ``{field: [N, L]}``,
+    or a ``corpus.Corpus`` (each row read from its shard when a batch needs it). ``iterator.get_state()`` /
+    ``set_state()`` save and restore its position."""
     import grain
 
     n = _rows_in(rows)
-    if n < process_count:
-        raise DataError(f"batches: {n} documents cannot be shared by {process_count} processes")
-    ds = grain.MapDataset.range(n)[process_index::process_count].shuffle(seed=seed).repeat(None)
-    get = (lambda i: {k: v[i] for k, v in rows.items()}) if isinstance(rows, dict) else rows.__getitem__  # noqa: E731
-    ds = ds.map(get).batch(batch_size, drop_remainder=True)
+    if batch_size % process_count:
+        raise DataError(f"batches: a batch of {batch_size} rows cannot be shared equally by {process_count} processes")
+    share = batch_size // process_count
+    ours = slice(process_index * share, (process_index + 1) * share)
+    if isinstance(rows, dict):
+        get = lambda idx: {k: v[idx[ours]] for k, v in rows.items()}  # noqa: E731
+    else:
+        get = lambda idx: {k: np.stack(v) for k, v in _fields([rows[int(i)] for i in idx[ours]]).items()}  # noqa: E731
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True).map(get)
     # a few batches read ahead by a few threads: host memory stays a few batches whatever the corpus
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
+
+
+def _fields(rows: list[dict]) -> dict[str, list]:
+    """``[{field: value}]`` → ``{field: [value, …]}``."""
+    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 # -- teacher-made data ------------------------------------------------------------------------------

@@ -71,27 +71,35 @@ def _batches(rows, batch_size: int):
 
 
 def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_size: int = 8,
-             progress: bool = False, source: str = "the rows") -> dict:
+             progress: bool = False, source: str = "the rows", mesh=None) -> dict:
     """``{"perplexity", "nll", "predicted_tokens", "rows"}`` of ``model`` (a ``DecoderLM``) on ``rows`` (stacked
     ``{field: [N, L]}`` arrays, or any iterable of single ``{field: [L]}`` rows, consumed as it streams; packed rows
     with ``segment_ids``, each document apart), and with a
     ``teacher`` also ``{"kl", "tokens"}``: KL(teacher ‖ model) per counted position. Float32 sums over every row, in
     batches of ``batch_size``, divided by their counts. ``progress``: a progress bar on stderr. Rows in which no
     token is predicted are a ``DataError`` naming ``source`` (what the rows were read from), never a perplexity
-    of 1."""
+    of 1. ``mesh``: the one ``params`` (and ``teacher_params``) are sharded over; each batch's rows are split over
+    its (data, fsdp) axes (``batch_size`` rounded up to a multiple of their size), so no device runs a whole
+    batch or holds a whole model."""
     from tqdm import tqdm
+
+    from zebrax.sharding import place_rows, row_shards
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InvalidArgument(f"evaluate: batch_size={batch_size!r} must be an integer >= 1")
+    if mesh is not None:
+        batch_size = -(-batch_size // row_shards(mesh)) * row_shards(mesh)
     sums = batch_sums(model, teacher)
     total = len(rows["tokens"]) if isinstance(rows, dict) else None
     totals: dict[str, float] = {"rows": 0}
     with tqdm(total=total, desc="evaluate", unit="row", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         for part, real in _batches(rows, batch_size):
-            segments = part.get("segment_ids")
-            out = sums(params, teacher_params, part["tokens"].astype(np.int32), part["token_mask"].astype(bool),
-                       part["loss_mask"].astype(bool), None if segments is None else segments.astype(np.int32))
+            part = {k: v.astype(np.int32 if k in ("tokens", "segment_ids") else bool) for k, v in part.items()}
+            if mesh is not None:
+                part = place_rows(part, mesh)
+            out = sums(params, teacher_params, part["tokens"], part["token_mask"], part["loss_mask"],
+                       part.get("segment_ids"))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             totals["rows"] += real

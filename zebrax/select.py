@@ -22,7 +22,6 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from zebrax.config import HybridConfig
@@ -31,6 +30,7 @@ from zebrax.errors import InvalidArgument
 from zebrax.init.assemble import check_students
 from zebrax.models.decoder import Block, embed_tokens, lm_head, make_slots
 from zebrax.ops import Impls
+from zebrax.sharding import place_rows
 
 
 class SwapLM(nn.Module):
@@ -76,7 +76,8 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
     """SMART scores of every layer on ``tokens`` ``[N, L]`` (``zebrax.Model``s; the students hybrids of one teacher
     shape, all-MLA and all-Mamba2). Returns ``kl_all_mamba2``, ``kl`` (per layer), ``scores``, ``seconds``,
     ``compilations`` (of the student program; 1 unless shapes change). The students must agree on every setting
-    outside their mixers (``init.assemble.check_students``)."""
+    outside their mixers (``init.assemble.check_students``). Models with a ``mesh`` (one, the same) score with their
+    parameters as they are sharded and the rows split over it: no device holds a whole model or all the logits."""
     check_students(mla_student.config, mamba_student.config, "select")
     tokens = teacher.check_tokens(tokens, "select")
     start = time.perf_counter()
@@ -89,8 +90,10 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
         return kl(*args)
 
     kl_of = jax.jit(kl_of)
-    teacher_logits = jnp.asarray(teacher.logits(tokens))
-    kls = [float(kl_of(params, tokens, teacher_logits, jnp.int32(swap)))
+    teacher_logits = teacher.forward(tokens, where="select")  # on the devices, rows split as the tokens' below
+    if mamba_student.mesh is not None:
+        tokens = place_rows({"tokens": tokens}, mamba_student.mesh)["tokens"]
+    kls = [float(kl_of(params, tokens, teacher_logits, np.int32(swap)))
            for swap in range(-1, mamba_student.config.num_hidden_layers)]
     return {"kl_all_mamba2": kls[0], "kl": kls[1:], "scores": [kls[0] - k for k in kls[1:]],
             "seconds": round(time.perf_counter() - start, 2), "compilations": len(traces),

@@ -102,16 +102,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def place(tree, shardings):
-    """Host arrays (the same on every process), or global arrays, → new global arrays with ``shardings``: each
-    process fills the shards its devices hold from host arrays, and global arrays are resharded on the devices
-    (copied, never aliased: a training step may donate the result), so no tree is ever whole on one device."""
+def place(tree, shardings, *, copy: bool = True):
+    """Host arrays (the same on every process), or global arrays, → global arrays with ``shardings``: each process
+    fills the shards its devices hold from host arrays, and global arrays are resharded on the devices, so no tree
+    is ever whole on one device. ``copy``: global arrays are copied even where they already lie as asked (a training
+    step may donate the result); without it such an array is returned as it is."""
     def one(x, s):
         if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:  # a global array
-            return jax.device_put(x, s, may_alias=False)
+            return jax.device_put(x, s, may_alias=not copy)
         return jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def row_shards(mesh: Mesh) -> int:
+    """How many parts rows are split into (``data`` × ``fsdp``)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
+def place_rows(rows: dict, mesh: Mesh) -> dict:
+    """Host rows ``{field: [N, …]}`` (the same on every process) → global arrays: the rows split over (data, fsdp)
+    where their number divides, else whole on every device."""
+    def sharding(v):
+        return batch_sharding(mesh, np.ndim(v)) if np.shape(v)[0] % row_shards(mesh) == 0 else replicated(mesh)
+
+    return place(rows, {k: sharding(v) for k, v in rows.items()})
 
 
 def gather(tree):
@@ -121,6 +136,31 @@ def gather(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def sync(tag: str) -> None:
+    """Every process of a multi-host run reaches this point before any goes on (files written by process 0 are then
+    there for all); nothing with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)
+
+
+def broadcast_text(text: str | None, limit: int = 4096) -> str | None:
+    """Process 0's ``text`` on every process (None stays None); with one process, ``text``."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    raw = np.zeros(limit + 1, np.uint8)
+    if text is not None and jax.process_index() == 0:
+        encoded = text.encode()
+        if len(encoded) > limit:
+            raise ValueError(f"broadcast_text: {len(encoded)} bytes, more than {limit}")
+        raw[0], raw[1:1 + len(encoded)] = 1, np.frombuffer(encoded, np.uint8)
+    raw = np.asarray(multihost_utils.broadcast_one_to_all(raw))
+    return bytes(raw[1:]).rstrip(b"\0").decode() if raw[0] else None
 
 
 def detected_cluster() -> str | None:

@@ -49,7 +49,7 @@ from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
 from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings, train
 from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
 from zebrax.models.decoder import REMAT_POLICIES
-from zebrax.sharding import MeshConfig, make_mesh
+from zebrax.sharding import MeshConfig, make_mesh, row_shards, sync
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
 # trained on the run's data (``Experiment.tiny_teacher``) so that it has distributions worth distilling
@@ -208,15 +208,6 @@ def _say(text: str) -> None:
     print(f"[zebrax distill] {text}", file=sys.stderr, flush=True)
 
 
-def _sync(tag: str) -> None:
-    """Every process of a multi-host run reaches this point before any goes on (files written by process 0 are
-    then there for all)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(tag)
-
-
 def _lock(workdir: Path) -> int:
     """An exclusive ``flock`` on ``WORKDIR/.lock``, the file naming this process; ConfigError naming the process
     that holds it. The lock ends with the descriptor, or with the process however it ends (``kill -9`` too)."""
@@ -271,15 +262,15 @@ def _claimed(workdir: Path, exp: Experiment, hashes: dict[str, str]):
     """The work directory, held (``locked``) for the block: it holds this experiment made from the same data, or
     is new; anything else is refused and left untouched. Every process decides from the directory as it was;
     process 0 decides again once it holds the lock, and writes the records."""
-    _sync("claim")
+    sync("claim")
     _check_claim(workdir, exp, hashes)
-    _sync("claimed")
+    sync("claimed")
     with locked(workdir):
         if jax.process_index() == 0:
             if _check_claim(workdir, exp, hashes):
                 _write_text(workdir / RECORD, exp.to_json())
             _record_hashes(workdir, hashes)
-        _sync("recorded")
+        sync("recorded")
         yield
 
 
@@ -330,19 +321,15 @@ def _write_text(path: Path, text: str) -> None:
 
 def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
     """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself), written
-    by process 0 from the parameters gathered off every host."""
-    from zebrax.sharding import gather
-
-    models = {sub: (config, gather(params)) for sub, (config, params) in models.items()}
-    if jax.process_index() == 0:
-        with checkpoint.atomic_directory(workdir / name, what="stage output") as tmp:
-            for sub, (config, params) in models.items():
-                target = tmp / sub if sub else tmp
-                target.mkdir(exist_ok=True)
-                checkpoint.save(target, config, params)
-                if tokenizer is not None:
-                    shutil.copytree(tokenizer, target / "tokenizer")
-    _sync(f"saved {name}")
+    by every process, each the shards its devices hold (no host gathers a model)."""
+    with checkpoint.atomic_directory_of_all(workdir / name, what="stage output") as tmp:
+        for sub, (config, params) in models.items():
+            target = tmp / sub if sub else tmp
+            target.mkdir(exist_ok=True)
+            checkpoint.save(target, config, params)
+            if tokenizer is not None and jax.process_index() == 0:
+                shutil.copytree(tokenizer, target / "tokenizer")
+    sync(f"saved {name}")
 
 
 def _finished(workdir: Path, stage: str) -> None:
@@ -350,19 +337,24 @@ def _finished(workdir: Path, stage: str) -> None:
     jax.clear_caches()
     if jax.process_index() == 0:
         shutil.rmtree(workdir / "checkpoints" / stage, ignore_errors=True)
-    _sync(f"finished {stage}")
+    sync(f"finished {stage}")
+
+
+def _shardings(config, mesh):
+    """The ``NamedSharding`` tree of a model ``config`` over ``mesh`` (``sharding.param_shardings``); None without."""
+    if mesh is None:
+        return None
+    from zebrax.models import abstract_params
+    from zebrax.sharding import param_shardings
+
+    return param_shardings(config, abstract_params(config), mesh)
 
 
 def _load(path: Path, mesh=None) -> tuple:
     """(config, params) of a checkpoint; with a ``mesh``, the parameters restored straight into their shardings
-    (``sharding.param_shardings``): no device, and no host, holds a whole model."""
+    (``_shardings``): no device, and no host, holds a whole model."""
     config = checkpoint.load_config(path)
-    if mesh is None:
-        return config, checkpoint.load_params(path, config)
-    from zebrax.models import abstract_params
-    from zebrax.sharding import param_shardings
-
-    return config, checkpoint.load_params(path, config, param_shardings(config, abstract_params(config), mesh))
+    return config, checkpoint.load_params(path, config, _shardings(config, mesh))
 
 
 def _lm_objective(model):
@@ -594,7 +586,16 @@ def _prepare(exp: Experiment) -> _Inputs:
     with _about(exp, "num_mla"):
         place([0.0] * t_config.num_hidden_layers, exp.num_mla)  # SMART can place num_mla layers
     with _about(exp, "mesh"):
+        if jax.process_count() > 1 and not exp.mesh:
+            raise ConfigError(f"a run of {jax.process_count()} processes shards over a mesh of all their devices: "
+                              f"give one, e.g. {{'fsdp': -1}}")
         mesh = make_mesh(MeshConfig(**exp.mesh)) if exp.mesh else None
+    if mesh is not None:
+        _check_rows_divide(exp, row_shards(mesh))
+    if jax.process_count() > 1 and exp.generation_prompts and not _generated(exp):
+        raise ConfigError(f"distill.generation_prompts = {exp.generation_prompts!r}: the teacher answers prompts in "
+                          f"one process; run once without the other processes to write {exp.generated_data}, or "
+                          f"tokenize the replies into a corpus (zebrax tokenize)")
     pairs = _pairs(exp, codec) if exp.preferences else None
     files = (*exp.data, exp.generated_data) if exp.generation_prompts else exp.data
     rows = parts = None
@@ -605,6 +606,18 @@ def _prepare(exp: Experiment) -> _Inputs:
               for f in (*exp.data, *exp.preferences, exp.generation_prompts) if f}
     return _Inputs(t_config=t_config, codec=codec, tokenizer=tokenizer, students=students, mesh=mesh,
                    files=files, parts=parts, rows=rows, pairs=pairs, hashes=hashes)
+
+
+def _check_rows_divide(exp: Experiment, shards: int) -> None:
+    """ConfigError naming the stage whose micro-batches the mesh cannot split into ``shards`` equal parts of rows."""
+    stages = {"ild": exp.ild, "kd": exp.kd, **({"teacher": exp.tiny_teacher} if exp.teacher == "tiny" else {}),
+              **({"dpo": exp.dpo} if exp.preferences else {})}
+    for name, cfg in stages.items():
+        micro = cfg.batch_size // cfg.accumulate
+        if micro % shards:
+            raise ConfigError(f"{name}/TrainConfig.batch_size = {cfg.batch_size} (accumulate {cfg.accumulate}): "
+                              f"micro-batches of {micro} rows, which distill.mesh = {exp.mesh!r} cannot split over "
+                              f"its {shards} row shards (data × fsdp); make it a multiple of {shards}")
 
 
 def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None = None) -> dict:
@@ -634,7 +647,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
         t_params = jax.device_put(t_params)
     if exp.generation_prompts:
         _say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
-        data.generate_data(Model(t_config, t_params, inputs.codec.tokenizer), exp.generation_prompts,
+        data.generate_data(Model(t_config, t_params, inputs.codec.tokenizer, mesh=mesh), exp.generation_prompts,
                            exp.generated_data, **exp.generation)
         if jax.process_index() == 0:
             _record_hashes(workdir, {exp.generated_data: data.sha256(exp.generated_data)})
@@ -648,17 +661,14 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
 
     def evaluate(name: str, config, params) -> None:
         if name not in evals:
-            evals[name] = measure(build(config), params, held, teacher=teacher, teacher_params=t_params)
+            evals[name] = measure(build(config), params, held, teacher=teacher, teacher_params=t_params, mesh=mesh)
             _write_text(evals_path, json.dumps(evals, indent=2))
             _say(f"{name}: KL(teacher ‖ model) {evals[name]['kl']:.4f}, perplexity {evals[name]['perplexity']:.2f}")
 
     evaluate("teacher", t_config, t_params)
-    from zebrax.sharding import gather
-
-    host_teacher = gather(t_params) if mesh is not None else t_params  # the initialisations read host arrays
-    students = {name: (config, init_hybrid(t_config, host_teacher, config, jax.random.key(exp.seed))[0])
+    students = {name: (config, init_hybrid(t_config, t_params, config, jax.random.key(exp.seed),
+                                           _shardings(config, mesh))[0])
                 for name, config in inputs.students.items()}
-    del host_teacher
 
     if not (workdir / "ild").exists():
         _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
@@ -672,11 +682,12 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
 
     if not (workdir / "smart.json").exists():
         _say(f"SMART: scoring {t_config.num_hidden_layers} layers")
-        result = scores(Model(t_config, t_params), Model(*ild["mla"]), Model(*ild["mamba2"]),
+        result = scores(Model(t_config, t_params, mesh=mesh), Model(*ild["mla"], mesh=mesh),
+                        Model(*ild["mamba2"], mesh=mesh),
                         _calibration(held, exp.seq_len)[:exp.smart_rows or None])
         result["mla_layers"] = place(result["scores"], exp.num_mla)
         _write_text(workdir / "smart.json", json.dumps(result, indent=2))
-        _sync("smart")
+        sync("smart")
     mla_layers = json.loads((workdir / "smart.json").read_text())["mla_layers"]
     evaluate("initialised", *assemble(students["mla"], students["mamba2"], mla_layers))
     if not (workdir / "hybrid").exists():

@@ -7,7 +7,10 @@ layers from the attention weights, attention layers copied; MLPs, norms, embeddi
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from zebrax.config import HybridConfig, LlamaConfig
@@ -19,27 +22,42 @@ from zebrax.init.mla_svd import mla_from_attention
 __all__ = ["assemble", "init_hybrid", "mamba2_from_attention", "mla_from_attention"]
 
 
-def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: jax.Array) -> tuple[dict, dict]:
-    """(hybrid params in ``config.param_dtype``, report ``{"layers": [{layer, mixer, q/kv relative error}]}``)."""
+def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: jax.Array,
+                shardings: dict | None = None) -> tuple[dict, dict]:
+    """(hybrid params in ``config.param_dtype``, report ``{"layers": [{layer, mixer, q/kv relative error}]}``).
+
+    ``shardings``: the hybrid's ``NamedSharding`` tree (``sharding.param_shardings``), for a teacher of global arrays
+    over a mesh. The hybrid is then made shard by shard: what is copied is cast on the devices that hold it, and each
+    new mixer is computed from its layer's attention weights alone (gathered to the host one layer at a time) and
+    placed with ``jax.make_array_from_callback``, so no host holds a whole teacher or a whole student."""
     config.check_teacher(teacher)
     dtype = NP_DTYPES[config.param_dtype]
-    cast = lambda tree: jax.tree.map(lambda w: np.asarray(w, np.float32).astype(dtype), tree)  # noqa: E731
-    out = {name: cast(params[name]) for name in params if not name.startswith("layers_")}
+    if shardings is None:
+        host = lambda tree: tree  # noqa: E731
+        copy = made = lambda tree, _: jax.tree.map(lambda w: np.asarray(w, np.float32).astype(dtype), tree)  # noqa: E731
+    else:
+        from zebrax.sharding import gather, place
+
+        host = gather
+        copy = lambda tree, s: place(jax.tree.map(lambda w: w.astype(jnp.float32).astype(dtype), tree), s)  # noqa: E731
+        made = lambda tree, s: place(jax.tree.map(lambda w: np.asarray(w, np.float32).astype(dtype), tree), s)  # noqa: E731
+    at = lambda *path: None if shardings is None else functools.reduce(dict.__getitem__, path, shardings)  # noqa: E731
+    out = {name: copy(params[name], at(name)) for name in params if not name.startswith("layers_")}
     report = []
     keys = jax.random.split(key, config.num_hidden_layers)
     for i, mixer in enumerate(config.mixers):
-        layer = params[f"layers_{i}"]
-        new = {k: cast(v) for k, v in layer.items() if k != "self_attn"}
-        attention = layer["self_attn"]
+        name, layer = f"layers_{i}", params[f"layers_{i}"]
+        new = {k: copy(v, at(name, k)) for k, v in layer.items() if k != "self_attn"}
         row = {"layer": i, "mixer": mixer}
         if mixer == "attention":
-            new["self_attn"] = cast(attention)
+            new["self_attn"] = copy(layer["self_attn"], at(name, "self_attn"))
         elif mixer == "mla":
-            mla, errors = mla_from_attention(attention, config.attention, config.mla)
-            new["self_attn"] = cast(mla)
+            mla, errors = mla_from_attention(host(layer["self_attn"]), config.attention, config.mla)
+            new["self_attn"] = made(mla, at(name, "self_attn"))
             row.update(errors)
         else:
-            new["mixer"] = cast(mamba2_from_attention(attention, config.attention, config.mamba2, keys[i]))
-        out[f"layers_{i}"] = new
+            new["mixer"] = made(mamba2_from_attention(host(layer["self_attn"]), config.attention, config.mamba2,
+                                                      keys[i]), at(name, "mixer"))
+        out[name] = new
         report.append(row)
     return out, {"layers": report}
