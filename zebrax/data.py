@@ -317,18 +317,16 @@ def batches(rows, batch_size: int, seed: int, *, process_index: int = 0, process
         raise DataError(f"batches: a batch of {batch_size} rows cannot be shared equally by {process_count} processes")
     share = batch_size // process_count
     ours = slice(process_index * share, (process_index + 1) * share)
-    if isinstance(rows, dict):
-        get = lambda idx: {k: v[idx[ours]] for k, v in rows.items()}  # noqa: E731
-    else:
-        get = lambda idx: {k: np.stack(v) for k, v in _fields([rows[int(i)] for i in idx[ours]]).items()}  # noqa: E731
+
+    def get(batch: np.ndarray) -> dict:  # the global batch's row indices → this process's rows
+        if isinstance(rows, dict):
+            return {k: v[batch[ours]] for k, v in rows.items()}
+        read = [rows[int(i)] for i in batch[ours]]
+        return {k: np.stack([r[k] for r in read]) for k in read[0]}
+
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True).map(get)
     # a few batches read ahead by a few threads: host memory stays a few batches whatever the corpus
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
-
-
-def _fields(rows: list[dict]) -> dict[str, list]:
-    """``[{field: value}]`` → ``{field: [value, …]}``."""
-    return {k: [r[k] for r in rows] for k in rows[0]}
 
 
 # -- teacher-made data ------------------------------------------------------------------------------
