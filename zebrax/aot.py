@@ -311,9 +311,10 @@ def _rows(fields: dict, batch: int, length: int, mesh) -> dict:
 def _advice(exp, stage: str, mesh) -> list[str]:
     """What would lower a training step's memory a chip, most effective first."""
     from zebrax.models.decoder import remat_policy
+    from zebrax.sharding import row_shards
 
     cfg = getattr(exp, stage)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = row_shards(mesh)
     out = [] if remat_policy(exp.remat) == "full" else [
         "--remat (full): the students keep only each block's input for the backward pass"]
     if cfg.batch_size // cfg.accumulate > shards and cfg.batch_size % (2 * cfg.accumulate) == 0:

@@ -321,7 +321,8 @@ def _write_text(path: Path, text: str) -> None:
 
 def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
     """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself), written
-    by every process, each the shards its devices hold (no host gathers a model)."""
+    by every process, each the shards its devices hold (no host gathers a model); every process returns once it is
+    committed."""
     with checkpoint.atomic_directory_of_all(workdir / name, what="stage output") as tmp:
         for sub, (config, params) in models.items():
             target = tmp / sub if sub else tmp
@@ -329,7 +330,6 @@ def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | 
             checkpoint.save(target, config, params)
             if tokenizer is not None and jax.process_index() == 0:
                 shutil.copytree(tokenizer, target / "tokenizer")
-    sync(f"saved {name}")
 
 
 def _finished(workdir: Path, stage: str) -> None:
@@ -592,14 +592,15 @@ def _prepare(exp: Experiment) -> _Inputs:
         mesh = make_mesh(MeshConfig(**exp.mesh)) if exp.mesh else None
     if mesh is not None:
         _check_rows_divide(exp, row_shards(mesh))
-    if jax.process_count() > 1 and exp.generation_prompts and not _generated(exp):
+    answered = not exp.generation_prompts or _generated(exp)  # the teacher has replied to every prompt
+    if jax.process_count() > 1 and not answered:
         raise ConfigError(f"distill.generation_prompts = {exp.generation_prompts!r}: the teacher answers prompts in "
                           f"one process; run once without the other processes to write {exp.generated_data}, or "
                           f"tokenize the replies into a corpus (zebrax tokenize)")
     pairs = _pairs(exp, codec) if exp.preferences else None
     files = (*exp.data, exp.generated_data) if exp.generation_prompts else exp.data
     rows = parts = None
-    if not exp.generation_prompts or _generated(exp):
+    if answered:
         rows = _documents(exp, codec, files)
         parts = _parts(exp, rows, files)
     hashes = {f: data.sha256(Path(f) / corpus.MANIFEST if corpus.is_corpus(f) else f)
