@@ -28,8 +28,10 @@ DEEPSEEK = MLAConfig(d_model=48, n_heads=4, kv_groups=4, q_lora_rank=24, kv_lora
 @pytest.mark.parametrize("tpu_cache", [False, True], ids=["latent_width", "tpu_width"])
 @pytest.mark.parametrize("cfg", [ZEBRA, DEEPSEEK], ids=["zebra", "deepseek"])
 def test_absorbed_equals_materialised(cfg, tpu_cache, rng):
-    """fp32, 1e-5: over a whole sequence without a cache, and for one new token over a filled cache — also one
-    allocated as for a TPU, 128 columns wide with zeros after the latent (``LatentCache``)."""
+    """fp32, 1e-5 of the output's largest value (two summation orders of fp32 values up to 8: an AVX-512 Xeon's
+    differ by 1.2e-5 where an AVX2 EPYC's agree within 1e-5): over a whole sequence without a cache, and for one new
+    token over a filled cache — also one allocated as for a TPU, 128 columns wide with zeros after the latent
+    (``LatentCache``)."""
     from zebrax.ops.auto import compiling_for
 
     layer = MLAttention(cfg)
@@ -41,7 +43,8 @@ def test_absorbed_equals_materialised(cfg, tpu_cache, rng):
     run = lambda absorbed, *a: apply(*a, absorbed=absorbed)[0]  # noqa: E731
     want = run(False, x, slots)
     assert float(jnp.std(want)) > 0.1
-    np.testing.assert_allclose(run(True, x, slots), want, rtol=0, atol=1e-5)
+    tol = 1e-5 * float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(run(True, x, slots), want, rtol=0, atol=tol)
 
     with compiling_for("tpu" if tpu_cache else "cpu"):
         cache = Cache.init(2, 16, (MLAttention.init_cache(cfg, 2, 16, jnp.float32),))
@@ -51,8 +54,8 @@ def test_absorbed_equals_materialised(cfg, tpu_cache, rng):
     cache = cache.advance(prefill, (filled,), 12)
     step = cache.slots(jnp.full((2, 1), 12), jnp.ones((2, 1), bool))
     absorbed = run(True, x[:, 12:], step, cache.layers[0])
-    np.testing.assert_allclose(absorbed, run(False, x[:, 12:], step, cache.layers[0]), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(absorbed, want[:, 12:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(absorbed, run(False, x[:, 12:], step, cache.layers[0]), rtol=0, atol=tol)
+    np.testing.assert_allclose(absorbed, want[:, 12:], rtol=0, atol=tol)
 
 
 def tiny_model(attention: MLAConfig, dtype="float32") -> zebrax.Model:

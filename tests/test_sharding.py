@@ -170,6 +170,69 @@ def test_models_students_evaluation_and_smart_under_a_mesh_are_those_of_one_devi
         assert d <= tolerance[name], (name, d)
 
 
+BENCHES = r'''
+import json
+import jax, numpy as np
+from tests.helpers import TEACHER, random_model
+from zebrax import Model, bench, bench_decode
+from zebrax.distill import trainer
+from zebrax.sharding import MeshConfig, make_mesh
+
+mesh = make_mesh(MeshConfig(fsdp=8))
+teacher = random_model(TEACHER, seed=2)
+sharded = Model(TEACHER, teacher.params, mesh=mesh)
+seen, whole = set(), []
+
+
+def check_whole(name, tree):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if leaf.nbytes > 4096 and max(s.data.nbytes for s in leaf.addressable_shards) == leaf.nbytes:
+            whole.append(name + jax.tree_util.keystr(path))
+
+
+def spy(module, name, check):
+    original = getattr(module, name)
+
+    def spied(*args, **kw):
+        seen.add(name)
+        check(*args)
+        return original(*args, **kw)
+
+    setattr(module, name, spied)
+
+
+spy(trainer, "placed_step", lambda optimizer, params, frozen, *_: (check_whole("train student", params),
+                                                                   check_whole("train teacher", frozen)))
+spy(bench_decode, "time_zebrax", lambda model, tokens, *_: check_whole(f"decode {model.config.layer_map()}",
+                                                                       model.params))
+RECIPE = dict(kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8)
+one, eight = (bench_decode.build_hybrid(t, "zebra", num_mla=2, recipe=RECIPE) for t in (teacher, sharded))
+init = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+           zip(jax.tree.leaves(jax.device_get(eight.params)), jax.tree.leaves(one.params)))
+decode = bench_decode.bench_decode(sharded, contexts=(16,), batches=(1, 8), models=("teacher", "zebra"), num_mla=2,
+                                   recipe=RECIPE, new_tokens=2, repeats=1)
+train = bench.bench_train(sharded, batch=8, seq_len=16, steps=1, num_mla=2, recipe=RECIPE)
+forward = bench.bench_forward(sharded, batch=8, seq_len=16, repeats=1)
+print(json.dumps({"seen": sorted(seen), "whole": whole, "init": init, "decode": decode["rows"], "train": train,
+                  "forward": forward["zebrax_tokens_per_s"]}))
+'''
+
+
+def test_the_benchmarks_run_under_a_mesh(child_process):
+    """On 8 simulated devices (fsdp 8): `bench decode`, `bench train` and `bench forward` of a teacher loaded with a
+    mesh time every zebrax model sharded over it (the hybrids made shard by shard, equal to those made on the host;
+    the KD step's student and teacher sharded); no parameter over 4 KiB is whole on a device."""
+    proc = child_process.python("-c", BENCHES, env=EIGHT_DEVICES)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["seen"] == ["placed_step", "time_zebrax"] and out["whole"] == [], out
+    assert out["init"] == 0.0
+    assert {(r["model"], r["batch"]) for r in out["decode"]} == {(m, b) for m in ("teacher", "zebra") for b in (1, 8)}
+    assert all(r["prefill_s"] > 0 for r in out["decode"])
+    assert out["train"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and out["train"]["tokens_per_sec"] > 0
+    assert out["forward"] > 0
+
+
 KERNELS = r'''
 import json
 import jax, jax.numpy as jnp, numpy as np

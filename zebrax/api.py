@@ -263,7 +263,6 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, impl: str | dict 
     from zebrax.models import abstract_params
     from zebrax.sharding import param_shardings
 
-    path = Path(path)
     config = checkpoint.load_config(path)
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)

@@ -73,8 +73,12 @@ def _torch_forward(hf, tokens: np.ndarray) -> Callable[[], object]:
 
 
 def _zebrax_forward(model, tokens: np.ndarray) -> Callable[[], object]:
-    mask = np.ones(tokens.shape, bool)
-    return lambda: jax.block_until_ready(model._forward(model.params, tokens, mask))
+    rows = {"tokens": tokens, "mask": np.ones(tokens.shape, bool)}
+    if model.mesh is not None:  # rows split over (data, fsdp) where they divide
+        from zebrax.sharding import place_rows
+
+        rows = place_rows(rows, model.mesh)
+    return lambda: jax.block_until_ready(model._forward(model.params, rows["tokens"], rows["mask"]))
 
 
 def gemm_rates(config, tokens: int, repeats: int = 10) -> dict[str, dict[str, float]]:
@@ -300,38 +304,53 @@ def bench_train(teacher, *, batch: int = 4, seq_len: int = 256, steps: int = 5, 
     """One KD step of a hybrid of ``teacher`` (a ``zebrax.Model``; ``num_mla`` MLA layers spread as SMART's rule
     places them, the rest Mamba2): compile seconds, then tokens/s and FLOP/s over ``steps`` timed steps (XLA's own
     FLOP count of the compiled step: teacher forward, student forward and backward, optimizer), against this
-    machine's float32 matmul peak measured in the same run (``matmul_peak``)."""
+    machine's float32 matmul peak measured in the same run (``matmul_peak``). A teacher loaded with a ``mesh`` runs
+    the step the trainer runs over it: student initialised shard by shard, parameters, optimizer state and teacher
+    sharded, rows over (data, fsdp) (``batch`` a multiple of the row shards). XLA counts one device's program there:
+    ``step_flops`` is that count × devices, and the fraction of the peak is one device's against one device's."""
     from zebrax.config import HybridConfig
-    from zebrax.distill import TrainConfig, kd_objective, make_optimizer, make_step
+    from zebrax.distill import TrainConfig, kd_objective, make_optimizer
+    from zebrax.distill.trainer import placed_step
+    from zebrax.errors import InvalidArgument
     from zebrax.init import init_hybrid
-    from zebrax.models import build
+    from zebrax.models import abstract_params, build
     from zebrax.select import place
+    from zebrax.sharding import param_shardings, row_shards
 
     require_positive("bench train", batch=batch, seq_len=seq_len, steps=steps, num_mla=num_mla)
-    n = teacher.config.num_hidden_layers
+    n, mesh = teacher.config.num_hidden_layers, teacher.mesh
+    devices = 1 if mesh is None else mesh.size
+    if mesh is not None and batch % row_shards(mesh):
+        raise InvalidArgument(f"bench train: batch={batch} rows cannot be split over the mesh's {row_shards(mesh)} "
+                              f"row shards (data × fsdp); make it a multiple of {row_shards(mesh)}")
     config = HybridConfig.from_teacher(teacher.config, mla_layers=place([0.0] * n, num_mla), **(recipe or {}))
-    params = jax.device_put(init_hybrid(teacher.config, teacher.params, config, jax.random.key(seed))[0])
+    shardings = None if mesh is None else (param_shardings(config, abstract_params(config), mesh),
+                                           param_shardings(teacher.config, teacher.params, mesh))
+    params = init_hybrid(teacher.config, teacher.params, config, jax.random.key(seed),
+                         None if mesh is None else shardings[0])[0]
     optimizer = make_optimizer(TrainConfig(steps=steps), params)
-    step = make_step(kd_objective(build(teacher.config), build(config)), optimizer)
+    params, opt_state, frozen, step, place_batch = placed_step(
+        optimizer, params, teacher.params, 1, kd_objective(build(teacher.config), build(config)), mesh, shardings)
     rng = np.random.default_rng(seed)
-    batch_rows = {"tokens": rng.integers(0, teacher.config.vocab_size, (batch, seq_len)).astype(np.int32),
-                  "token_mask": np.ones((batch, seq_len), bool), "loss_mask": np.ones((batch, seq_len), bool)}
-    opt_state = optimizer.init(params)
+    batch_rows = place_batch({
+        "tokens": rng.integers(0, teacher.config.vocab_size, (batch, seq_len)).astype(np.int32),
+        "token_mask": np.ones((batch, seq_len), bool), "loss_mask": np.ones((batch, seq_len), bool)})
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, teacher.params, batch_rows).compile()
+    compiled = step.lower(params, opt_state, frozen, batch_rows).compile()
     compile_s = time.perf_counter() - start
-    flops = float(compiled.cost_analysis().get("flops", 0.0))
-    params, opt_state, _ = compiled(params, opt_state, teacher.params, batch_rows)  # warm-up
+    flops = float(compiled.cost_analysis().get("flops", 0.0)) * devices
+    params, opt_state, _ = compiled(params, opt_state, frozen, batch_rows)  # warm-up
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        params, opt_state, metrics = compiled(params, opt_state, teacher.params, batch_rows)
+        params, opt_state, metrics = compiled(params, opt_state, frozen, batch_rows)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
     peak = matmul_peak()
     return {"benchmark": "train", "machine": machine(), "auto": auto_choices(), "layers": config.layer_map(),
+            "mesh": None if mesh is None else dict(mesh.shape),
             "batch": batch, "seq_len": seq_len, "compile_s": round(compile_s, 2), "step_s": round(seconds, 4),
             "tokens_per_sec": round(batch * seq_len / seconds, 1), "step_flops": flops,
             "achieved_flops_per_sec": round(flops / seconds), "matmul_peak_flops_per_sec": round(peak),
-            "fraction_of_matmul_peak": round(flops / seconds / peak, 3)}
+            "fraction_of_matmul_peak": round(flops / devices / seconds / peak, 3)}

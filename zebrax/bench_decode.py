@@ -49,15 +49,21 @@ def hybrid_recipe(name: str, n_layers: int, *, num_mla: int, mla_layers=None) ->
 
 
 def build_hybrid(teacher, name: str, *, num_mla: int = 6, mla_layers=None, recipe: dict | None = None, seed: int = 0):
-    """A ``zebrax.Model`` of the named hybrid, initialised from ``teacher`` (a ``zebrax.Model``)."""
+    """A ``zebrax.Model`` of the named hybrid, initialised from ``teacher`` (a ``zebrax.Model``), under the
+    teacher's mesh if it has one (initialised shard by shard from its sharded parameters)."""
     from zebrax.api import Model
     from zebrax.config import HybridConfig
     from zebrax.init import init_hybrid
+    from zebrax.models import abstract_params
+    from zebrax.sharding import param_shardings
 
     layers = hybrid_recipe(name, teacher.config.num_hidden_layers, num_mla=num_mla, mla_layers=mla_layers)
     config = HybridConfig.from_teacher(teacher.config, **layers, **(recipe or {}))
-    params = init_hybrid(teacher.config, jax.device_get(teacher.params), config, jax.random.key(seed))[0]
-    return Model(config, params, teacher.tokenizer)
+    mesh = teacher.mesh
+    shardings = None if mesh is None else param_shardings(config, abstract_params(config), mesh)
+    teacher_params = teacher.params if mesh is not None else jax.device_get(teacher.params)
+    params = init_hybrid(teacher.config, teacher_params, config, jax.random.key(seed), shardings)[0]
+    return Model(config, params, teacher.tokenizer, mesh=mesh)
 
 
 def reset_peak_rss() -> None:
@@ -91,6 +97,11 @@ def time_zebrax(model, tokens: np.ndarray, new_tokens: int, repeats: int) -> dic
     padded[:, prompt_len - context:] = tokens
     mask = np.zeros(padded.shape, bool)
     mask[:, prompt_len - context:] = True
+    if model.mesh is not None:
+        from zebrax.sharding import place_rows
+
+        placed = place_rows({"tokens": padded, "mask": mask}, model.mesh)
+        padded, mask = placed["tokens"], placed["mask"]
     prefill = gen.prefill.lower(params, padded, mask, max_len=max_len).compile()
     t = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill(params, padded, mask))
@@ -144,7 +155,9 @@ def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODEL
                  repeats: int = 3, transformers_max_tokens: int = 8192, seed: int = 0) -> dict:
     """Rows of ``{model, context, batch, prefill_s, decode_tokens_per_s, cache_bytes, bytes_per_step, peak_rss_bytes,
     decode_speedup_vs_teacher, bytes_limit_vs_teacher}`` for ``models`` (of ``MODELS``) and ``extra``
-    (``{name: zebrax.Model}``); transformers only where ``batch × context <= transformers_max_tokens``."""
+    (``{name: zebrax.Model}``); transformers only where ``batch × context <= transformers_max_tokens``. A teacher
+    loaded with a ``mesh`` (``zebrax.load(…, mesh=)``) times every zebrax model sharded over it: parameters by the
+    rules of ``zebrax.sharding``, rows over (data, fsdp) where they divide."""
     from zebrax.errors import InvalidArgument
 
     require_positive("bench decode", contexts=list(contexts), batches=list(batches), repeats=repeats,

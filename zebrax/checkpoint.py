@@ -13,14 +13,20 @@ Every writer goes through ``atomic_directory``:
   directory, a file, or the source being read;
 - a failure, SIGINT or SIGTERM removes the temporary directory; one left by a killed process (``kill -9``)
   is removed by the next writer into the same folder once its process is provably gone.
+
+An object store (``gs://bucket/…``, through ``etils.epath``) has no rename: there ``atomic_directory_of_all`` writes
+in place and marks the directory written with one last object, ``COMMITTED`` (``committed``), as orbax marks its
+own checkpoints there; a directory without it is what a killed run left, and the next writer removes it first.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import os
 import re
@@ -43,6 +49,55 @@ CHECKPOINT_ENTRIES = frozenset({"config.json", "params", "tokenizer", "build_rep
 UNSAFE_PATH_CHARS = "[]\\"
 _LIVE: set[Path] = set()  # temporaries of this process not yet committed or removed
 _TMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+COMMITTED = "commit_success.txt"  # an object-store directory's last object: it is whole
+
+
+# -- local paths and object stores --------------------------------------------------------------
+def is_local(path: str | os.PathLike) -> bool:
+    """A path of this machine's filesystems, not an object store's URI (``gs://bucket/…``, ``s3://…``)."""
+    return "://" not in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike):
+    """``pathlib.Path`` (absolute) for a local path; ``etils.epath.Path`` for an object store's URI (gs:// needs
+    ``gcsfs``: ``pip install zebrax[gcs]``). Both answer ``/``, ``exists``, ``read_text``, ``write_text``,
+    ``iterdir``."""
+    if is_local(path):
+        return Path(path).absolute()
+    import importlib.util
+
+    if os.fspath(path).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+        raise ConfigError(f"{os.fspath(path)}: gs:// paths need gcsfs: pip install 'zebrax[gcs]'")
+    import fsspec
+    from etils import epath
+
+    # no cached listings: another host's writes (process 0's smart.json, a grown metrics.jsonl) are seen at once
+    fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
+    return epath.Path(os.fspath(path))
+
+
+def committed(path: str | os.PathLike) -> bool:
+    """``atomic_directory_of_all`` has finished ``path``: it exists (local: renamed into place whole), or holds its
+    ``COMMITTED`` object (object store; for a checkpoint inside a stage output, ``ild/mla``, its parent does)."""
+    return os.path.exists(path) if is_local(path) else (as_path(path) / COMMITTED).exists()
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a directory and everything in it, if it exists."""
+    if is_local(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        as_path(path).rmtree(missing_ok=True)
+
+
+def copy_tree(src: Path, dst) -> None:
+    """The local directory ``src`` copied to ``dst`` (local or an object store)."""
+    if is_local(dst):
+        shutil.copytree(src, dst)
+        return
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        (as_path(dst) / f.relative_to(src).as_posix()).write_bytes(f.read_bytes())
+
 
 
 # -- atomic directory writes --------------------------------------------------------------------
@@ -146,8 +201,13 @@ def _overlaps(dst: Path, sources: Iterable[str | os.PathLike]) -> Path | None:
     return None
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a small text file whole or not at all: a temporary sibling renamed over ``path``."""
+def write_text_atomic(path: str | os.PathLike, text: str):
+    """Write a small text file whole or not at all: a temporary sibling renamed over ``path`` (on an object store,
+    one upload, which is whole or absent)."""
+    if not is_local(path):
+        path = as_path(path)
+        path.write_text(text)
+        return path
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -211,12 +271,13 @@ def atomic_directory(
 def atomic_directory_of_all(dst: str | os.PathLike, *, what: str = "zebrax checkpoint"):
     """``atomic_directory`` for every process of a multi-host run: process 0 makes the temporary directory (on a
     filesystem every host sees) and commits it; every process writes its part into it in the block (orbax: the
-    shards of each array that its devices hold), and the commit waits for all. One process: ``atomic_directory``."""
+    shards of each array that its devices hold), and the commit waits for all. One process: ``atomic_directory``.
+    On an object store the directory is written in place and committed by its ``COMMITTED`` object."""
     import jax
 
     from zebrax.sharding import broadcast_text, sync
 
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and is_local(dst):
         with atomic_directory(dst, what=what) as tmp:
             yield tmp
         return
@@ -224,14 +285,14 @@ def atomic_directory_of_all(dst: str | os.PathLike, *, what: str = "zebrax check
         shared = broadcast_text(None)
         if shared is None:
             raise CheckpointError(f"{dst}: process 0 could not start writing it (its error says why)")
-        yield Path(shared)
+        yield as_path(shared)
         sync(f"written {dst}")
         if broadcast_text(None) is None:
             raise CheckpointError(f"{dst}: process 0 could not commit it (its error says why)")
         return
     stage = "start"
     try:
-        with atomic_directory(dst, what=what) as tmp:
+        with (atomic_directory if is_local(dst) else _committed_last)(dst, what=what) as tmp:
             broadcast_text(str(tmp))
             stage = "write"
             yield tmp
@@ -242,6 +303,24 @@ def atomic_directory_of_all(dst: str | os.PathLike, *, what: str = "zebrax check
             broadcast_text(None)
         raise
     broadcast_text("committed")
+
+
+@contextlib.contextmanager
+def _committed_last(dst: str | os.PathLike, *, what: str):
+    """``atomic_directory`` on an object store, which has no rename: yield ``dst`` itself, cleared of what a killed
+    writer left there, and write its ``COMMITTED`` object when the block ends without error."""
+    dst = as_path(dst)
+    check_writable_path(dst)
+    try:
+        if committed(dst):
+            raise CheckpointError(f"{dst}: already exists")
+        dst.rmtree(missing_ok=True)
+        dst.mkdir(parents=True, exist_ok=True)
+        yield dst
+        interrupts.check()
+        (dst / COMMITTED).write_text(f"{what}\n")
+    except OSError as e:  # gcsfs and epath raise OSErrors: one line naming the directory
+        raise CheckpointError(f"{dst}: cannot write the {what} ({e.strerror or e})") from None
 
 
 def remove_leftovers(settle_s: float = 3.0) -> None:
@@ -333,7 +412,7 @@ def save(directory: Path, config, params: dict) -> None:
 
     from zebrax.sharding import sync
 
-    directory = Path(directory).absolute()
+    directory = as_path(directory)
     check_writable_path(directory)
     if jax.process_index() == 0:
         (directory / "config.json").write_text(
@@ -362,7 +441,7 @@ def save(directory: Path, config, params: dict) -> None:
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """A directory with a zebrax ``config.json``."""
     try:
-        meta = json.loads((Path(path) / "config.json").read_text())
+        meta = json.loads((as_path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
@@ -380,14 +459,19 @@ def is_replaceable(path: str | os.PathLike) -> bool:
 def load_config(path: str | os.PathLike):
     from zebrax.models import config_from_dict
 
-    path = Path(path)
+    path = as_path(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: not a zebrax checkpoint (no config.json)")
     try:
+        if not config_file.is_file():
+            raise CheckpointError(f"{path}: not a zebrax checkpoint (no config.json)")
+        if not is_local(path) and not (committed(path) or committed(path.parent)):
+            raise CheckpointError(f"{path}: incomplete (no {COMMITTED} beside it or in its parent: its writer did "
+                                  "not finish)")
         meta = json.loads(config_file.read_text())
     except ValueError as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    except OSError as e:  # an object store's refusals (permissions, a missing bucket) are OSErrors
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{config_file}: not a zebrax checkpoint (no \"format\": \"zebrax\"); convert it with `zebrax convert`"
@@ -445,9 +529,9 @@ def load_params(path: str | os.PathLike, config, shardings=None) -> dict:
     each leaf is restored straight into it, each process reading only the shards its devices hold."""
     from zebrax.models import abstract_params
 
-    params_dir = Path(path).absolute() / "params"
+    params_dir = as_path(path) / "params"
     if not params_dir.is_dir():
-        raise CheckpointError(f"{Path(path)}: incomplete checkpoint (no params/)")
+        raise CheckpointError(f"{path}: incomplete checkpoint (no params/)")
     check_writable_path(params_dir)
     target = abstract_params(config)
     expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in _flat(target).items()}
@@ -473,10 +557,35 @@ def load_params(path: str | os.PathLike, config, shardings=None) -> dict:
 
 
 def tokenizer_dir(path: str | os.PathLike) -> Path | None:
-    d = Path(path) / "tokenizer"
-    return d if d.is_dir() else None
+    """The checkpoint's tokenizer/ as a local directory (transformers reads only those): an object store's is
+    downloaded once a process, into a temporary directory; None without one."""
+    if is_local(path):
+        d = Path(path) / "tokenizer"
+        return d if d.is_dir() else None
+    return _downloaded(os.fspath(path).rstrip("/") + "/tokenizer")
 
 
-__all__ = ["atomic_directory", "atomic_directory_of_all",
-           "save", "load_config", "load_params", "is_checkpoint", "is_replaceable", "tokenizer_dir",
+@functools.cache
+def _downloaded(uri: str) -> Path | None:
+    import tempfile
+
+    def walk(d):
+        for p in d.iterdir():
+            yield from walk(p) if p.is_dir() else (p,)
+
+    root = as_path(uri)
+    files = list(walk(root)) if root.exists() else []
+    if not files:
+        return None
+    local = Path(tempfile.mkdtemp(prefix="zebrax-tokenizer-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    for f in files:
+        target = local / os.fspath(f)[len(os.fspath(root)) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    return local
+
+
+__all__ = ["atomic_directory", "atomic_directory_of_all", "is_local", "as_path", "committed", "remove_tree",
+           "copy_tree", "save", "load_config", "load_params", "is_checkpoint", "is_replaceable", "tokenizer_dir",
            "sweep_stale", "rename_noreplace", "check_writable_path"]

@@ -196,15 +196,16 @@ def cmd_bench(args):
     from zebrax import bench
 
     if args.bench == "forward":
-        result = bench.bench_forward(zebrax.load(args.ckpt), batch=args.batch, seq_len=args.seq_len,
-                                     repeats=args.repeats)
+        result = bench.bench_forward(zebrax.load(args.ckpt, mesh=_bench_mesh(args)), batch=args.batch,
+                                     seq_len=args.seq_len, repeats=args.repeats)
     elif args.bench == "ssd":
         result = bench.bench_ssd(lengths=tuple(args.lengths), repeats=args.repeats)
     elif args.bench == "decode":
         result = _bench_decode(args)
     elif args.bench == "train":
-        result = bench.bench_train(zebrax.load(args.ckpt), batch=args.batch, seq_len=args.seq_len, steps=args.steps,
-                                   num_mla=args.num_mla, recipe={"kv_lora_rank": args.kv_lora_rank})
+        result = bench.bench_train(zebrax.load(args.ckpt, mesh=_bench_mesh(args)), batch=args.batch,
+                                   seq_len=args.seq_len, steps=args.steps, num_mla=args.num_mla,
+                                   recipe={"kv_lora_rank": args.kv_lora_rank})
     elif args.bench == "long-prompt":
         zebrax.load(args.ckpt)  # a bad checkpoint fails here, with zebrax's message
         result = bench.bench_long_prompt(args.ckpt, length=args.length, new_tokens=args.new_tokens)
@@ -213,10 +214,20 @@ def cmd_bench(args):
     print(json.dumps(result, indent=2))
 
 
+def _bench_mesh(args):
+    """The mesh of ``--mesh`` over this process's devices, or None (one device)."""
+    if args.mesh is None:
+        return None
+    from zebrax.sharding import MeshConfig, make_mesh
+
+    return make_mesh(MeshConfig(**args.mesh))
+
+
 def _bench_decode(args) -> dict:
     import zebrax
     from zebrax import bench_decode
 
+    mesh = _bench_mesh(args)
     extra = {}
     for item in args.model:
         name, sep, path = item.partition("=")
@@ -224,14 +235,14 @@ def _bench_decode(args) -> dict:
             from zebrax.errors import InvalidArgument
 
             raise InvalidArgument(f"--model {item!r}: expected NAME=CKPT (e.g. --model zebra-kd=runs/smollm2/kd)")
-        extra[name] = zebrax.load(path)
+        extra[name] = zebrax.load(path, mesh=mesh)
     mla_layers = args.mla_layers
     if args.smart:
         mla_layers = json.loads(Path(args.smart).read_text())["mla_layers"]
     recipe = {k: getattr(args, k) for k in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim")
               if getattr(args, k) is not None}
     result = bench_decode.bench_decode(
-        zebrax.load(args.ckpt), contexts=tuple(args.contexts), batches=tuple(args.batches),
+        zebrax.load(args.ckpt, mesh=mesh), contexts=tuple(args.contexts), batches=tuple(args.batches),
         models=tuple(args.models or bench_decode.MODELS),
         extra=extra, num_mla=args.num_mla, mla_layers=mla_layers, recipe=recipe, new_tokens=args.new_tokens,
         repeats=args.repeats, transformers_max_tokens=args.transformers_max_tokens)
@@ -458,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--batch", type=COUNT, default=4)
     bf.add_argument("--seq-len", type=COUNT, default=256)
     bf.add_argument("--repeats", type=COUNT, default=5)
+    bf.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
+                                             "data=2,fsdp=4 (default: one device)")
     bf.set_defaults(fn=cmd_bench)
     bs = bsub.add_parser("ssd", help="SSD impls vs the reference scan; Mamba2 LM forward vs transformers")
     bs.add_argument("--lengths", type=COUNT, nargs="+", default=[512, 2048, 8192])
@@ -490,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--transformers-max-tokens", type=INDEX, default=8192,
                     help="time transformers only where batch × context is at most this")
     bd.add_argument("--plot", type=_output_file, help="write the plot here (PNG)")
+    bd.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
+                                             "data=2,fsdp=4 (default: one device)")
     bd.set_defaults(fn=cmd_bench)
     bt = bsub.add_parser("train", help="a KD step of a hybrid of CKPT: tokens/s, FLOP/s against the matmul peak")
     bt.add_argument("ckpt")
@@ -498,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--steps", type=COUNT, default=5)
     bt.add_argument("--num-mla", type=COUNT, default=6)
     bt.add_argument("--kv-lora-rank", type=COUNT, default=64)
+    bt.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
+                                             "data=2,fsdp=4 (default: one device)")
     bt.set_defaults(fn=cmd_bench)
     bl = bsub.add_parser("long-prompt", help="one long prompt through generate: time and peak memory")
     bl.add_argument("ckpt")

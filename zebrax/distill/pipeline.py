@@ -18,6 +18,10 @@ work directory, which one run at a time holds (``locked``):
     eval.json                KL(teacher ‖ model) and perplexity on the held-out rows, per model
     metrics.jsonl            one line per logged step; tensorboard/STAGE/ event files
 
+``WORKDIR`` may be an object store's URI (``gs://bucket/run``, with ``pip install zebrax[gcs]``): there a stage's
+output is written in place and finished once its ``commit_success.txt`` is (``checkpoint.committed``), metrics.jsonl
+is rewritten whole at each log, and nothing locks the directory.
+
 A finished stage is one whose output exists; re-running the same command skips it and resumes the stage in
 progress from its latest complete checkpoint.
 """
@@ -31,7 +35,6 @@ import fcntl
 import inspect
 import json
 import os
-import shutil
 import socket
 import sys
 from collections.abc import Callable
@@ -235,10 +238,11 @@ def _lock(workdir: Path) -> int:
 def locked(workdir: str | os.PathLike):
     """Hold the work directory for the block: one run at a time writes it (``WORKDIR/.lock``, created with the
     directory); ConfigError naming the holder (pid and host) if another run holds it. In a multi-host run process 0
-    locks for all (the others share its run)."""
-    workdir = Path(workdir).absolute()
+    locks for all (the others share its run). An object store (``gs://``) has no lock: one run at a time there is
+    the user's (a pod's scheduler runs one job a name)."""
+    workdir = checkpoint.as_path(workdir)
     fd, refusal = None, None
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and checkpoint.is_local(workdir):
         try:
             fd = _lock(workdir)
         except ConfigError as e:
@@ -329,14 +333,14 @@ def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | 
             target.mkdir(exist_ok=True)
             checkpoint.save(target, config, params)
             if tokenizer is not None and jax.process_index() == 0:
-                shutil.copytree(tokenizer, target / "tokenizer")
+                checkpoint.copy_tree(tokenizer, target / "tokenizer")
 
 
 def _finished(workdir: Path, stage: str) -> None:
     """A stage's output is written: its resumption checkpoints and compiled steps are no longer needed."""
     jax.clear_caches()
     if jax.process_index() == 0:
-        shutil.rmtree(workdir / "checkpoints" / stage, ignore_errors=True)
+        checkpoint.remove_tree(workdir / "checkpoints" / stage)
     sync(f"finished {stage}")
 
 
@@ -391,7 +395,7 @@ def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
     """The teacher's parameters; for ``teacher="tiny"`` first trained on the document ``rows`` of ``exp.data``."""
     if exp.teacher == "tiny":
         path = workdir / "teacher"
-        if not checkpoint.is_checkpoint(path):
+        if not (checkpoint.committed(path) and checkpoint.is_checkpoint(path)):
             import flax.linen as nn
 
             from zebrax.models import build
@@ -407,7 +411,7 @@ def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
             _save(workdir, "teacher", {"": (config, params)}, None)
             _finished(workdir, "teacher")
         return _load(path, mesh)[1]
-    return _load(Path(exp.teacher), mesh)[1]
+    return _load(exp.teacher, mesh)[1]
 
 
 def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "documents") -> None:
@@ -624,7 +628,7 @@ def _check_rows_divide(exp: Experiment, shards: int) -> None:
 def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None = None) -> dict:
     """Run (or resume) every stage; returns ``eval.json``'s content. ``config_text``: the resolved gin config, written
     to ``WORKDIR/config.gin``. Everything is checked (``_prepare``) before the work directory is touched."""
-    workdir = Path(workdir).absolute()
+    workdir = checkpoint.as_path(workdir)
     with checkpoint.warnings_after_success():  # a refused experiment says one thing, why
         inputs = _prepare(exp)
     with _claimed(workdir, exp, inputs.hashes):
@@ -671,7 +675,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
                                            _shardings(config, mesh))[0])
                 for name, config in inputs.students.items()}
 
-    if not (workdir / "ild").exists():
+    if not checkpoint.committed(workdir / "ild"):
         _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
         objective = stage_objective(exp, "ild", t_config, {n: c for n, (c, _) in students.items()})
         params = train("ild", objective, {n: p for n, (_, p) in students.items()}, t_params,
@@ -691,13 +695,13 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
         sync("smart")
     mla_layers = json.loads((workdir / "smart.json").read_text())["mla_layers"]
     evaluate("initialised", *assemble(students["mla"], students["mamba2"], mla_layers))
-    if not (workdir / "hybrid").exists():
+    if not checkpoint.committed(workdir / "hybrid"):
         _save(workdir, "hybrid", {"": assemble(ild["mla"], ild["mamba2"], mla_layers)}, tokenizer)
     h_config, h_params = _load(workdir / "hybrid", mesh)
     _say(f"hybrid: layers {h_config.layer_map()} (L MLA, S Mamba2)")
     evaluate("after_ild", h_config, h_params)
 
-    if not (workdir / "kd").exists():
+    if not checkpoint.committed(workdir / "kd"):
         # a corpus holding the teacher's top-k logits (``zebrax teacher-logits``) for kd_top_k: KD without the teacher
         stored = isinstance(kd_rows, corpus.Corpus) and 0 < exp.kd_top_k == kd_rows.topk
         _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens"
@@ -714,7 +718,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
     evaluate("after_kd", h_config, kd_params)
 
     if exp.preferences:
-        if not (workdir / "dpo").exists():
+        if not checkpoint.committed(workdir / "dpo"):
             _say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
             reference = kd_params if mesh is not None else jax.device_put(kd_params)
             params = train("dpo", stage_objective(exp, "dpo", t_config, {"": h_config}), kd_params,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zebrax import checkpoint
 from zebrax.errors import ConfigError, ZebraxError
 
 NO_DECAY = ("A_log", "D", "dt_bias")  # and every norm's scale (a path part containing "norm")
@@ -135,8 +136,8 @@ def make_optimizer(cfg: TrainConfig, params: dict) -> optax.GradientTransformati
 
 def make_step(objective: Callable, optimizer: optax.GradientTransformation, accumulate: int = 1,
               shardings: tuple | None = None) -> Callable:
-    """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`` (``jitted_step``, run with the
-    shardings' mesh set)."""
+    """``step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`` (``jitted_step``, run, and
+    ``step.lower``-ed, with the shardings' mesh set)."""
     jitted = jitted_step(objective, optimizer, accumulate, shardings)
     if shardings is None:
         return jitted
@@ -146,6 +147,11 @@ def make_step(objective: Callable, optimizer: optax.GradientTransformation, accu
         with jax.set_mesh(mesh):  # the ops then run Pallas kernels on each device's shard (ops.sharded.per_shard)
             return jitted(*args)
 
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    sharded_step.lower = lower
     return sharded_step
 
 
@@ -193,15 +199,16 @@ class MetricsLog:
     and TensorBoard event files in ``WORKDIR/tensorboard/STAGE``. Resuming at step s drops the lines of this stage
     after s, so the log reads as one uninterrupted run."""
 
-    def __init__(self, workdir: Path, stage: str, resumed_at: int):
+    def __init__(self, workdir, stage: str, resumed_at: int):
         self.path, self.stage = workdir / "metrics.jsonl", stage
         self.writes = jax.process_index() == 0  # one log for a multi-host run
         if not self.writes:
             return
+        self.lines = []  # on an object store, which cannot append: the whole file, rewritten at each log
         if self.path.exists():
             rows = [(line, json.loads(line)) for line in self.path.read_text().splitlines()]
-            kept = [line for line, row in rows if not (row["stage"] == stage and row["step"] > resumed_at)]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.lines = [line for line, row in rows if not (row["stage"] == stage and row["step"] > resumed_at)]
+            self.path.write_text("".join(line + "\n" for line in self.lines))
         from tensorboardX import SummaryWriter
 
         self.board = SummaryWriter(str(workdir / "tensorboard" / stage), purge_step=resumed_at + 1)
@@ -210,8 +217,12 @@ class MetricsLog:
         if not self.writes:
             return
         row = {"step": step, "stage": self.stage, **{k: _plain(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if checkpoint.is_local(self.path):
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            self.lines.append(json.dumps(row))
+            self.path.write_text("".join(line + "\n" for line in self.lines))
         for k, v in row.items():
             if isinstance(v, float):
                 self.board.add_scalar(k, v, step)
@@ -235,7 +246,7 @@ def state_shardings(optimizer: optax.GradientTransformation, params, p_sh, mesh)
                                  transform_non_params=lambda _: replicated(mesh))
 
 
-def _placed(optimizer, params, frozen, accumulate: int, objective: Callable, mesh, shardings):
+def placed_step(optimizer, params, frozen, accumulate: int, objective: Callable, mesh, shardings):
     """(params, opt_state, frozen, step, batch placement): on the default device, or over ``mesh`` with
     ``shardings`` = (params', frozen's) and the optimizer state sharded as the parameters it mirrors."""
     if mesh is None:
@@ -266,15 +277,16 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    workdir = Path(workdir).absolute()
+    workdir = checkpoint.as_path(workdir)
     optimizer = make_optimizer(cfg, params)
-    params, opt_state, frozen, step_fn, place = _placed(optimizer, params, frozen, cfg.accumulate, objective, mesh,
-                                                        shardings)
+    params, opt_state, frozen, step_fn, place = placed_step(optimizer, params, frozen, cfg.accumulate, objective,
+                                                            mesh, shardings)
     state = {"params": params, "opt_state": opt_state}
     manager = ocp.CheckpointManager(
         workdir / "checkpoints" / stage,
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
-                                             enable_async_checkpointing=True))
+                                             enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=not checkpoint.is_local(workdir)))
     start = manager.latest_step() or 0
     if start:
         restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
