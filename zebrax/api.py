@@ -59,8 +59,6 @@ class Model:
 
     def forward(self, tokens, token_mask=None, where: str = "forward") -> jax.Array:
         """``logits`` left on the devices: with a ``mesh``, a global array whose rows are split as ``tokens``'."""
-        from zebrax.sharding import place_rows
-
         tokens = self.check_tokens(tokens, where)
         if token_mask is None:
             mask = np.ones(tokens.shape, bool)
@@ -70,10 +68,15 @@ class Model:
                 raise InvalidArgument(f"{where}: token_mask must be a bool array of the tokens' shape {tokens.shape}, "
                                       f"got {mask.dtype} {mask.shape}")
             mask = mask.astype(bool)
-        if self.mesh is not None:
-            placed = place_rows({"tokens": tokens, "mask": mask}, self.mesh)
-            tokens, mask = placed["tokens"], placed["mask"]
-        return self._forward(self.params, tokens, mask)
+        placed = self.placed({"tokens": tokens, "mask": mask})
+        return self._forward(self.params, placed["tokens"], placed["mask"])
+
+    def placed(self, rows: dict) -> dict:
+        """``{name: [B, …] array}`` as the model's programs take them: with a ``mesh``, global arrays whose rows are
+        split over (data, fsdp) where they divide (``sharding.place_rows``); without, as given."""
+        from zebrax.sharding import place_rows
+
+        return rows if self.mesh is None else place_rows(rows, self.mesh)
 
     def check_tokens(self, tokens, where: str) -> np.ndarray:
         """``tokens`` as int32 ``[B, L]`` after checking, on the host, that every id is an integer in the

@@ -73,11 +73,7 @@ def _torch_forward(hf, tokens: np.ndarray) -> Callable[[], object]:
 
 
 def _zebrax_forward(model, tokens: np.ndarray) -> Callable[[], object]:
-    rows = {"tokens": tokens, "mask": np.ones(tokens.shape, bool)}
-    if model.mesh is not None:  # rows split over (data, fsdp) where they divide
-        from zebrax.sharding import place_rows
-
-        rows = place_rows(rows, model.mesh)
+    rows = model.placed({"tokens": tokens, "mask": np.ones(tokens.shape, bool)})
     return lambda: jax.block_until_ready(model._forward(model.params, rows["tokens"], rows["mask"]))
 
 

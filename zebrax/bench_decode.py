@@ -97,11 +97,8 @@ def time_zebrax(model, tokens: np.ndarray, new_tokens: int, repeats: int) -> dic
     padded[:, prompt_len - context:] = tokens
     mask = np.zeros(padded.shape, bool)
     mask[:, prompt_len - context:] = True
-    if model.mesh is not None:
-        from zebrax.sharding import place_rows
-
-        placed = place_rows({"tokens": padded, "mask": mask}, model.mesh)
-        padded, mask = placed["tokens"], placed["mask"]
+    placed = model.placed({"tokens": padded, "mask": mask})
+    padded, mask = placed["tokens"], placed["mask"]
     prefill = gen.prefill.lower(params, padded, mask, max_len=max_len).compile()
     t = time.perf_counter()
     logits, cache = jax.block_until_ready(prefill(params, padded, mask))

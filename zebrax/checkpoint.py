@@ -90,13 +90,18 @@ def remove_tree(path: str | os.PathLike) -> None:
         as_path(path).rmtree(missing_ok=True)
 
 
-def copy_tree(src: Path, dst) -> None:
-    """The local directory ``src`` copied to ``dst`` (local or an object store)."""
-    if is_local(dst):
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """The directory ``src`` copied to ``dst``, file by file where either is on an object store."""
+    if is_local(src) and is_local(dst):
         shutil.copytree(src, dst)
         return
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        (as_path(dst) / f.relative_to(src).as_posix()).write_bytes(f.read_bytes())
+    src, dst = as_path(src), as_path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_dir():
+            copy_tree(p, dst / p.name)
+        else:
+            (dst / p.name).write_bytes(p.read_bytes())
 
 
 
@@ -569,20 +574,11 @@ def tokenizer_dir(path: str | os.PathLike) -> Path | None:
 def _downloaded(uri: str) -> Path | None:
     import tempfile
 
-    def walk(d):
-        for p in d.iterdir():
-            yield from walk(p) if p.is_dir() else (p,)
-
-    root = as_path(uri)
-    files = list(walk(root)) if root.exists() else []
-    if not files:
+    if not as_path(uri).exists():
         return None
-    local = Path(tempfile.mkdtemp(prefix="zebrax-tokenizer-"))
-    atexit.register(shutil.rmtree, local, ignore_errors=True)
-    for f in files:
-        target = local / os.fspath(f)[len(os.fspath(root)) + 1:]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(f.read_bytes())
+    local = Path(tempfile.mkdtemp(prefix="zebrax-tokenizer-")) / "tokenizer"
+    atexit.register(shutil.rmtree, local.parent, ignore_errors=True)
+    copy_tree(uri, local)
     return local
 
 

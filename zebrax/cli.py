@@ -214,6 +214,11 @@ def cmd_bench(args):
     print(json.dumps(result, indent=2))
 
 
+def _add_bench_mesh(parser) -> None:
+    parser.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
+                                                   "data=2,fsdp=4 (default: one device)")
+
+
 def _bench_mesh(args):
     """The mesh of ``--mesh`` over this process's devices, or None (one device)."""
     if args.mesh is None:
@@ -469,8 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--batch", type=COUNT, default=4)
     bf.add_argument("--seq-len", type=COUNT, default=256)
     bf.add_argument("--repeats", type=COUNT, default=5)
-    bf.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
-                                             "data=2,fsdp=4 (default: one device)")
+    _add_bench_mesh(bf)
     bf.set_defaults(fn=cmd_bench)
     bs = bsub.add_parser("ssd", help="SSD impls vs the reference scan; Mamba2 LM forward vs transformers")
     bs.add_argument("--lengths", type=COUNT, nargs="+", default=[512, 2048, 8192])
@@ -503,8 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--transformers-max-tokens", type=INDEX, default=8192,
                     help="time transformers only where batch × context is at most this")
     bd.add_argument("--plot", type=_output_file, help="write the plot here (PNG)")
-    bd.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
-                                             "data=2,fsdp=4 (default: one device)")
+    _add_bench_mesh(bd)
     bd.set_defaults(fn=cmd_bench)
     bt = bsub.add_parser("train", help="a KD step of a hybrid of CKPT: tokens/s, FLOP/s against the matmul peak")
     bt.add_argument("ckpt")
@@ -513,8 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--steps", type=COUNT, default=5)
     bt.add_argument("--num-mla", type=COUNT, default=6)
     bt.add_argument("--kv-lora-rank", type=COUNT, default=64)
-    bt.add_argument("--mesh", type=_mesh, help="shard the models over this host's devices, e.g. fsdp=8 or "
-                                             "data=2,fsdp=4 (default: one device)")
+    _add_bench_mesh(bt)
     bt.set_defaults(fn=cmd_bench)
     bl = bsub.add_parser("long-prompt", help="one long prompt through generate: time and peak memory")
     bl.add_argument("ckpt")
