@@ -67,6 +67,35 @@ def test_a_prefill_then_decode_steps_is_the_recurrence_over_the_whole_sequence()
     np.testing.assert_allclose(state, ref_state, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [8, 5, 64])
+def test_a_reset_starts_a_document_afresh(chunk_size):
+    """Two documents packed into one row (a reset at token 13; in the second row also at 0 and 30, so a chunk holds
+    two starts) give what each document gives alone from a zero state, in both forms, gradients included."""
+    x = inputs(length=37)
+    reset = np.zeros((2, 37), bool)
+    reset[:, 13] = True
+    reset[1, [0, 30]] = True
+    chunked, state = gated_delta_chunked(**x, chunk_size=chunk_size, reset=reset)
+    reference, ref_state = gated_delta_reference(**x, reset=reset)
+    np.testing.assert_allclose(chunked, reference, atol=1e-5)
+    np.testing.assert_allclose(state, ref_state, atol=1e-5)
+    alone = {n: (a[:, 13:30] if n != "initial_state" else None) for n, a in x.items()}
+    second, _ = gated_delta_reference(**alone)
+    np.testing.assert_allclose(chunked[:, 13:30], second, atol=1e-5)
+    first, _ = gated_delta_reference(**{n: (a[:1, :13] if n != "initial_state" else a[:1]) for n, a in x.items()})
+    np.testing.assert_allclose(chunked[:1, :13], first, atol=1e-5)
+
+    def loss(fn, args):
+        return jnp.sum(fn(**args, reset=reset)[0] ** 2)
+
+    g_chunked = jax.grad(lambda a: loss(lambda **b: gated_delta_chunked(**b, chunk_size=chunk_size), a))(x)
+    g_reference = jax.grad(lambda a: loss(gated_delta_reference, a))(x)
+    for name in x:
+        np.testing.assert_allclose(g_chunked[name], g_reference[name], atol=1e-4 * np.abs(g_reference[name]).max(),
+                                   err_msg=name)
+    assert np.all(np.asarray(g_chunked["initial_state"])[1] == 0)  # the second row's state is reset at token 0
+
+
 def test_bfloat16_inputs_are_computed_in_float32():
     x = inputs()
     low = {n: jnp.asarray(a, jnp.bfloat16) if n != "initial_state" else a for n, a in x.items()}

@@ -14,7 +14,8 @@ import numpy as np
 
 from zebrax.config import AttentionConfig, Mamba2Config
 from zebrax.errors import ConfigError
-from zebrax.layers.mamba2 import a_log_init, conv_init, dt_bias_init
+from zebrax.layers.conv import conv_init
+from zebrax.layers.mamba2 import a_log_init, dt_bias_init
 
 
 def check_shapes(teacher: AttentionConfig, m: Mamba2Config) -> None:
@@ -38,7 +39,7 @@ def mamba2_from_attention(attention: dict, teacher: AttentionConfig, m: Mamba2Co
     fresh = lambda k, n: np.asarray(jax.random.uniform(k, (d, n), jnp.float32, -bound, bound))  # noqa: E731
     in_proj = np.concatenate([fresh(k_z, m.d_inner), wv.reshape(d, -1), wk.reshape(d, -1), wq.reshape(d, -1),
                               fresh(k_dt, m.n_heads)], axis=1)
-    conv = conv_init(m)
+    conv = conv_init(m.conv_kernel)
     return {
         "in_proj": {"kernel": in_proj},
         "conv_kernel": np.asarray(conv(k_conv, (m.conv_kernel, m.conv_dim), jnp.float32)),

@@ -16,6 +16,7 @@ from zebrax import ops
 from zebrax.cache import Slots, SSMCache, document_starts
 from zebrax.config import Mamba2Config
 from zebrax.layers.activations import ACTIVATIONS
+from zebrax.layers.conv import causal_conv
 from zebrax.layers.linear import Linear
 from zebrax.layers.norms import GatedRMSNorm
 
@@ -38,17 +39,6 @@ def a_log_init(cfg: Mamba2Config):
     def init(key, shape, dtype):
         low, high = cfg.A_init_range
         return jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high)).astype(dtype)
-
-    return init
-
-
-def conv_init(cfg: Mamba2Config):
-    """PyTorch's Conv1d default for a depthwise conv, weight and bias alike: U(±1/sqrt(fan_in)) with fan_in = the
-    kernel size (one input channel per group)."""
-    bound = 1.0 / math.sqrt(cfg.conv_kernel)
-
-    def init(key, shape, dtype):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
 
@@ -77,7 +67,9 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = jnp.split(proj, [sizes["z"], sizes["z"] + cfg.conv_dim], axis=-1)
         mask = slots.token_mask[..., None]
 
-        xbc, conv_state = self._conv(xbc * mask, cache, slots.segment_ids)
+        xbc, conv_state = causal_conv(self, xbc * mask, None if cache is None else cache.conv, slots.segment_ids,
+                                      kernel_size=cfg.conv_kernel, use_bias=cfg.use_conv_bias, dtype=self.dtype,
+                                      param_dtype=self.param_dtype)
         xbc = ACTIVATIONS[cfg.activation](xbc) * mask
         xs, B, C = jnp.split(xbc, [sizes["x"], sizes["x"] + sizes["B"]], axis=-1)
         xs = jnp.repeat(xs.reshape(b, length, cfg.x_heads, cfg.head_dim), cfg.n_heads // cfg.x_heads, axis=2)
@@ -107,32 +99,6 @@ class Mamba2Mixer(nn.Module):
     def _param(self, name, init):
         return self.param(name, nn.with_logical_partitioning(init, ("ssm_heads",)), (self.config.n_heads,),
                           self.param_dtype)
-
-    def _conv(self, xbc: jax.Array, cache: SSMCache | None, segment_ids: jax.Array | None = None):
-        """Causal depthwise conv over time: xbc ``[B, L, conv_dim]``; the kernel-1 inputs before the first
-        come from the cache (zeros without one); with ``segment_ids`` ``[B, L]`` only inputs of the output's own
-        document count. Returns the conv output and the new conv state."""
-        cfg = self.config
-        k = cfg.conv_kernel
-        kernel = self.param("conv_kernel", nn.with_logical_partitioning(conv_init(cfg), ("conv", "ssm_conv")),
-                            (k, cfg.conv_dim), self.param_dtype).astype(self.dtype)
-        if cache is None:
-            history = jnp.zeros((xbc.shape[0], k - 1, cfg.conv_dim), xbc.dtype)
-        else:
-            history = jnp.swapaxes(cache.conv, 1, 2).astype(xbc.dtype)
-        padded = jnp.concatenate([history, xbc], axis=1)  # [B, k - 1 + L, conv_dim]
-        length = xbc.shape[1]
-        if segment_ids is None:
-            out = sum(padded[:, i:i + length] * kernel[i] for i in range(k))
-        else:  # tap i reads position t - (k - 1) + i: only from the same document
-            seg = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)
-            out = sum(jnp.where((seg[:, i:i + length] == segment_ids)[..., None], padded[:, i:i + length], 0)
-                      * kernel[i] for i in range(k))
-        if cfg.use_conv_bias:
-            bias = self.param("conv_bias", nn.with_logical_partitioning(conv_init(cfg), ("ssm_conv",)), (cfg.conv_dim,),
-                              self.param_dtype)
-            out = out + bias.astype(self.dtype)
-        return out, jnp.swapaxes(padded[:, padded.shape[1] - (k - 1):], 1, 2)
 
     @staticmethod
     def init_cache(cfg: Mamba2Config, batch: int, max_len: int, dtype) -> SSMCache:

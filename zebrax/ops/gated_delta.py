@@ -18,7 +18,8 @@ definition:
 - ``gated_delta_step``: one token against a carried state, for decode.
 
 Shapes: ``q``, ``k`` ``[B, L, Hk, K]``; ``v`` ``[B, L, H, V]``; ``g``, ``beta`` ``[B, L, H]``; state ``[B, H, K, V]``
-(float32). ``Hk`` divides ``H``: each query/key head serves ``H / Hk`` consecutive value heads (Qwen3-Next's grouping).
+(float32); ``reset`` ``[B, L]`` bool (optional) starts a new document at t: ``S_{t-1}`` is dropped (packed rows), the
+decays across it masked with ``where``. ``Hk`` divides ``H``: each query/key head serves ``H / Hk`` consecutive value heads (Qwen3-Next's grouping).
 Computed in float32; the output has ``v``'s dtype.
 """
 
@@ -47,23 +48,32 @@ def _initial(state, q, v):
     return jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32) if state is None else state.astype(jnp.float32)
 
 
-def _step(state, q, k, v, g, beta):
-    """One token: ``state`` ``[B, H, K, V]``; q, k ``[B, H, K]``; v ``[B, H, V]``; g, beta ``[B, H]``."""
-    state = state * jnp.exp(g)[..., None, None]
+def _step(state, q, k, v, g, beta, reset):
+    """One token: ``state`` ``[B, H, K, V]``; q, k ``[B, H, K]``; v ``[B, H, V]``; g, beta ``[B, H]``; reset ``[B]``."""
+    state = jnp.where(reset[:, None, None, None], 0.0, state * jnp.exp(g)[..., None, None])
     delta = beta[..., None] * (v - jnp.einsum("bhkv,bhk->bhv", state, k))
     state = state + jnp.einsum("bhk,bhv->bhkv", k, delta)
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def gated_delta_reference(q, k, v, g, beta, *, scale=None, initial_state=None):
+def _resets(reset, v):
+    """``reset`` ``[B, L]`` bool, checked, or all False."""
+    if reset is None:
+        return jnp.zeros(v.shape[:2], bool)
+    if tuple(reset.shape) != tuple(v.shape[:2]):
+        raise ValueError(f"gated delta: reset has shape {tuple(reset.shape)}, expected {tuple(v.shape[:2])}")
+    return reset.astype(bool)
+
+
+def gated_delta_reference(q, k, v, g, beta, *, scale=None, initial_state=None, reset=None):
     """(output ``[B, L, H, V]``, final state ``[B, H, K, V]``): the recurrence, token by token."""
-    dtype = v.dtype
+    dtype, reset = v.dtype, _resets(reset, v)
     q, k, v, g, beta = _prepare(q, k, v, g, beta, scale)
 
     def one(state, x):
         return _step(state, *x)
 
-    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta)]
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, reset)]
     state, out = jax.lax.scan(one, _initial(initial_state, q, v), time_major)
     return jnp.moveaxis(out, 0, 1).astype(dtype), state
 
@@ -72,21 +82,23 @@ def gated_delta_step(q, k, v, g, beta, state, *, scale=None):
     """(output ``[B, H, V]``, new state): one token (q, k ``[B, Hk, K]``, v ``[B, H, V]``, g, beta ``[B, H]``)
     against ``state`` ``[B, H, K, V]``, for decode."""
     out, state = gated_delta_reference(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale=scale,
-                                       initial_state=state)
+                                       initial_state=state)  # decode: no reset
     return out[:, 0], state
 
 
-def gated_delta_chunked(q, k, v, g, beta, *, chunk_size: int = 64, scale=None, initial_state=None):
+def gated_delta_chunked(q, k, v, g, beta, *, chunk_size: int = 64, scale=None, initial_state=None, reset=None):
     """(output ``[B, L, H, V]``, final state ``[B, H, K, V]``): the recurrence in chunks of ``chunk_size`` tokens
     (module docstring). ``L`` need not be a multiple of the chunk: the tail is padded with tokens that neither decay
-    (g = 0) nor write (β = 0, k = 0)."""
+    (g = 0) nor write (β = 0, k = 0). With ``reset``, R_i counts the resets at or before token i of its chunk: a decay
+    from j to i holds iff R_i = R_j, from the chunk's start to i iff R_i = 0."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"gated delta: chunk_size={chunk_size!r} must be an integer >= 1")
-    dtype, length = v.dtype, v.shape[1]
+    dtype, length, reset = v.dtype, v.shape[1], _resets(reset, v)
     q, k, v, g, beta = _prepare(q, k, v, g, beta, scale)
     pad = -length % chunk_size
     if pad:
-        q, k, v, g, beta = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta))
+        q, k, v, g, beta, reset = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+                                   for x in (q, k, v, g, beta, reset))
     state = _initial(initial_state, q, v)
     b, total, h, _ = q.shape
     n, c = total // chunk_size, chunk_size
@@ -94,26 +106,30 @@ def gated_delta_chunked(q, k, v, g, beta, *, chunk_size: int = 64, scale=None, i
     q, k, v = (x.reshape(b, n, c, h, -1).transpose(0, 3, 1, 2, 4) for x in (q, k, v))
     g, beta = (x.reshape(b, n, c, h).transpose(0, 3, 1, 2) for x in (g, beta))
     G = jnp.cumsum(g, axis=-1)  # log decay from the chunk's start, inclusive
-    lower = jnp.tril(jnp.ones((c, c), bool))
-    gamma = jnp.where(lower, jnp.exp(jnp.where(lower, G[..., :, None] - G[..., None, :], 0.0)), 0.0)  # Γ_ij, i >= j
+    R = jnp.cumsum(reset.reshape(b, 1, n, c).astype(jnp.int32), axis=-1)  # resets at or before each token
+    same = jnp.tril(jnp.ones((c, c), bool)) & (R[..., :, None] == R[..., None, :])  # j <= i, one document
+    gamma = jnp.where(same, jnp.exp(jnp.where(same, G[..., :, None] - G[..., None, :], 0.0)), 0.0)  # Γ_ij
+    from_start = jnp.where(R == 0, jnp.exp(G), 0.0)  # the entering state's decay to each token
+    to_end = jnp.where(R == R[..., -1:], jnp.exp(G[..., -1:] - G), 0.0)  # each write's decay to the chunk's end
     k_beta = k * beta[..., None]
     strict = jnp.einsum("bhnik,bhnjk->bhnij", k_beta, k) * gamma * (1 - jnp.eye(c))
     T = jax.scipy.linalg.solve_triangular(jnp.eye(c) + strict, jnp.broadcast_to(jnp.eye(c), strict.shape),
                                           lower=True, unit_diagonal=True)
     U = jnp.einsum("bhnij,bhnjv->bhniv", T, v * beta[..., None])
-    W = jnp.einsum("bhnij,bhnjk->bhnik", T, k_beta * jnp.exp(G)[..., None])
+    W = jnp.einsum("bhnij,bhnjk->bhnik", T, k_beta * from_start[..., None])
     inner = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * gamma  # o_i's reads of the chunk's own writes, j <= i
-    q_decayed = q * jnp.exp(G)[..., None]
-    k_to_end = k * jnp.exp(G[..., -1:] - G)[..., None]  # each write decayed to the chunk's end
+    q_decayed = q * from_start[..., None]
+    k_to_end = k * to_end[..., None]
+    chunk_decay = jnp.where(R[..., -1] == 0, jnp.exp(G[..., -1]), 0.0)
 
     def chunk(state, x):
-        q_d, k_e, u, w, a, g_end = x
+        q_d, k_e, u, w, a, decay = x
         new = u - jnp.einsum("bhik,bhkv->bhiv", w, state)  # what the chunk writes that the state lacks
         out = jnp.einsum("bhik,bhkv->bhiv", q_d, state) + jnp.einsum("bhij,bhjv->bhiv", a, new)
-        state = state * jnp.exp(g_end)[..., None, None] + jnp.einsum("bhik,bhiv->bhkv", k_e, new)
+        state = state * decay[..., None, None] + jnp.einsum("bhik,bhiv->bhkv", k_e, new)
         return state, out
 
-    chunk_major = [jnp.moveaxis(x, 2, 0) for x in (q_decayed, k_to_end, U, W, inner, G[..., -1])]
+    chunk_major = [jnp.moveaxis(x, 2, 0) for x in (q_decayed, k_to_end, U, W, inner, chunk_decay)]
     state, out = jax.lax.scan(chunk, state, chunk_major)
     out = jnp.moveaxis(out, 0, 2).reshape(b, h, total, -1).transpose(0, 2, 1, 3)[:, :length]
     return out.astype(dtype), state
