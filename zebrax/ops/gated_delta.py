@@ -19,8 +19,8 @@ definition:
 
 Shapes: ``q``, ``k`` ``[B, L, Hk, K]``; ``v`` ``[B, L, H, V]``; ``g``, ``beta`` ``[B, L, H]``; state ``[B, H, K, V]``
 (float32); ``reset`` ``[B, L]`` bool (optional) starts a new document at t: ``S_{t-1}`` is dropped (packed rows), the
-decays across it masked with ``where``. ``Hk`` divides ``H``: each query/key head serves ``H / Hk`` consecutive value heads (Qwen3-Next's grouping).
-Computed in float32; the output has ``v``'s dtype.
+decays across it masked with ``where``. ``Hk`` divides ``H``: each query/key head serves ``H / Hk`` consecutive
+value heads (Qwen3-Next's grouping). Computed in float32; the output has ``v``'s dtype.
 """
 
 from __future__ import annotations
