@@ -238,16 +238,19 @@ TEACHER = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_h
                       max_position_embeddings=128)
 
 
-def hybrid(mla_layers, attention_layers=(), teacher: LlamaConfig = TEACHER, **kw) -> HybridConfig:
+def hybrid(mla_layers, attention_layers=(), teacher: LlamaConfig = TEACHER, linear: str = "mamba2", **kw
+           ) -> HybridConfig:
+    """A small hybrid of ``teacher`` whose other layers are ``linear`` (Mamba2 or Gated DeltaNet), chunks of 4."""
     return HybridConfig.from_teacher(teacher, mla_layers=mla_layers, attention_layers=attention_layers,
-                                     kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8,
-                                     mamba2=dict(chunk_size=4), **kw)
+                                     kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8, linear=linear,
+                                     **{linear: dict(chunk_size=4), **kw})
 
 
 TWO_LAYERS = TEACHER.replace(num_hidden_layers=2)  # for a whole training step whose layers all do the same thing
 
 
 MIXED = hybrid([0, 3], attention_layers=[2])  # L S A L S
+WITH_GDN = hybrid([0, 3], attention_layers=[2], linear="gdn")  # L D A L D
 
 
 def random_params(module, *inputs, seed: int = 0) -> dict:

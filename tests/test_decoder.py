@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.helpers import MIXED, TEACHER, hybrid, random_model
+from tests.helpers import MIXED, TEACHER, WITH_GDN, hybrid, random_model
 from zebrax.cache import Cache, KVCache, LatentCache, Slots, SSMCache
-from zebrax.config import MIXER_CONFIGS, AttentionConfig, HybridConfig, LayerSpec
+from zebrax.config import AttentionConfig, HybridConfig, LayerSpec
 from zebrax.errors import ConfigError, InvalidArgument
 from zebrax.generate import Generator
-from zebrax.models import MIXERS, build, param_count
+from zebrax.mixers import kinds
+from zebrax.models import build, param_count
 
 ATOL = 1e-5  # fp32; for whole hybrids relative to the largest logit: MLA's absorbed decode and materialised
 # prefill add in different orders (|logit| reaches ~5 here)
 
 def test_every_model_is_a_plan_over_one_registry():
-    assert set(MIXERS) == set(MIXER_CONFIGS)
+    assert list(kinds()) == ["attention", "mla", "mamba2", "gdn"]
+    assert "".join(k.letter for k in kinds().values()) == "ALSD"
     assert {s.mixer for s in TEACHER.plan()} == {"attention"} and all(s.mlp for s in TEACHER.plan())
     assert MIXED.layer_map() == "LSALS" and [s.mixer for s in MIXED.plan()] == ["mla", "mamba2", "attention",
                                                                                "mla", "mamba2"]
@@ -37,7 +39,7 @@ def test_every_model_is_a_plan_over_one_registry():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "tpu"], ids=["cache", "tpu_cache"])
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", sorted(kinds()))
 def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(name, backend, rng):
     """Constructor ``(config, dtype, param_dtype, impl)``, call ``(x, slots, cache) -> (y, cache)``,
     ``init_cache(config, batch, max_len, dtype)``: prefill 6 tokens, then 4 one at a time = the full pass; also
@@ -45,11 +47,11 @@ def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(nam
     MLA latent 128 columns wide)."""
     from zebrax.ops.auto import compiling_for
 
-    spec = next(s for s in MIXED.plan() if s.mixer == name)
-    module = MIXERS[name].module(spec.config, "float32", "float32", "reference")
+    spec = next(s for s in (*MIXED.plan(), *WITH_GDN.plan()) if s.mixer == name)
+    module = kinds()[name].module(spec.config, "float32", "float32", "reference")
     x = jnp.asarray(rng.normal(size=(2, 10, 48)), jnp.float32)
     with compiling_for(backend):
-        cache = Cache.init(2, 12, (MIXERS[name].module.init_cache(spec.config, 2, 12, jnp.float32),))
+        cache = Cache.init(2, 12, (kinds()[name].module.init_cache(spec.config, 2, 12, jnp.float32),))
     if name == "attention":
         g, d = spec.config.n_kv_heads, spec.config.head_dim
         assert cache.layers[0].k.shape == ((2, g, d, 12) if backend == "tpu" else (2, 12, g, d))
@@ -69,7 +71,8 @@ def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(nam
         cache = cache.advance(step, (layer,), 1)
 
 
-@pytest.mark.parametrize("config", [MIXED, hybrid("all"), hybrid("none")], ids=["mixed", "all_mla", "all_mamba2"])
+@pytest.mark.parametrize("config", [MIXED, hybrid("all"), hybrid("none"), WITH_GDN],
+                         ids=["mixed", "all_mla", "all_mamba2", "with_gdn"])
 @pytest.mark.parametrize("pad", [0, 3])
 def test_hybrid_prefill_then_decode_equals_the_full_pass(config, pad, rng):
     model = random_model(config)
@@ -81,7 +84,8 @@ def test_hybrid_prefill_then_decode_equals_the_full_pass(config, pad, rng):
     mask = np.concatenate([np.zeros((2, pad), bool), np.ones((2, 9), bool)], axis=1)
     logits, cache = gen.prefill(model.params, prompt, mask, max_len=pad + 17)
     kinds = {type(c) for c in cache.layers}
-    assert kinds == {{"mla": LatentCache, "mamba2": SSMCache, "attention": KVCache}[m] for m in config.mixers}
+    assert kinds == {{"mla": LatentCache, "mamba2": SSMCache, "gdn": SSMCache, "attention": KVCache}[m]
+                     for m in config.mixers}
     atol = ATOL * np.abs(full).max()
     np.testing.assert_allclose(logits, full[:, 8], rtol=0, atol=atol)
     step = gen.decode_step

@@ -133,7 +133,7 @@ def test_an_mla_layer_initialised_from_rope_only_attention_computes_the_teachers
 def test_mamba2_takes_x_b_c_and_out_proj_from_v_k_q_and_o():
     attn = teacher_params()["layers_0"]["self_attn"]
     m = full_rank().mamba2
-    params = mamba2_from_attention(attn, full_rank().attention, m, jax.random.key(3))
+    params, _ = mamba2_from_attention(attn, full_rank().attention, m, jax.random.key(3))
     cols = np.split(params["in_proj"]["kernel"], np.cumsum(list(m.in_proj_sizes().values()))[:-1], axis=1)
     z, x, b, c, dt = cols
     np.testing.assert_array_equal(x, attn["v_proj"]["kernel"].reshape(48, -1))
@@ -148,7 +148,7 @@ def test_mamba2_takes_x_b_c_and_out_proj_from_v_k_q_and_o():
     bound = 1 / math.sqrt(m.conv_kernel)  # PyTorch's Conv1d default: fan-in is the kernel size, bias too
     assert np.abs(params["conv_kernel"]).max() <= bound and np.abs(params["conv_bias"]).max() <= bound
     assert np.abs(params["conv_bias"]).max() > 1 / math.sqrt(m.conv_dim)  # not the old 1/sqrt(channels) bound
-    again = mamba2_from_attention(attn, full_rank().attention, m, jax.random.key(3))
+    again, _ = mamba2_from_attention(attn, full_rank().attention, m, jax.random.key(3))
     jax.tree.map(np.testing.assert_array_equal, params, again)  # an explicit key decides everything
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -285,7 +284,8 @@ def build(
     """Build a Zebra-Llama hybrid from the Llama checkpoint ``teacher`` and write it to ``dst``.
 
     ``recipe``: the arguments of ``HybridConfig.from_teacher`` (``mla_layers``, ``attention_layers``,
-    ``kv_lora_rank``, ``q_lora_rank``, ``qk_rope_head_dim``, ``rope_factor``, ``mla={...}``, ``mamba2={...}``, …).
+    ``kv_lora_rank``, ``q_lora_rank``, ``qk_rope_head_dim``, ``rope_factor``, ``linear``, ``mla={...}``,
+    ``mamba2={...}``, …).
     ``config``: a ``HybridConfig`` (a preset) laid onto this teacher, with ``recipe`` over it (``_over_preset``);
     without one, ``recipe`` alone makes the hybrid. MLA layers are initialised by SVD, Mamba2 layers from the
     attention weights (fresh parts from ``jax.random.key(seed)``, ``seed`` in [0, 2**32)), the rest copied. The
@@ -327,7 +327,7 @@ _RECIPE_MLA_FIELDS = {"kv_lora_rank": ("kv_lora_rank",), "q_lora_rank": ("q_lora
 
 def _checked_recipe(recipe: dict) -> dict:
     """``recipe`` after InvalidArgument for a name ``HybridConfig.from_teacher`` does not take."""
-    known = [p for p in inspect.signature(HybridConfig.from_teacher).parameters if p != "teacher"]
+    known = HybridConfig.recipe_arguments()
     unknown = sorted(set(recipe) - set(known))
     if unknown:
         raise InvalidArgument(f"build: unknown recipe argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
@@ -347,13 +347,15 @@ def _over_preset(preset: HybridConfig, teacher: LlamaConfig, recipe: dict) -> Hy
     mla, rope = config.mla, config.mla.rope_scaling
     own = dict(mla_layers=list(config.layers_of("mla")), attention_layers=list(config.layers_of("attention")),
                kv_lora_rank=mla.kv_lora_rank, q_lora_rank=mla.q_lora_rank, qk_rope_head_dim=mla.qk_rope_head_dim,
-               rope_factor=rope.factor, rope_original_max_position_embeddings=rope.original_max_position_embeddings)
+               rope_factor=rope.factor, rope_original_max_position_embeddings=rope.original_max_position_embeddings,
+               linear=(config.linear_kinds() or ("mamba2",))[0])
     derived = HybridConfig.from_teacher(teacher, **{**own, **recipe})
+    own_kinds = dict(config.configs)
     fields = {"mla": {f for name in recipe for f in _RECIPE_MLA_FIELDS.get(name, ())} | set(recipe.get("mla", {})),
-              "mamba2": set(recipe.get("mamba2", {}))}
-    return dataclasses.replace(config, mixers=derived.mixers, **{
+              **{kind: set(recipe[kind]) for kind in own_kinds if kind != "mla" and kind in recipe}}
+    return config.replace(mixers=derived.mixers, **{
         kind: dataclasses.replace(getattr(config, kind), **{f: getattr(getattr(derived, kind), f) for f in names})
-        for kind, names in fields.items()})
+        for kind, names in fields.items()}, **{kind: c for kind, c in derived.configs if kind not in own_kinds})
 
 
 __all__ = ["Model", "build", "convert", "load", "load_tokenizer"]

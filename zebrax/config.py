@@ -89,8 +89,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def layer_map(self) -> str:
-        """One letter per layer: ``A`` GQA attention, ``L`` MLA (latent attention), ``S`` Mamba2 (state space)."""
-        return "".join(LAYER_LETTERS[spec.mixer] for spec in self.plan())
+        """One letter per layer, its kind's (``zebrax.mixers``): ``A`` GQA attention, ``L`` MLA (latent attention),
+        ``S`` Mamba2 (state space), ``D`` Gated DeltaNet."""
+        from zebrax.mixers import kind
+
+        return "".join(kind(spec.mixer).letter for spec in self.plan())
 
     def describe(self) -> str:
         """``LlamaConfig(num_hidden_layers=…, hidden_size=…, …)``: the identifying sizes, for error messages."""
@@ -686,44 +689,41 @@ class DeepseekV3Config(ModelConfig):
         }
 
 
-# the mixers a layer can hold, by name → their config class (the modules: ``zebrax.models.decoder.MIXERS``)
-MIXER_CONFIGS = {"attention": AttentionConfig, "mla": MLAConfig, "mamba2": Mamba2Config}
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """One layer of a decoder: which mixer (``attention``, ``mla``, ``mamba2``), its config, and whether the block
-    has an MLP (``h = h + Mixer(RMSNorm(h)); h = h + MLP(RMSNorm(h))``, or the first half alone)."""
+    """One layer of a decoder: which mixer (a registered kind, ``zebrax.mixers``: ``attention``, ``mla``,
+    ``mamba2``, ``gdn``), its config, and whether the block has an MLP (``h = h + Mixer(RMSNorm(h)); h = h +
+    MLP(RMSNorm(h))``, or the first half alone)."""
 
     mixer: str
-    config: AttentionConfig | MLAConfig | Mamba2Config
+    config: Any
     mlp: bool = True
 
     def __post_init__(self):
-        require(self.mixer in MIXER_CONFIGS, self, f"mixer={self.mixer!r} is not one of {sorted(MIXER_CONFIGS)}")
+        from zebrax.mixers import kinds
+
+        require(self.mixer in kinds(), self, f"mixer={self.mixer!r} is not one of {sorted(kinds())}")
+        want = kinds()[self.mixer].config
         if isinstance(self.config, dict):
-            object.__setattr__(self, "config", MIXER_CONFIGS[self.mixer](**self.config))
-        want = MIXER_CONFIGS[self.mixer]
+            object.__setattr__(self, "config", want(**self.config))
         require(isinstance(self.config, want), self,
                 f"a {self.mixer!r} layer needs a {want.__name__}, got {type(self.config).__name__}")
 
 
-LAYER_LETTERS = {"attention": "A", "mla": "L", "mamba2": "S"}  # GQA attention, latent attention, state space
-
-
 @dataclasses.dataclass(frozen=True)
 class HybridConfig(ModelConfig):
-    """A Zebra-Llama hybrid: the teacher's Llama blocks (pre-norm, SwiGLU MLP) whose mixer is, layer by layer,
-    ``mla``, ``mamba2`` or the teacher's own ``attention`` (``mixers``, one name per layer). Every layer of a kind
-    shares that kind's config. ``HybridConfig.from_teacher`` derives the configs by the Zebra recipe."""
+    """A Zebra-Llama hybrid: the teacher's Llama blocks (pre-norm, SwiGLU MLP) whose mixer is, layer by layer, any
+    registered kind (``mixers``, one name per layer: ``mla``, ``mamba2``, ``gdn`` or the teacher's own
+    ``attention``). Every layer of a kind shares that kind's config: ``attention`` is the teacher's, the others are
+    in ``configs`` and read as ``config.mla``, ``config.mamba2``, …; in JSON each is a field named after its kind.
+    ``HybridConfig.from_teacher`` derives the configs by the Zebra recipe."""
 
     vocab_size: int = 128256
     hidden_size: int = 2048
     intermediate_size: int = 8192
     mixers: tuple[str, ...] = ("mla", "mamba2")
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
-    mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
+    configs: tuple[tuple[str, Any], ...] = (("mamba2", Mamba2Config()), ("mla", MLAConfig()))
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
@@ -736,25 +736,67 @@ class HybridConfig(ModelConfig):
     param_dtype: str = "float32"
 
     model_type = "zebra_hybrid"
-    nested = {"attention": AttentionConfig, "mla": MLAConfig, "mamba2": Mamba2Config}
+    nested = {"attention": AttentionConfig}
     residual_in_fp32 = False
 
     def __post_init__(self):
-        for name, cls in self.nested.items():
-            if isinstance(getattr(self, name), dict):
-                object.__setattr__(self, name, cls(**getattr(self, name)))
+        from zebrax.mixers import kinds
+
+        if isinstance(self.attention, dict):
+            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+        configs = dict(self.configs)
+        unknown = sorted(set(configs) - set(kinds()) | {"attention"} & set(configs))
+        require(not unknown, self, f"configs {unknown} are not of mixer kinds other than attention "
+                f"({sorted(set(kinds()) - {'attention'})})")
+        for name, cfg in configs.items():
+            cls = kinds()[name].config
+            configs[name] = cls(**cfg) if isinstance(cfg, dict) else cfg
+            require(isinstance(configs[name], cls), self,
+                    f"{name} needs a {cls.__name__}, got {type(configs[name]).__name__}")
+        object.__setattr__(self, "configs", tuple(sorted(configs.items())))
         object.__setattr__(self, "mixers", tuple(self.mixers))
         normalise_token_ids(self)
         require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings")
         require(len(self.mixers) > 0, self, "mixers must name at least one layer")
-        unknown = sorted({m for m in self.mixers if m not in MIXER_CONFIGS})
-        require(not unknown, self, f"mixers {unknown} are not among {sorted(MIXER_CONFIGS)}")
-        for name in ("mla", "mamba2"):
-            d_model = getattr(self, name).d_model
-            require(name not in self.mixers or d_model == self.hidden_size, self,
-                    f"{name}.d_model={d_model} must equal hidden_size={self.hidden_size}")
+        unknown = sorted({m for m in self.mixers if m not in kinds()})
+        require(not unknown, self, f"mixers {unknown} are not among {sorted(kinds())}")
+        missing = sorted({m for m in self.mixers if m != "attention"} - set(configs))
+        require(not missing, self, f"no config for the {missing} layers")
+        for name in sorted(set(self.mixers) - {"attention"}):
+            d_model = configs[name].d_model
+            require(d_model == self.hidden_size, self, f"{name}.d_model={d_model} must equal hidden_size="
+                    f"{self.hidden_size}")
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         check_activation(self, "hidden_act")
+
+    def __getattr__(self, name: str):
+        """``config.mla``, ``config.mamba2``, …: the config of each kind in ``configs``."""
+        configs = dict(self.__dict__.get("configs", ()))
+        if name.startswith("_") or name not in configs:
+            raise AttributeError(f"{type(self).__name__} has no attribute or mixer config {name!r}")
+        return configs[name]
+
+    def replace(self, **changes) -> HybridConfig:
+        """``dataclasses.replace``, where a kind's name (``mla=…``) replaces that kind's config."""
+        kind_changes = {k: changes.pop(k) for k in list(changes) if k not in self.__dataclass_fields__}
+        if kind_changes:
+            changes["configs"] = tuple({**dict(changes.get("configs", self.configs)), **kind_changes}.items())
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        del d["configs"]
+        return {**d, **{name: dataclasses.asdict(cfg) for name, cfg in self.configs}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HybridConfig:
+        from zebrax.mixers import kinds
+
+        d = dict(d)
+        configs = {name: d.pop(name) for name in list(d) if name in kinds() and name != "attention"}
+        for name, sub in configs.items():
+            unknown_fields(kinds()[name].config, sub)
+        return super().from_dict({**d, "configs": tuple(configs.items())})
 
     @property
     def num_hidden_layers(self) -> int:
@@ -762,6 +804,10 @@ class HybridConfig(ModelConfig):
 
     def plan(self) -> tuple[LayerSpec, ...]:
         return tuple(LayerSpec(m, getattr(self, m)) for m in self.mixers)
+
+    def linear_kinds(self) -> tuple[str, ...]:
+        """The kinds of its layers other than attention and MLA (``mamba2``, ``gdn``), in layer order."""
+        return tuple(dict.fromkeys(m for m in self.mixers if m not in ("attention", "mla")))
 
     def layers_of(self, mixer: str) -> tuple[int, ...]:
         return tuple(i for i, m in enumerate(self.mixers) if m == mixer)
@@ -771,11 +817,12 @@ class HybridConfig(ModelConfig):
         return self.num_hidden_layers * 2 * self.attention.n_kv_heads * self.attention.head_dim
 
     def summary(self) -> dict:
+        mla = dict(self.configs).get("mla")
+        ranks = {} if mla is None else {"kv_lora_rank": mla.kv_lora_rank, "q_lora_rank": mla.q_lora_rank,
+                                        "qk_rope_head_dim": mla.qk_rope_head_dim}
         return {"num_hidden_layers": self.num_hidden_layers, "hidden_size": self.hidden_size,
-                "num_attention_heads": self.attention.n_heads,
-                "num_key_value_heads": self.attention.n_kv_heads, "kv_lora_rank": self.mla.kv_lora_rank,
-                "q_lora_rank": self.mla.q_lora_rank, "qk_rope_head_dim": self.mla.qk_rope_head_dim,
-                "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
+                "num_attention_heads": self.attention.n_heads, "num_key_value_heads": self.attention.n_kv_heads,
+                **ranks, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
 
     @classmethod
     def from_teacher(
@@ -789,11 +836,13 @@ class HybridConfig(ModelConfig):
         qk_rope_head_dim: int | None = None,
         rope_factor: float = 32.0,
         rope_original_max_position_embeddings: int = 8192,
+        linear: str = "mamba2",
         mla: dict | None = None,
-        mamba2: dict | None = None,
+        **overrides: dict,
     ) -> HybridConfig:
         """The Zebra recipe (METHOD §1–3) on a Llama teacher: layers in ``mla_layers`` (a list, ``"all"`` or
-        ``"none"``) become MLA, those in ``attention_layers`` keep the teacher's attention, the rest Mamba2.
+        ``"none"``) become MLA, those in ``attention_layers`` keep the teacher's attention, the rest ``linear``:
+        Mamba2, or another registered kind with a recipe (``gdn``: Gated DeltaNet, ``zebrax.layers.gated_delta``).
 
         MLA: ``kv_groups`` = the teacher's KV heads, ``qk_rope_head_dim`` (default head_dim / 2; an even divisor
         of head_dim, so that each MLA RoPE pair keeps the frequency of the teacher pair it is taken from:
@@ -801,11 +850,20 @@ class HybridConfig(ModelConfig):
         2/3 of the query width, rounded to 8), DeepSeek's YaRN on the rope part (base = the teacher's
         ``rope_theta``, ``rope_factor``, original length ``rope_original_max_position_embeddings``, beta 32/1),
         interleaved pairs, no latent norms.
-        Mamba2: the attention-shaped variant, expand 1, ``n_heads = n_groups`` = query heads, ``xb_heads`` = KV
-        heads, ``head_dim = d_state`` = the teacher's head_dim, conv 4, chunk 256, gated-norm eps ``GATED_NORM_EPS``
-        (the reference code's, whatever the teacher's ``rms_norm_eps``). ``mla`` / ``mamba2``: any
-        field of ``MLAConfig`` / ``Mamba2Config`` to override.
+        The ``linear`` kind: its recipe (``zebrax.layers.mamba2.recipe``: the attention-shaped variant, expand 1,
+        ``n_heads = n_groups`` = query heads, ``xb_heads`` = KV heads, ``head_dim = d_state`` = the teacher's
+        head_dim, conv 4, chunk 256, the reference code's gated-norm eps). ``mla={…}``, ``mamba2={…}`` (the
+        ``linear`` kind's name): any field of its config to override.
         """
+        from zebrax.mixers import kind
+
+        recipe = kind(linear).recipe
+        if recipe is None:
+            raise ConfigError(f"HybridConfig: linear={linear!r} has no recipe from a teacher's attention")
+        stray = sorted(set(overrides) - {linear})
+        if stray:
+            raise ConfigError(f"HybridConfig.from_teacher: unknown arguments {stray} (a kind's overrides are named "
+                              f"after it; this hybrid holds mla and {linear})")
         if not isinstance(teacher, LlamaConfig):
             raise ConfigError(f"HybridConfig.from_teacher: the teacher must be a Llama-shaped model "
                               f"(LlamaConfig), got {type(teacher).__name__}")
@@ -838,22 +896,31 @@ class HybridConfig(ModelConfig):
             rope_scaling=RopeScaling("yarn", factor=rope_factor,
                                      original_max_position_embeddings=rope_original_max_position_embeddings),
         ), **(mla or {}))
-        mamba2_config = dataclasses.replace(Mamba2Config(
-            d_model=d, d_inner=heads * head_dim, n_heads=heads, head_dim=head_dim, d_state=head_dim, n_groups=heads,
-            xb_heads=kv_heads, conv_kernel=4, chunk_size=256, norm_eps=GATED_NORM_EPS,
-        ), **(mamba2 or {}))
+        linear_config = dataclasses.replace(recipe(teacher), **overrides.get(linear, {}))
         attention = AttentionConfig(heads, kv_heads, head_dim, teacher.rope_theta, teacher.rope_scaling,
                                     teacher.attention_bias)
-        mixers = tuple("mla" if i in mla_set else "attention" if i in attention_set else "mamba2" for i in range(n))
+        mixers = tuple("mla" if i in mla_set else "attention" if i in attention_set else linear for i in range(n))
         return cls(
             vocab_size=teacher.vocab_size, hidden_size=d, intermediate_size=teacher.intermediate_size, mixers=mixers,
-            attention=attention, mla=mla_config, mamba2=mamba2_config, rms_norm_eps=teacher.rms_norm_eps,
+            attention=attention, configs=(("mla", mla_config), (linear, linear_config)),
+            rms_norm_eps=teacher.rms_norm_eps,
             max_position_embeddings=teacher.max_position_embeddings, tie_word_embeddings=teacher.tie_word_embeddings,
             mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act, bos_token_id=teacher.bos_token_id,
             eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id, dtype=teacher.dtype,
             param_dtype=teacher.param_dtype,
         )
 
+
+    @classmethod
+    def recipe_arguments(cls) -> tuple[str, ...]:
+        """What ``from_teacher`` takes besides the teacher: its own arguments and, for overrides, the name of every
+        registered kind but attention (``mamba2={…}``, ``gdn={…}``)."""
+        import inspect
+
+        from zebrax.mixers import kinds
+
+        own = [p for p in inspect.signature(cls.from_teacher).parameters if p not in ("teacher", "overrides")]
+        return (*own, *(k for k in kinds() if k not in own and k != "attention"))
 
     def check_teacher(self, teacher) -> None:
         """ConfigError unless ``teacher`` is a Llama of this hybrid's shape (layers, width, heads, head_dim)."""
@@ -873,11 +940,12 @@ class HybridConfig(ModelConfig):
         published config, applied to the teacher actually loaded): vocabulary, token ids, dtypes, RoPE base and
         the teacher's attention come from ``teacher``; a teacher of another shape is an error."""
         self.check_teacher(teacher)
-        return dataclasses.replace(
-            self, vocab_size=teacher.vocab_size, intermediate_size=teacher.intermediate_size,
+        return self.replace(
+            vocab_size=teacher.vocab_size, intermediate_size=teacher.intermediate_size,
             attention=AttentionConfig(teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,
                                       teacher.rope_theta, teacher.rope_scaling, teacher.attention_bias),
-            mla=dataclasses.replace(self.mla, rope_theta=teacher.rope_theta),
+            **({"mla": dataclasses.replace(self.mla, rope_theta=teacher.rope_theta)} if "mla" in dict(self.configs)
+               else {}),
             rms_norm_eps=teacher.rms_norm_eps, max_position_embeddings=teacher.max_position_embeddings,
             tie_word_embeddings=teacher.tie_word_embeddings, mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act,
             bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,

@@ -22,23 +22,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from zebrax.errors import ConfigError
 from zebrax.ops.sharded import AXES, BATCH
 
-RULES: dict[str, str | None] = {
+# the axes every model shares; each mixer kind adds the axes only it uses (``MixerKind.axes``): ``rules()``
+BASE_RULES: dict[str, str | None] = {
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
-    "ssm_heads": "tensor",
-    "ssm_inner": "tensor",
     "head_dim": None,
-    "q_lora": "fsdp",  # MLA's q_b_proj and kv_b_proj have no embed axis: fsdp takes their latent one
-    "kv_lora": "fsdp",
-    "kv_latent": None,
-    "ssm_state": None,
+    "ssm_heads": "tensor",  # the state heads of a linear mixer (Mamba2, Gated DeltaNet)
     "conv": None,
-    "ssm_in": None,  # [z ; xBC ; dt]
-    "ssm_conv": None,  # [x ; B ; C]
+    "ssm_conv": None,  # the conv's channels, a concatenation ([x ; B ; C], [q ; k ; v])
 }
+
+
+def rules() -> dict[str, str | None]:
+    """Logical axis → mesh axis: ``BASE_RULES`` and every registered mixer kind's own axes."""
+    from zebrax.mixers import kinds
+
+    return {**BASE_RULES, **{axis: rule for kind in kinds().values() for axis, rule in kind.axes.items()}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +74,11 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
 
 def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """The rules applied to one array: each dimension to its mesh axis, if that axis divides it and is not taken."""
-    out, used = [], set()
+    out, used, table = [], set(), rules()
     for name, size in zip(names, shape, strict=True):
-        if name not in RULES and name is not None:
-            raise ConfigError(f"sharding: no rule for the logical axis {name!r} (known: {', '.join(sorted(RULES))})")
-        axis = RULES.get(name) if name is not None else None
+        if name not in table and name is not None:
+            raise ConfigError(f"sharding: no rule for the logical axis {name!r} (known: {', '.join(sorted(table))})")
+        axis = table.get(name) if name is not None else None
         ok = axis is not None and axis not in used and size % mesh.shape[axis] == 0
         out.append(axis if ok else None)
         if ok:

@@ -464,9 +464,9 @@ def test_export_refuses_what_their_code_computes_otherwise(tmp_path, capsys):
 
     base = HybridConfig.from_teacher(teacher(1e-6), mla_layers=[0, 2], kv_lora_rank=16, q_lora_rank=24,
                                      qk_rope_head_dim=8)
-    cases = {"mamba2.norm_eps=1e-06": dataclasses.replace(base, mamba2=dataclasses.replace(base.mamba2, norm_eps=1e-6)),
-             "mamba2.norm_eps=0.001": dataclasses.replace(base, mamba2=dataclasses.replace(base.mamba2, norm_eps=1e-3)),
-             "mla.kv_lora_rank=12": dataclasses.replace(base, mla=dataclasses.replace(base.mla, kv_lora_rank=12))}
+    cases = {"mamba2.norm_eps=1e-06": base.replace(mamba2=dataclasses.replace(base.mamba2, norm_eps=1e-6)),
+             "mamba2.norm_eps=0.001": base.replace(mamba2=dataclasses.replace(base.mamba2, norm_eps=1e-3)),
+             "mla.kv_lora_rank=12": base.replace(mla=dataclasses.replace(base.mla, kv_lora_rank=12))}
     for needle, config in cases.items():
         model = random_model(config)
         src = tmp_path / needle.replace("=", "_")

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from zebrax.config import DeepseekV3Config, HybridConfig, LlamaConfig, Mamba2LMConfig
 from zebrax.convert.mapping import CONV, FLAT, LINEAR, LINEAR_2, SAME, TensorMap
+from zebrax.mixers import kinds
+
+LAYOUTS = {"linear": LINEAR, "linear_2": LINEAR_2, "same": SAME, "flat": FLAT, "conv": CONV}
+
+
+def mixer_tensors(name: str, module: str) -> dict:
+    """A registered kind's tensors (``MixerKind.hf_tensors``) stored under ``<module>.`` in a layer."""
+    k = kinds()[name]
+    return {f"{module}.{hf}": ((k.scope, *path), LAYOUTS[layout]) for hf, (path, layout) in k.hf_tensors.items()}
+
 
 LLAMA = TensorMap(
     top_level={
@@ -14,10 +24,7 @@ LLAMA = TensorMap(
     per_layer={
         "input_layernorm.weight": (("input_layernorm", "scale"), SAME),
         "post_attention_layernorm.weight": (("post_attention_layernorm", "scale"), SAME),
-        **{f"self_attn.{p}_proj.weight": (("self_attn", f"{p}_proj", "kernel"), LINEAR) for p in "qkv"},
-        **{f"self_attn.{p}_proj.bias": (("self_attn", f"{p}_proj", "bias"), FLAT) for p in "qkv"},
-        "self_attn.o_proj.weight": (("self_attn", "o_proj", "kernel"), LINEAR_2),
-        "self_attn.o_proj.bias": (("self_attn", "o_proj", "bias"), FLAT),
+        **mixer_tensors("attention", "self_attn"),
         **{f"mlp.{p}_proj.weight": (("mlp", f"{p}_proj", "kernel"), LINEAR) for p in ("gate", "up", "down")},
         **{f"mlp.{p}_proj.bias": (("mlp", f"{p}_proj", "bias"), FLAT) for p in ("gate", "up", "down")},
     },
@@ -32,16 +39,7 @@ MAMBA2 = TensorMap(
     },
     per_layer={
         "norm.weight": (("norm", "scale"), SAME),
-        "mixer.in_proj.weight": (("mixer", "in_proj", "kernel"), LINEAR),
-        "mixer.in_proj.bias": (("mixer", "in_proj", "bias"), SAME),
-        "mixer.conv1d.weight": (("mixer", "conv_kernel"), CONV),
-        "mixer.conv1d.bias": (("mixer", "conv_bias"), SAME),
-        "mixer.dt_bias": (("mixer", "dt_bias"), SAME),
-        "mixer.A_log": (("mixer", "A_log"), SAME),
-        "mixer.D": (("mixer", "D"), SAME),
-        "mixer.norm.weight": (("mixer", "norm", "scale"), SAME),
-        "mixer.out_proj.weight": (("mixer", "out_proj", "kernel"), LINEAR),
-        "mixer.out_proj.bias": (("mixer", "out_proj", "bias"), SAME),
+        **mixer_tensors("mamba2", "mixer"),
     },
     layer_prefix="backbone.layers",
     aliases={"backbone.embedding.weight": "backbone.embeddings.weight"},  # mamba_ssm's name
@@ -67,21 +65,13 @@ DEEPSEEK_V3 = TensorMap(
     layer_prefix="model.layers",
 )
 
-# the reference code's hybrids (convert/hybrid.py): Llama blocks whose mixer is `mla.*` (AMD), `mamba.*`, or the
-# kept `self_attn.*` (MambaInLlama); the head is always stored
+# a hybrid's HF layout (the reference code's, convert/hybrid.py): Llama blocks whose mixer is stored under its kind's
+# ``hf_module``: `mla.*` (AMD), `mamba.*`, the kept `self_attn.*` (MambaInLlama), `linear_attn.*` (Gated DeltaNet);
+# the head is always stored
 HYBRID = TensorMap(
     top_level=LLAMA.top_level,
-    per_layer={
-        **LLAMA.per_layer,
-        "mla.q_a_proj.weight": (("self_attn", "q_a_proj", "kernel"), LINEAR),
-        "mla.q_a_layernorm.weight": (("self_attn", "q_a_layernorm", "scale"), SAME),
-        "mla.q_b_proj.weight": (("self_attn", "q_b_proj", "kernel"), LINEAR),
-        "mla.kv_a_proj_with_mqa.weight": (("self_attn", "kv_a_proj_with_mqa", "kernel"), LINEAR),
-        "mla.kv_a_layernorm.weight": (("self_attn", "kv_a_layernorm", "scale"), SAME),
-        "mla.kv_b_proj.weight": (("self_attn", "kv_b_proj"), LINEAR),
-        "mla.out_proj.weight": (("self_attn", "o_proj", "kernel"), LINEAR_2),
-        **{f"mamba.{k.removeprefix('mixer.')}": v for k, v in MAMBA2.per_layer.items() if k.startswith("mixer.")},
-    },
+    per_layer={**LLAMA.per_layer,
+               **{t: v for k in kinds().values() for t, v in mixer_tensors(k.name, k.hf_module).items()}},
     layer_prefix="model.layers",
 )
 

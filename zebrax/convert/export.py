@@ -15,6 +15,7 @@ from zebrax.convert.hf import TOKENIZER_FILES
 from zebrax.convert.hybrid import LAYOUT_FILES
 from zebrax.convert.mapping import hf_tensors
 from zebrax.errors import ConfigError
+from zebrax.mixers import kind
 
 EXPORT_MARK = "zebrax_export"  # safetensors metadata key: this directory was written by ``export``
 
@@ -47,8 +48,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = 
         format = format or hybrid.layout_of(config)
         hybrid.check_exportable(config, format)
         files = hybrid.files_for(config, format, str(Path(dst).absolute()))
-        modules = {f"layers_{i}": {"mla": "mla", "mamba2": "mamba", "attention": "self_attn"}[m]
-                   for i, m in enumerate(config.mixers)}
+        modules = {f"layers_{i}": kind(m).hf_module for i, m in enumerate(config.mixers)}
     elif format not in (None, "hf"):
         raise ConfigError(f"export: format {format!r} is for hybrids; {type(config).__name__} exports as 'hf'")
     else:

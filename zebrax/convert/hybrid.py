@@ -233,8 +233,8 @@ def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
         teacher = dataclasses.replace(teacher, **block)
         config = HybridConfig.from_teacher(teacher, mla_layers="none",
                                            attention_layers=special if kind == "attention" else ())
-        return dataclasses.replace(
-            config, mixers=tuple(kind if i in special else "mamba2" for i in range(n)),
+        return config.replace(
+            mixers=tuple(kind if i in special else "mamba2" for i in range(n)),
             mla=_mla(layout_file, d, special) if kind == "mla" else config.mla,
             mamba2=_mamba2(layout_file, d) if mamba else config.mamba2)
     except KeyError as e:

@@ -174,7 +174,7 @@ class Experiment:
             check_int(f"distill.mesh[{axis!r}]", size, -1)
         check_choice("distill.compute_dtype", self.compute_dtype, DTYPES)
         check_int("distill.loss_chunk", self.loss_chunk, 0)
-        recipe = set(inspect.signature(HybridConfig.from_teacher).parameters) - {"teacher", "mla_layers"}
+        recipe = set(HybridConfig.recipe_arguments()) - {"mla_layers"}
         if not (isinstance(self.student, dict) and set(self.student) <= recipe):
             raise ConfigError(f"distill.student = {self.student!r}: expected a dict of HybridConfig.from_teacher "
                               f"arguments ({', '.join(sorted(recipe))})")

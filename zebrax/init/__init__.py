@@ -1,8 +1,9 @@
-"""Teacher parameters → student parameters, one file per method (``mla_svd.py``, ``mamba2_from_attention.py``),
-and ``assemble.py`` (a hybrid from an all-MLA and an all-Mamba2 student).
+"""Teacher parameters → student parameters, one file per method (``mla_svd.py``, ``mamba2_from_attention.py``,
+``gated_delta_from_attention.py``), and ``assemble.py`` (a hybrid from an all-MLA and an all-Mamba2 student).
 
-``init_hybrid`` builds every layer of a ``HybridConfig`` from its Llama teacher: MLA layers by SVD, Mamba2
-layers from the attention weights, attention layers copied; MLPs, norms, embeddings, final norm and head copied.
+``init_hybrid`` builds every layer of a ``HybridConfig`` from its Llama teacher: each mixer by its kind's
+``from_attention`` (``zebrax.mixers``: MLA by SVD, Mamba2 and Gated DeltaNet from the attention weights), attention
+layers copied; MLPs, norms, embeddings, final norm and head copied.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from zebrax.convert.mapping import NP_DTYPES
 from zebrax.init.assemble import assemble
 from zebrax.init.mamba2_from_attention import mamba2_from_attention
 from zebrax.init.mla_svd import mla_from_attention
+from zebrax.mixers import kind
 
 __all__ = ["assemble", "init_hybrid", "mamba2_from_attention", "mla_from_attention"]
 
@@ -45,19 +47,17 @@ def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: j
     out = {name: copy(params[name], at(name)) for name in params if not name.startswith("layers_")}
     report = []
     keys = jax.random.split(key, config.num_hidden_layers)
-    for i, mixer in enumerate(config.mixers):
+    for i, spec in enumerate(config.plan()):
         name, layer = f"layers_{i}", params[f"layers_{i}"]
         new = {k: copy(v, at(name, k)) for k, v in layer.items() if k != "self_attn"}
-        row = {"layer": i, "mixer": mixer}
-        if mixer == "attention":
+        row, mixer = {"layer": i, "mixer": spec.mixer}, kind(spec.mixer)
+        if spec.mixer == "attention":
             new["self_attn"] = copy(layer["self_attn"], at(name, "self_attn"))
-        elif mixer == "mla":
-            mla, errors = mla_from_attention(host(layer["self_attn"]), config.attention, config.mla)
-            new["self_attn"] = made(mla, at(name, "self_attn"))
-            row.update(errors)
         else:
-            new["mixer"] = made(mamba2_from_attention(host(layer["self_attn"]), config.attention, config.mamba2,
-                                                      keys[i]), at(name, "mixer"))
+            made_params, made_report = mixer.initialise(host(layer["self_attn"]), config.attention, spec.config,
+                                                        keys[i])
+            new[mixer.scope] = made(made_params, at(name, mixer.scope))
+            row.update(made_report)
         out[name] = new
         report.append(row)
     return out, {"layers": report}

@@ -29,8 +29,10 @@ def check_shapes(teacher: AttentionConfig, m: Mamba2Config) -> None:
                           "biases")
 
 
-def mamba2_from_attention(attention: dict, teacher: AttentionConfig, m: Mamba2Config, key: jax.Array) -> dict:
-    """Teacher attention params (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` kernels) → Mamba2 mixer params."""
+def mamba2_from_attention(attention: dict, teacher: AttentionConfig, m: Mamba2Config, key: jax.Array
+                          ) -> tuple[dict, dict]:
+    """Teacher attention params (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` kernels) → (Mamba2 mixer params,
+    an empty report: nothing is truncated)."""
     check_shapes(teacher, m)
     wq, wk, wv, wo = (np.asarray(attention[f"{p}_proj"]["kernel"], np.float32) for p in "qkvo")
     d = wq.shape[0]
@@ -49,4 +51,4 @@ def mamba2_from_attention(attention: dict, teacher: AttentionConfig, m: Mamba2Co
         "D": np.ones((m.n_heads,), np.float32),
         "norm": {"scale": np.ones((m.d_inner,), np.float32)},
         "out_proj": {"kernel": wo.reshape(m.d_inner, d)},
-    }
+    }, {}

@@ -48,9 +48,10 @@ def check_shapes(teacher: AttentionConfig, mla: MLAConfig) -> None:
                           "qk_nope + qk_rope = v = head_dim, a low-rank query, no latent norms and no biases")
 
 
-def mla_from_attention(attention: dict, teacher: AttentionConfig, mla: MLAConfig) -> tuple[dict, dict]:
+def mla_from_attention(attention: dict, teacher: AttentionConfig, mla: MLAConfig, key=None) -> tuple[dict, dict]:
     """Teacher attention params (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` kernels) → (MLA params, report).
-    The report holds the relative Frobenius error of each truncation, ``‖W − W_r‖ / ‖W‖``."""
+    The report holds the relative Frobenius error of each truncation, ``‖W − W_r‖ / ‖W‖``. Nothing is drawn at
+    random (``key`` is not used)."""
     check_shapes(teacher, mla)
     h, g, hd = teacher.n_heads, teacher.n_kv_heads, teacher.head_dim
     nope, rope = rope_rows(hd, mla.qk_rope_head_dim)

@@ -10,6 +10,8 @@ from zebrax.cache import KVCache, Slots
 from zebrax.config import AttentionConfig
 from zebrax.layers.linear import Linear
 from zebrax.layers.rope import apply_rope, attention_factor, inv_frequencies
+from zebrax.mixers import MixerKind
+from zebrax.ops.attention import AttentionImpl
 
 
 class Attention(nn.Module):
@@ -47,3 +49,12 @@ class Attention(nn.Module):
     @staticmethod
     def init_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype) -> KVCache:
         return KVCache.init(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
+
+
+KIND = MixerKind(
+    name="attention", letter="A", config=AttentionConfig, module=Attention, scope="self_attn", op="attention",
+    impls=tuple(i.value for i in AttentionImpl), hf_module="self_attn",
+    hf_tensors={**{f"{p}_proj.weight": ((f"{p}_proj", "kernel"), "linear") for p in "qkv"},
+                **{f"{p}_proj.bias": ((f"{p}_proj", "bias"), "flat") for p in "qkv"},
+                "o_proj.weight": (("o_proj", "kernel"), "linear_2"), "o_proj.bias": (("o_proj", "bias"), "flat")},
+)

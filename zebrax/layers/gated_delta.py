@@ -24,9 +24,10 @@ from zebrax.layers.conv import causal_conv
 from zebrax.layers.linear import Linear
 from zebrax.layers.mamba2 import a_log_init, dt_bias_init
 from zebrax.layers.norms import rms_normalize
+from zebrax.mixers import MixerKind
 from zebrax.ops.gated_delta import gated_delta_chunked, gated_delta_reference, gated_delta_step
 
-IMPLS = ("auto", "chunked", "reference")  # ``auto`` is the chunked form on every backend
+IMPLS = ("reference", "chunked", "auto")  # ``auto`` is the chunked form on every backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,3 +168,23 @@ def _l2(x: jax.Array, eps: float) -> jax.Array:
     """``x / sqrt(Σ x² + eps)`` over the last axis, in float32 (FLA's and Qwen3-Next's ``l2norm``)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def recipe(teacher) -> GatedDeltaConfig:
+    """Gated DeltaNet on a Llama teacher, attention-shaped as Zebra's Mamba2 is: a state head per query head, q on
+    the query heads, k and v on the KV heads, ``head_k_dim = head_v_dim`` = the teacher's head_dim, conv 4, chunk
+    64 (``zebrax.init.gated_delta_from_attention``)."""
+    heads, kv_heads, head_dim = teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim
+    return GatedDeltaConfig(d_model=teacher.hidden_size, n_heads=heads, head_k_dim=head_dim, head_v_dim=head_dim,
+                            q_heads=heads, k_heads=kv_heads, v_heads=kv_heads, conv_kernel=4, chunk_size=64)
+
+
+KIND = MixerKind(
+    name="gdn", letter="D", config=GatedDeltaConfig, module=GatedDeltaMixer, scope="mixer", op="gated_delta",
+    impls=IMPLS, from_attention="zebrax.init.gated_delta_from_attention:gated_delta_from_attention", recipe=recipe,
+    hf_module="linear_attn",  # Qwen3-Next's name for its Gated DeltaNet layers
+    hf_tensors={**{f"{p}_proj.weight": ((f"{p}_proj", "kernel"), "linear") for p in "qkvgab"},
+                "conv1d.weight": (("conv_kernel",), "conv"), "dt_bias": (("dt_bias",), "same"),
+                "A_log": (("A_log",), "same"), "norm.weight": (("norm", "scale"), "same"),
+                "out_proj.weight": (("out_proj", "kernel"), "linear_2")},
+)

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 
 from zebrax import ops
 from zebrax.cache import Slots, SSMCache, document_starts
-from zebrax.config import Mamba2Config
+from zebrax.config import GATED_NORM_EPS, Mamba2Config
 from zebrax.layers.activations import ACTIVATIONS
 from zebrax.layers.conv import causal_conv
 from zebrax.layers.linear import Linear
 from zebrax.layers.norms import GatedRMSNorm
+from zebrax.mixers import MixerKind
+from zebrax.ops.ssd import SSDImpl
 
 
 def dt_bias_init(cfg: Mamba2Config):
@@ -104,3 +106,26 @@ class Mamba2Mixer(nn.Module):
     def init_cache(cfg: Mamba2Config, batch: int, max_len: int, dtype) -> SSMCache:
         """The conv and SSM states of ``batch`` sequences; constant in length, so ``max_len`` is not used."""
         return SSMCache.init(batch, cfg.conv_dim, cfg.conv_kernel, cfg.n_heads, cfg.head_dim, cfg.d_state, dtype)
+
+
+def recipe(teacher) -> Mamba2Config:
+    """Zebra's Mamba2 on a Llama teacher (METHOD §3): the attention-shaped variant, expand 1, ``n_heads = n_groups`` =
+    query heads, ``xb_heads`` = KV heads, ``head_dim = d_state`` = the teacher's head_dim, conv 4, chunk 256,
+    gated-norm eps ``GATED_NORM_EPS`` (the reference code's, whatever the teacher's ``rms_norm_eps``)."""
+    heads, head_dim = teacher.num_attention_heads, teacher.head_dim
+    return Mamba2Config(d_model=teacher.hidden_size, d_inner=heads * head_dim, n_heads=heads, head_dim=head_dim,
+                        d_state=head_dim, n_groups=heads, xb_heads=teacher.num_key_value_heads, conv_kernel=4,
+                        chunk_size=256, norm_eps=GATED_NORM_EPS)
+
+
+KIND = MixerKind(
+    name="mamba2", letter="S", config=Mamba2Config, module=Mamba2Mixer, scope="mixer", op="ssd",
+    impls=tuple(i.value for i in SSDImpl), from_attention="zebrax.init.mamba2_from_attention:mamba2_from_attention",
+    recipe=recipe, hf_module="mamba",  # AMD's and MambaInLlama's layout; transformers' Mamba2 calls it mixer
+    hf_tensors={"in_proj.weight": (("in_proj", "kernel"), "linear"), "in_proj.bias": (("in_proj", "bias"), "same"),
+                "conv1d.weight": (("conv_kernel",), "conv"), "conv1d.bias": (("conv_bias",), "same"),
+                "dt_bias": (("dt_bias",), "same"), "A_log": (("A_log",), "same"), "D": (("D",), "same"),
+                "norm.weight": (("norm", "scale"), "same"), "out_proj.weight": (("out_proj", "kernel"), "linear"),
+                "out_proj.bias": (("out_proj", "bias"), "same")},
+    axes={"ssm_in": None, "ssm_inner": "tensor"},  # in_proj's [z ; xBC ; dt] is never split
+)

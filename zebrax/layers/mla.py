@@ -19,6 +19,8 @@ from zebrax.config import MLAConfig
 from zebrax.layers.linear import Linear, contract
 from zebrax.layers.norms import RMSNorm
 from zebrax.layers.rope import apply_rope, attention_factor, interleaved_to_half, inv_frequencies, softmax_scale
+from zebrax.mixers import MixerKind
+from zebrax.ops.attention import AttentionImpl
 
 
 class MLAttention(nn.Module):
@@ -91,3 +93,18 @@ class MLAttention(nn.Module):
     @staticmethod
     def init_cache(cfg: MLAConfig, batch: int, max_len: int, dtype) -> LatentCache:
         return LatentCache.init(batch, max_len, cfg.latent_dim, dtype)
+
+
+KIND = MixerKind(
+    name="mla", letter="L", config=MLAConfig, module=MLAttention, scope="self_attn", op="attention",
+    impls=tuple(i.value for i in AttentionImpl), from_attention="zebrax.init.mla_svd:mla_from_attention",
+    hf_module="mla",  # AMD's layout (convert/hybrid.py)
+    hf_tensors={"q_a_proj.weight": (("q_a_proj", "kernel"), "linear"),
+                "q_a_layernorm.weight": (("q_a_layernorm", "scale"), "same"),
+                "q_b_proj.weight": (("q_b_proj", "kernel"), "linear"),
+                "kv_a_proj_with_mqa.weight": (("kv_a_proj_with_mqa", "kernel"), "linear"),
+                "kv_a_layernorm.weight": (("kv_a_layernorm", "scale"), "same"),
+                "kv_b_proj.weight": (("kv_b_proj",), "linear"),
+                "out_proj.weight": (("o_proj", "kernel"), "linear_2")},
+    axes={"q_lora": "fsdp", "kv_lora": "fsdp", "kv_latent": None},  # q_b/kv_b have no embed axis: fsdp takes these
+)

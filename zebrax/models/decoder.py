@@ -2,14 +2,13 @@
 LM head. Llama, dense DeepSeek-V3, the pure Mamba2 LM and every hybrid are plans of this stack.
 
 A block is ``h = h + Mixer(RMSNorm(h)); h = h + MLP(RMSNorm(h))`` (the second half only where the plan says
-``mlp``). Parameters live per layer, ``layers_{i}/…``, named as transformers names them: the mixer is
-``self_attn`` (GQA, MLA) or ``mixer`` (Mamba2); the norms ``input_layernorm`` / ``post_attention_layernorm``, or
-``norm`` in a block without an MLP.
+``mlp``). Parameters live per layer, ``layers_{i}/…``, named as transformers names them: the mixer is its kind's
+``scope`` (``zebrax.mixers``: ``self_attn`` for GQA and MLA, ``mixer`` for Mamba2 and Gated DeltaNet); the norms
+``input_layernorm`` / ``post_attention_layernorm``, or ``norm`` in a block without an MLP.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -19,35 +18,16 @@ import jax.numpy as jnp
 from zebrax.cache import Cache, Slots, segment_positions, token_positions
 from zebrax.config import LayerSpec
 from zebrax.errors import InvalidArgument
-from zebrax.layers import Attention, Embed, Linear, RMSNorm, SwiGLU
-from zebrax.layers.mamba2 import Mamba2Mixer
-from zebrax.layers.mla import MLAttention
+from zebrax.layers import Embed, Linear, RMSNorm, SwiGLU
+from zebrax.mixers import kind, ops
 from zebrax.ops import Impls
 from zebrax.ops.sharded import rows
 
 
-@dataclasses.dataclass(frozen=True)
-class Mixer:
-    """A registered mixer: its module (constructor ``(config, dtype, param_dtype, impl)``, call
-    ``(x, slots, cache) -> (y, cache)``, ``init_cache(config, batch, max_len, dtype)``), the name of its
-    parameters inside a layer, and the op whose ``impl`` it takes."""
-
-    module: type[nn.Module]
-    name: str
-    op: str
-
-
-MIXERS = {
-    "attention": Mixer(Attention, "self_attn", "attention"),
-    "mla": Mixer(MLAttention, "self_attn", "attention"),
-    "mamba2": Mixer(Mamba2Mixer, "mixer", "ssd"),
-}
-
-
 def ops_of(config) -> tuple[str, ...]:
-    """The ops a model runs (``attention``, ``ssd``), in a fixed order."""
-    used = {MIXERS[spec.mixer].op for spec in config.plan()}
-    return tuple(op for op in ("attention", "ssd") if op in used)
+    """The ops a model runs (``attention``, ``ssd``, …), in the order of ``zebrax.mixers.ops()``."""
+    used = {kind(spec.mixer).op for spec in config.plan()}
+    return tuple(op for op in ops() if op in used)
 
 
 def make_slots(tokens: jax.Array, positions, token_mask, cache: Cache | None, segment_ids=None) -> Slots:
@@ -82,11 +62,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, slots: Slots, cache=None):
         cfg, spec = self.config, self.spec
-        mixer = MIXERS[spec.mixer]
+        mixer = kind(spec.mixer)
         x = rows(x)
         norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.sow("intermediates", "block_input", x)
-        module = mixer.module(spec.config, cfg.dtype, cfg.param_dtype, getattr(self.impls, mixer.op), name=mixer.name)
+        module = mixer.module(spec.config, cfg.dtype, cfg.param_dtype, getattr(self.impls, mixer.op), name=mixer.scope)
         h, cache = module(RMSNorm(name="input_layernorm" if spec.mlp else "norm", **norm)(x), slots, cache)
         self.sow("intermediates", "mixer_output", h)
         x = _residual(x, h, cfg.residual_in_fp32)
@@ -201,6 +181,5 @@ class DecoderLM(nn.Module):
     def init_cache(cfg, batch: int, max_len: int) -> Cache:
         """Each layer's own cache (GQA keys and values, MLA latents, Mamba2 conv and SSM states) for ``batch``
         sequences of up to ``max_len`` tokens."""
-        return Cache.init(batch, max_len, tuple(MIXERS[spec.mixer].module.init_cache(spec.config, batch, max_len,
-                                                                                      cfg.dtype)
-                                                for spec in cfg.plan()))
+        return Cache.init(batch, max_len, tuple(kind(s.mixer).module.init_cache(s.config, batch, max_len, cfg.dtype)
+                                                for s in cfg.plan()))
