@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 from zebrax.aot import PROGRAMS
+from zebrax.mixers import kinds, legend
 from zebrax.models.decoder import REMAT_POLICIES
 from zebrax.ops.sharded import AXES
 
@@ -107,12 +108,13 @@ def cmd_build(args):
         config = preset_config(args.preset)
         if not isinstance(config, HybridConfig):
             raise ZebraxError(f"--preset {args.preset}: not a hybrid preset (it builds a {type(config).__name__})")
-    names = ("mla_layers", "attention_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "rope_factor")
+    names = ("mla_layers", "attention_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "rope_factor",
+             "linear")
     recipe = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     dst = zebrax.build(args.teacher, args.dst, config=config, seed=args.seed, overwrite=args.overwrite, **recipe)
     report = json.loads((Path(dst) / "build_report.json").read_text())
     errors = [(r["q_relative_error"], r["kv_relative_error"]) for r in report["layers"] if r["mixer"] == "mla"]
-    summary = f"layers {report['layer_map']} (A attention, L MLA, S Mamba2)"
+    summary = f"layers {report['layer_map']} ({legend(report['layer_map'])})"
     if errors:
         q, kv = (sum(e) / len(errors) for e in zip(*errors, strict=True))
         summary += f"; mean SVD truncation error q {q:.3f}, kv {kv:.3f}"
@@ -136,7 +138,7 @@ def cmd_assemble(args):
         checkpoint.save(tmp, config, params)
         if checkpoint.tokenizer_dir(source) is not None:
             shutil.copytree(checkpoint.tokenizer_dir(source), tmp / "tokenizer")
-    print(f"wrote {args.dst}: layers {config.layer_map()} (A attention, L MLA, S Mamba2)")
+    print(f"wrote {args.dst}: layers {config.layer_map()} ({legend(config.layer_map())})")
 
 
 def cmd_select(args):
@@ -184,7 +186,7 @@ def cmd_info(args):
         if key in ("config", "layers"):
             continue
         if key == "layer_map":
-            value = f"{value}  (A attention, L MLA, S Mamba2)"
+            value = f"{value}  ({legend(value)})"
         elif key == "kv_cache_ratio" and value is not None:
             value = f"{100 * value:.2f}% of the all-attention teacher's per-token cache"
         shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
@@ -412,12 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--preset", help="a hybrid preset of configs/models/ (e.g. zebra-smollm2-135m-6mla-24m2)")
     h.add_argument("--mla-layers", type=_layers, help="0,2,4 | all | none (default: all)")
     h.add_argument("--attention-layers", type=_layers, help="layers that keep the teacher's attention")
+    h.add_argument("--linear", choices=[k.name for k in kinds().values() if k.recipe is not None],
+                   help="the kind of the other layers (default: mamba2; gdn: Gated DeltaNet)")
     h.add_argument("--kv-lora-rank", type=COUNT)
     h.add_argument("--q-lora-rank", type=COUNT)
     h.add_argument("--qk-rope-head-dim", type=COUNT)
     h.add_argument("--rope-factor", type=_number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"))
     h.add_argument("--seed", type=_number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"), default=0,
-                   help="for the fresh Mamba2 parameters")
+                   help="for the fresh Mamba2 (or GDN) parameters")
     h.add_argument("--overwrite", action="store_true")
     h.set_defaults(fn=cmd_build)
 
@@ -447,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="zebrax checkpoint → HF directory (safetensors)")
     e.add_argument("ckpt")
     e.add_argument("dst")
-    e.add_argument("--format", choices=["hf", "amd", "mambainllama"],
-                   help="hybrids: AMD's Zebra-Llama or MambaInLlama layout (default: the one its layers fit)")
+    e.add_argument("--format", choices=["hf", "amd", "mambainllama", "zebrax"],
+                   help="hybrids: AMD's Zebra-Llama or MambaInLlama layout, or zebrax's own for any other mix (Gated "
+                        "DeltaNet, MLA with attention); default: the one its layers fit")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=cmd_export)
 

@@ -13,7 +13,8 @@ from zebrax.presets import preset_config
 def describe(path_or_preset: str | os.PathLike) -> dict:
     """What ``zebrax info`` prints, for a checkpoint or a preset of ``configs/models/``: the config's sizes, the
     parameter count and bytes, the decode cache per token and per sequence, the share of the all-attention teacher's
-    cache, and one letter per layer (A attention, L MLA, S Mamba2). Nothing is loaded but the config."""
+    cache, and one letter per layer (A attention, L MLA, S Mamba2, D Gated DeltaNet). Nothing is loaded but the
+    config."""
     is_ckpt = checkpoint.is_checkpoint(path_or_preset)
     config = checkpoint.load_config(path_or_preset) if is_ckpt else preset_config(str(path_or_preset))
     per_token, state = cache_sizes(config)

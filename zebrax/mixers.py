@@ -28,7 +28,8 @@ KIND_MODULES = (
 class MixerKind:
     """One kind of mixer.
 
-    - ``name``: its name in plans and configs (``"mamba2"``); ``letter``: its letter in a layer map (``"S"``).
+    - ``name``: its name in plans and configs (``"mamba2"``); ``letter``: its letter in a layer map (``"S"``);
+      ``title``: what people call it (``"Mamba2"``).
     - ``config``: its config class; ``module``: its Flax module, constructed ``(config, dtype, param_dtype, impl)``,
       called ``(x, slots, cache) -> (y, cache)``, with ``init_cache(config, batch, max_len, dtype)``; ``scope``: the
       name of its parameters inside a layer (``self_attn`` or ``mixer``).
@@ -44,6 +45,7 @@ class MixerKind:
 
     name: str
     letter: str
+    title: str
     config: type
     module: type
     scope: str
@@ -81,6 +83,11 @@ def kind(name: str) -> MixerKind:
     if found is None:
         raise ConfigError(f"mixer {name!r} is not one of {sorted(kinds())}")
     return found
+
+
+def legend(layer_map: str) -> str:
+    """What the letters of ``layer_map`` stand for: ``"L MLA, S Mamba2"``."""
+    return ", ".join(f"{k.letter} {k.title}" for k in kinds().values() if k.letter in layer_map)
 
 
 def ops() -> dict[str, tuple[str, ...]]:

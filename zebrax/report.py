@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from zebrax.bench_decode import pyplot
+from zebrax.mixers import legend
 
 CONTEXTS = (1024, 4096, 32768)  # the cache table's contexts
 STAGES = ("initialised", "after_ild", "after_kd", "after_dpo")
@@ -72,7 +73,8 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
     first, last, t_ppl = evals["initialised"], evals[final], evals["teacher"]["perplexity"]
     source = job.get("teacher", "tiny")
     lines = [f"# {w.name}: a Zebra-Llama hybrid of {'a tiny random Llama' if source == 'tiny' else source}", ""]
-    lines += [f"Hybrid layers `{hybrid.config.layer_map()}` (L MLA, S Mamba2), MLA at {smart['mla_layers']}.", ""]
+    layers = hybrid.config.layer_map()
+    lines += [f"Hybrid layers `{layers}` ({legend(layers)}), MLA at {smart['mla_layers']}.", ""]
     lines += ["| | teacher | hybrid | |", "|---|---|---|---|",
               f"| KL(teacher ‖ model) per token, held out | 0 | {first['kl']:.3f} initialised → **{last['kl']:.3f}"
               f"** {final.replace('_', ' ')} | {100 * last['kl'] / first['kl']:.1f}% of the initialised |",

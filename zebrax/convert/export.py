@@ -36,10 +36,11 @@ def is_export(path: Path) -> bool:
 def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False, format: str | None = None
            ) -> Path:
     """Write the zebrax checkpoint ``src`` as an HF directory (``config.json``, ``model.safetensors``, tokenizer
-    files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads, or, for a hybrid, in the layout of the
-    reference code its layers fit (``format``: ``"amd"`` for MLA + Mamba2, ``"mambainllama"`` for attention +
-    Mamba2; ``convert/hybrid.py``): the base ``config.json``, their layout file with exactly their fields, one
-    ``model.safetensors`` with exactly their keys, the head always stored. ``overwrite`` replaces only a directory
+    files) that ``transformers.AutoModelForCausalLM.from_pretrained`` reads, or, for a hybrid, in the layout its
+    layers fit (``format``: ``"amd"`` for MLA + Mamba2, ``"mambainllama"`` for attention + Mamba2, the reference
+    code's; ``"zebrax"``, zebrax's own, for any other mix; ``convert/hybrid.py``): the base ``config.json``, the
+    layout file (theirs with exactly their fields), one ``model.safetensors`` (their keys; each mixer under its kind's
+    ``hf_module``), the head always stored. ``overwrite`` replaces only a directory
     written by ``export``."""
     from safetensors.numpy import save_file
 

@@ -1,5 +1,6 @@
 """Hybrid checkpoints of the reference code (INTEROP.md): AMD's Zebra-Llama (``hybrid_config.json``: MLA + Mamba2)
-and MambaInLlama (``mamba_config.json``: kept attention + Mamba2), both beside the base model's ``config.json``.
+and MambaInLlama (``mamba_config.json``: kept attention + Mamba2), both beside the base model's ``config.json``; and
+zebrax's own layout for every other mix (``zebra_hybrid.json``: the ``HybridConfig``), read back by zebrax alone.
 
 Their tensors (``model.layers.{i}.mla.*``, ``.mamba.*``, ``.self_attn.*``) map onto our parameter names in
 ``architectures.HYBRID``; this module translates their JSON both ways, as their code reads it: their loaders build
@@ -55,15 +56,16 @@ SSM_FIXED = {"D_has_hdim": (False, "D per head"), "rmsnorm": (True, "the gated R
              "repeat_kv_before_conv": (False, "x and B repeated after the conv")}
 LATENT_NORM_EPS = 1e-6  # their MLA's latent norms (use_lora_layer_norm)
 BLOCK_FIELDS = ("intermediate_size", "hidden_act", "rms_norm_eps")  # what every block of the layout file reads
-LAYOUT_FILES = {"amd": "hybrid_config.json", "mambainllama": "mamba_config.json"}
+LAYOUT_FILES = {"amd": "hybrid_config.json", "mambainllama": "mamba_config.json", "zebrax": "zebra_hybrid.json"}
 BIN_WEIGHTS = "pytorch_model.bin"
 
 
 def detect(directory: Path) -> str | None:
-    """``"amd"``, ``"mambainllama"`` or None (a plain HF checkpoint)."""
+    """``"amd"``, ``"mambainllama"``, ``"zebrax"`` or None (a plain HF checkpoint)."""
     found = [name for name, f in LAYOUT_FILES.items() if (directory / f).is_file()]
     if len(found) > 1:
-        raise ConversionError(f"{directory}: holds both hybrid_config.json and mamba_config.json")
+        raise ConversionError(f"{directory}: holds {' and '.join(LAYOUT_FILES[f] for f in found)}; a hybrid has one "
+                              "layout file")
     return found[0] if found else None
 
 
@@ -201,6 +203,11 @@ def _layers(path: Path, name: str, layers, n: int) -> list[int]:
 def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
     """A ``HybridConfig`` from the base ``config.json`` and the layout's file. ``tied``: the file holds no head."""
     base_file, layout_file = directory / "config.json", directory / LAYOUT_FILES[layout]
+    if layout == "zebrax":  # zebrax's own: the HybridConfig itself
+        try:
+            return HybridConfig.from_dict(_read(layout_file)).replace(tie_word_embeddings=tied)
+        except (ConfigError, TypeError) as e:
+            raise ConversionError(f"{layout_file}: {e}") from None
     base = _read(base_file)
     try:
         teacher = LlamaConfig.from_hf_dict({**base, "model_type": "llama", "tie_word_embeddings": tied})
@@ -244,14 +251,15 @@ def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
 
 
 def layout_of(config: HybridConfig) -> str:
-    """The reference layout a hybrid fits: MLA + Mamba2 → AMD's; attention + Mamba2 → MambaInLlama's."""
+    """The layout a hybrid fits: MLA + Mamba2 → AMD's; attention + Mamba2 → MambaInLlama's; any other mix (MLA with
+    attention, Gated DeltaNet) → zebrax's own (``zebra_hybrid.json``: the ``HybridConfig``, tensors under each kind's
+    ``hf_module``), which only zebrax reads."""
     kinds = set(config.mixers)
     if kinds <= {"mla", "mamba2"}:
         return "amd"
     if kinds <= {"attention", "mamba2"}:
         return "mambainllama"
-    raise ConfigError(f"export: layers {config.layer_map()} mix MLA and attention; neither AMD's nor MambaInLlama's "
-                      "layout holds both")
+    return "zebrax"
 
 
 def _their_rope(m: MLAConfig) -> dict | None:
@@ -291,9 +299,9 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
     fields."""
     if layout not in LAYOUT_FILES:
         raise ConfigError(f"export: format {layout!r} is not one of {sorted(LAYOUT_FILES)} or 'hf'")
-    if layout_of(config) != layout and not set(config.mixers) <= {"mamba2"}:
+    if layout_of(config) != layout and not set(config.mixers) <= {"mamba2"} and layout != "zebrax":
         raise ConfigError(f"export: layers {config.layer_map()} do not fit the {layout} layout")
-    a, m, mb = config.attention, config.mla, config.mamba2
+    a = config.attention
     base = LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
@@ -303,6 +311,9 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         param_dtype=config.param_dtype,
     ).to_hf_dict()
+    if layout == "zebrax":
+        return {"config.json": base, "zebra_hybrid.json": config.to_dict()}
+    m, mb = config.mla, config.mamba2
     common = {"d_inner": mb.d_inner, "d_xb": mb.x_heads * mb.head_dim}
     if layout == "mambainllama":
         base["_name_or_path"] = name_or_path
@@ -328,7 +339,10 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
 
 
 def check_exportable(config: HybridConfig, layout: str) -> None:
-    """What their layouts cannot hold, by name (``files_for`` writes the rest so their code computes ours)."""
+    """What their layouts cannot hold, by name (``files_for`` writes the rest so their code computes ours); zebrax's
+    own holds every hybrid."""
+    if layout == "zebrax":
+        return
     m, mb = config.mla, config.mamba2
     wrong = {}
     if config.mlp_bias:

@@ -51,6 +51,7 @@ from zebrax.distill.kd import check_top_k, kd_objective
 from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
 from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings, train
 from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
+from zebrax.mixers import legend
 from zebrax.models.decoder import REMAT_POLICIES
 from zebrax.sharding import MeshConfig, make_mesh, row_shards, sync
 
@@ -698,7 +699,7 @@ def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
     if not checkpoint.committed(workdir / "hybrid"):
         _save(workdir, "hybrid", {"": assemble(ild["mla"], ild["mamba2"], mla_layers)}, tokenizer)
     h_config, h_params = _load(workdir / "hybrid", mesh)
-    _say(f"hybrid: layers {h_config.layer_map()} (L MLA, S Mamba2)")
+    _say(f"hybrid: layers {h_config.layer_map()} ({legend(h_config.layer_map())})")
     evaluate("after_ild", h_config, h_params)
 
     if not checkpoint.committed(workdir / "kd"):

@@ -52,7 +52,8 @@ class Attention(nn.Module):
 
 
 KIND = MixerKind(
-    name="attention", letter="A", config=AttentionConfig, module=Attention, scope="self_attn", op="attention",
+    name="attention", letter="A", title="attention",
+    config=AttentionConfig, module=Attention, scope="self_attn", op="attention",
     impls=tuple(i.value for i in AttentionImpl), hf_module="self_attn",
     hf_tensors={**{f"{p}_proj.weight": ((f"{p}_proj", "kernel"), "linear") for p in "qkv"},
                 **{f"{p}_proj.bias": ((f"{p}_proj", "bias"), "flat") for p in "qkv"},

@@ -180,7 +180,8 @@ def recipe(teacher) -> GatedDeltaConfig:
 
 
 KIND = MixerKind(
-    name="gdn", letter="D", config=GatedDeltaConfig, module=GatedDeltaMixer, scope="mixer", op="gated_delta",
+    name="gdn", letter="D", title="Gated DeltaNet",
+    config=GatedDeltaConfig, module=GatedDeltaMixer, scope="mixer", op="gated_delta",
     impls=IMPLS, from_attention="zebrax.init.gated_delta_from_attention:gated_delta_from_attention", recipe=recipe,
     hf_module="linear_attn",  # Qwen3-Next's name for its Gated DeltaNet layers
     hf_tensors={**{f"{p}_proj.weight": ((f"{p}_proj", "kernel"), "linear") for p in "qkvgab"},

@@ -119,7 +119,8 @@ def recipe(teacher) -> Mamba2Config:
 
 
 KIND = MixerKind(
-    name="mamba2", letter="S", config=Mamba2Config, module=Mamba2Mixer, scope="mixer", op="ssd",
+    name="mamba2", letter="S", title="Mamba2",
+    config=Mamba2Config, module=Mamba2Mixer, scope="mixer", op="ssd",
     impls=tuple(i.value for i in SSDImpl), from_attention="zebrax.init.mamba2_from_attention:mamba2_from_attention",
     recipe=recipe, hf_module="mamba",  # AMD's and MambaInLlama's layout; transformers' Mamba2 calls it mixer
     hf_tensors={"in_proj.weight": (("in_proj", "kernel"), "linear"), "in_proj.bias": (("in_proj", "bias"), "same"),

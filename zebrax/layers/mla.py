@@ -96,7 +96,8 @@ class MLAttention(nn.Module):
 
 
 KIND = MixerKind(
-    name="mla", letter="L", config=MLAConfig, module=MLAttention, scope="self_attn", op="attention",
+    name="mla", letter="L", title="MLA",
+    config=MLAConfig, module=MLAttention, scope="self_attn", op="attention",
     impls=tuple(i.value for i in AttentionImpl), from_attention="zebrax.init.mla_svd:mla_from_attention",
     hf_module="mla",  # AMD's layout (convert/hybrid.py)
     hf_tensors={"q_a_proj.weight": (("q_a_proj", "kernel"), "linear"),
