@@ -231,7 +231,7 @@ def test_info_json_on_a_hybrid_preset(capsys):
     assert info["layer_map"] == "LSSSSSLSSSSLSSSSSLSSSSLSSSSSLS" and info["kv_cache_ratio"] == 6 * 96 / (30 * 384)
     assert isinstance(info["params"], int) and info["layers"].count("mla") == 6
     assert main(["info", "zebra-smollm2-135m-6mla-24m2"]) == 0
-    assert "LSSSSSLSSSSLSSSSSLSSSSLSSSSSLS  (A attention, L MLA, S Mamba2)" in capsys.readouterr().out
+    assert "LSSSSSLSSSSLSSSSSLSSSSLSSSSSLS  (L MLA, S Mamba2)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kwargs, needle", [
