@@ -22,7 +22,7 @@ from zebrax.config import check_activation, require, require_positive
 from zebrax.layers.activations import ACTIVATIONS
 from zebrax.layers.conv import causal_conv
 from zebrax.layers.linear import Linear
-from zebrax.layers.mamba2 import a_log_init, dt_bias_init
+from zebrax.layers.mamba2 import a_log_init, dt_bias_init, head_param
 from zebrax.layers.norms import rms_normalize
 from zebrax.mixers import MixerKind
 from zebrax.ops.gated_delta import gated_delta_chunked, gated_delta_reference, gated_delta_step
@@ -139,8 +139,7 @@ class GatedDeltaMixer(nn.Module):
         return out, None if cache is None else SSMCache(conv=conv_state, ssm=state)
 
     def _param(self, name, init):
-        return self.param(name, nn.with_logical_partitioning(init, ("ssm_heads",)), (self.config.n_heads,),
-                          self.param_dtype)
+        return head_param(self, name, init, self.config.n_heads, self.param_dtype)
 
     @staticmethod
     def init_cache(cfg: GatedDeltaConfig, batch: int, max_len: int, dtype) -> SSMCache:

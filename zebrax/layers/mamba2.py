@@ -45,6 +45,11 @@ def a_log_init(cfg: Mamba2Config):
     return init
 
 
+def head_param(module: nn.Module, name: str, init, heads: int, dtype):
+    """A parameter of one value per state head (``A_log``, ``dt_bias``, ``D``) in ``module``'s scope."""
+    return module.param(name, nn.with_logical_partitioning(init, ("ssm_heads",)), (heads,), dtype)
+
+
 class Mamba2Mixer(nn.Module):
     """x ``[B, L, d_model]`` → ``[B, L, d_model]``; with a cache, the conv and SSM states are read and returned.
 
@@ -99,8 +104,7 @@ class Mamba2Mixer(nn.Module):
         return out, None if cache is None else SSMCache(conv=conv_state, ssm=ssm_state)
 
     def _param(self, name, init):
-        return self.param(name, nn.with_logical_partitioning(init, ("ssm_heads",)), (self.config.n_heads,),
-                          self.param_dtype)
+        return head_param(self, name, init, self.config.n_heads, self.param_dtype)
 
     @staticmethod
     def init_cache(cfg: Mamba2Config, batch: int, max_len: int, dtype) -> SSMCache:
