@@ -78,3 +78,25 @@ def test_a_gdn_hybrid_builds_decodes_as_it_prefills_and_exports(tiny_llama, tmp_
     back = zebrax.load(tmp_path / "back")
     np.testing.assert_array_equal(np.asarray(back.logits(tokens)), full)
 
+
+
+def test_the_tiny_experiment_distils_a_gdn_hybrid(child_process, tmp_path):
+    """`zebrax distill` on configs/experiments/tiny_gdn.gin (the tiny experiment, Gated DeltaNet for Mamba2), fewer
+    steps: ILD and KD losses fall, SMART places MLA among GDN layers, the distilled hybrid is evaluated."""
+    from tests.test_distill import TINY, metrics
+
+    gin = TINY.replace("tiny_cpu.gin", "tiny_gdn.gin")
+    args = ["distill", "--gin_file", gin, "--workdir", tmp_path / "w"]
+    for binding in ("teacher/TrainConfig.steps = 40", "ild/TrainConfig.steps = 8", "kd/TrainConfig.steps = 20",
+                    "dpo/TrainConfig.steps = 2"):
+        args += ["--gin_param", binding]
+    run = child_process.zebrax(*args)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = metrics(tmp_path / "w")
+    for stage in ("ild", "kd"):
+        logged = [r["loss"] for r in rows if r["stage"] == stage]
+        assert len(logged) > 1 and logged[-1] < logged[0], (stage, logged)
+    layers = zebrax.load(tmp_path / "w" / "hybrid").config.layer_map()
+    assert sorted(set(layers)) == ["D", "L"] and layers.count("L") == 2, layers
+    evals = json.loads(run.stdout)
+    assert evals == json.loads((tmp_path / "w" / "eval.json").read_text())

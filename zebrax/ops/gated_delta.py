@@ -11,10 +11,10 @@ definition:
 
 - ``gated_delta_reference``: the recurrence above, token by token (``lax.scan``): the definition.
 - ``gated_delta_chunked``: the same in chunks of C tokens (the WY form): inside a chunk the writes are one unit-lower
-  triangular solve, ``T = (I + strict_lower(diag(β) K Kᵀ ⊙ Γ))⁻¹`` with Γ_ij = exp(G_i − G_j) the decay between
-  tokens; then ``U = T (β ⊙ V)``, ``W = T (β ⊙ exp(G) ⊙ K)``; the state crosses chunks once each: what a chunk
-  writes is ``U − W S`` (the new values less what the old state already gave). Matmuls of C × C and C × K, so the
-  sequence costs O(L·C·(K+V) + L·K·V) and keeps a state a chunk.
+  triangular inverse, ``T = (I + strict_lower(diag(β) K Kᵀ ⊙ Γ))⁻¹`` (``_unit_lower_inverse``: matmuls only) with
+  Γ_ij = exp(G_i − G_j) the decay between tokens; then ``U = T (β ⊙ V)``, ``W = T (β ⊙ exp(G) ⊙ K)``; the state
+  crosses chunks once each: what a chunk writes is ``U − W S`` (the new values less what the old state already
+  gave). Matmuls of C × C and C × K, so the sequence costs O(L·C·(K+V) + L·K·V) and keeps a state a chunk.
 - ``gated_delta_step``: one token against a carried state, for decode.
 
 Shapes: ``q``, ``k`` ``[B, L, Hk, K]``; ``v`` ``[B, L, H, V]``; ``g``, ``beta`` ``[B, L, H]``; state ``[B, H, K, V]``
@@ -86,6 +86,19 @@ def gated_delta_step(q, k, v, g, beta, state, *, scale=None):
     return out[:, 0], state
 
 
+def _unit_lower_inverse(strict: jax.Array) -> jax.Array:
+    """``(I + N)⁻¹`` of strictly lower triangular ``N`` ``[..., C, C]`` by ⌈log₂ C⌉ pairs of matmuls: ``N`` is
+    nilpotent (``N^C = 0``), so ``(I + N)⁻¹ = Σ_k (−N)^k = Π_j (I + (−N)^(2^j))``. No triangular solve: XLA:CPU runs
+    one as a LAPACK call into scipy's OpenBLAS (a training step calling it from XLA's threads could hang there),
+    and TPUs run it as a loop of small steps."""
+    power = -strict
+    inverse = jnp.eye(strict.shape[-1], dtype=strict.dtype) + power
+    for _ in range(1, (strict.shape[-1] - 1).bit_length()):
+        power = power @ power
+        inverse = inverse + inverse @ power
+    return inverse
+
+
 def gated_delta_chunked(q, k, v, g, beta, *, chunk_size: int = 64, scale=None, initial_state=None, reset=None):
     """(output ``[B, L, H, V]``, final state ``[B, H, K, V]``): the recurrence in chunks of ``chunk_size`` tokens
     (module docstring). ``L`` need not be a multiple of the chunk: the tail is padded with tokens that neither decay
@@ -113,8 +126,7 @@ def gated_delta_chunked(q, k, v, g, beta, *, chunk_size: int = 64, scale=None, i
     to_end = jnp.where(R == R[..., -1:], jnp.exp(G[..., -1:] - G), 0.0)  # each write's decay to the chunk's end
     k_beta = k * beta[..., None]
     strict = jnp.einsum("bhnik,bhnjk->bhnij", k_beta, k) * gamma * (1 - jnp.eye(c))
-    T = jax.scipy.linalg.solve_triangular(jnp.eye(c) + strict, jnp.broadcast_to(jnp.eye(c), strict.shape),
-                                          lower=True, unit_diagonal=True)
+    T = _unit_lower_inverse(strict)
     U = jnp.einsum("bhnij,bhnjv->bhniv", T, v * beta[..., None])
     W = jnp.einsum("bhnij,bhnjk->bhnik", T, k_beta * from_start[..., None])
     inner = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * gamma  # o_i's reads of the chunk's own writes, j <= i
