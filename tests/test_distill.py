@@ -198,11 +198,68 @@ def long_prompt_chat(i: int) -> dict:
     ("distill.num_mla = 4", "distill.num_mla = 4: place: num_mla=4 must be in 1..3"),
     ("distill.student = {'kv_lora_rank': 0}", "distill.student = {'kv_lora_rank': 0}: HybridConfig: kv_lora_rank=0"),
     ("distill.teacher = 'no/such/teacher'", "no/such/teacher: not a zebrax checkpoint"),
+    ("distill.stages = ('teacher', 'students', 'kd')",
+     "distill.stages ['teacher', 'students', 'kd']: 'kd' reads 'hybrid', which no stage before it writes"),
+    ("distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'sft')",
+     "'sft' is not a stage (expected some of teacher, students, ild, smart, hybrid, kd, dpo)"),
+    ("distill.stages = ('teacher', 'students', 'ild', 'ild', 'smart', 'hybrid')", "a stage is listed twice"),
+    ("distill.placement = 'random'", "distill.placement = 'random': expected one of 'smart', 'uniform', 'reverse'"),
+    ("distill.random_init = ('gdn',)", "distill.random_init = ('gdn',): expected some of the students' mixer kinds "
+                                       "(mamba2, mla)"),
 ])
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, binding, message):
     code, err = distill_cli(capsys, tmp_path / "w", binding)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "w").exists()
+
+
+def test_an_ablation_leaves_out_ild_places_uniformly_and_starts_mla_at_random(tmp_path, capsys):
+    """The stage list and the ablation settings (``zebrax.distill.stages``): without ILD the hybrid is assembled from
+    the initialised students (no ild/, no after_ild row), a uniform placement scores nothing, MLA starts at random;
+    stages.json records the list, each stage with its settings."""
+    workdir = tmp_path / "w"
+    code, err = distill_cli(capsys, workdir, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd')",
+                            "distill.placement = 'uniform'", "distill.random_init = ('mla',)")
+    assert code == 0, err[-2000:]
+    assert not (workdir / "ild").exists() and not (workdir / "dpo").exists() and "ILD:" not in err
+    assert json.loads((workdir / "smart.json").read_text()) == {"placement": "uniform", "mla_layers": [0, 2]}
+    evals = json.loads((workdir / "eval.json").read_text())
+    assert list(evals) == ["teacher", "initialised", "after_kd"]
+    stages = json.loads((workdir / "stages.json").read_text())
+    assert [s["stage"] for s in stages] == ["teacher", "students", "smart", "hybrid", "kd"]
+    assert stages[1]["settings"]["random_init"] == ["mla"] and stages[2]["settings"]["placement"] == "uniform"
+    hybrid = checkpoint.load_config(workdir / "hybrid")
+    assert hybrid.layer_map() == "LSLS"
+    # the same experiment with MLA initialised by SVD: the same teacher, another start (which is closer to the
+    # teacher is a finding of docs/ablations.md, not a property of two training steps)
+    code, err = distill_cli(capsys, tmp_path / "svd", "distill.stages = ('teacher', 'students', 'smart', 'hybrid', "
+                            "'kd')", "distill.placement = 'uniform'")
+    assert code == 0, err[-2000:]
+    svd = json.loads((tmp_path / "svd" / "eval.json").read_text())
+    assert svd["teacher"] == evals["teacher"] and svd["initialised"]["kl"] != evals["initialised"]["kl"], (svd, evals)
+
+
+def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_and_tabulates(child_process, tmp_path):
+    """Two ablations × 2 seeds, a few steps: every run's final KL in the table, each seed's teacher and ILD trained
+    once (the second experiment reuses them), and a second call reads everything back."""
+    files = [str(ROOT / "configs" / "ablations" / f"{name}.gin") for name in ("method", "uniform_placement")]
+    args = ["ablate", *files, "--seeds", "2", "--root", tmp_path]
+    for binding in (*FEW, "distill.tiny_layers = 4", "distill.num_mla = 2"):
+        args += ["--gin_param", binding]
+    run = child_process.zebrax(*args)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "ablations.json").read_text())
+    assert [(r["experiment"], r["seeds"]) for r in rows] == [("method", 2), ("uniform_placement", 2)]
+    for r in rows:
+        kls = [json.loads((tmp_path / r["experiment"] / f"seed_{s}" / "eval.json").read_text())["after_kd"]["kl"]
+               for s in (0, 1)]
+        assert r["kl"]["values"] == kls and r["final"] == "after_kd" and r["trained_tokens"] == 2 * 4 * 128
+    assert run.stderr.count("teacher: reused from") == 2 and run.stderr.count("ild: reused from") == 2, run.stderr
+    assert run.stdout == (tmp_path / "ablations.md").read_text() and "| uniform_placement | 2 |" in run.stdout
+    assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = child_process.zebrax(*args)
+    assert again.returncode == 0 and "ILD:" not in again.stderr and "KD:" not in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "ablations.json").read_text()) == rows
 
 
 def test_micro_batches_a_mesh_cannot_split_are_refused_naming_the_stage():
@@ -328,6 +385,8 @@ def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "stage": "kd", "loss": 1.0,
                                                        "tokens_per_sec": 1.0}) + "\n")
     (workdir / "smart.json").write_text(json.dumps({"scores": [0.0, 0.0], "mla_layers": [0], "kl_all_mamba2": 1.0}))
+    (workdir / "stages.json").write_text(json.dumps([{"stage": "hybrid", "evaluates": ["initialised", "after_ild"]},
+                                                     {"stage": "kd", "evaluates": ["after_kd"]}]))
     row = {"model": "teacher", "context": 8, "batch": 1, "prefill_s": 0.1, "decode_tokens_per_s": 1.0}
     (workdir / "bench_decode.json").write_text(json.dumps({"rows": [row], "settings": {
         "contexts": [8], "batches": [1], "new_tokens": 2, "repeats": 1}}))  # an earlier run's

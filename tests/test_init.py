@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from tests.helpers import TEACHER, model_params
+from tests.helpers import TEACHER, hybrid, model_params
 from zebrax.cache import Slots
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling, rope_head_dims
 from zebrax.errors import ConfigError
@@ -150,6 +150,29 @@ def test_mamba2_takes_x_b_c_and_out_proj_from_v_k_q_and_o():
     assert np.abs(params["conv_bias"]).max() > 1 / math.sqrt(m.conv_dim)  # not the old 1/sqrt(channels) bound
     again, _ = mamba2_from_attention(attn, full_rank().attention, m, jax.random.key(3))
     jax.tree.map(np.testing.assert_array_equal, params, again)  # an explicit key decides everything
+
+
+def test_kinds_asked_for_start_random_and_everything_else_as_from_the_teacher():
+    """``init_hybrid(random=("mla",))`` (the initialisation ablation): the MLA mixers are the module's own
+    initialisation with the same key, the Mamba2 mixers, MLPs, norms and embeddings what they are from the teacher."""
+    import flax.linen as nn
+
+    from zebrax.models import build
+
+    config, params, key = hybrid([0, 3]), model_params(TEACHER), jax.random.key(5)
+    taught, report = init_hybrid(TEACHER, params, config, key)
+    ablated, ablated_report = init_hybrid(TEACHER, params, config, key, random=("mla",))
+    fresh = nn.unbox(build(config).init(key, np.zeros((1, 1), np.int32))["params"])
+    for i, spec in enumerate(config.plan()):
+        name = f"layers_{i}"
+        for part, tree in ablated[name].items():
+            want = fresh[name][part] if (spec.mixer, part) == ("mla", "self_attn") else taught[name][part]
+            jax.tree.map(np.testing.assert_array_equal, tree, want)
+        assert ablated_report["layers"][i].get("init") == ("random" if spec.mixer == "mla" else None)
+    assert not np.allclose(ablated["layers_0"]["self_attn"]["q_b_proj"]["kernel"],
+                           taught["layers_0"]["self_attn"]["q_b_proj"]["kernel"])
+    for name in ("embed_tokens", "norm"):
+        jax.tree.map(np.testing.assert_array_equal, ablated[name], taught[name])
 
 
 def test_init_refuses_what_it_cannot_carry():

@@ -396,13 +396,13 @@ if processes:
 assert main(args) == 0  # joins the run first (jax.distributed), as a user's command does
 
 import jax
-from zebrax.distill.pipeline import _load
+from zebrax.distill.stages import load
 from zebrax.sharding import MeshConfig, make_mesh
 
 whole = []  # leaves over 4 KiB that a device holds whole, restored as the run restores them
 mesh = make_mesh(MeshConfig(fsdp=jax.device_count())) if mesh_binding else None
 for stage in ("teacher", "ild/mla", "ild/mamba2", "hybrid", "kd", "dpo"):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(_load(workdir / stage, mesh)[1]):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(load(workdir / stage, mesh)[1]):
         leaf = leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf)  # a host array (no mesh) on the device
         if leaf.nbytes > 4096 and max(s.data.nbytes for s in leaf.addressable_shards) == leaf.nbytes:
             whole.append(stage + jax.tree_util.keystr(path))

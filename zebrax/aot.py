@@ -7,7 +7,7 @@ the argument, output and temporary bytes against the chip's HBM (the compiler's 
 the cost model counts, its estimate of the step's seconds, and the collectives in the compiled program.
 
 Programs: ``ild``, ``kd``, ``dpo`` (the training steps exactly as ``zebrax distill`` builds them:
-``pipeline.stage_objective``, ``trainer.make_optimizer``, ``trainer.jitted_step``, the parameter shardings of
+``stages.stage_objective``, ``trainer.make_optimizer``, ``trainer.jitted_step``, the parameter shardings of
 ``zebrax.sharding``), ``prefill`` and ``decode`` (``generate.Generator``'s, at a given context).
 """
 
@@ -337,7 +337,7 @@ def _students(exp, teacher, student) -> dict:
     """The two students ILD trains and SMART scores (all-MLA, all-Mamba2): the hybrid's settings with one mixer
     everywhere, or without a hybrid the experiment's ``student`` settings."""
     from zebrax.config import HybridConfig
-    from zebrax.distill.pipeline import STUDENTS
+    from zebrax.distill.stages import STUDENTS
 
     if student:
         return {n: student.replace(mixers=(n,) * student.num_hidden_layers) for n in STUDENTS}
@@ -372,7 +372,7 @@ def _scoring(program: str, exp, teacher, student, mesh, topology: str, batch: in
 
 
 def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
-    from zebrax.distill.pipeline import stage_objective
+    from zebrax.distill.stages import stage_objective
     from zebrax.distill.trainer import jitted_step, make_optimizer, state_shardings
     from zebrax.sharding import replicated
 

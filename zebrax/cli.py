@@ -390,6 +390,13 @@ def cmd_distill(args):
     print(json.dumps(evals, indent=2))
 
 
+def cmd_ablate(args):
+    from zebrax.ablate import ablate, table
+
+    rows = ablate(args.gin_files, args.seeds, args.root, args.gin_param)
+    print(table(rows), end="")
+
+
 def cmd_run(args):
     from zebrax.presets import DEFAULT_EXPERIMENT, call_configurable, parse_gin
 
@@ -586,6 +593,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-processes", type=COUNT, help="processes in a multi-host run")
     d.add_argument("--process-id", type=INDEX, help="this process's index in a multi-host run")
     d.set_defaults(fn=cmd_distill)
+
+    a = sub.add_parser("ablate", help="experiments × seeds (each gin file a zebrax distill experiment, stages they "
+                                      "agree on shared): a table of KL and perplexity, mean ± sd")
+    a.add_argument("gin_files", nargs="+", metavar="GIN_FILE", help="e.g. configs/ablations/*.gin")
+    a.add_argument("--seeds", type=COUNT, default=5, help="seeds 0 … N−1 of each experiment (default 5)")
+    a.add_argument("--root", default="runs/ablations", help="ROOT/NAME/seed_S work directories, ROOT/ablations.md")
+    a.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
+                   help="applied to every experiment, e.g. 'kd/TrainConfig.steps = 10' (repeatable)")
+    a.set_defaults(fn=cmd_ablate)
 
     x = sub.add_parser("compile", help="compile a training step, prefill or decode step for a TPU slice, here, "
                                        "deviceless: memory a chip, cost-model time, collectives")

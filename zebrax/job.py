@@ -40,7 +40,7 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
     not a zebrax checkpoint yet (``None``: the embedded SmolLM2 GGUF)."""
     from zebrax import bench, bench_decode, report
     from zebrax.api import convert, load
-    from zebrax.distill import pipeline
+    from zebrax.distill import pipeline, stages
     from zebrax.embedded import embedded_teacher
 
     start = time.perf_counter()
@@ -65,14 +65,14 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
     else:
         _say(f"1/5 convert: {exp.teacher} is there")
 
-    _say(f"2/5 distill → {workdir} (ILD → SMART → KD{' → DPO' if exp.preferences else ''}; finished stages are kept)")
+    _say(f"2/5 distill → {workdir} ({' → '.join(exp.plan())}; finished stages are kept)")
     t = time.perf_counter()
     evals = pipeline.run(exp, workdir, config_text=config_text)
     if not (job_path.exists() and "distill" in json.loads(job_path.read_text()).get("steps", {})):
         done("distill", t)
 
     teacher = load(workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
-    hybrid = load(workdir / ("dpo" if (workdir / "dpo").exists() else "kd"))
+    hybrid = load(workdir / stages.final_model(exp.plan()))
     with pipeline.locked(workdir):  # one run at a time writes the benchmark and the report
         settings = {"contexts": list(bench_contexts), "batches": list(bench_batches), "new_tokens": bench_new_tokens,
                     "repeats": bench_repeats}
@@ -104,7 +104,7 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
         _say("5/5 report")
         path = report.write(workdir, teacher=teacher, hybrid=hybrid, answers=answers, machine=bench.machine())
     wall = time.perf_counter() - start
-    final = [s for s in report.STAGES if s in evals][-1]
+    final = stages.final_evaluation(exp.plan(), evals)
     print(f"{name}: hybrid {hybrid.config.layer_map()} of {exp.teacher}\n"
           f"  KL(teacher ‖ hybrid) {evals['initialised']['kl']:.3f} initialised → {evals[final]['kl']:.3f} "
           f"{final.replace('_', ' ')}; perplexity {evals[final]['perplexity']:.2f} (teacher "

@@ -1,6 +1,6 @@
 """The main job's report: ``WORKDIR/report.md`` with its plots, from what the run left in its work directory
-(``eval.json``, ``metrics.jsonl``, ``smart.json``, ``bench_decode.json``, ``job.json``). Every figure in it is read
-from those files; nothing is typed in."""
+(``stages.json``, ``eval.json``, ``metrics.jsonl``, ``smart.json``, ``bench_decode.json``, ``job.json``). Every
+figure in it is read from those files; nothing is typed in."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from zebrax.bench_decode import pyplot
 from zebrax.mixers import legend
 
 CONTEXTS = (1024, 4096, 32768)  # the cache table's contexts
-STAGES = ("initialised", "after_ild", "after_kd", "after_dpo")
+
+
+def final_evaluation(workdir: Path, evals: dict) -> str:
+    """The row of ``eval.json`` that measures the run's last model, by the stages the run followed
+    (``stages.json``)."""
+    from zebrax.distill.stages import final_evaluation
+
+    return final_evaluation([s["stage"] for s in json.loads((Path(workdir) / "stages.json").read_text())], evals)
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
@@ -67,9 +74,10 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
     bench = json.loads((w / "bench_decode.json").read_text()) if (w / "bench_decode.json").exists() else None
     job = json.loads((w / "job.json").read_text()) if (w / "job.json").exists() else {}
     plot_losses(metrics, w / "loss.png")
-    plot_smart(smart, w / "smart.png")
+    if "scores" in smart:
+        plot_smart(smart, w / "smart.png")
 
-    final = [s for s in STAGES if s in evals][-1]
+    final = final_evaluation(w, evals)
     first, last, t_ppl = evals["initialised"], evals[final], evals["teacher"]["perplexity"]
     source = job.get("teacher", "tiny")
     lines = [f"# {w.name}: a Zebra-Llama hybrid of {'a tiny random Llama' if source == 'tiny' else source}", ""]
@@ -100,9 +108,12 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
         speeds = sorted(r["tokens_per_sec"] for r in rows)
         lines += [f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.4g} | {rows[-1]['loss']:.4g} | "
                   f"{speeds[len(speeds) // 2]:.0f} |"]
-    lines += ["", "## SMART", "", f"KL of the all-Mamba2 student {smart['kl_all_mamba2']:.3f}; each layer's score is "
-              "how far swapping it alone to MLA brings that KL down. Placed: " + str(smart["mla_layers"]) + ".", "",
-              "![SMART scores](smart.png)", ""]
+    if "scores" in smart:
+        lines += ["", "## SMART", "", f"KL of the all-Mamba2 student {smart['kl_all_mamba2']:.3f}; each layer's score "
+                  "is how far swapping it alone to MLA brings that KL down. Placed "
+                  f"({smart.get('placement', 'smart')}): {smart['mla_layers']}.", "", "![SMART scores](smart.png)", ""]
+    else:
+        lines += ["", "## Placement", "", f"{smart['placement']}: MLA at {smart['mla_layers']} (no scores).", ""]
     lines += ["## Decode cache", "", "| context | teacher | hybrid | hybrid / teacher |", "|---|---|---|---|"]
     for c in CONTEXTS:
         t, h = t_tok * c, h_tok * c + h_state

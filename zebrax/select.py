@@ -100,6 +100,13 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
             "tokens": int(tokens.size)}
 
 
+def uniform(n_layers: int, num_mla: int) -> list[int]:
+    """``num_mla`` MLA layers evenly spaced from layer 0, ⌊i·L/N⌋ (no scores: the placement ablation's baseline)."""
+    if not 1 <= num_mla <= n_layers:
+        raise InvalidArgument(f"uniform: num_mla={num_mla} must be in 1..{n_layers}")
+    return [i * n_layers // num_mla for i in range(num_mla)]
+
+
 def place(scores: Sequence[float], num_mla: int, *, first: int = 0, last: int | None = None) -> list[int]:
     """The MLA layers: ``first`` and ``last`` (default L − 2) kept, gaps ⌊u⌋ or ⌈u⌉, the largest total score."""
     n_layers = len(scores)

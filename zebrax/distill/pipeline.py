@@ -1,5 +1,6 @@
 """The Zebra-Llama pipeline in one resumable run (METHOD §6): teacher → all-MLA and all-Mamba2 students → ILD (both
 students in one step) → SMART on held-out rows → the assembled hybrid → KD → DPO (when preference data is given).
+Each is a stage of ``zebrax.distill.stages``; an ``Experiment`` lists the ones it runs (``Experiment.stages``).
 
 Everything that can be checked from the settings and the files is checked before any work: the ``Experiment``'s
 fields (``__post_init__``), the teacher's config and tokenizer, the students' configs, SMART's placement, the mesh,
@@ -13,6 +14,7 @@ work directory, which one run at a time holds (``locked``):
     checkpoints/STAGE/       orbax checkpoints of the stage in progress (params, optimizer, data position),
                              removed once the stage's output is written
     ild/{mla,mamba2}/        the ILD-trained students        (zebrax checkpoints, each written atomically)
+    stages.json              the stages the run follows, in order, each with its settings (``stages``)
     smart.json               SMART's scores and the MLA layers
     hybrid/  kd/  dpo/       the assembled hybrid, and after KD and DPO
     eval.json                KL(teacher ‖ model) and perplexity on the held-out rows, per model
@@ -36,8 +38,6 @@ import inspect
 import json
 import os
 import socket
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -45,13 +45,13 @@ import numpy as np
 
 from zebrax import checkpoint, corpus, data
 from zebrax.config import DTYPES, HybridConfig, LlamaConfig
-from zebrax.distill.dpo import dpo_objective
-from zebrax.distill.ild import ild_objective
-from zebrax.distill.kd import check_top_k, kd_objective
+from zebrax.distill import stages as stage_list
+from zebrax.distill.kd import check_top_k
 from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
-from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings, train
+from zebrax.distill.stages import PLACEMENTS, STUDENTS, calibration, write_text
+from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings
 from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
-from zebrax.mixers import legend
+from zebrax.mixers import kinds
 from zebrax.models.decoder import REMAT_POLICIES
 from zebrax.sharding import MeshConfig, make_mesh, row_shards, sync
 
@@ -61,7 +61,6 @@ TINY_TEACHER = LlamaConfig(vocab_size=data.ByteCodec.vocab_size, hidden_size=64,
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            bos_token_id=data.ByteCodec.bos, eos_token_id=(data.ByteCodec.eos,),
                            max_position_embeddings=1024, tie_word_embeddings=True)
-STUDENTS = {"mla": "all", "mamba2": "none"}  # the two students ILD trains: name → mla_layers
 RECORD, HASHES, LOCK = "experiment.json", "data_sha256.json", ".lock"
 
 
@@ -88,9 +87,15 @@ class Experiment:
       ``[B, L, vocab]`` logits — the same values.
     - ``mesh``: ``MeshConfig`` fields (``data``, ``fsdp``, ``tensor``; ``{}``: one device): the training steps run
       sharded over it by the rules of ``zebrax.sharding``, teacher included.
-    - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, …); ``num_mla``: MLA
-      layers SMART places; ``smart_rows``: SMART scores on the first that many rows of ``seq_len`` held-out tokens
-      (0: all of them).
+    - ``stages``: the stages to run, in order (``distill.stages``: teacher, students, ild, smart, hybrid, kd,
+      dpo); ``None``: the method's (``stages.method``: all of them, DPO when ``preferences`` are given). An
+      ablation leaves one out (no ``ild``: SMART and the hybrid take the initialised students).
+    - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, ``linear``: "mamba2" or
+      "gdn", …); ``random_init``: mixer kinds ("mla", "mamba2", "gdn") initialised at random instead of from the
+      teacher's attention (MLPs, norms and embeddings are still copied); ``num_mla``: MLA layers placed;
+      ``placement``: where (``stages.Smart``: "smart", "uniform" or "reverse"); ``smart_rows``: SMART scores on
+      the first that many rows of ``seq_len`` held-out tokens (0: all of them); ``tiny_layers``: the tiny
+      teacher's layers.
     - KD: ``kd_direction``, ``kd_temperature``, ``kd_normalize`` (``"token"``: the mean over counted tokens, the
       default, so the loss scale does not move with lengths and padding; ``"sequence"``: the reference code's sum
       over tokens divided by the batch), ``kd_ce_weight``, ``kd_top_k`` (> 0: the KL against the teacher's top-k
@@ -100,6 +105,8 @@ class Experiment:
 
     teacher: str = "tiny"
     tiny_teacher: TrainConfig = TrainConfig(steps=200, learning_rate=3e-3, warmup_ratio=0.05)
+    tiny_layers: int = 4
+    stages: tuple[str, ...] | None = None
     data: tuple[str, ...] = ()
     generation_prompts: str = ""
     generated_data: str = ""
@@ -114,7 +121,9 @@ class Experiment:
     remat: bool | str = False
     loss_chunk: int = 512
     student: dict = dataclasses.field(default_factory=dict)
+    random_init: tuple[str, ...] = ()
     num_mla: int = 2
+    placement: str = "smart"
     smart_rows: int = 0
     ild_kind: str = "l2"
     kd_direction: str = "forward"
@@ -179,8 +188,19 @@ class Experiment:
         if not (isinstance(self.student, dict) and set(self.student) <= recipe):
             raise ConfigError(f"distill.student = {self.student!r}: expected a dict of HybridConfig.from_teacher "
                               f"arguments ({', '.join(sorted(recipe))})")
+        check_strings("distill.random_init", self.random_init, empty=True)
         check_int("distill.num_mla", self.num_mla, 1)
+        check_choice("distill.placement", self.placement, PLACEMENTS)
         check_int("distill.smart_rows", self.smart_rows, 0)
+        check_int("distill.tiny_layers", self.tiny_layers, 2)
+        if self.stages is not None:
+            check_strings("distill.stages", self.stages)
+        try:
+            stage_list.plan(self.plan())
+        except InvalidArgument as e:
+            raise ConfigError(f"distill.{e}") from None
+        if "dpo" in self.plan() and not self.preferences:
+            raise ConfigError(f"distill.stages = {self.stages!r}: 'dpo' needs preference pairs (distill.preferences)")
         check_choice("distill.ild_kind", self.ild_kind, ILD_KINDS)
         check_choice("distill.kd_direction", self.kd_direction, KL_DIRECTIONS)
         check_number("distill.kd_temperature", self.kd_temperature, 0.0, open_low=True)
@@ -189,6 +209,10 @@ class Experiment:
         check_int("distill.kd_top_k", self.kd_top_k, 0)
         check_top_k(self.kd_top_k, self.kd_direction, self.kd_temperature)
         check_number("distill.dpo_beta", self.dpo_beta, 0.0, open_low=True)
+
+    def plan(self) -> tuple[str, ...]:
+        """The names of the stages this experiment runs, in order."""
+        return tuple(self.stages) if self.stages is not None else stage_list.method(bool(self.preferences))
 
     def _check_generation(self) -> None:
         """``generation``: ``data.generate_data``'s sampling settings."""
@@ -206,10 +230,6 @@ class Experiment:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=list)
-
-
-def _say(text: str) -> None:
-    print(f"[zebrax distill] {text}", file=sys.stderr, flush=True)
 
 
 def _lock(workdir: Path) -> int:
@@ -273,8 +293,8 @@ def _claimed(workdir: Path, exp: Experiment, hashes: dict[str, str]):
     with locked(workdir):
         if jax.process_index() == 0:
             if _check_claim(workdir, exp, hashes):
-                _write_text(workdir / RECORD, exp.to_json())
-            _record_hashes(workdir, hashes)
+                write_text(workdir / RECORD, exp.to_json())
+            record_hashes(workdir, hashes)
         sync("recorded")
         yield
 
@@ -309,78 +329,19 @@ def _hashes_agree(workdir: Path, hashes: dict[str, str]) -> dict[str, str]:
     return {**old, **hashes}
 
 
-def _record_hashes(workdir: Path, hashes: dict[str, str]) -> None:
+def record_hashes(workdir: Path, hashes: dict[str, str]) -> None:
     """Add ``hashes`` to the work directory's record (refused if one differs)."""
     merged = _hashes_agree(workdir, hashes)
     path = workdir / HASHES
     if not path.exists() or json.loads(path.read_text()) != merged:
-        _write_text(path, json.dumps(merged, indent=2, sort_keys=True))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, by process 0 only."""
-    if jax.process_index() != 0:
-        return
-    checkpoint.write_text_atomic(path, text)
-
-
-def _save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
-    """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself), written
-    by every process, each the shards its devices hold (no host gathers a model); every process returns once it is
-    committed."""
-    with checkpoint.atomic_directory_of_all(workdir / name, what="stage output") as tmp:
-        for sub, (config, params) in models.items():
-            target = tmp / sub if sub else tmp
-            target.mkdir(exist_ok=True)
-            checkpoint.save(target, config, params)
-            if tokenizer is not None and jax.process_index() == 0:
-                checkpoint.copy_tree(tokenizer, target / "tokenizer")
-
-
-def _finished(workdir: Path, stage: str) -> None:
-    """A stage's output is written: its resumption checkpoints and compiled steps are no longer needed."""
-    jax.clear_caches()
-    if jax.process_index() == 0:
-        checkpoint.remove_tree(workdir / "checkpoints" / stage)
-    sync(f"finished {stage}")
-
-
-def _shardings(config, mesh):
-    """The ``NamedSharding`` tree of a model ``config`` over ``mesh`` (``sharding.param_shardings``); None without."""
-    if mesh is None:
-        return None
-    from zebrax.models import abstract_params
-    from zebrax.sharding import param_shardings
-
-    return param_shardings(config, abstract_params(config), mesh)
-
-
-def _load(path: Path, mesh=None) -> tuple:
-    """(config, params) of a checkpoint; with a ``mesh``, the parameters restored straight into their shardings
-    (``_shardings``): no device, and no host, holds a whole model."""
-    config = checkpoint.load_config(path)
-    return config, checkpoint.load_params(path, config, _shardings(config, mesh))
-
-
-def _lm_objective(model):
-    """Next-token cross-entropy over counted positions: how the tiny teacher learns the data."""
-    from zebrax.distill.losses import ce_loss
-
-    def objective(params, _, batch):
-        tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
-        logits = model.apply({"params": params}, tokens, token_mask=token_mask, segment_ids=batch.get("segment_ids"))[0]
-        counted = batch["loss_mask"][:, :-1].astype(bool) & data.next_in_document(batch)
-        ce = ce_loss(logits[:, :-1], tokens[:, 1:], counted)
-        return ce, {"ce": ce}
-
-    return objective
+        write_text(path, json.dumps(merged, indent=2, sort_keys=True))
 
 
 def _teacher_config(exp: Experiment) -> tuple:
     """(config, codec, tokenizer dir or None) of the teacher, from its checkpoint's config.json and tokenizer/ (its
     parameters are not read)."""
     if exp.teacher == "tiny":
-        return TINY_TEACHER, data.ByteCodec(), None
+        return TINY_TEACHER.replace(num_hidden_layers=exp.tiny_layers), data.ByteCodec(), None
     config = checkpoint.load_config(exp.teacher)
     if not isinstance(config, LlamaConfig):
         raise ConfigError(f"{exp.teacher}: the teacher must be a Llama checkpoint, this one is {type(config).__name__}")
@@ -390,29 +351,6 @@ def _teacher_config(exp: Experiment) -> tuple:
     from zebrax.api import load_tokenizer
 
     return config, data.TokenizerCodec(load_tokenizer(exp.teacher)), tokenizer
-
-
-def _teacher(exp: Experiment, config, workdir: Path, mesh, rows: dict | None):
-    """The teacher's parameters; for ``teacher="tiny"`` first trained on the document ``rows`` of ``exp.data``."""
-    if exp.teacher == "tiny":
-        path = workdir / "teacher"
-        if not (checkpoint.committed(path) and checkpoint.is_checkpoint(path)):
-            import flax.linen as nn
-
-            from zebrax.models import build
-
-            rows = data.pack(rows, exp.seq_len) if exp.pack and isinstance(rows, dict) else rows
-            _say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
-            module = build(config)
-            params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
-            params = train("teacher", _lm_objective(module), params, None,
-                           data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3, **_process_share()),
-                           exp.tiny_teacher, workdir, tokens_of=_real_tokens, counted_of=_counted,
-                           **_sharded(mesh, {"": (config, params)}, None))
-            _save(workdir, "teacher", {"": (config, params)}, None)
-            _finished(workdir, "teacher")
-        return _load(path, mesh)[1]
-    return _load(exp.teacher, mesh)[1]
 
 
 def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "documents") -> None:
@@ -432,7 +370,7 @@ def _check_none_counted(none: int, total: int, what: str, seq_len: int, noun: st
              f"{seq_len} (their replies are cut off, or empty); they add nothing to the loss")
 
 
-def _documents(exp: Experiment, codec, files: tuple[str, ...]):
+def documents(exp: Experiment, codec, files: tuple[str, ...]):
     """Every document of ``files`` as a row ``{field: [N, L]}``, or the rows of a tokenized corpus
     (``corpus.Corpus``), checked: some count a loss token; a corpus matches the run's ``seq_len``, packing and
     tokenizer."""
@@ -454,7 +392,7 @@ def _documents(exp: Experiment, codec, files: tuple[str, ...]):
     return rows
 
 
-def _parts(exp: Experiment, rows: dict, files: tuple[str, ...]) -> tuple[dict, dict, dict]:
+def parts(exp: Experiment, rows: dict, files: tuple[str, ...]) -> tuple[dict, dict, dict]:
     """The held-out, ILD and KD rows (the last two packed with ``exp.pack``), checked: the held-out and KD parts
     count loss tokens (KL and KD have something to measure and learn), and the held-out rows fill a row of
     ``seq_len`` for SMART."""
@@ -466,7 +404,7 @@ def _parts(exp: Experiment, rows: dict, files: tuple[str, ...]) -> tuple[dict, d
         if name != "ILD" and not (tokenized and name == "KD"):  # ILD matches every real token
             _check_counted(data.counted(part), f"the {name} part (distill.split[{i}]) of distill.data "
                                                f"({', '.join(files)})", exp.seq_len)
-    _calibration(held, exp.seq_len)
+    calibration(held, exp.seq_len)
     if exp.pack and not tokenized:  # the held-out rows stay one document each
         ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
     return held, ild_rows, kd_rows
@@ -485,72 +423,6 @@ def _generated(exp: Experiment) -> bool:
     prompts = data.read_prompts(exp.generation_prompts)
     done = data.replies(exp.generated_data)
     return all(i in done for i in range(len(prompts)))
-
-
-def _sharded(mesh, trained: dict, frozen: tuple | None) -> dict:
-    """``train``'s ``mesh`` and ``shardings`` keywords: ``trained`` = {name: (config, params)} (one entry with name
-    "" for a single model), ``frozen`` = (config, params) or None."""
-    if mesh is None:
-        return {}
-    from zebrax.sharding import param_shardings
-
-    sh = {n: param_shardings(c, p, mesh) for n, (c, p) in trained.items()}
-    return {"mesh": mesh, "shardings": (sh[""] if "" in sh else sh,
-                                        None if frozen is None else param_shardings(*frozen, mesh))}
-
-
-def _process_share() -> dict:
-    return dict(process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def _compute(exp: Experiment, config, *, trained: bool):
-    """The module a training step runs: ``config`` computing in ``exp.compute_dtype`` (its parameters stay in
-    ``config.param_dtype``), with remat for a trained model when ``exp.remat``."""
-    from zebrax.models import build
-
-    return build(config.replace(dtype=exp.compute_dtype), remat=trained and exp.remat)
-
-
-def _chunk(exp: Experiment) -> int:
-    """``exp.loss_chunk`` where it divides ``seq_len`` (else the largest divisor below it), 0 for whole rows."""
-    if not exp.loss_chunk or exp.loss_chunk >= exp.seq_len:
-        return 0
-    return max(c for c in range(1, exp.loss_chunk + 1) if exp.seq_len % c == 0)
-
-
-def stage_objective(exp: Experiment, stage: str, teacher, trained: dict) -> Callable:
-    """The objective a training stage of ``exp`` runs (``trainer`` form): ``stage`` "ild", "kd" or "dpo";
-    ``teacher`` the teacher's config; ``trained`` {name: config} of what the stage trains (ILD: both students;
-    KD and DPO: {"": the hybrid}). ``zebrax.aot`` compiles the same objective."""
-    if stage == "ild":
-        return ild_objective(_compute(exp, teacher, trained=False),
-                             {n: _compute(exp, c, trained=True) for n, c in trained.items()}, kind=exp.ild_kind)
-    if stage == "kd":
-        return kd_objective(_compute(exp, teacher, trained=False), _compute(exp, trained[""], trained=True),
-                            direction=exp.kd_direction, temperature=exp.kd_temperature, normalize=exp.kd_normalize,
-                            ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k, chunk=_chunk(exp))
-    if stage == "dpo":
-        return dpo_objective(_compute(exp, trained[""], trained=True), beta=exp.dpo_beta, chunk=_chunk(exp))
-    raise InvalidArgument(f"stage={stage!r}: expected 'ild', 'kd' or 'dpo'")
-
-
-def _real_tokens(batch: dict) -> int:
-    return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("token_mask")))
-
-
-def _counted(batch: dict) -> int:
-    """The tokens a batch's loss counts (``data.counted``; both replies of DPO pairs)."""
-    return int(sum(data.counted(batch, k.removesuffix("loss_mask")).sum() for k in batch if k.endswith("loss_mask")))
-
-
-def _calibration(rows: dict, seq_len: int) -> np.ndarray:
-    """The held-out rows' real tokens, concatenated and cut into full rows (SMART scores without padding)."""
-    stream = np.concatenate([t[m] for t, m in zip(rows["tokens"], rows["token_mask"], strict=True)])
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ZebraxError(f"SMART: the held-out rows hold {len(stream)} tokens, fewer than one row of {seq_len}; "
-                          f"raise the held-out fraction of Experiment.split")
-    return stream[: n * seq_len].reshape(n, seq_len)
 
 
 @dataclasses.dataclass
@@ -590,6 +462,10 @@ def _prepare(exp: Experiment) -> _Inputs:
                     for name, layers in STUDENTS.items()}
     with _about(exp, "num_mla"):
         place([0.0] * t_config.num_hidden_layers, exp.num_mla)  # SMART can place num_mla layers
+    with _about(exp, "random_init"):
+        known = set(kinds()) & {m for c in students.values() for m in c.mixers}
+        if not set(exp.random_init) <= known:
+            raise ConfigError(f"expected some of the students' mixer kinds ({', '.join(sorted(known))})")
     with _about(exp, "mesh"):
         if jax.process_count() > 1 and not exp.mesh:
             raise ConfigError(f"a run of {jax.process_count()} processes shards over a mesh of all their devices: "
@@ -604,21 +480,21 @@ def _prepare(exp: Experiment) -> _Inputs:
                           f"tokenize the replies into a corpus (zebrax tokenize)")
     pairs = _pairs(exp, codec) if exp.preferences else None
     files = (*exp.data, exp.generated_data) if exp.generation_prompts else exp.data
-    rows = parts = None
+    rows = split = None
     if answered:
-        rows = _documents(exp, codec, files)
-        parts = _parts(exp, rows, files)
+        rows = documents(exp, codec, files)
+        split = parts(exp, rows, files)
     hashes = {f: data.sha256(Path(f) / corpus.MANIFEST if corpus.is_corpus(f) else f)
               for f in (*exp.data, *exp.preferences, exp.generation_prompts) if f}
     return _Inputs(t_config=t_config, codec=codec, tokenizer=tokenizer, students=students, mesh=mesh,
-                   files=files, parts=parts, rows=rows, pairs=pairs, hashes=hashes)
+                   files=files, parts=split, rows=rows, pairs=pairs, hashes=hashes)
 
 
 def _check_rows_divide(exp: Experiment, shards: int) -> None:
     """ConfigError naming the stage whose micro-batches the mesh cannot split into ``shards`` equal parts of rows."""
-    stages = {"ild": exp.ild, "kd": exp.kd, **({"teacher": exp.tiny_teacher} if exp.teacher == "tiny" else {}),
-              **({"dpo": exp.dpo} if exp.preferences else {})}
-    for name, cfg in stages.items():
+    trained = {"ild": exp.ild, "kd": exp.kd, "dpo": exp.dpo, "teacher": exp.tiny_teacher}
+    names = set(exp.plan()) - ({"teacher"} if exp.teacher != "tiny" else set())
+    for name, cfg in ((n, c) for n, c in trained.items() if n in names):
         micro = cfg.batch_size // cfg.accumulate
         if micro % shards:
             raise ConfigError(f"{name}/TrainConfig.batch_size = {cfg.batch_size} (accumulate {cfg.accumulate}): "
@@ -626,108 +502,16 @@ def _check_rows_divide(exp: Experiment, shards: int) -> None:
                               f"its {shards} row shards (data × fsdp); make it a multiple of {shards}")
 
 
-def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None = None) -> dict:
+def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None = None,
+        shared: str | os.PathLike | None = None) -> dict:
     """Run (or resume) every stage; returns ``eval.json``'s content. ``config_text``: the resolved gin config, written
-    to ``WORKDIR/config.gin``. Everything is checked (``_prepare``) before the work directory is touched."""
+    to ``WORKDIR/config.gin``; ``shared``: a directory of stages finished by runs that agree on them
+    (``stages.Run.reuse``). Everything is checked (``_prepare``) before the work directory is touched."""
     workdir = checkpoint.as_path(workdir)
     with checkpoint.warnings_after_success():  # a refused experiment says one thing, why
         inputs = _prepare(exp)
     with _claimed(workdir, exp, inputs.hashes):
         if config_text is not None:
-            _write_text(workdir / "config.gin", config_text)
-        return _stages(exp, workdir, inputs)
-
-
-def _stages(exp: Experiment, workdir: Path, inputs: _Inputs) -> dict:
-    """Every stage in the claimed work directory; a stage whose output is there is skipped."""
-    from zebrax.api import Model
-    from zebrax.evaluate import evaluate as measure
-    from zebrax.init import assemble, init_hybrid
-    from zebrax.models import build
-    from zebrax.select import place, scores
-
-    t_config, mesh, tokenizer = inputs.t_config, inputs.mesh, inputs.tokenizer
-    t_params = _teacher(exp, t_config, workdir, mesh, inputs.rows)
-    teacher = build(t_config)
-    if mesh is None:
-        t_params = jax.device_put(t_params)
-    if exp.generation_prompts:
-        _say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
-        data.generate_data(Model(t_config, t_params, inputs.codec.tokenizer, mesh=mesh), exp.generation_prompts,
-                           exp.generated_data, **exp.generation)
-        if jax.process_index() == 0:
-            _record_hashes(workdir, {exp.generated_data: data.sha256(exp.generated_data)})
-    if inputs.parts is None:
-        with checkpoint.warnings_after_success():
-            inputs.parts = _parts(exp, _documents(exp, inputs.codec, inputs.files), inputs.files)
-    held, ild_rows, kd_rows = inputs.parts
-    shard = _process_share()
-    evals_path = workdir / "eval.json"
-    evals = json.loads(evals_path.read_text()) if evals_path.exists() else {}
-
-    def evaluate(name: str, config, params) -> None:
-        if name not in evals:
-            evals[name] = measure(build(config), params, held, teacher=teacher, teacher_params=t_params, mesh=mesh)
-            _write_text(evals_path, json.dumps(evals, indent=2))
-            _say(f"{name}: KL(teacher ‖ model) {evals[name]['kl']:.4f}, perplexity {evals[name]['perplexity']:.2f}")
-
-    evaluate("teacher", t_config, t_params)
-    students = {name: (config, init_hybrid(t_config, t_params, config, jax.random.key(exp.seed),
-                                           _shardings(config, mesh))[0])
-                for name, config in inputs.students.items()}
-
-    if not checkpoint.committed(workdir / "ild"):
-        _say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
-        objective = stage_objective(exp, "ild", t_config, {n: c for n, (c, _) in students.items()})
-        params = train("ild", objective, {n: p for n, (_, p) in students.items()}, t_params,
-                       data.batches(ild_rows, exp.ild.batch_size, exp.seed, **shard), exp.ild, workdir,
-                       tokens_of=_real_tokens, **_sharded(mesh, students, (t_config, t_params)))
-        _save(workdir, "ild", {n: (students[n][0], params[n]) for n in students}, tokenizer)
-        _finished(workdir, "ild")
-    ild = {n: _load(workdir / "ild" / n, mesh) for n in students}
-
-    if not (workdir / "smart.json").exists():
-        _say(f"SMART: scoring {t_config.num_hidden_layers} layers")
-        result = scores(Model(t_config, t_params, mesh=mesh), Model(*ild["mla"], mesh=mesh),
-                        Model(*ild["mamba2"], mesh=mesh),
-                        _calibration(held, exp.seq_len)[:exp.smart_rows or None])
-        result["mla_layers"] = place(result["scores"], exp.num_mla)
-        _write_text(workdir / "smart.json", json.dumps(result, indent=2))
-        sync("smart")
-    mla_layers = json.loads((workdir / "smart.json").read_text())["mla_layers"]
-    evaluate("initialised", *assemble(students["mla"], students["mamba2"], mla_layers))
-    if not checkpoint.committed(workdir / "hybrid"):
-        _save(workdir, "hybrid", {"": assemble(ild["mla"], ild["mamba2"], mla_layers)}, tokenizer)
-    h_config, h_params = _load(workdir / "hybrid", mesh)
-    _say(f"hybrid: layers {h_config.layer_map()} ({legend(h_config.layer_map())})")
-    evaluate("after_ild", h_config, h_params)
-
-    if not checkpoint.committed(workdir / "kd"):
-        # a corpus holding the teacher's top-k logits (``zebrax teacher-logits``) for kd_top_k: KD without the teacher
-        stored = isinstance(kd_rows, corpus.Corpus) and 0 < exp.kd_top_k == kd_rows.topk
-        _say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens"
-             + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
-        objective = stage_objective(exp, "kd", t_config, {"": h_config})
-        kd_data = data.batches(kd_rows.with_teacher_topk() if stored else kd_rows, exp.kd.batch_size, exp.seed + 1,
-                               **shard)
-        params = train("kd", objective, h_params, None if stored else t_params, kd_data, exp.kd, workdir,
-                       tokens_of=_real_tokens, counted_of=_counted,
-                       **_sharded(mesh, {"": (h_config, h_params)}, None if stored else (t_config, t_params)))
-        _save(workdir, "kd", {"": (h_config, params)}, tokenizer)
-        _finished(workdir, "kd")
-    kd_params = _load(workdir / "kd", mesh)[1]
-    evaluate("after_kd", h_config, kd_params)
-
-    if exp.preferences:
-        if not checkpoint.committed(workdir / "dpo"):
-            _say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
-            reference = kd_params if mesh is not None else jax.device_put(kd_params)
-            params = train("dpo", stage_objective(exp, "dpo", t_config, {"": h_config}), kd_params,
-                           reference,
-                           data.batches(inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **shard), exp.dpo, workdir,
-                           tokens_of=_real_tokens, counted_of=_counted,
-                           **_sharded(mesh, {"": (h_config, kd_params)}, (h_config, kd_params)))
-            _save(workdir, "dpo", {"": (h_config, params)}, tokenizer)
-            _finished(workdir, "dpo")
-        evaluate("after_dpo", h_config, _load(workdir / "dpo", mesh)[1])
-    return evals
+            write_text(workdir / "config.gin", config_text)
+        return stage_list.run_stages(stage_list.Run(exp, workdir, inputs, stage_list.plan(exp.plan()),
+                                                    shared=None if shared is None else Path(shared)))

@@ -2,13 +2,15 @@
 ``gated_delta_from_attention.py``), and ``assemble.py`` (a hybrid from an all-MLA and an all-Mamba2 student).
 
 ``init_hybrid`` builds every layer of a ``HybridConfig`` from its Llama teacher: each mixer by its kind's
-``from_attention`` (``zebrax.mixers``: MLA by SVD, Mamba2 and Gated DeltaNet from the attention weights), attention
-layers copied; MLPs, norms, embeddings, final norm and head copied.
+``from_attention`` (``zebrax.mixers``: MLA by SVD, Mamba2 and Gated DeltaNet from the attention weights), or for the
+kinds in ``random`` by the module's own initialisation (the ablation); attention layers copied; MLPs, norms,
+embeddings, final norm and head copied.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,16 @@ from zebrax.init.assemble import assemble
 from zebrax.init.mamba2_from_attention import mamba2_from_attention
 from zebrax.init.mla_svd import mla_from_attention
 from zebrax.mixers import kind
+from zebrax.models import build
 
 __all__ = ["assemble", "init_hybrid", "mamba2_from_attention", "mla_from_attention"]
 
 
 def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: jax.Array,
-                shardings: dict | None = None) -> tuple[dict, dict]:
+                shardings: dict | None = None, *, random: Collection[str] = ()) -> tuple[dict, dict]:
     """(hybrid params in ``config.param_dtype``, report ``{"layers": [{layer, mixer, q/kv relative error}]}``).
+    ``random``: mixer kinds whose layers start from the hybrid module's own initialisation (``key``), not from the
+    teacher's attention (their report rows say ``"init": "random"``).
 
     ``shardings``: the hybrid's ``NamedSharding`` tree (``sharding.param_shardings``), for a teacher of global arrays
     over a mesh. The hybrid is then made shard by shard: what is copied is cast on the devices that hold it, and each
@@ -47,12 +52,16 @@ def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: j
     out = {name: copy(params[name], at(name)) for name in params if not name.startswith("layers_")}
     report = []
     keys = jax.random.split(key, config.num_hidden_layers)
+    fresh = _fresh(config, key) if set(random) & set(config.mixers) else None
     for i, spec in enumerate(config.plan()):
         name, layer = f"layers_{i}", params[f"layers_{i}"]
         new = {k: copy(v, at(name, k)) for k, v in layer.items() if k != "self_attn"}
         row, mixer = {"layer": i, "mixer": spec.mixer}, kind(spec.mixer)
         if spec.mixer == "attention":
             new["self_attn"] = copy(layer["self_attn"], at(name, "self_attn"))
+        elif spec.mixer in random:
+            new[mixer.scope] = made(fresh[name][mixer.scope], at(name, mixer.scope))
+            row["init"] = "random"
         else:
             made_params, made_report = mixer.initialise(host(layer["self_attn"]), config.attention, spec.config,
                                                         keys[i])
@@ -61,3 +70,11 @@ def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: j
         out[name] = new
         report.append(row)
     return out, {"layers": report}
+
+
+def _fresh(config: HybridConfig, key: jax.Array) -> dict:
+    """The hybrid's parameters as its module initialises them (on the host, ``float32``)."""
+    import flax.linen as nn
+
+    fresh = build(config).init(key, np.zeros((1, 1), np.int32))["params"]
+    return jax.tree.map(lambda w: np.asarray(w, np.float32), nn.unbox(fresh))

@@ -1,0 +1,562 @@
+"""The pipeline's stages (METHOD §6), run in the order an ``Experiment`` lists them (``Experiment.stages``).
+
+A stage has a name, the artefacts of earlier stages it reads, the one it writes in the work directory, the rows of
+``eval.json`` it adds, and the ``Experiment`` fields that are its settings. A stage whose artefact is written is
+skipped; the stage in progress resumes from its latest complete checkpoint.
+
+    stage     reads                writes                  evaluates                settings
+    teacher   —                    teacher/ (tiny only)    teacher                  teacher, tiny_teacher, …
+    students  teacher              (in memory)             —                        student, random_init, seed
+    ild       teacher, students    ild/{mla,mamba2}/       —                        ild, ild_kind, …
+    smart     teacher, students    smart.json              —                        num_mla, smart_rows, placement
+    hybrid    students, smart      hybrid/                 initialised, after_ild   —
+    kd        teacher, hybrid      kd/                     after_kd                 kd, kd_direction, …
+    dpo       hybrid               dpo/                    after_dpo                dpo, dpo_beta, preferences
+
+The students stage makes the all-MLA and the all-linear (Mamba2 or GDN) student from the teacher, again on every run
+(the same seed, the same students). Without ``ild`` in the list, SMART and the hybrid take the students as they are
+initialised. ``WORKDIR/stages.json`` holds the list the run follows, each stage with its settings; ``zebrax run``'s
+report reads it.
+
+Runs that agree on a stage share it: given a ``shared`` directory (``zebrax ablate``), a stage's artefact is kept
+there under its key (``Run.key``: the settings of the stages up to it and the fields no stage claims), and a later
+run with the same key copies it instead of doing the work again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from zebrax import checkpoint, data
+from zebrax.distill.dpo import dpo_objective
+from zebrax.distill.ild import ild_objective
+from zebrax.distill.kd import kd_objective
+from zebrax.distill.trainer import train
+from zebrax.errors import InvalidArgument, ZebraxError
+from zebrax.sharding import sync
+
+STUDENTS = {"mla": "all", "mamba2": "none"}  # the two students ILD trains: name → mla_layers ("mamba2": the linear)
+PLACEMENTS = ("smart", "uniform", "reverse")
+RECORD = "stages.json"
+
+
+def say(text: str) -> None:
+    print(f"[zebrax distill] {text}", file=sys.stderr, flush=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically, by process 0 only."""
+    if jax.process_index() != 0:
+        return
+    checkpoint.write_text_atomic(path, text)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the stages of one run share: the experiment, its claimed work directory, what ``pipeline._prepare`` read
+    and checked (``inputs``), and what the stages made so far."""
+
+    exp: object  # pipeline.Experiment
+    workdir: Path
+    inputs: object  # pipeline._Inputs
+    stages: tuple  # the Stage objects of exp.stages
+    shared: Path | None = None  # finished stages' artefacts by key (``reuse``, ``share``), or None
+    t_params: dict | None = None
+    students: dict = dataclasses.field(default_factory=dict)  # name → (config, params) as initialised
+    evals: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def mesh(self):
+        return self.inputs.mesh
+
+    @property
+    def parts(self) -> tuple:
+        return self.inputs.parts
+
+    def has(self, name: str) -> bool:
+        return any(s.name == name for s in self.stages)
+
+    def evaluate(self, name: str, config, params) -> None:
+        """``eval.json``'s row ``name``: KL(teacher ‖ model) and perplexity on the held-out rows (once)."""
+        from zebrax.evaluate import evaluate as measure
+        from zebrax.models import build
+
+        if name in self.evals:
+            return
+        self.evals[name] = measure(build(config), params, self.parts[0], teacher=build(self.inputs.t_config),
+                                   teacher_params=self.t_params, mesh=self.mesh)
+        write_text(self.workdir / "eval.json", json.dumps(self.evals, indent=2))
+        row = self.evals[name]
+        say(f"{name}: KL(teacher ‖ model) {row['kl']:.4f}, perplexity {row['perplexity']:.2f}")
+
+    def key(self, stage: Stage) -> str:
+        """What decides ``stage``'s artefact: the settings of the stages up to it and the experiment's fields no stage
+        claims (data, split, mesh, …), as a SHA-256."""
+        listed = self.stages[:self.stages.index(stage) + 1]
+        claimed = {f for s in STAGES.values() for f in s.settings}
+        common = {f.name: _plain(getattr(self.exp, f.name)) for f in dataclasses.fields(self.exp)
+                  if f.name not in claimed | {"stages"}}
+        text = json.dumps({"common": common, "stages": [s.record(self.exp) for s in listed]}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def reuse(self, stage: Stage) -> bool:
+        """Copy ``stage``'s artefact from ``shared`` when a run of the same key wrote it there; True if it did."""
+        source = None if self.shared is None else self.shared / self.key(stage) / stage.writes
+        if source is None or not source.exists():
+            return False
+        say(f"{stage.name}: reused from {source.parent} (a run that agrees on it)")
+        _copy(source, self.workdir / stage.writes)
+        return True
+
+    def share(self, stage: Stage) -> None:
+        """Copy ``stage``'s finished artefact to ``shared`` under its key (for the next run that agrees)."""
+        if self.shared is not None and jax.process_index() == 0 and (self.workdir / stage.writes).exists():
+            target = self.shared / self.key(stage) / stage.writes
+            if not target.exists():
+                _copy(self.workdir / stage.writes, target)
+
+    def trained_students(self) -> dict:
+        """The students SMART scores and the hybrid is made of: ILD's, or without ILD the initialised ones."""
+        if self.has("ild"):
+            return {n: load(self.workdir / "ild" / n, self.mesh) for n in STUDENTS}
+        return self.students
+
+
+class Stage:
+    """One step of the pipeline (the module docstring's table): ``name``, the stages it ``reads`` from, the artefact
+    it ``writes`` (a path in the work directory). ``run`` is called on every run of the experiment; it does the
+    work unless ``done`` (the artefact is written) or another run's can be reused, then adds its rows to
+    ``eval.json``."""
+
+    name: str = ""
+    reads: tuple[str, ...] = ()
+    evaluates: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # the Experiment fields it reads
+
+    @property
+    def writes(self) -> str:
+        return self.name
+
+    def done(self, run: Run) -> bool:
+        return checkpoint.committed(run.workdir / self.writes)
+
+    def work(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def after(self, run: Run) -> None:
+        """What follows on every run, done or not: its evaluations, what later stages take from it."""
+
+    def run(self, run: Run) -> None:
+        if not self.done(run) and not run.reuse(self):
+            self.work(run)
+            run.share(self)
+        self.after(run)
+
+    def record(self, exp) -> dict:
+        return {"stage": self.name, "reads": list(self.reads), "writes": self.writes, "evaluates": list(self.evaluates),
+                "settings": {f: _plain(getattr(exp, f)) for f in self.settings}}
+
+
+def _copy(source: Path, target: Path) -> None:
+    """A file or directory to ``target`` whole or not at all (a temporary beside it, renamed)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.copy-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if source.is_dir():
+        shutil.copytree(source, tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _plain(value):
+    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value,
+                                 default=list))
+
+
+class Teacher(Stage):
+    """The teacher's parameters: read from its checkpoint, or for ``teacher="tiny"`` a random tiny Llama trained on
+    the data first (next-token cross-entropy, ``tiny_teacher``). Its replies to ``generation_prompts``, when asked
+    for, are written before the data is split."""
+
+    name, evaluates = "teacher", ("teacher",)
+    settings = ("teacher", "tiny_teacher", "tiny_layers", "data", "generation_prompts", "generation", "seq_len",
+                "pack", "seed")
+
+    def done(self, run: Run) -> bool:
+        return run.exp.teacher != "tiny" or (checkpoint.committed(run.workdir / "teacher")
+                                             and checkpoint.is_checkpoint(run.workdir / "teacher"))
+
+    def work(self, run: Run) -> None:
+        import flax.linen as nn
+
+        from zebrax.models import build
+
+        exp, config = run.exp, run.inputs.t_config
+        rows = run.inputs.rows
+        rows = data.pack(rows, exp.seq_len) if exp.pack and isinstance(rows, dict) else rows
+        say(f"tiny teacher: {exp.tiny_teacher.steps} steps of next-token training on the data")
+        module = build(config)
+        params = nn.unbox(module.init(jax.random.key(exp.seed), np.zeros((1, 1), np.int32)))["params"]
+        params = train("teacher", lm_objective(module), params, None,
+                       data.batches(rows, exp.tiny_teacher.batch_size, exp.seed + 3, **process_share()),
+                       exp.tiny_teacher, run.workdir, tokens_of=real_tokens, counted_of=counted,
+                       **sharded(run.mesh, {"": (config, params)}, None))
+        save(run.workdir, "teacher", {"": (config, params)}, None)
+        finished(run.workdir, "teacher")
+
+    def after(self, run: Run) -> None:
+        from zebrax.api import Model
+        from zebrax.distill import pipeline
+
+        exp = run.exp
+        params = load(run.workdir / "teacher" if exp.teacher == "tiny" else exp.teacher, run.mesh)[1]
+        run.t_params = params if run.mesh is not None else jax.device_put(params)
+        if exp.generation_prompts:
+            say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
+            data.generate_data(Model(run.inputs.t_config, run.t_params, run.inputs.codec.tokenizer, mesh=run.mesh),
+                               exp.generation_prompts, exp.generated_data, **exp.generation)
+            if jax.process_index() == 0:
+                pipeline.record_hashes(run.workdir, {exp.generated_data: data.sha256(exp.generated_data)})
+        if run.inputs.parts is None:
+            with checkpoint.warnings_after_success():
+                rows = pipeline.documents(exp, run.inputs.codec, run.inputs.files)
+                run.inputs.parts = pipeline.parts(exp, rows, run.inputs.files)
+        run.evaluate("teacher", run.inputs.t_config, run.t_params)
+
+
+class Students(Stage):
+    """The all-MLA and the all-linear student, initialised from the teacher (``init.init_hybrid``): MLA by SVD, the
+    linear mixers from the attention weights; the kinds in ``random_init`` at random instead (their modules' own
+    initialisation), for the ablation."""
+
+    name, reads = "students", ("teacher",)
+    settings = ("student", "random_init", "seed")
+
+    def done(self, run: Run) -> bool:
+        return False  # in memory: made on every run
+
+    def work(self, run: Run) -> None:
+        from zebrax.init import init_hybrid
+
+        run.students = {name: (config, init_hybrid(run.inputs.t_config, run.t_params, config,
+                                                   jax.random.key(run.exp.seed), shardings(config, run.mesh),
+                                                   random=run.exp.random_init)[0])
+                        for name, config in run.inputs.students.items()}
+
+
+class ILD(Stage):
+    """Stage 1 (METHOD §6): both students at once, each layer fed the teacher's input, learning its output."""
+
+    name, reads = "ild", ("teacher", "students")
+    settings = ("ild", "ild_kind", "split", "compute_dtype", "remat")
+
+    def work(self, run: Run) -> None:
+        exp, students = run.exp, run.students
+        say(f"ILD: {exp.ild.steps} steps of {exp.ild.batch_size} × {exp.seq_len} tokens, both students at once")
+        objective = stage_objective(exp, "ild", run.inputs.t_config, {n: c for n, (c, _) in students.items()})
+        params = train("ild", objective, {n: p for n, (_, p) in students.items()}, run.t_params,
+                       data.batches(run.parts[1], exp.ild.batch_size, exp.seed, **process_share()), exp.ild,
+                       run.workdir, tokens_of=real_tokens,
+                       **sharded(run.mesh, students, (run.inputs.t_config, run.t_params)))
+        save(run.workdir, "ild", {n: (students[n][0], params[n]) for n in students}, run.inputs.tokenizer)
+        finished(run.workdir, "ild")
+
+
+class Smart(Stage):
+    """Where the MLA layers go (METHOD §5), by ``placement``: ``"smart"`` (SMART's scores on held-out rows, the
+    placement of the largest total score), ``"reverse"`` (the same scores and rule, the smallest total: the
+    placement SMART likes least) or ``"uniform"`` (``select.uniform``: evenly spaced from layer 0, no scoring)."""
+
+    name, reads, writes = "smart", ("teacher", "students"), "smart.json"
+    settings = ("num_mla", "smart_rows", "placement")
+
+    def done(self, run: Run) -> bool:
+        return (run.workdir / self.writes).exists()
+
+    def work(self, run: Run) -> None:
+        from zebrax.api import Model
+        from zebrax.select import place, scores, uniform
+
+        exp, n_layers = run.exp, run.inputs.t_config.num_hidden_layers
+        if exp.placement == "uniform":
+            result = {"placement": "uniform", "mla_layers": uniform(n_layers, exp.num_mla)}
+        else:
+            say(f"SMART: scoring {n_layers} layers")
+            students = run.trained_students()
+            result = scores(Model(run.inputs.t_config, run.t_params, mesh=run.mesh),
+                            Model(*students["mla"], mesh=run.mesh), Model(*students["mamba2"], mesh=run.mesh),
+                            calibration(run.parts[0], exp.seq_len)[:exp.smart_rows or None])
+            sign = -1.0 if exp.placement == "reverse" else 1.0
+            result["placement"] = exp.placement
+            result["mla_layers"] = place([sign * s for s in result["scores"]], exp.num_mla)
+        write_text(run.workdir / self.writes, json.dumps(result, indent=2))
+        sync("smart")
+
+
+class Hybrid(Stage):
+    """The hybrid assembled from the students at the placed MLA layers (``init.assemble``); evaluated as assembled
+    from the initialised students, and (after ILD) from the ILD-trained ones."""
+
+    name, reads = "hybrid", ("students", "smart")
+    evaluates = ("initialised", "after_ild")
+
+    def work(self, run: Run) -> None:
+        from zebrax.init import assemble
+
+        students = run.trained_students()
+        save(run.workdir, "hybrid", {"": assemble(students["mla"], students["mamba2"], self.mla_layers(run))},
+             run.inputs.tokenizer)
+
+    def after(self, run: Run) -> None:
+        from zebrax.init import assemble
+        from zebrax.mixers import legend
+
+        run.evaluate("initialised", *assemble(run.students["mla"], run.students["mamba2"], self.mla_layers(run)))
+        config, params = load(run.workdir / "hybrid", run.mesh)
+        say(f"hybrid: layers {config.layer_map()} ({legend(config.layer_map())})")
+        if run.has("ild"):
+            run.evaluate("after_ild", config, params)
+
+    @staticmethod
+    def mla_layers(run: Run) -> list[int]:
+        return json.loads((run.workdir / "smart.json").read_text())["mla_layers"]
+
+
+class KD(Stage):
+    """Stage 2 (METHOD §6): the hybrid learns the teacher's next-token distributions (``kd_direction`` KL)."""
+
+    name, reads, evaluates = "kd", ("teacher", "hybrid"), ("after_kd",)
+    settings = ("kd", "kd_direction", "kd_temperature", "kd_normalize", "kd_ce_weight", "kd_top_k", "split",
+                "compute_dtype", "remat", "loss_chunk")
+
+    def work(self, run: Run) -> None:
+        from zebrax import corpus
+
+        exp = run.exp
+        config, params = load(run.workdir / "hybrid", run.mesh)
+        kd_rows = run.parts[2]
+        # a corpus holding the teacher's top-k logits (``zebrax teacher-logits``) for kd_top_k: KD without the teacher
+        stored = isinstance(kd_rows, corpus.Corpus) and 0 < exp.kd_top_k == kd_rows.topk
+        say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens"
+            + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
+        objective = stage_objective(exp, "kd", run.inputs.t_config, {"": config})
+        kd_data = data.batches(kd_rows.with_teacher_topk() if stored else kd_rows, exp.kd.batch_size, exp.seed + 1,
+                               **process_share())
+        params = train("kd", objective, params, None if stored else run.t_params, kd_data, exp.kd, run.workdir,
+                       tokens_of=real_tokens, counted_of=counted,
+                       **sharded(run.mesh, {"": (config, params)},
+                                 None if stored else (run.inputs.t_config, run.t_params)))
+        save(run.workdir, "kd", {"": (config, params)}, run.inputs.tokenizer)
+        finished(run.workdir, "kd")
+
+    def after(self, run: Run) -> None:
+        run.evaluate("after_kd", *load(run.workdir / "kd", run.mesh))
+
+
+class DPO(Stage):
+    """Stage 3 (METHOD §6): DPO on ``preferences``, the model before it (KD's, else the hybrid) the frozen
+    reference."""
+
+    name, reads, evaluates = "dpo", ("hybrid",), ("after_dpo",)
+    settings = ("dpo", "dpo_beta", "preferences", "compute_dtype", "remat", "loss_chunk")
+
+    def work(self, run: Run) -> None:
+        exp = run.exp
+        config, params = load(run.workdir / ("kd" if run.has("kd") else "hybrid"), run.mesh)
+        say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
+        reference = params if run.mesh is not None else jax.device_put(params)
+        params = train("dpo", stage_objective(exp, "dpo", run.inputs.t_config, {"": config}), params, reference,
+                       data.batches(run.inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **process_share()), exp.dpo,
+                       run.workdir, tokens_of=real_tokens, counted_of=counted,
+                       **sharded(run.mesh, {"": (config, params)}, (config, reference)))
+        save(run.workdir, "dpo", {"": (config, params)}, run.inputs.tokenizer)
+        finished(run.workdir, "dpo")
+
+    def after(self, run: Run) -> None:
+        run.evaluate("after_dpo", *load(run.workdir / "dpo", run.mesh))
+
+
+STAGES = {s.name: s for s in (Teacher, Students, ILD, Smart, Hybrid, KD, DPO)}
+MODELS = ("dpo", "kd", "hybrid")  # the stages that write the hybrid, latest first
+
+
+def method(preferences: bool) -> tuple[str, ...]:
+    """The method's stages (METHOD §6); DPO when there are preference pairs."""
+    return ("teacher", "students", "ild", "smart", "hybrid", "kd", *(("dpo",) if preferences else ()))
+
+
+def plan(names) -> tuple[Stage, ...]:
+    """The Stage objects of a list of stage names, checked: each known, once, and each reading only what a stage
+    before it writes (InvalidArgument naming the stage and what it misses)."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise InvalidArgument(f"stages {list(names)}: {unknown[0]!r} is not a stage (expected some of "
+                              f"{', '.join(STAGES)})")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"stages {list(names)}: a stage is listed twice")
+    stages, written = [], set()
+    for n in names:
+        stage = STAGES[n]()
+        missing = [r for r in stage.reads if r not in written]
+        if missing:
+            raise InvalidArgument(f"stages {list(names)}: {n!r} reads {missing[0]!r}, which no stage before it "
+                                  f"writes")
+        written.add(n)
+        stages.append(stage)
+    if not any(s.name in MODELS for s in stages):
+        raise InvalidArgument(f"stages {list(names)}: no stage makes the hybrid (expected 'hybrid' among them)")
+    return tuple(stages)
+
+
+def final_model(names) -> str:
+    """The work directory's model the run ends with: the last of DPO, KD and the assembled hybrid it runs."""
+    return next(m for m in MODELS if m in names)
+
+
+def final_evaluation(names, evals: dict) -> str:
+    """The row of ``eval.json`` that measures the last model of a run of the stages ``names``."""
+    return [e for n in names for e in STAGES[n].evaluates if e in evals][-1]
+
+
+def run_stages(run: Run) -> dict:
+    """Every stage of ``run.stages`` in order (``Stage.run``); returns ``eval.json``'s content."""
+    path = run.workdir / "eval.json"
+    run.evals = json.loads(path.read_text()) if path.exists() else {}
+    write_text(run.workdir / RECORD, json.dumps([s.record(run.exp) for s in run.stages], indent=2))
+    for stage in run.stages:
+        stage.run(run)
+    return run.evals
+
+
+# what the stages share: saving and loading models, the training objectives, batch counts
+
+
+def save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
+    """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself), written
+    by every process, each the shards its devices hold (no host gathers a model); every process returns once it is
+    committed."""
+    with checkpoint.atomic_directory_of_all(workdir / name, what="stage output") as tmp:
+        for sub, (config, params) in models.items():
+            target = tmp / sub if sub else tmp
+            target.mkdir(exist_ok=True)
+            checkpoint.save(target, config, params)
+            if tokenizer is not None and jax.process_index() == 0:
+                checkpoint.copy_tree(tokenizer, target / "tokenizer")
+
+
+def finished(workdir: Path, stage: str) -> None:
+    """A stage's output is written: its resumption checkpoints and compiled steps are no longer needed."""
+    jax.clear_caches()
+    if jax.process_index() == 0:
+        checkpoint.remove_tree(workdir / "checkpoints" / stage)
+    sync(f"finished {stage}")
+
+
+def shardings(config, mesh):
+    """The ``NamedSharding`` tree of a model ``config`` over ``mesh`` (``sharding.param_shardings``); None without."""
+    if mesh is None:
+        return None
+    from zebrax.models import abstract_params
+    from zebrax.sharding import param_shardings
+
+    return param_shardings(config, abstract_params(config), mesh)
+
+
+def load(path: Path, mesh=None) -> tuple:
+    """(config, params) of a checkpoint; with a ``mesh``, the parameters restored straight into their shardings
+    (``shardings``): no device, and no host, holds a whole model."""
+    config = checkpoint.load_config(path)
+    return config, checkpoint.load_params(path, config, shardings(config, mesh))
+
+
+def sharded(mesh, trained: dict, frozen: tuple | None) -> dict:
+    """``train``'s ``mesh`` and ``shardings`` keywords: ``trained`` = {name: (config, params)} (one entry with name
+    "" for a single model), ``frozen`` = (config, params) or None."""
+    if mesh is None:
+        return {}
+    from zebrax.sharding import param_shardings
+
+    sh = {n: param_shardings(c, p, mesh) for n, (c, p) in trained.items()}
+    return {"mesh": mesh, "shardings": (sh[""] if "" in sh else sh,
+                                        None if frozen is None else param_shardings(*frozen, mesh))}
+
+
+def process_share() -> dict:
+    return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _compute(exp, config, *, trained: bool):
+    """The module a training step runs: ``config`` computing in ``exp.compute_dtype`` (its parameters stay in
+    ``config.param_dtype``), with remat for a trained model when ``exp.remat``."""
+    from zebrax.models import build
+
+    return build(config.replace(dtype=exp.compute_dtype), remat=trained and exp.remat)
+
+
+def _chunk(exp) -> int:
+    """``exp.loss_chunk`` where it divides ``seq_len`` (else the largest divisor below it), 0 for whole rows."""
+    if not exp.loss_chunk or exp.loss_chunk >= exp.seq_len:
+        return 0
+    return max(c for c in range(1, exp.loss_chunk + 1) if exp.seq_len % c == 0)
+
+
+def stage_objective(exp, stage: str, teacher, trained: dict) -> Callable:
+    """The objective a training stage of ``exp`` runs (``trainer`` form): ``stage`` "ild", "kd" or "dpo";
+    ``teacher`` the teacher's config; ``trained`` {name: config} of what the stage trains (ILD: both students;
+    KD and DPO: {"": the hybrid}). ``zebrax.aot`` compiles the same objective."""
+    if stage == "ild":
+        return ild_objective(_compute(exp, teacher, trained=False),
+                             {n: _compute(exp, c, trained=True) for n, c in trained.items()}, kind=exp.ild_kind)
+    if stage == "kd":
+        return kd_objective(_compute(exp, teacher, trained=False), _compute(exp, trained[""], trained=True),
+                            direction=exp.kd_direction, temperature=exp.kd_temperature, normalize=exp.kd_normalize,
+                            ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k, chunk=_chunk(exp))
+    if stage == "dpo":
+        return dpo_objective(_compute(exp, trained[""], trained=True), beta=exp.dpo_beta, chunk=_chunk(exp))
+    raise InvalidArgument(f"stage={stage!r}: expected 'ild', 'kd' or 'dpo'")
+
+
+def lm_objective(model):
+    """Next-token cross-entropy over counted positions: how the tiny teacher learns the data."""
+    from zebrax.distill.losses import ce_loss
+
+    def objective(params, _, batch):
+        tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
+        logits = model.apply({"params": params}, tokens, token_mask=token_mask, segment_ids=batch.get("segment_ids"))[0]
+        mask = batch["loss_mask"][:, :-1].astype(bool) & data.next_in_document(batch)
+        ce = ce_loss(logits[:, :-1], tokens[:, 1:], mask)
+        return ce, {"ce": ce}
+
+    return objective
+
+
+def real_tokens(batch: dict) -> int:
+    return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("token_mask")))
+
+
+def counted(batch: dict) -> int:
+    """The tokens a batch's loss counts (``data.counted``; both replies of DPO pairs)."""
+    return int(sum(data.counted(batch, k.removesuffix("loss_mask")).sum() for k in batch if k.endswith("loss_mask")))
+
+
+def calibration(rows: dict, seq_len: int) -> np.ndarray:
+    """The held-out rows' real tokens, concatenated and cut into full rows (SMART scores without padding)."""
+    stream = np.concatenate([t[m] for t, m in zip(rows["tokens"], rows["token_mask"], strict=True)])
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ZebraxError(f"SMART: the held-out rows hold {len(stream)} tokens, fewer than one row of {seq_len}; "
+                          f"raise the held-out fraction of Experiment.split")
+    return stream[: n * seq_len].reshape(n, seq_len)
