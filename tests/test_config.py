@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from zebrax.config import LlamaConfig, RopeScaling
+from zebrax.convert.hf_config import from_hf, to_hf
 from zebrax.errors import ConfigError
 from zebrax.models import abstract_params, logical_axes, param_count
 
@@ -49,16 +50,16 @@ def test_dict_round_trip_and_unknown_fields():
         config.hidden_size = 8
 
 
-def test_from_hf_dict_reads_both_transformers_generations():
+def test_from_hf_reads_both_transformers_generations():
     v4 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, rope_theta=500000.0, eos_token_id=[1, 2],
               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192})
     v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {**v4["rope_scaling"], "rope_theta": 500000.0}
-    a, b = LlamaConfig.from_hf_dict(v4), LlamaConfig.from_hf_dict(v5)
+    a, b = from_hf(LlamaConfig, v4), from_hf(LlamaConfig, v5)
     assert a == b and a.rope_theta == 500000.0 and a.rope_scaling.factor == 32.0 and a.eos_token_id == (1, 2)
-    assert LlamaConfig.from_hf_dict(a.to_hf_dict()) == a
+    assert from_hf(LlamaConfig, to_hf(a)) == a
 
 
 LOGICAL_AXES = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "q_lora", "kv_lora", "kv_latent",
@@ -116,7 +117,7 @@ def test_mamba2_preset_matches_transformers_parameter_count():
 
     config = preset_config("mamba2_130m")
     with torch.device("meta"):
-        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**config.to_hf_dict()))
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**to_hf(config)))
     assert param_count(config) == sum(p.numel() for p in hf.parameters()) == 128_989_632
     m = config.mixer  # bf16 conv state, fp32 SSM state, per layer; nothing grows with length
     state = ((m.d_inner + 2 * m.d_state) * (m.conv_kernel - 1) * 2 + m.n_heads * m.head_dim * m.d_state * 4) * 24

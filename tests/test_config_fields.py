@@ -1,5 +1,5 @@
 """Every transformers config field that changes the computation is honoured (parity-tested here) or refused by
-name; the rest are listed in ``hf_ignored`` with the reason. fp32, max |Δlogit| against transformers."""
+name; the rest are listed in ``hf_config.IGNORED`` with the reason. fp32, max |Δlogit| against transformers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import transformers
 
 import zebrax
 from tests.helpers import assert_logits_match, save_hf
-from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig, RopeScaling
+from zebrax.config import DeepseekV3Config, LlamaConfig, Mamba2LMConfig
+from zebrax.convert.hf_config import IGNORED, from_hf, rope_from_hf
 from zebrax.errors import ConfigError
 
 LOGIT_ATOL = 1e-4
@@ -55,11 +56,11 @@ def test_every_transformers_field_is_read_or_ignored_for_a_stated_reason(arch):
     someone decides how zebrax treats it."""
     hf_cls, cls, overrides = ARCHS[arch]
     d = Recording({**hf_cls(**overrides).to_dict(), **overrides})
-    cls.from_hf_dict(d)
+    from_hf(cls, d)
     fields = set(inspect.signature(hf_cls.__init__).parameters) - {"self", "kwargs"}
-    undecided = sorted(fields - d.read - set(cls.hf_ignored))
-    assert not undecided, f"{arch}: transformers fields neither read nor in hf_ignored: {undecided}"
-    assert all(reason for reason in cls.hf_ignored.values())
+    undecided = sorted(fields - d.read - set(IGNORED[cls]))
+    assert not undecided, f"{arch}: transformers fields neither read nor in IGNORED: {undecided}"
+    assert all(reason for reason in IGNORED[cls].values())
 
 
 def _tiny(cls, directory, seed=0, **kw):
@@ -134,10 +135,10 @@ def test_fields_zebrax_does_not_compute_are_refused_by_name(capsys, tiny_llama, 
 
 
 def test_yarn_without_a_factor_takes_the_ratio_of_the_context_lengths_as_transformers_does():
-    rope = RopeScaling.from_hf_dict({"rope_type": "yarn", "original_max_position_embeddings": 1024}, 4096)
+    rope = rope_from_hf({"rope_type": "yarn", "original_max_position_embeddings": 1024}, 4096)
     assert rope.factor == 4.0
     with pytest.raises(ConfigError, match="rope_type='su'"):
-        RopeScaling.from_hf_dict({"rope_type": "su"})
+        rope_from_hf({"rope_type": "su"})
 
 
 def test_saved_configs_without_the_new_fields_still_load(tiny_llama):

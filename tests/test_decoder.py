@@ -71,8 +71,9 @@ def test_every_mixer_has_one_interface_and_its_cache_continues_the_full_pass(nam
         cache = cache.advance(step, (layer,), 1)
 
 
-@pytest.mark.parametrize("config", [MIXED, hybrid("all"), hybrid("none"), WITH_GDN],
-                         ids=["mixed", "all_mla", "all_mamba2", "with_gdn"])
+@pytest.mark.parametrize("config", [MIXED, hybrid("all"), hybrid("none"), WITH_GDN,
+                                    hybrid([0, 3], layer_ranks={3: {"kv_lora_rank": 8, "q_lora_rank": 16}})],
+                         ids=["mixed", "all_mla", "all_mamba2", "with_gdn", "mla_ranks_per_layer"])
 @pytest.mark.parametrize("pad", [0, 3])
 def test_hybrid_prefill_then_decode_equals_the_full_pass(config, pad, rng):
     model = random_model(config)

@@ -137,7 +137,7 @@ def test_a_workdir_of_another_experiment_is_refused_and_left_alone(tmp_path, cap
 
 @pytest.mark.parametrize("binding, message", [
     ("distill.sed = 1", r"Configurable 'distill' doesn't have a parameter named 'sed'.*its parameters: teacher, "
-                        r"tiny_teacher, data"),
+                        r"tiny_teacher, tiny_layers, stages, data"),
     ("distil.seed = 1", r"No configurable matching 'distil'.*configurables: .*distill"),
     ("kd/TrainConfig.step = 1", r"its parameters: steps, batch_size"),
 ])

@@ -15,12 +15,13 @@ import pytest
 import zebrax
 from tests.helpers import TEACHER, hybrid, model_params
 from zebrax.cache import Slots
-from zebrax.config import HybridConfig, LlamaConfig, RopeScaling, rope_head_dims
+from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import ConfigError
 from zebrax.init import init_hybrid, mamba2_from_attention, mla_from_attention
 from zebrax.init.mla_svd import rope_rows
 from zebrax.layers import Attention
 from zebrax.layers.mla import MLAttention
+from zebrax.recipe import rope_head_dims
 
 
 def teacher_params(config: LlamaConfig = TEACHER, seed: int = 0) -> dict:
@@ -173,6 +174,24 @@ def test_kinds_asked_for_start_random_and_everything_else_as_from_the_teacher():
                            taught["layers_0"]["self_attn"]["q_b_proj"]["kernel"])
     for name in ("embed_tokens", "norm"):
         jax.tree.map(np.testing.assert_array_equal, ablated[name], taught[name])
+
+
+def test_mla_layers_of_their_own_ranks_are_initialised_each_at_its_rank():
+    """``layer_ranks`` (``HybridConfig.layer_configs``): each MLA layer's SVD at its own ranks (the lower rank
+    keeps less of the teacher), in a config whose JSON round trip keeps them; other layers as before."""
+    from zebrax.config import HybridConfig
+
+    config = hybrid([0, 3], layer_ranks={3: {"kv_lora_rank": 8, "q_lora_rank": 16}})
+    assert HybridConfig.from_dict(config.to_dict()) == config and "layer_configs" not in hybrid([0, 3]).to_dict()
+    params, report = init_hybrid(TEACHER, model_params(TEACHER), config, jax.random.key(0))
+    shapes = {i: (params[f"layers_{i}"]["self_attn"]["q_a_proj"]["kernel"].shape[1],
+                  params[f"layers_{i}"]["self_attn"]["kv_b_proj"].shape[0]) for i in (0, 3)}
+    assert shapes == {0: (24, 12), 3: (16, 8)}
+    uniform, uniform_report = init_hybrid(TEACHER, model_params(TEACHER), hybrid([0, 3]), jax.random.key(0))
+    assert report["layers"][0] == uniform_report["layers"][0]
+    assert report["layers"][3]["kv_relative_error"] > uniform_report["layers"][3]["kv_relative_error"]
+    with pytest.raises(ConfigError, match="layer_ranks gives layer 1 ranks, but the MLA layers are \\[0, 3\\]"):
+        hybrid([0, 3], layer_ranks={1: {"kv_lora_rank": 8}})
 
 
 def test_init_refuses_what_it_cannot_carry():

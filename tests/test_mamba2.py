@@ -10,6 +10,7 @@ import pytest
 import zebrax
 from tests.helpers import random_model
 from zebrax.config import Mamba2Config, Mamba2LMConfig
+from zebrax.convert.hf_config import to_hf
 from zebrax.errors import ConfigError
 from zebrax.generate import Generator
 
@@ -108,4 +109,4 @@ def test_mamba2_lm_config_round_trips():
     config = Mamba2LMConfig(vocab_size=97, num_hidden_layers=2, mixer=ATTENTION_SHAPED)
     assert Mamba2LMConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="no attention-shaped mixer"):
-        config.to_hf_dict()
+        to_hf(config)

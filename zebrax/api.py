@@ -327,7 +327,9 @@ _RECIPE_MLA_FIELDS = {"kv_lora_rank": ("kv_lora_rank",), "q_lora_rank": ("q_lora
 
 def _checked_recipe(recipe: dict) -> dict:
     """``recipe`` after InvalidArgument for a name ``HybridConfig.from_teacher`` does not take."""
-    known = HybridConfig.recipe_arguments()
+    from zebrax.recipe import arguments
+
+    known = arguments()
     unknown = sorted(set(recipe) - set(known))
     if unknown:
         raise InvalidArgument(f"build: unknown recipe argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "

@@ -154,6 +154,7 @@ def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_m
 
     require_positive("bench ssd", lengths=list(lengths), repeats=repeats)
     from zebrax.convert.architectures import MAMBA2
+    from zebrax.convert.hf_config import from_hf
     from zebrax.convert.mapping import params_from_hf
     from zebrax.ops import ssd
 
@@ -177,7 +178,7 @@ def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_m
     hf_config = transformers.Mamba2Config(vocab_size=1024, hidden_size=256, expand=2, num_heads=8, head_dim=64,
                                           n_groups=1, state_size=64, num_hidden_layers=4, chunk_size=256)
     hf = transformers.Mamba2ForCausalLM(hf_config).eval()
-    config = Mamba2LMConfig.from_hf_dict(hf_config.to_dict())
+    config = from_hf(Mamba2LMConfig, hf_config.to_dict())
     tensors = (("memory", k, v.float().numpy()) for k, v in hf.state_dict().items())
     model = Model(*params_from_hf(MAMBA2, config, tensors))
     lm_rows = []

@@ -1,14 +1,13 @@
 """Frozen model configurations, validated in ``__post_init__``.
 
 A config plus a pytree of parameters is a model. Configs are plain data: they serialise to JSON
-(``to_dict``/``from_dict``) beside every checkpoint, and ``from_hf_dict``/``to_hf_dict`` translate
-the transformers ``config.json`` of the same architecture.
+(``to_dict``/``from_dict``) beside every checkpoint; ``zebrax.convert.hf_config`` translates the transformers
+``config.json`` of the same architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from zebrax.errors import ConfigError
@@ -46,29 +45,6 @@ def check_activation(cfg: Any, name: str) -> None:
     value = getattr(cfg, name)
     require(value in ACTIVATIONS, cfg, f"{name}={value!r} is not an activation zebrax computes; "
             f"known: {', '.join(sorted(ACTIVATIONS))}")
-
-
-# Fields of every transformers config that do not change what a model computes.
-HF_BOOKKEEPING = {
-    "transformers_version": "bookkeeping", "architectures": "bookkeeping", "model_type": "selects the architecture",
-    "output_hidden_states": "an output option", "return_dict": "an output option", "use_cache": "an output option",
-    "dtype": "storage dtype; zebrax converts to the dtype asked for", "torch_dtype": "as dtype",
-    "chunk_size_feed_forward": "not read by these models", "is_encoder_decoder": "decoder-only models",
-    "id2label": "classification heads only", "label2id": "classification heads only",
-    "problem_type": "classification heads only", "initializer_range": "initialisation of new weights only",
-    "_name_or_path": "bookkeeping",
-}
-
-
-def refuse_set(cls, d: dict, name: str, allowed, why: str) -> None:
-    """A transformers config field zebrax does not compute: refused unless it holds one of ``allowed``."""
-    if name in d and d[name] not in allowed:
-        raise ConfigError(f"{cls.__name__}: {name}={d[name]!r} is not supported ({why})")
-
-
-def refuse_quantized(cls, d: dict) -> None:
-    refuse_set(cls, d, "quantization_config", (None,), "quantized checkpoints store other tensors; convert the "
-               "full-precision checkpoint, or its GGUF")
 
 
 def unknown_fields(cls, d: dict) -> None:
@@ -148,30 +124,6 @@ class RopeScaling:
             require(self.beta_fast > self.beta_slow > 0, self,
                     f"yarn needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
 
-    @classmethod
-    def from_hf_dict(cls, d: dict | None, max_position_embeddings: int | None = None) -> RopeScaling:
-        """Translate transformers' ``rope_parameters`` / ``rope_scaling`` (without ``rope_theta``). Every key
-        is read or refused: an unread key would mean other frequencies than the checkpoint was trained with."""
-        d = dict(d or {})
-        rope_type = d.pop("rope_type", d.pop("type", "default"))
-        if rope_type not in ROPE_TYPES:
-            raise ConfigError(f"RopeScaling: rope_type={rope_type!r} is not supported; zebrax computes "
-                              f"{', '.join(ROPE_TYPES)}")
-        partial = d.pop("partial_rotary_factor", 1.0)
-        if partial not in (None, 1, 1.0):
-            raise ConfigError(f"RopeScaling: partial_rotary_factor={partial} is not supported (RoPE on every "
-                              "dimension of the head only)")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"RopeScaling: unknown rope parameters {unknown} for rope_type={rope_type!r}; "
-                              f"zebrax reads {sorted(fields)}")
-        if rope_type == "yarn" and d.get("factor") is None and max_position_embeddings:
-            # transformers' rule: without an explicit factor, the ratio of the two context lengths
-            d["factor"] = max_position_embeddings / d.get("original_max_position_embeddings", max_position_embeddings)
-        return cls(rope_type=rope_type, **{k: v for k, v in d.items() if v is not None})
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Grouped-query attention with RoPE (the teacher's mixer): ``n_heads`` query heads share ``n_kv_heads`` key
@@ -226,13 +178,6 @@ class LlamaConfig(ModelConfig):
     model_type = "llama"
     nested = {"rope_scaling": RopeScaling}
     residual_in_fp32 = False  # the residual stream stays in the compute dtype
-    # transformers' Llama/Mistral config fields that from_hf_dict does not read, and why that is right
-    hf_ignored: ClassVar[dict[str, str]] = {
-        **HF_BOOKKEEPING,
-        "attention_dropout": "training regularisation; zebrax runs without dropout",
-        "pretraining_tp": "tensor-parallel slices of the same matmuls (transformers 5 ignores it too)",
-    }
-
     def __post_init__(self):
         if self.head_dim is None:
             require(
@@ -277,72 +222,6 @@ class LlamaConfig(ModelConfig):
         names = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "intermediate_size", "vocab_size")
         return {n: getattr(self, n) for n in names}
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> LlamaConfig:
-        """Translate a transformers ``config.json`` (4.x ``rope_scaling`` or 5.x ``rope_parameters``) of a Llama
-        or a Mistral: every field is read, refused, or listed in ``hf_ignored`` with the reason."""
-        refuse_quantized(cls, d)
-        if d.get("model_type") == "mistral":
-            refuse_set(cls, d, "sliding_window", (None,), "zebrax attends to every earlier token")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        if "partial_rotary_factor" in d:
-            rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
-        max_positions = d.get("max_position_embeddings", 4096)
-        eos = d.get("eos_token_id")
-        return cls(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=RopeScaling.from_hf_dict(rope, max_positions),
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            hidden_act=d.get("hidden_act", "silu"),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=() if eos is None else eos,
-            pad_token_id=d.get("pad_token_id"),
-        )
-
-    def to_hf_dict(self) -> dict:
-        rope = {"rope_type": self.rope_scaling.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_scaling.rope_type != "default":
-            rope.update(
-                {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if k != "rope_type"}
-            )
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": self.hidden_act,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope,
-            "rope_parameters": rope,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id),
-            "pad_token_id": self.pad_token_id,
-            "torch_dtype": self.param_dtype,
-        }
-
 
 def dtype_bytes(name: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
@@ -424,11 +303,6 @@ class Mamba2Config:
                 "C": self.n_groups * self.d_state, "dt": self.n_heads}
 
 
-def _hf_float(v) -> float:
-    """transformers writes non-finite floats into config.json as ``{"__float__": "Infinity"}``."""
-    return float(v["__float__"]) if isinstance(v, dict) else float(v)
-
-
 @dataclasses.dataclass(frozen=True)
 class Mamba2LMConfig(ModelConfig):
     """A pure Mamba2 language model (transformers' ``Mamba2ForCausalLM``): blocks of
@@ -448,14 +322,6 @@ class Mamba2LMConfig(ModelConfig):
 
     model_type = "mamba2"
     nested = {"mixer": Mamba2Config}
-    hf_ignored: ClassVar[dict[str, str]] = {
-        **HF_BOOKKEEPING,
-        "time_step_rank": "dt comes from in_proj; transformers' forward does not read it",
-        "rescale_prenorm_residual": "initialisation of new weights only",
-        "norm_before_gate": "transformers 4.x field its forward ignored (the norm gates first)",
-        "rms_norm": "transformers 4.x field its forward ignored (always RMSNorm)",
-    }
-
     def __post_init__(self):
         if isinstance(self.mixer, dict):
             object.__setattr__(self, "mixer", Mamba2Config(**self.mixer))
@@ -477,49 +343,6 @@ class Mamba2LMConfig(ModelConfig):
         return {"num_hidden_layers": self.num_hidden_layers, "d_model": m.d_model, "d_inner": m.d_inner,
                 "n_heads": m.n_heads, "head_dim": m.head_dim, "d_state": m.d_state, "n_groups": m.n_groups,
                 "xb_heads": m.xb_heads, "vocab_size": self.vocab_size}
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> Mamba2LMConfig:
-        """Translate transformers' ``Mamba2Config`` JSON: every field is read, refused, or in ``hf_ignored``."""
-        refuse_quantized(cls, d)
-        hidden = d["hidden_size"]
-        d_inner = int(d.get("expand", 2) * hidden)
-        mixer = Mamba2Config(
-            d_model=hidden, d_inner=d_inner, n_heads=d["num_heads"], head_dim=d.get("head_dim", 64),
-            d_state=d.get("state_size", 128), n_groups=d.get("n_groups", 1), conv_kernel=d.get("conv_kernel", 4),
-            use_conv_bias=d.get("use_conv_bias", True), use_bias=d.get("use_bias", False),
-            chunk_size=d.get("chunk_size", 256),
-            dt_limit=tuple(_hf_float(v) for v in d.get("time_step_limit", (0.0, float("inf")))),
-            dt_min=d.get("time_step_min", 1e-3), dt_max=d.get("time_step_max", 0.1),
-            dt_init_floor=d.get("time_step_floor", 1e-4), norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            activation=d.get("hidden_act", "silu"),
-        )
-        eos = d.get("eos_token_id")
-        return cls(
-            vocab_size=d["vocab_size"], num_hidden_layers=d["num_hidden_layers"], mixer=mixer,
-            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=d.get("tie_word_embeddings", True),
-            residual_in_fp32=d.get("residual_in_fp32", True), bos_token_id=d.get("bos_token_id"),
-            eos_token_id=() if eos is None else eos, pad_token_id=d.get("pad_token_id"),
-        )
-
-    def to_hf_dict(self) -> dict:
-        m = self.mixer
-        if m.xb_heads is not None or m.d_inner % m.d_model:
-            raise ConfigError("Mamba2LMConfig: transformers' Mamba2 has no attention-shaped mixer (xb_heads) and "
-                              f"needs d_inner a multiple of d_model; got xb_heads={m.xb_heads}, d_inner={m.d_inner}")
-        return {
-            "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "vocab_size": self.vocab_size,
-            "hidden_size": m.d_model, "num_hidden_layers": self.num_hidden_layers, "expand": m.d_inner // m.d_model,
-            "num_heads": m.n_heads, "head_dim": m.head_dim, "state_size": m.d_state, "n_groups": m.n_groups,
-            "conv_kernel": m.conv_kernel, "use_conv_bias": m.use_conv_bias, "use_bias": m.use_bias,
-            "hidden_act": m.activation,
-            "chunk_size": m.chunk_size, "time_step_limit": list(m.dt_limit), "time_step_min": m.dt_min,
-            "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor, "layer_norm_epsilon": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings, "residual_in_fp32": self.residual_in_fp32,
-            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_id),
-            "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
-        }
-
 
 @dataclasses.dataclass(frozen=True)
 class MLAConfig:
@@ -595,19 +418,6 @@ class DeepseekV3Config(ModelConfig):
     model_type = "deepseek_v3"
     nested = {"attention": MLAConfig}
     residual_in_fp32 = False
-    _dense_only = "MoE layers are refused (first_k_dense_replace < num_hidden_layers), so it is never read"
-    hf_ignored: ClassVar[dict[str, str]] = {
-        **HF_BOOKKEEPING,
-        **dict.fromkeys(("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
-                         "n_group", "topk_group", "num_experts_per_tok", "norm_topk_prob", "output_router_logits"),
-                        _dense_only),
-        "num_mtp_layers": "multi-token-prediction modules are not part of transformers' forward",
-        "num_nextn_predict_layers": "as num_mtp_layers",
-        "head_dim": "derived (= qk_rope_head_dim)", "qk_head_dim": "derived (= qk_nope + qk_rope)",
-        "attention_dropout": "training regularisation; zebrax runs without dropout",
-        "pretraining_tp": "tensor-parallel slices of the same matmuls",
-    }
-
     def __post_init__(self):
         if isinstance(self.attention, dict):
             object.__setattr__(self, "attention", MLAConfig(**self.attention))
@@ -629,65 +439,6 @@ class DeepseekV3Config(ModelConfig):
                 "kv_groups": a.kv_groups, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
                 "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
                 "v_head_dim": a.v_head_dim, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> DeepseekV3Config:
-        """Translate transformers' ``DeepseekV3Config`` JSON (dense models only): every field is read, refused,
-        or in ``hf_ignored``."""
-        refuse_quantized(cls, d)
-        layers = d["num_hidden_layers"]
-        dense = d.get("first_k_dense_replace", 3)
-        if dense is not None and dense < layers and d.get("n_routed_experts"):
-            raise ConfigError(f"DeepseekV3Config: first_k_dense_replace={dense} < num_hidden_layers={layers}: "
-                              "MoE layers are not supported (set first_k_dense_replace to the layer count)")
-        heads = d["num_attention_heads"]
-        if d.get("num_key_value_heads") not in (None, heads):
-            raise ConfigError(f"DeepseekV3Config: num_key_value_heads={d['num_key_value_heads']} != "
-                              f"num_attention_heads={heads}: kv_b_proj makes one K/V per head")
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        attention = MLAConfig(
-            d_model=d["hidden_size"], n_heads=heads, kv_groups=heads, q_lora_rank=d.get("q_lora_rank"),
-            kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
-            qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
-            q_latent_norm=d.get("q_lora_rank") is not None, kv_latent_norm=True, norm_eps=1e-6,
-            rope_theta=float(rope_theta),
-            rope_scaling=RopeScaling.from_hf_dict(rope, d.get("max_position_embeddings", 4096)),
-            rope_interleave=bool(d.get("rope_interleave", True)), attention_bias=bool(d.get("attention_bias", False)),
-        )
-        eos = d.get("eos_token_id")
-        return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=layers, attention=attention, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), hidden_act=d.get("hidden_act", "silu"),
-            bos_token_id=d.get("bos_token_id"), eos_token_id=() if eos is None else eos,
-            pad_token_id=d.get("pad_token_id"),
-        )
-
-    def to_hf_dict(self) -> dict:
-        a = self.attention
-        if a.kv_groups != a.n_heads or a.kv_latent_norm is False or a.q_latent_norm != (a.q_lora_rank is not None):
-            raise ConfigError("DeepseekV3Config: transformers' DeepseekV3 needs kv_groups == n_heads and the latent "
-                              "norms (kv always, q with q_lora_rank)")
-        rope = {"rope_type": a.rope_scaling.rope_type, "rope_theta": a.rope_theta}
-        if a.rope_scaling.rope_type != "default":
-            rope.update({k: v for k, v in dataclasses.asdict(a.rope_scaling).items()
-                         if k != "rope_type" and v is not None})
-        return {
-            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": a.n_heads,
-            "num_key_value_heads": a.n_heads, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
-            "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
-            "v_head_dim": a.v_head_dim, "first_k_dense_replace": self.num_hidden_layers, "n_routed_experts": 1,
-            "rope_parameters": rope, "rope_interleave": a.rope_interleave, "attention_bias": a.attention_bias,
-            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": self.hidden_act,
-            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id), "pad_token_id": self.pad_token_id, "torch_dtype": self.param_dtype,
-        }
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -714,9 +465,11 @@ class LayerSpec:
 class HybridConfig(ModelConfig):
     """A Zebra-Llama hybrid: the teacher's Llama blocks (pre-norm, SwiGLU MLP) whose mixer is, layer by layer, any
     registered kind (``mixers``, one name per layer: ``mla``, ``mamba2``, ``gdn`` or the teacher's own
-    ``attention``). Every layer of a kind shares that kind's config: ``attention`` is the teacher's, the others are
-    in ``configs`` and read as ``config.mla``, ``config.mamba2``, …; in JSON each is a field named after its kind.
-    ``HybridConfig.from_teacher`` derives the configs by the Zebra recipe."""
+    ``attention``). A layer runs its kind's config: ``attention`` is the teacher's, the others are in ``configs`` and
+    read as ``config.mla``, ``config.mamba2``, …; in JSON each is a field named after its kind. ``layer_configs``
+    gives single layers a config of their own kind that differs (``(layer, config)`` pairs: per-layer MLA ranks, as
+    AMD's ``layer_rank_list``); ``plan()`` is what each layer runs. ``HybridConfig.from_teacher`` derives the configs
+    by the Zebra recipe."""
 
     vocab_size: int = 128256
     hidden_size: int = 2048
@@ -724,6 +477,7 @@ class HybridConfig(ModelConfig):
     mixers: tuple[str, ...] = ("mla", "mamba2")
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     configs: tuple[tuple[str, Any], ...] = (("mamba2", Mamba2Config()), ("mla", MLAConfig()))
+    layer_configs: tuple[tuple[int, Any], ...] = ()
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
@@ -766,8 +520,31 @@ class HybridConfig(ModelConfig):
             d_model = configs[name].d_model
             require(d_model == self.hidden_size, self, f"{name}.d_model={d_model} must equal hidden_size="
                     f"{self.hidden_size}")
+        object.__setattr__(self, "layer_configs", self._own_configs())
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         check_activation(self, "hidden_act")
+
+    def _own_configs(self) -> tuple[tuple[int, Any], ...]:
+        """``layer_configs`` checked (a layer once, in range, not attention, its kind's config class, the model's
+        width) and made configs, in layer order."""
+        from zebrax.mixers import kinds
+
+        own = {}
+        for entry in self.layer_configs:
+            require(isinstance(entry, (tuple, list)) and len(entry) == 2, self,
+                    f"layer_configs holds {entry!r}; expected (layer, config) pairs")
+            i, cfg = entry
+            require(isinstance(i, int) and 0 <= i < len(self.mixers) and i not in own, self,
+                    f"layer_configs: layer {i!r} is not a layer 0..{len(self.mixers) - 1} given once")
+            mixer = self.mixers[i]
+            require(mixer != "attention", self, f"layer_configs: layer {i} is attention, which runs the teacher's")
+            cls = kinds()[mixer].config
+            own[i] = cls(**cfg) if isinstance(cfg, dict) else cfg
+            require(isinstance(own[i], cls), self, f"layer_configs: layer {i} is {mixer}, which needs a "
+                    f"{cls.__name__}, got {type(own[i]).__name__}")
+            require(own[i].d_model == self.hidden_size, self, f"layer_configs: layer {i} has d_model="
+                    f"{own[i].d_model}, not hidden_size={self.hidden_size}")
+        return tuple(sorted(own.items()))
 
     def __getattr__(self, name: str):
         """``config.mla``, ``config.mamba2``, …: the config of each kind in ``configs``."""
@@ -786,6 +563,10 @@ class HybridConfig(ModelConfig):
     def to_dict(self) -> dict:
         d = super().to_dict()
         del d["configs"]
+        if self.layer_configs:
+            d["layer_configs"] = [[i, dataclasses.asdict(cfg)] for i, cfg in self.layer_configs]
+        else:
+            del d["layer_configs"]  # the JSON of a hybrid without them is what it always was
         return {**d, **{name: dataclasses.asdict(cfg) for name, cfg in self.configs}}
 
     @classmethod
@@ -796,14 +577,21 @@ class HybridConfig(ModelConfig):
         configs = {name: d.pop(name) for name in list(d) if name in kinds() and name != "attention"}
         for name, sub in configs.items():
             unknown_fields(kinds()[name].config, sub)
-        return super().from_dict({**d, "configs": tuple(configs.items())})
+        mixers = d.get("mixers", ())
+        for entry in d.get("layer_configs", ()):
+            if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict) \
+                    and isinstance(entry[0], int) and 0 <= entry[0] < len(mixers) and mixers[entry[0]] in kinds():
+                unknown_fields(kinds()[mixers[entry[0]]].config, entry[1])
+        return super().from_dict({**d, "configs": tuple(configs.items()),
+                                  "layer_configs": tuple(tuple(e) for e in d.get("layer_configs", ()))})
 
     @property
     def num_hidden_layers(self) -> int:
         return len(self.mixers)
 
     def plan(self) -> tuple[LayerSpec, ...]:
-        return tuple(LayerSpec(m, getattr(self, m)) for m in self.mixers)
+        own = dict(self.layer_configs)
+        return tuple(LayerSpec(m, own.get(i) or getattr(self, m)) for i, m in enumerate(self.mixers))
 
     def linear_kinds(self) -> tuple[str, ...]:
         """The kinds of its layers other than attention and MLA (``mamba2``, ``gdn``), in layer order."""
@@ -825,102 +613,11 @@ class HybridConfig(ModelConfig):
                 **ranks, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
 
     @classmethod
-    def from_teacher(
-        cls,
-        teacher: LlamaConfig,
-        *,
-        mla_layers: Sequence[int] | str = "all",
-        attention_layers: Sequence[int] = (),
-        kv_lora_rank: int = 128,
-        q_lora_rank: int | None = None,
-        qk_rope_head_dim: int | None = None,
-        rope_factor: float = 32.0,
-        rope_original_max_position_embeddings: int = 8192,
-        linear: str = "mamba2",
-        mla: dict | None = None,
-        **overrides: dict,
-    ) -> HybridConfig:
-        """The Zebra recipe (METHOD §1–3) on a Llama teacher: layers in ``mla_layers`` (a list, ``"all"`` or
-        ``"none"``) become MLA, those in ``attention_layers`` keep the teacher's attention, the rest ``linear``:
-        Mamba2, or another registered kind with a recipe (``gdn``: Gated DeltaNet, ``zebrax.layers.gated_delta``).
+    def from_teacher(cls, teacher: LlamaConfig, **recipe) -> HybridConfig:
+        """The Zebra recipe on a Llama teacher: ``zebrax.recipe.from_teacher`` (its arguments, and the defaults)."""
+        from zebrax.recipe import from_teacher
 
-        MLA: ``kv_groups`` = the teacher's KV heads, ``qk_rope_head_dim`` (default head_dim / 2; an even divisor
-        of head_dim, so that each MLA RoPE pair keeps the frequency of the teacher pair it is taken from:
-        ``rope_head_dims``) + ``qk_nope_head_dim`` = head_dim, ``v_head_dim`` = head_dim, ``q_lora_rank`` (default
-        2/3 of the query width, rounded to 8), DeepSeek's YaRN on the rope part (base = the teacher's
-        ``rope_theta``, ``rope_factor``, original length ``rope_original_max_position_embeddings``, beta 32/1),
-        interleaved pairs, no latent norms.
-        The ``linear`` kind: its recipe (``zebrax.layers.mamba2.recipe``: the attention-shaped variant, expand 1,
-        ``n_heads = n_groups`` = query heads, ``xb_heads`` = KV heads, ``head_dim = d_state`` = the teacher's
-        head_dim, conv 4, chunk 256, the reference code's gated-norm eps). ``mla={…}``, ``mamba2={…}`` (the
-        ``linear`` kind's name): any field of its config to override.
-        """
-        from zebrax.mixers import kind
-
-        recipe = kind(linear).recipe
-        if recipe is None:
-            raise ConfigError(f"HybridConfig: linear={linear!r} has no recipe from a teacher's attention")
-        stray = sorted(set(overrides) - {linear})
-        if stray:
-            raise ConfigError(f"HybridConfig.from_teacher: unknown arguments {stray} (a kind's overrides are named "
-                              f"after it; this hybrid holds mla and {linear})")
-        if not isinstance(teacher, LlamaConfig):
-            raise ConfigError(f"HybridConfig.from_teacher: the teacher must be a Llama-shaped model "
-                              f"(LlamaConfig), got {type(teacher).__name__}")
-        n = teacher.num_hidden_layers
-        mla_set = _layer_set("mla_layers", mla_layers, n)
-        attention_set = _layer_set("attention_layers", attention_layers, n)
-        both = sorted(mla_set & attention_set)
-        if both:
-            raise ConfigError(f"HybridConfig: layers {both} are in both mla_layers and attention_layers")
-        heads, kv_heads, head_dim, d = (teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,
-                                        teacher.hidden_size)
-        rope = qk_rope_head_dim if qk_rope_head_dim is not None else head_dim // 2
-        if q_lora_rank is None:
-            q_lora_rank = max(8, round(heads * head_dim * 2 / 3 / 8) * 8)
-        if mla_set and rope not in rope_head_dims(head_dim):
-            raise ConfigError(f"HybridConfig: qk_rope_head_dim={rope!r}: MLA's RoPE pairs would rotate at other "
-                              f"frequencies than the teacher pairs they are taken from; for head_dim={head_dim} it "
-                              f"must be one of {rope_head_dims(head_dim)} (an even divisor of head_dim below it)")
-        kv_rows = kv_heads * (2 * head_dim - rope)  # per KV group: the nope part of K and all of V
-        limits = {"kv_lora_rank": (kv_lora_rank, min(d, kv_rows), "min(hidden, KV heads·(2·head_dim − rope))"),
-                  "q_lora_rank": (q_lora_rank, min(d, heads * head_dim), "min(hidden, heads·head_dim)"),
-                  "qk_rope_head_dim": (rope, head_dim - 1, "head_dim - 1: MLA keeps a non-rope part")}
-        for name, (value, limit, what) in limits.items():
-            if not isinstance(value, int) or not 0 < value <= (limit if mla_set else value):
-                raise ConfigError(f"HybridConfig: {name}={value} must be in 1..{limit} ({what} of the teacher)")
-        mla_config = dataclasses.replace(MLAConfig(
-            d_model=d, n_heads=heads, kv_groups=kv_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
-            qk_nope_head_dim=head_dim - rope, qk_rope_head_dim=rope, v_head_dim=head_dim, norm_eps=1e-6,
-            rope_theta=teacher.rope_theta, rope_interleave=True,
-            rope_scaling=RopeScaling("yarn", factor=rope_factor,
-                                     original_max_position_embeddings=rope_original_max_position_embeddings),
-        ), **(mla or {}))
-        linear_config = dataclasses.replace(recipe(teacher), **overrides.get(linear, {}))
-        attention = AttentionConfig(heads, kv_heads, head_dim, teacher.rope_theta, teacher.rope_scaling,
-                                    teacher.attention_bias)
-        mixers = tuple("mla" if i in mla_set else "attention" if i in attention_set else linear for i in range(n))
-        return cls(
-            vocab_size=teacher.vocab_size, hidden_size=d, intermediate_size=teacher.intermediate_size, mixers=mixers,
-            attention=attention, configs=(("mla", mla_config), (linear, linear_config)),
-            rms_norm_eps=teacher.rms_norm_eps,
-            max_position_embeddings=teacher.max_position_embeddings, tie_word_embeddings=teacher.tie_word_embeddings,
-            mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act, bos_token_id=teacher.bos_token_id,
-            eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id, dtype=teacher.dtype,
-            param_dtype=teacher.param_dtype,
-        )
-
-
-    @classmethod
-    def recipe_arguments(cls) -> tuple[str, ...]:
-        """What ``from_teacher`` takes besides the teacher: its own arguments and, for overrides, the name of every
-        registered kind but attention (``mamba2={…}``, ``gdn={…}``)."""
-        import inspect
-
-        from zebrax.mixers import kinds
-
-        own = [p for p in inspect.signature(cls.from_teacher).parameters if p not in ("teacher", "overrides")]
-        return (*own, *(k for k in kinds() if k not in own and k != "attention"))
+        return from_teacher(teacher, **recipe)
 
     def check_teacher(self, teacher) -> None:
         """ConfigError unless ``teacher`` is a Llama of this hybrid's shape (layers, width, heads, head_dim)."""
@@ -951,23 +648,3 @@ class HybridConfig(ModelConfig):
             bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,
             dtype=teacher.dtype, param_dtype=teacher.param_dtype,
         )
-
-
-def rope_head_dims(head_dim: int) -> list[int]:
-    """The ``qk_rope_head_dim`` values for an MLA initialised from a teacher of ``head_dim`` (``init/mla_svd.py``):
-    MLA pair ``k`` rotates at ``θ^(-2k/d_rope)`` and is taken from teacher pair ``k·head_dim/d_rope``, rotating at
-    ``θ^(-2j/head_dim)``; the two agree for every ``k`` only when ``d_rope`` divides ``head_dim``."""
-    return [r for r in range(2, head_dim, 2) if head_dim % r == 0]
-
-
-def _layer_set(name: str, layers: Sequence[int] | str, n: int) -> set[int]:
-    if isinstance(layers, str):
-        if layers not in ("all", "none"):
-            raise ConfigError(f"HybridConfig: {name}={layers!r}: expected a list of layer indices, 'all' or 'none'")
-        return set(range(n)) if layers == "all" else set()
-    out = set()
-    for i in layers:
-        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n:
-            raise ConfigError(f"HybridConfig: {name} holds {i!r}; the teacher's layers are 0..{n - 1}")
-        out.add(i)
-    return out

@@ -23,14 +23,15 @@ def registry():
     import gin
 
     if not _REGISTERED:
-        from zebrax.config import HybridConfig, LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
+        from zebrax.config import LlamaConfig, Mamba2Config, Mamba2LMConfig, RopeScaling
         from zebrax.distill.pipeline import Experiment
         from zebrax.distill.trainer import TrainConfig
         from zebrax.job import run
+        from zebrax.recipe import from_teacher
 
         for fn in (LlamaConfig, RopeScaling, Mamba2Config, Mamba2LMConfig, model, run):
             gin.external_configurable(fn, module="zebrax")
-        gin.external_configurable(HybridConfig.from_teacher, name="zebra_hybrid", module="zebrax")
+        gin.external_configurable(from_teacher, name="zebra_hybrid", module="zebrax")
         gin.external_configurable(Experiment, name="distill", module="zebrax")
         gin.external_configurable(TrainConfig, module="zebrax")
         gin.add_config_file_search_path(str(CONFIGS / "models"))

@@ -375,6 +375,8 @@ VARIANTS = {
     "layer_rank_list": ("amd", {"layer_rank_list": {"0": {"q_rank": 48, "kv_rank": 32},
                                                     "2": {"q_rank": 48, "kv_rank": 32}}}, {}),
     "layer_rank_list_inherited": ("amd", {"layer_rank_list": {"0": {"q_rank": 16, "kv_rank": 8}}}, {}),
+    "layer_ranks_differ": ("amd", {"layer_rank_list": {"0": {"q_rank": 48, "kv_rank": 32},
+                                                       "2": {"q_rank": 40, "kv_rank": 24}}}, {}),
 }
 
 
@@ -426,6 +428,30 @@ def test_export_writes_exactly_their_layout_and_reimports_bit_identically(tmp_pa
     import jax
 
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_per_layer_ranks_convert_run_and_export_as_their_layer_rank_list(tmp_path, rng):
+    """AMD's layer_rank_list with MLA layers of different ranks: converted, each layer runs its own ranks (their
+    forward of the files equals zebrax's), exported with the list, and converted back bit-identically."""
+    ranks = {"0": {"q_rank": 48, "kv_rank": 32}, "2": {"q_rank": 40, "kv_rank": 24}}
+    write_layout(tmp_path / "theirs", "amd", LAYOUTS["amd"], {"layer_rank_list": ranks})
+    zebrax.convert(tmp_path / "theirs", tmp_path / "ours")
+    ours = zebrax.load(tmp_path / "ours")
+    assert [(s.config.q_lora_rank, s.config.kv_lora_rank) for s in ours.config.plan() if s.mixer == "mla"] == [
+        (48, 32), (40, 24)]
+    assert [i for i, _ in ours.config.layer_configs] == [2]
+    tokens = rng.integers(0, V, (2, 40))
+    assert_their_forward(tmp_path / "theirs", ours, tokens)
+    export(tmp_path / "ours", tmp_path / "exported")
+    assert json.loads((tmp_path / "exported" / "hybrid_config.json").read_text())["layer_rank_list"] == ranks
+    assert_their_forward(tmp_path / "exported", ours, tokens)
+    zebrax.convert(tmp_path / "exported", tmp_path / "again")
+    again = zebrax.load(tmp_path / "again")
+    assert again.config == ours.config
+    import jax
+
+    for x, y in zip(jax.tree.leaves(again.params), jax.tree.leaves(ours.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -485,8 +511,6 @@ REFUSED = {
     # their code uses the layout file's eps in the blocks and config.json's in the final norm; zebrax has one
     "block_and_final_eps": ("amd", {"rms_norm_eps": 1e-6}, {}, "rms_norm_eps=1e-06 but"),
     "mil_mamba_and_attention_act": ("mambainllama", {"hidden_act": "gelu"}, {}, "hidden_act='gelu' but"),
-    "layer_ranks_differ": ("amd", {"layer_rank_list": {"0": {"q_rank": 48, "kv_rank": 32},
-                                                       "2": {"q_rank": 40, "kv_rank": 24}}}, {}, "different ranks"),
     "rank_divisor": ("amd", {"kv_lora_rank": 20}, {}, "kv_lora_rank=20"),
     "ssm_norm_before_gate": ("amd", {"ssm_cfg": {"norm_before_gate": True}}, {}, "norm_before_gate=True"),
     "ssm_unknown": ("mambainllama", {"ssm_cfg": {"d_ssm_typo": 1}}, {}, "unknown keys ['d_ssm_typo']"),

@@ -12,6 +12,7 @@ from zebrax.config import HybridConfig
 from zebrax.convert import hybrid
 from zebrax.convert.architectures import TENSOR_MAPS
 from zebrax.convert.hf import TOKENIZER_FILES
+from zebrax.convert.hf_config import to_hf
 from zebrax.convert.hybrid import LAYOUT_FILES
 from zebrax.convert.mapping import hf_tensors
 from zebrax.errors import ConfigError
@@ -53,7 +54,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = 
     elif format not in (None, "hf"):
         raise ConfigError(f"export: format {format!r} is for hybrids; {type(config).__name__} exports as 'hf'")
     else:
-        files, modules = {"config.json": config.to_hf_dict()}, None
+        files, modules = {"config.json": to_hf(config)}, None
     params = checkpoint.load_params(src, config)
     tensor_map = TENSOR_MAPS[config.model_type]
     with checkpoint.atomic_directory(dst, overwrite=overwrite, replaceable=is_export, what="zebrax export",
@@ -77,7 +78,7 @@ def to_transformers(config, params):
     import torch
     import transformers
 
-    hf = config.to_hf_dict()
+    hf = to_hf(config)
     hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
     tensor_map = TENSOR_MAPS[config.model_type]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from zebrax.convert.architectures import ARCHITECTURES
+from zebrax.convert.hf_config import from_hf
 from zebrax.convert.hybrid import config_from_files, detect, weight_files
 from zebrax.errors import ConfigError, ConversionError
 
@@ -92,7 +93,7 @@ class HFSource:
             if eos is not None:
                 d["eos_token_id"] = eos
         try:
-            return ARCHITECTURES[model_type][0].from_hf_dict(d)
+            return from_hf(ARCHITECTURES[model_type][0], d)
         except KeyError as e:
             raise ConversionError(f"{self.config_file}: missing key {e}") from None
         except (ConfigError, TypeError) as e:

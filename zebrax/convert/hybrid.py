@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 from zebrax.config import GATED_NORM_EPS, HybridConfig, LlamaConfig, Mamba2Config, MLAConfig, RopeScaling
+from zebrax.convert.hf_config import from_hf, to_hf
 from zebrax.errors import ConfigError, ConversionError
 from zebrax.layers.rope import attention_factor, yarn_mscale
 
@@ -36,7 +37,8 @@ AMD_DEFAULTS = {
     "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
     "rope_type": "yarn", "d_model": 2560, "ssm_cfg": {}, "d_inner": None, "d_xb": 2560,
 }
-# fields of theirs that zebrax never writes: SVD-init options, and the per-layer ranks that init records
+# fields of theirs beyond the dataclass's: SVD-init options, and the per-layer ranks that init records (written
+# when a hybrid's MLA layers differ in rank)
 AMD_LEGACY = {"use_fixed_rank_for_first_and_last_block": False, "layer_rank_list": {}, "q_energy_ratio": None,
               "kv_energy_ratio": None}
 # mamba_config.json: MambaInLlama's dataclass, in file order, with its defaults
@@ -156,25 +158,27 @@ def _rope(path: Path, r) -> RopeScaling:
         attention_factor=yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim))
 
 
-def _ranks(path: Path, d: dict, mla_layers: list[int]) -> tuple[int, int]:
-    """(q_lora_rank, kv_lora_rank) of the MLA layers. Their attention constructor, run layer by layer, overwrites
+def _ranks(path: Path, d: dict, mla_layers: list[int]) -> dict[int, tuple[int, int]]:
+    """(q_lora_rank, kv_lora_rank) of each MLA layer. Their attention constructor, run layer by layer, overwrites
     the config's ranks with ``layer_rank_list[str(i)]`` where it has an entry, so a layer without one takes the last
-    entry before it (or the file's ranks); zebrax's MLA layers share one pair."""
+    entry before it (or the file's ranks)."""
     if not isinstance(d["layer_rank_list"], dict):
         raise ConversionError(f"{path}: layer_rank_list must be an object of per-layer ranks")
     q, kv, ranks = d["q_lora_rank"], d["kv_lora_rank"], {}
     for i in sorted(mla_layers):
         entry = d["layer_rank_list"].get(str(i))
         if entry is not None:
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), int) and entry[k] > 0
+                                                    for k in ("q_rank", "kv_rank"))):
+                raise ConversionError(f"{path}: layer_rank_list[{str(i)!r}] = {entry!r}: expected "
+                                      f"{{'q_rank': int, 'kv_rank': int}}, both positive")
             q, kv = entry["q_rank"], entry["kv_rank"]
         ranks[i] = (q, kv)
-    if len(set(ranks.values())) > 1:
-        raise ConversionError(f"{path}: layer_rank_list gives the MLA layers different ranks (layer: (q, kv)) "
-                              f"{ranks}; zebrax's MLA layers share one q_lora_rank and kv_lora_rank")
-    return next(iter(ranks.values()), (d["q_lora_rank"], d["kv_lora_rank"]))
+    return ranks
 
 
-def _mla(path: Path, d: dict, mla_layers: list[int]) -> MLAConfig:
+def _mla(path: Path, d: dict, mla_layers: list[int]) -> tuple[MLAConfig, dict[int, MLAConfig]]:
+    """The MLA layers' config (the first MLA layer's ranks) and the configs of the layers whose ranks differ."""
     divisor, q, kv, heads, kv_heads = (d[k] for k in ("qkv_rank_divisor", "q_lora_rank", "kv_lora_rank",
                                                       "num_attention_heads", "num_key_value_heads"))
     ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (divisor, q, kv, heads, kv_heads))
@@ -183,14 +187,17 @@ def _mla(path: Path, d: dict, mla_layers: list[int]) -> MLAConfig:
                               f"num_attention_heads={heads}, num_key_value_heads={kv_heads}: their config needs "
                               "positive integers, the divisor a multiple of 8 dividing both ranks, and KV heads "
                               "dividing the heads")
-    q_rank, kv_rank = _ranks(path, d, mla_layers)
+    ranks = _ranks(path, d, mla_layers)
+    q_rank, kv_rank = next(iter(ranks.values()), (q, kv))
     norms = bool(d["use_lora_layer_norm"])
-    return MLAConfig(
+    mla = MLAConfig(
         d_model=d["hidden_size"], n_heads=heads, kv_groups=heads if d["use_full_kv_head"] else kv_heads,
         q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=d["qk_nope_head_dim"],
         qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"], q_latent_norm=norms,
         kv_latent_norm=norms, norm_eps=LATENT_NORM_EPS, rope_theta=float(d["rope_theta"]),
         rope_scaling=_rope(path, d["rope_scaling"]), rope_interleave=True, attention_bias=bool(d["attention_bias"]))
+    return mla, {i: dataclasses.replace(mla, q_lora_rank=r_q, kv_lora_rank=r_kv) for i, (r_q, r_kv) in ranks.items()
+                 if (r_q, r_kv) != (q_rank, kv_rank)}
 
 
 def _layers(path: Path, name: str, layers, n: int) -> list[int]:
@@ -210,7 +217,7 @@ def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
             raise ConversionError(f"{layout_file}: {e}") from None
     base = _read(base_file)
     try:
-        teacher = LlamaConfig.from_hf_dict({**base, "model_type": "llama", "tie_word_embeddings": tied})
+        teacher = from_hf(LlamaConfig, {**base, "model_type": "llama", "tie_word_embeddings": tied})
     except KeyError as e:
         raise ConversionError(f"{base_file}: missing key {e}") from None
     except ConfigError as e:
@@ -240,10 +247,10 @@ def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
         teacher = dataclasses.replace(teacher, **block)
         config = HybridConfig.from_teacher(teacher, mla_layers="none",
                                            attention_layers=special if kind == "attention" else ())
+        mla, own = _mla(layout_file, d, special) if kind == "mla" else (config.mla, {})
         return config.replace(
-            mixers=tuple(kind if i in special else "mamba2" for i in range(n)),
-            mla=_mla(layout_file, d, special) if kind == "mla" else config.mla,
-            mamba2=_mamba2(layout_file, d) if mamba else config.mamba2)
+            mixers=tuple(kind if i in special else "mamba2" for i in range(n)), mla=mla,
+            mamba2=_mamba2(layout_file, d) if mamba else config.mamba2, layer_configs=tuple(own.items()))
     except KeyError as e:
         raise ConversionError(f"{layout_file}: missing key {e}") from None
     except ConfigError as e:
@@ -302,7 +309,7 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
     if layout_of(config) != layout and not set(config.mixers) <= {"mamba2"} and layout != "zebrax":
         raise ConfigError(f"export: layers {config.layer_map()} do not fit the {layout} layout")
     a = config.attention
-    base = LlamaConfig(
+    base = to_hf(LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
         head_dim=a.head_dim, rms_norm_eps=config.rms_norm_eps, rope_theta=a.rope_theta, rope_scaling=a.rope_scaling,
@@ -310,7 +317,7 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
         attention_bias=a.attention_bias, mlp_bias=config.mlp_bias, hidden_act=config.hidden_act,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         param_dtype=config.param_dtype,
-    ).to_hf_dict()
+    ))
     if layout == "zebrax":
         return {"config.json": base, "zebra_hybrid.json": config.to_dict()}
     m, mb = config.mla, config.mamba2
@@ -335,7 +342,11 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
         "attention_bias": m.attention_bias, "attention_dropout": 0.0, "rope_type": "yarn",
         "d_model": config.hidden_size, "ssm_cfg": {**_ssm_cfg(mb), "repeat_kv_before_conv": False}, **common,
     }
-    return {"config.json": base, "hybrid_config.json": {k: values[k] for k in AMD_FIELDS}}
+    layout_fields = {k: values[k] for k in AMD_FIELDS}
+    if config.layer_configs:  # per-layer ranks: every MLA layer's, as their SVD initialisation records them
+        layout_fields["layer_rank_list"] = {str(i): {"q_rank": s.config.q_lora_rank, "kv_rank": s.config.kv_lora_rank}
+                                            for i, s in enumerate(config.plan()) if s.mixer == "mla"}
+    return {"config.json": base, "hybrid_config.json": layout_fields}
 
 
 def check_exportable(config: HybridConfig, layout: str) -> None:
@@ -357,6 +368,14 @@ def check_exportable(config: HybridConfig, layout: str) -> None:
                   "mamba2 shape": ((mb.n_heads, mb.n_groups, mb.head_dim, mb.d_state, mb.xb_heads), shaped,
                                    "theirs is attention-shaped: heads = groups, head_dim = d_state, x/B heads set")}
         wrong.update({k: (v, why) for k, (v, ok, why) in checks.items() if not ok})
+    for i, own in config.layer_configs:  # their layouts hold per-layer MLA ranks, nothing else per layer
+        ranks = {"q_lora_rank": own.q_lora_rank, "kv_lora_rank": own.kv_lora_rank}
+        if layout != "amd" or dataclasses.replace(own, **{k: getattr(m, k) for k in ranks}) != m:
+            wrong[f"layer_configs[{i}]"] = (own, "their layouts hold per-layer MLA ranks (AMD's layer_rank_list), "
+                                                 "no other per-layer setting")
+        for name, rank in ranks.items():
+            if not isinstance(rank, int) or rank % 8:
+                wrong[f"layer {i} {name}"] = (rank, "their config asserts a multiple of 8 (qkv_rank_divisor)")
     if layout == "amd":
         for name in ("kv_lora_rank", "q_lora_rank"):
             if not isinstance(getattr(m, name), int) or getattr(m, name) % 8:

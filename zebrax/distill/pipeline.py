@@ -53,6 +53,7 @@ from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_n
 from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
 from zebrax.mixers import kinds
 from zebrax.models.decoder import REMAT_POLICIES
+from zebrax.recipe import arguments
 from zebrax.sharding import MeshConfig, make_mesh, row_shards, sync
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
@@ -184,7 +185,7 @@ class Experiment:
             check_int(f"distill.mesh[{axis!r}]", size, -1)
         check_choice("distill.compute_dtype", self.compute_dtype, DTYPES)
         check_int("distill.loss_chunk", self.loss_chunk, 0)
-        recipe = set(HybridConfig.recipe_arguments()) - {"mla_layers"}
+        recipe = set(arguments()) - {"mla_layers"}
         if not (isinstance(self.student, dict) and set(self.student) <= recipe):
             raise ConfigError(f"distill.student = {self.student!r}: expected a dict of HybridConfig.from_teacher "
                               f"arguments ({', '.join(sorted(recipe))})")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from zebrax.config import HybridConfig
 from zebrax.errors import ConfigError
 
-MIXER_FIELDS = ("mixers", "configs")  # what each student has of its own; every other setting is shared
+MIXER_FIELDS = ("mixers", "configs", "layer_configs")  # each student's own; every other setting is shared
 
 
 def check_students(mla_config, mamba_config, what: str) -> None:
@@ -48,8 +48,11 @@ def assemble(mla_student: tuple[HybridConfig, dict], mamba_student: tuple[Hybrid
     mixers = tuple("mla" if i in set(mla_layers) else linear for i in range(n))
     base_config, base_params = (mamba_config, mamba_params) if embeddings_from == "mamba2" else (
         mla_config, mla_params)
+    own = {i: cfg for student in (mla_config, mamba_config) for i, cfg in student.layer_configs
+           if student.mixers[i] == mixers[i]}  # a layer's own config comes with it
     config = base_config.replace(mixers=mixers, configs=(("mla", mla_config.mla),
-                                                         (linear, getattr(mamba_config, linear))))
+                                                         (linear, getattr(mamba_config, linear))),
+                                 layer_configs=tuple(own.items()))
     params = {k: v for k, v in base_params.items() if not k.startswith("layers_")}
     for i, mixer in enumerate(mixers):
         params[f"layers_{i}"] = (mla_params if mixer == "mla" else mamba_params)[f"layers_{i}"]

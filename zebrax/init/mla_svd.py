@@ -6,7 +6,7 @@ Per head, the teacher's ``head_dim`` rows (transformers' half-split RoPE layout:
 - ``q_pe`` / ``k_pe`` (``d_rope`` rows): the teacher pairs ``j = k·head_dim/d_rope``, ``k < d_rope/2``, placed as
   MLA's interleaved pair ``k`` (rows ``2k``, ``2k + 1``). Pair ``k`` of MLA rotates at ``θ^(-2k/d_rope)`` — the very
   frequency of teacher pair ``k·head_dim/d_rope`` — so these dims keep their rotation exactly (YaRN then only
-  rescales MLA's low frequencies). That needs ``d_rope`` to divide ``head_dim`` (``config.rope_head_dims``); other
+  rescales MLA's low frequencies). That needs ``d_rope`` to divide ``head_dim`` (``recipe.rope_head_dims``); other
   values are refused;
 - ``q_nope`` / ``k_nope`` (``head_dim − d_rope`` rows): every other teacher row, in order.
 
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from zebrax.config import AttentionConfig, MLAConfig, rope_head_dims
+from zebrax.config import AttentionConfig, MLAConfig
 from zebrax.errors import ConfigError
+from zebrax.recipe import rope_head_dims
 
 
 def rope_rows(head_dim: int, rope_dim: int) -> tuple[np.ndarray, np.ndarray]:
