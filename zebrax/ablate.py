@@ -1,14 +1,15 @@
 """``zebrax ablate``: experiments × seeds, one table.
 
-Each gin file is one experiment (its name: the file's stem); each runs once per seed (``distill.seed`` = 0 … N−1) in
-``ROOT/NAME/seed_S`` (a ``zebrax distill`` work directory: resumable, a finished run is read back). The runs share
-what they agree on (``stages.Run.reuse``, in ``ROOT/shared``): the teacher of a seed is trained once for every
-experiment that keeps its settings, ILD once for the ablations after it, and so on.
+Each gin file is one experiment (its name: the file's stem); each runs once per seed (``distill.seed`` = 0 … N−1,
+seed by seed: the table is rewritten after each seed, every experiment in it) in ``ROOT/NAME/seed_S`` (a ``zebrax
+distill`` work directory: resumable, a finished run is read back). The runs share what they agree on
+(``stages.Run.reuse``, in ``ROOT/shared``): the teacher of a seed is trained once for every experiment that keeps
+its settings, ILD once for the ablations after it, and so on.
 
 The table (``ROOT/ablations.md``, its numbers in ``ablations.json``, ``ablations.png``) gives per experiment the
 mean ± standard deviation over seeds of KL(teacher ‖ model) and perplexity on the held-out rows, after its last
-stage and as initialised, beside the tokens it trained on (ILD, KD and DPO rows × ``seq_len``: the budget the
-comparison holds equal). The runs compile the same programs, so they share JAX's persistent compilation cache
+stage and as initialised, beside the tokens it trained on (``trained_tokens``: the budget the comparison holds
+equal). The runs compile the same programs, so they share JAX's persistent compilation cache
 (``ROOT/jax-cache`` unless one is set).
 """
 
@@ -27,10 +28,11 @@ def _say(text: str) -> None:
 
 
 def trained_tokens(exp) -> int:
-    """Tokens the student trains on: each of its training stages' steps × batch × ``seq_len`` (ILD trains both
-    students on the same rows, counted once)."""
-    return sum(getattr(exp, s).steps * getattr(exp, s).batch_size * exp.seq_len
-               for s in ("ild", "kd", "dpo") if s in exp.plan())
+    """Tokens the student trains on: each of its training stages' steps × batch × row length (``seq_len``, or
+    ``kd_long_seq_len`` for the second KD; ILD trains both students on the same rows, counted once)."""
+    return sum(getattr(exp, s).steps * getattr(exp, s).batch_size * (exp.kd_long_seq_len if s == "kd_long"
+                                                                     else exp.seq_len)
+               for s in ("ild", "kd", "kd_long", "dpo") if s in exp.plan())
 
 
 def _spread(values: list[float]) -> dict:
@@ -103,16 +105,15 @@ def ablate(gin_files: list[str], seeds: int, root: str | Path, bindings: list[st
 
     if not jax.config.jax_compilation_cache_dir:  # the runs compile the same programs: each compiled once
         jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
-    rows = []
-    for name, (exp, text) in experiments.items():
-        evals = []
-        for seed in range(seeds):
+    evals = {name: [] for name in experiments}
+    for seed in range(seeds):  # seed by seed: the table after each holds every experiment
+        for name, (exp, text) in experiments.items():
             _say(f"{name}, seed {seed}")
-            evals.append(pipeline.run(dataclasses.replace(exp, seed=seed), root / name / f"seed_{seed}",
-                                      config_text=text + f"\n# zebrax ablate: distill.seed = {seed}\n",
-                                      shared=root / "shared"))
-        rows.append(summarise(name, exp, evals))
+            evals[name].append(pipeline.run(dataclasses.replace(exp, seed=seed), root / name / f"seed_{seed}",
+                                            config_text=text + f"\n# zebrax ablate: distill.seed = {seed}\n",
+                                            shared=root / "shared"))
+        rows = [summarise(name, exp, evals[name]) for name, (exp, _) in experiments.items()]
         write_text_atomic(root / "ablations.json", json.dumps(rows, indent=2))
-    write_text_atomic(root / "ablations.md", table(rows))
-    plot(rows, root / "ablations.png")
+        write_text_atomic(root / "ablations.md", table(rows))
+        plot(rows, root / "ablations.png")
     return rows

@@ -102,6 +102,8 @@ class Experiment:
       over tokens divided by the batch), ``kd_ce_weight``, ``kd_top_k`` (> 0: the KL against the teacher's top-k
       tokens only, renormalised; read from the corpus when ``zebrax teacher-logits`` stored that many there, and
       the KD step then runs without the teacher).
+    - ``kd_long``, ``kd_long_seq_len``: the settings and the context of a second KD (the stage ``kd_long``, when
+      ``stages`` lists it), on the KD documents cut to the longer rows.
     """
 
     teacher: str = "tiny"
@@ -135,6 +137,8 @@ class Experiment:
     dpo_beta: float = 0.01
     ild: TrainConfig = TrainConfig()
     kd: TrainConfig = TrainConfig()
+    kd_long: TrainConfig = TrainConfig()
+    kd_long_seq_len: int = 0
     dpo: TrainConfig = TrainConfig(learning_rate=5e-7, warmup_ratio=0.1)
 
     def __post_init__(self):
@@ -142,7 +146,7 @@ class Experiment:
         exist; what needs the teacher or the files' content is checked by ``run`` before any work."""
         if not (isinstance(self.teacher, str) and self.teacher):
             raise ConfigError(f"distill.teacher = {self.teacher!r}: expected 'tiny' or a zebrax Llama checkpoint")
-        for name in ("tiny_teacher", "ild", "kd", "dpo"):
+        for name in ("tiny_teacher", "ild", "kd", "kd_long", "dpo"):
             if not isinstance(getattr(self, name), TrainConfig):
                 raise ConfigError(f"distill.{name} = {getattr(self, name)!r}: expected a TrainConfig "
                                   f"(e.g. @{name.removeprefix('tiny_')}/TrainConfig())")
@@ -200,6 +204,13 @@ class Experiment:
             stage_list.plan(self.plan())
         except InvalidArgument as e:
             raise ConfigError(f"distill.{e}") from None
+        check_int("distill.kd_long_seq_len", self.kd_long_seq_len, 0)
+        if "kd_long" in self.plan() and not self.kd_long_seq_len > self.seq_len:
+            raise ConfigError(f"distill.kd_long_seq_len = {self.kd_long_seq_len}: the second KD (stage 'kd_long') "
+                              f"needs a context longer than distill.seq_len = {self.seq_len}")
+        if "kd_long" in self.plan() and any(corpus.is_corpus(f) for f in self.data):
+            raise ConfigError(f"distill.stages: 'kd_long' cuts the documents to kd_long_seq_len, but "
+                              f"distill.data = {self.data!r} is a corpus, tokenized at its own seq_len")
         if "dpo" in self.plan() and not self.preferences:
             raise ConfigError(f"distill.stages = {self.stages!r}: 'dpo' needs preference pairs (distill.preferences)")
         check_choice("distill.ild_kind", self.ild_kind, ILD_KINDS)
@@ -493,7 +504,7 @@ def _prepare(exp: Experiment) -> _Inputs:
 
 def _check_rows_divide(exp: Experiment, shards: int) -> None:
     """ConfigError naming the stage whose micro-batches the mesh cannot split into ``shards`` equal parts of rows."""
-    trained = {"ild": exp.ild, "kd": exp.kd, "dpo": exp.dpo, "teacher": exp.tiny_teacher}
+    trained = {"ild": exp.ild, "kd": exp.kd, "kd_long": exp.kd_long, "dpo": exp.dpo, "teacher": exp.tiny_teacher}
     names = set(exp.plan()) - ({"teacher"} if exp.teacher != "tiny" else set())
     for name, cfg in ((n, c) for n, c in trained.items() if n in names):
         micro = cfg.batch_size // cfg.accumulate

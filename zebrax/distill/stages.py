@@ -11,6 +11,7 @@ skipped; the stage in progress resumes from its latest complete checkpoint.
     smart     teacher, students    smart.json              —                        num_mla, smart_rows, placement
     hybrid    students, smart      hybrid/                 initialised, after_ild   —
     kd        teacher, hybrid      kd/                     after_kd                 kd, kd_direction, …
+    kd_long   teacher, kd          kd_long/                after_kd_long            kd_long, kd_long_seq_len, …
     dpo       hybrid               dpo/                    after_dpo                dpo, dpo_beta, preferences
 
 The students stage makes the all-MLA and the all-linear (Mamba2 or GDN) student from the teacher, again on every run
@@ -342,39 +343,61 @@ class KD(Stage):
                 "compute_dtype", "remat", "loss_chunk")
 
     def work(self, run: Run) -> None:
+        self.distil(run, run.exp, "hybrid", run.parts[2], run.exp.seed + 1)
+
+    def distil(self, run: Run, exp, source: str, kd_rows, seed: int) -> None:
+        """KD of the model ``source`` of the work directory on ``kd_rows`` by ``exp``'s KD settings (``exp.kd``,
+        ``exp.seq_len``), written to ``self.name``."""
         from zebrax import corpus
 
-        exp = run.exp
-        config, params = load(run.workdir / "hybrid", run.mesh)
-        kd_rows = run.parts[2]
+        config, params = load(run.workdir / source, run.mesh)
         # a corpus holding the teacher's top-k logits (``zebrax teacher-logits``) for kd_top_k: KD without the teacher
         stored = isinstance(kd_rows, corpus.Corpus) and 0 < exp.kd_top_k == kd_rows.topk
-        say(f"KD: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} tokens"
-            + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
+        say(f"{self.name.upper().replace('_', ' ')}: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} "
+            f"tokens" + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
         objective = stage_objective(exp, "kd", run.inputs.t_config, {"": config})
-        kd_data = data.batches(kd_rows.with_teacher_topk() if stored else kd_rows, exp.kd.batch_size, exp.seed + 1,
+        kd_data = data.batches(kd_rows.with_teacher_topk() if stored else kd_rows, exp.kd.batch_size, seed,
                                **process_share())
-        params = train("kd", objective, params, None if stored else run.t_params, kd_data, exp.kd, run.workdir,
+        params = train(self.name, objective, params, None if stored else run.t_params, kd_data, exp.kd, run.workdir,
                        tokens_of=real_tokens, counted_of=counted,
                        **sharded(run.mesh, {"": (config, params)},
                                  None if stored else (run.inputs.t_config, run.t_params)))
-        save(run.workdir, "kd", {"": (config, params)}, run.inputs.tokenizer)
-        finished(run.workdir, "kd")
+        save(run.workdir, self.name, {"": (config, params)}, run.inputs.tokenizer)
+        finished(run.workdir, self.name)
 
     def after(self, run: Run) -> None:
-        run.evaluate("after_kd", *load(run.workdir / "kd", run.mesh))
+        run.evaluate(self.evaluates[0], *load(run.workdir / self.name, run.mesh))
+
+
+class KDLong(KD):
+    """A second KD at a longer context: the KD model trained on on the KD part's documents cut to, and packed into,
+    rows of ``kd_long_seq_len`` tokens, by ``kd_long``'s settings (the KD loss settings are KD's). Evaluated on the
+    same held-out rows as every model."""
+
+    name, reads, evaluates = "kd_long", ("teacher", "kd"), ("after_kd_long",)
+    settings = (*KD.settings, "kd_long", "kd_long_seq_len", "data", "pack")
+
+    def work(self, run: Run) -> None:
+        from zebrax.distill import pipeline
+
+        exp = dataclasses.replace(run.exp, seq_len=run.exp.kd_long_seq_len, kd=run.exp.kd_long,  # KD's at the length
+                                  stages=tuple(n for n in run.exp.plan() if n != self.name))
+        with checkpoint.warnings_after_success():
+            rows = pipeline.documents(exp, run.inputs.codec, run.inputs.files)
+            kd_rows = pipeline.parts(exp, rows, run.inputs.files)[2]
+        self.distil(run, exp, "kd", kd_rows, exp.seed + 4)
 
 
 class DPO(Stage):
-    """Stage 3 (METHOD §6): DPO on ``preferences``, the model before it (KD's, else the hybrid) the frozen
-    reference."""
+    """Stage 3 (METHOD §6): DPO on ``preferences``, the model before it (the last KD's, else the hybrid) the
+    frozen reference."""
 
     name, reads, evaluates = "dpo", ("hybrid",), ("after_dpo",)
     settings = ("dpo", "dpo_beta", "preferences", "compute_dtype", "remat", "loss_chunk")
 
     def work(self, run: Run) -> None:
         exp = run.exp
-        config, params = load(run.workdir / ("kd" if run.has("kd") else "hybrid"), run.mesh)
+        config, params = load(run.workdir / final_model(n for n in exp.plan() if n != "dpo"), run.mesh)
         say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
         reference = params if run.mesh is not None else jax.device_put(params)
         params = train("dpo", stage_objective(exp, "dpo", run.inputs.t_config, {"": config}), params, reference,
@@ -388,8 +411,8 @@ class DPO(Stage):
         run.evaluate("after_dpo", *load(run.workdir / "dpo", run.mesh))
 
 
-STAGES = {s.name: s for s in (Teacher, Students, ILD, Smart, Hybrid, KD, DPO)}
-MODELS = ("dpo", "kd", "hybrid")  # the stages that write the hybrid, latest first
+STAGES = {s.name: s for s in (Teacher, Students, ILD, Smart, Hybrid, KD, KDLong, DPO)}
+MODELS = ("dpo", "kd_long", "kd", "hybrid")  # the stages that write the hybrid, latest first
 
 
 def method(preferences: bool) -> tuple[str, ...]:
@@ -422,7 +445,8 @@ def plan(names) -> tuple[Stage, ...]:
 
 
 def final_model(names) -> str:
-    """The work directory's model the run ends with: the last of DPO, KD and the assembled hybrid it runs."""
+    """The work directory's model the run ends with: the last of DPO, the KDs and the assembled hybrid it runs."""
+    names = set(names)
     return next(m for m in MODELS if m in names)
 
 
