@@ -253,6 +253,8 @@ def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_an
         kls = [json.loads((tmp_path / r["experiment"] / f"seed_{s}" / "eval.json").read_text())["after_kd"]["kl"]
                for s in (0, 1)]
         assert r["kl"]["values"] == kls and r["final"] == "after_kd" and r["trained_tokens"] == 2 * 4 * 128
+    differences = [b - a for a, b in zip(rows[0]["kl"]["values"], rows[1]["kl"]["values"], strict=True)]
+    assert rows[1]["vs_first"]["values"] == differences and rows[1]["vs_first"]["of"] == 2
     assert run.stderr.count("teacher: reused from") == 2 and run.stderr.count("ild: reused from") == 2, run.stderr
     assert run.stdout == (tmp_path / "ablations.md").read_text() and "| uniform_placement | 2 |" in run.stdout
     assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

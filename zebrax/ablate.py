@@ -8,8 +8,9 @@ its settings, ILD once for the ablations after it, and so on.
 
 The table (``ROOT/ablations.md``, its numbers in ``ablations.json``, ``ablations.png``) gives per experiment the
 mean ± standard deviation over seeds of KL(teacher ‖ model) and perplexity on the held-out rows, after its last
-stage and as initialised, beside the tokens it trained on (``trained_tokens``: the budget the comparison holds
-equal). The runs compile the same programs, so they share JAX's persistent compilation cache
+stage and as initialised, its KL less the first experiment's seed by seed (``paired``: each seed is its own teacher,
+so the differences are what the comparison rests on), beside the tokens it trained on (``trained_tokens``: the
+budget the comparison holds equal). The runs compile the same programs, so they share JAX's persistent compilation cache
 (``ROOT/jax-cache`` unless one is set).
 """
 
@@ -53,14 +54,31 @@ def summarise(name: str, exp, evals: list[dict]) -> dict:
             "teacher_perplexity": _spread([e["teacher"]["perplexity"] for e in evals])}
 
 
+def paired(rows: list[dict]) -> list[dict]:
+    """Each row after the first compared with the first, seed by seed (a seed is one teacher and one data order,
+    shared by every experiment): ``vs_first`` = the spread of its final KL less the first's, and in how many seeds
+    it is lower."""
+    base = rows[0]["kl"]["values"]
+    for r in rows[1:]:
+        diff = [a - b for a, b in zip(r["kl"]["values"], base, strict=False)]
+        r["vs_first"] = {"experiment": rows[0]["experiment"], **_spread(diff),
+                         "lower": sum(d < 0 for d in diff), "of": len(diff)}
+    return rows
+
+
 def table(rows: list[dict]) -> str:
-    """The markdown table of ``summarise`` rows."""
+    """The markdown table of ``summarise`` rows (``paired``: the column against the first experiment)."""
     pm = lambda s, spec: f"{format(s['mean'], spec)} ± {format(s['sd'], spec)}"  # noqa: E731
-    lines = ["| experiment | seeds | KL after (mean ± sd) | perplexity after | KL initialised | teacher perplexity "
-             "| trained tokens | stages |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['experiment']} | {r['seeds']} | **{pm(r['kl'], '.4f')}** | {pm(r['perplexity'], '.2f')} | "
-              f"{pm(r['kl_initialised'], '.4f')} | {pm(r['teacher_perplexity'], '.2f')} | {r['trained_tokens']:,} | "
-              f"{' → '.join(r['stages'])} |" for r in rows]
+    first = rows[0]["experiment"]
+    lines = [f"| experiment | seeds | KL after (mean ± sd) | Δ KL vs {first}, paired by seed (lower in) | "
+             "perplexity after | KL initialised | teacher perplexity | trained tokens | stages |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = r.get("vs_first")
+        versus = f"{vs['mean']:+.4f} ± {vs['sd']:.4f} ({vs['lower']}/{vs['of']})" if vs else "—"
+        lines += [f"| {r['experiment']} | {r['seeds']} | **{pm(r['kl'], '.4f')}** | {versus} | "
+                  f"{pm(r['perplexity'], '.2f')} | {pm(r['kl_initialised'], '.4f')} | "
+                  f"{pm(r['teacher_perplexity'], '.2f')} | {r['trained_tokens']:,} | {' → '.join(r['stages'])} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -112,7 +130,7 @@ def ablate(gin_files: list[str], seeds: int, root: str | Path, bindings: list[st
             evals[name].append(pipeline.run(dataclasses.replace(exp, seed=seed), root / name / f"seed_{seed}",
                                             config_text=text + f"\n# zebrax ablate: distill.seed = {seed}\n",
                                             shared=root / "shared"))
-        rows = [summarise(name, exp, evals[name]) for name, (exp, _) in experiments.items()]
+        rows = paired([summarise(name, exp, evals[name]) for name, (exp, _) in experiments.items()])
         write_text_atomic(root / "ablations.json", json.dumps(rows, indent=2))
         write_text_atomic(root / "ablations.md", table(rows))
         plot(rows, root / "ablations.png")
