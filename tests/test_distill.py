@@ -340,9 +340,9 @@ def test_a_second_run_is_refused_while_one_holds_the_workdir_and_kill_9_frees_it
 def test_a_data_file_changed_since_is_refused_on_resume(tmp_path, capsys, monkeypatch):
     """The work directory records each data file's SHA-256; the same path with other content is another
     experiment (its stages and eval.json would be stale). The stages are stubbed: this is about the record."""
-    from zebrax.distill import pipeline
+    from zebrax.distill import stages
 
-    monkeypatch.setattr(pipeline, "_stages", lambda exp, workdir, inputs: {})
+    monkeypatch.setattr(stages, "run_stages", lambda run: {})
     data = tmp_path / "prompts.jsonl"
     data.write_bytes((ROOT / "configs/data/prompts.jsonl").read_bytes())
     prefs = tmp_path / "prefs.jsonl"
