@@ -14,6 +14,7 @@ import numpy as np
 import zebrax
 from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.models import build
+from zebrax.recipe import from_teacher
 
 
 # -- tiny transformers models ---------------------------------------------------------------------
@@ -241,7 +242,7 @@ TEACHER = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_h
 def hybrid(mla_layers, attention_layers=(), teacher: LlamaConfig = TEACHER, linear: str = "mamba2", **kw
            ) -> HybridConfig:
     """A small hybrid of ``teacher`` whose other layers are ``linear`` (Mamba2 or Gated DeltaNet), chunks of 4."""
-    return HybridConfig.from_teacher(teacher, mla_layers=mla_layers, attention_layers=attention_layers,
+    return from_teacher(teacher, mla_layers=mla_layers, attention_layers=attention_layers,
                                      kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=8, linear=linear,
                                      **{linear: dict(chunk_size=4), **kw})
 

@@ -11,6 +11,7 @@ from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
 from zebrax.cli import main
 from zebrax.presets import CONFIGS, parse_gin, preset_config
+from zebrax.recipe import from_teacher
 
 TINY_CPU = str(CONFIGS / "experiments" / "tiny_cpu.gin")
 
@@ -114,7 +115,6 @@ def test_bench_attention_reports_the_three_decode_paths():
 def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     """Teacher, its three hybrids and transformers' generate, one row each per (context, batch); caches add up;
     the plot is written; an unknown model or a bad NAME=CKPT is one line."""
-    from zebrax.config import HybridConfig
     from zebrax.models import cache_sizes
 
     ckpt = str(tiny_llama("gqa_llama3_untied")[2])  # 3 layers, GQA 6/2
@@ -130,7 +130,7 @@ def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     t = rows["teacher"]
     assert t["cache_bytes"] == 2 * 24 * 3 * 2 * 2 * 12 * 4  # batch · context · layers · (K, V) · kv heads · dim · 4
     assert t["cache_bytes"] == rows["again"]["cache_bytes"]
-    state = cache_sizes(HybridConfig.from_teacher(zebrax.load(ckpt).config, mla_layers="none"))[1]
+    state = cache_sizes(from_teacher(zebrax.load(ckpt).config, mla_layers="none"))[1]
     assert rows["mamba2"]["cache_bytes"] == 2 * state > 0  # the state, per row, whatever the context
     assert t["decode_speedup_vs_teacher"] in (1.0, None) and t["bytes_limit_vs_teacher"] == 1.0
     assert all(r["peak_rss_bytes"] > 2**20 for r in result["rows"])  # Linux VmHWM, reset per model

@@ -14,11 +14,12 @@ import pytest
 import zebrax
 from tests.helpers import MIXED, TEACHER, WITH_GDN, hybrid, random_model
 from zebrax.cache import Cache, KVCache, LatentCache, Slots, SSMCache
-from zebrax.config import AttentionConfig, HybridConfig, LayerSpec
+from zebrax.config import AttentionConfig, LayerSpec
 from zebrax.errors import ConfigError, InvalidArgument
 from zebrax.generate import Generator
 from zebrax.mixers import kinds
 from zebrax.models import build, param_count
+from zebrax.recipe import from_teacher
 
 ATOL = 1e-5  # fp32; for whole hybrids relative to the largest logit: MLA's absorbed decode and materialised
 # prefill add in different orders (|logit| reaches ~5 here)
@@ -116,7 +117,7 @@ def test_cache_bytes_of_a_hybrid_follow_the_formula():
 
 def test_an_all_attention_plan_reproduces_the_teacher_bit_for_bit(tiny_llama, rng):
     teacher = zebrax.load(tiny_llama("gqa_llama3_untied")[2])
-    config = HybridConfig.from_teacher(teacher.config, mla_layers="none",
+    config = from_teacher(teacher.config, mla_layers="none",
                                        attention_layers=list(range(teacher.config.num_hidden_layers)),
                                        kv_lora_rank=12, q_lora_rank=24, qk_rope_head_dim=4)
     as_hybrid = zebrax.Model(config, teacher.params)
@@ -248,10 +249,10 @@ def test_info_json_on_a_hybrid_preset(capsys):
 def test_bad_hybrid_requests_fail_in_one_clear_line(kwargs, needle):
     kwargs = {"kv_lora_rank": 12, "q_lora_rank": 24, **kwargs}
     with pytest.raises(ConfigError) as e:
-        HybridConfig.from_teacher(TEACHER, **kwargs)
+        from_teacher(TEACHER, **kwargs)
     assert needle in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="must be a Llama-shaped model"):
-        HybridConfig.from_teacher(MIXED)
+        from_teacher(MIXED)
 
 
 def test_a_hybrid_checkpoint_round_trips(tmp_path, rng):

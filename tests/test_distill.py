@@ -22,6 +22,7 @@ from zebrax.cli import main
 from zebrax.distill.pipeline import Experiment
 from zebrax.distill.trainer import TrainConfig
 from zebrax.errors import ConfigError
+from zebrax.recipe import from_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "experiments" / "tiny_cpu.gin")
@@ -371,12 +372,12 @@ def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_
     the benchmark step."""
     from tests.helpers import random_model
     from zebrax import job
-    from zebrax.config import HybridConfig, LlamaConfig
+    from zebrax.config import LlamaConfig
 
     workdir = tmp_path / "tiny"
     teacher = LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
-    hybrid = HybridConfig.from_teacher(teacher, mla_layers=[0], kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8,
+    hybrid = from_teacher(teacher, mla_layers=[0], kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8,
                                        rope_factor=1.0, mamba2={"chunk_size": 8})
     for name, config in (("teacher", teacher), ("kd", hybrid)):
         (workdir / name).mkdir(parents=True)

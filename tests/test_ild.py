@@ -9,16 +9,16 @@ import pytest
 
 import zebrax
 from tests.helpers import TEACHER, TWO_LAYERS, close, hybrid, random_model
-from zebrax.config import HybridConfig
 from zebrax.distill import TrainConfig, ild_loss, ild_objective, layer_io, make_optimizer, make_step, teacher_forced
 from zebrax.init import init_hybrid
+from zebrax.recipe import from_teacher
 
 
 def test_a_student_equal_to_its_teacher_has_zero_ild_loss(rng):
     """An all-attention plan with the teacher's weights, forced with the teacher's inputs, reproduces every layer's
     mixer and block output exactly."""
     teacher = random_model(TEACHER, seed=2)
-    copy = zebrax.Model(HybridConfig.from_teacher(TEACHER, mla_layers="none", attention_layers=list(range(5)),
+    copy = zebrax.Model(from_teacher(TEACHER, mla_layers="none", attention_layers=list(range(5)),
                                                   kv_lora_rank=8, q_lora_rank=8), teacher.params)
     tokens = rng.integers(0, 97, (2, 9))
     io = layer_io(teacher.module, teacher.params, tokens)

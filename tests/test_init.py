@@ -21,7 +21,7 @@ from zebrax.init import init_hybrid, mamba2_from_attention, mla_from_attention
 from zebrax.init.mla_svd import rope_rows
 from zebrax.layers import Attention
 from zebrax.layers.mla import MLAttention
-from zebrax.recipe import rope_head_dims
+from zebrax.recipe import from_teacher, rope_head_dims
 
 
 def teacher_params(config: LlamaConfig = TEACHER, seed: int = 0) -> dict:
@@ -30,7 +30,7 @@ def teacher_params(config: LlamaConfig = TEACHER, seed: int = 0) -> dict:
 
 def full_rank(**kw) -> HybridConfig:
     """Ranks as large as the matrices: q 4·16 = 64 > hidden 48, so r_q = 48; kv 2·(32 − 8) = 48."""
-    return HybridConfig.from_teacher(TEACHER, mla_layers="all", kv_lora_rank=48, q_lora_rank=48, qk_rope_head_dim=8,
+    return from_teacher(TEACHER, mla_layers="all", kv_lora_rank=48, q_lora_rank=48, qk_rope_head_dim=8,
                                      **kw)
 
 
@@ -59,11 +59,11 @@ def test_rope_dims_whose_mla_pairs_would_change_frequency_are_refused(tmp_path, 
         teacher_pairs = rows[0::2]  # the first row of each teacher pair, in MLA's pair order
         np.testing.assert_allclose([theta ** (-2 * j / 16) for j in teacher_pairs],
                                    [theta ** (-2 * k / rope) for k in range(rope // 2)], rtol=1e-12)
-        HybridConfig.from_teacher(TEACHER, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=rope)
+        from_teacher(TEACHER, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=rope)
     for rope in (6, 12, 10):
         with pytest.raises(ConfigError, match=rf"qk_rope_head_dim={rope}: .* one of \[2, 4, 8\]"):
-            HybridConfig.from_teacher(TEACHER, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=rope)
-    HybridConfig.from_teacher(TEACHER, mla_layers="none", qk_rope_head_dim=6)  # no MLA layer: nothing rotates
+            from_teacher(TEACHER, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=rope)
+    from_teacher(TEACHER, mla_layers="none", qk_rope_head_dim=6)  # no MLA layer: nothing rotates
     cfg = full_rank()
     mla = dataclasses.replace(cfg.mla, qk_rope_head_dim=6, qk_nope_head_dim=10)
     with pytest.raises(ConfigError, match=r"qk_rope_head_dim=6 \(needs one of \[2, 4, 8\]"):
@@ -82,9 +82,9 @@ def test_the_recipes_mamba2_gated_norm_has_the_reference_eps_whatever_the_teache
     """The reference code's Mamba2 fixes its gated norm's eps at 1e-5; the teacher's rms_norm_eps is for the blocks'
     norms. Built from the teacher, or a preset applied to it."""
     teacher = dataclasses.replace(TEACHER, rms_norm_eps=eps)
-    config = HybridConfig.from_teacher(teacher, mla_layers=[0], kv_lora_rank=8, q_lora_rank=8)
+    config = from_teacher(teacher, mla_layers=[0], kv_lora_rank=8, q_lora_rank=8)
     assert config.mamba2.norm_eps == 1e-5 and config.rms_norm_eps == eps
-    preset = HybridConfig.from_teacher(TEACHER, mla_layers=[0], kv_lora_rank=8, q_lora_rank=8)
+    preset = from_teacher(TEACHER, mla_layers=[0], kv_lora_rank=8, q_lora_rank=8)
     on = preset.on_teacher(teacher)
     assert on.mamba2.norm_eps == 1e-5 and on.rms_norm_eps == eps
 
@@ -107,7 +107,7 @@ def test_svd_at_full_rank_reproduces_the_teacher_and_the_error_falls_with_rank()
     np.testing.assert_array_equal(mla["o_proj"]["kernel"], attn["o_proj"]["kernel"])
     assert report["q_relative_error"] < 1e-6 and report["kv_relative_error"] < 1e-6
     errors = [mla_from_attention(attn, c.attention, c.mla)[1] for c in (
-        HybridConfig.from_teacher(TEACHER, kv_lora_rank=r, q_lora_rank=r, qk_rope_head_dim=8) for r in (8, 24, 40))]
+        from_teacher(TEACHER, kv_lora_rank=r, q_lora_rank=r, qk_rope_head_dim=8) for r in (8, 24, 40))]
     for key in ("q_relative_error", "kv_relative_error"):
         assert errors[0][key] > errors[1][key] > errors[2][key] > 0
 
@@ -203,7 +203,7 @@ def test_init_refuses_what_it_cannot_carry():
         mamba2_from_attention(attn, cfg.attention, dataclasses.replace(cfg.mamba2, xb_heads=None), jax.random.key(0))
     biased = LlamaConfig(**{**dataclasses.asdict(TEACHER), "attention_bias": True, "rope_scaling": RopeScaling()})
     with pytest.raises(ConfigError, match="biases"):
-        init_hybrid(biased, teacher_params(biased), HybridConfig.from_teacher(biased, kv_lora_rank=8, q_lora_rank=8),
+        init_hybrid(biased, teacher_params(biased), from_teacher(biased, kv_lora_rank=8, q_lora_rank=8),
                     jax.random.key(0))
 
 
@@ -221,7 +221,7 @@ def smol_teacher(smollm2_checkpoint):
 
 
 def smol_hybrid(teacher, name) -> zebrax.Model:
-    config = HybridConfig.from_teacher(teacher.config, kv_lora_rank=64, q_lora_rank=384, qk_rope_head_dim=32,
+    config = from_teacher(teacher.config, kv_lora_rank=64, q_lora_rank=384, qk_rope_head_dim=32,
                                        rope_factor=1.0, **SMOL_PLANS[name])
     params, _ = init_hybrid(teacher.config, teacher.params, config, jax.random.key(0))
     return zebrax.Model(config, params, teacher.tokenizer)

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from zebrax.errors import ConfigError, ZebraxError
 from zebrax.ops.auto import compiling_for
+from zebrax.recipe import from_teacher
 from zebrax.traffic import hbm_traffic
 
 PROGRAMS = ("ild", "kd", "dpo", "smart", "eval", "prefill", "decode")
@@ -336,12 +337,11 @@ def _hybrid(program: str, student):
 def _students(exp, teacher, student) -> dict:
     """The two students ILD trains and SMART scores (all-MLA, all-Mamba2): the hybrid's settings with one mixer
     everywhere, or without a hybrid the experiment's ``student`` settings."""
-    from zebrax.config import HybridConfig
     from zebrax.distill.stages import STUDENTS
 
     if student:
         return {n: student.replace(mixers=(n,) * student.num_hidden_layers) for n in STUDENTS}
-    return {n: HybridConfig.from_teacher(teacher, mla_layers=layers, **exp.student) for n, layers in STUDENTS.items()}
+    return {n: from_teacher(teacher, mla_layers=layers, **exp.student) for n, layers in STUDENTS.items()}
 
 
 def _scoring(program: str, exp, teacher, student, mesh, topology: str, batch: int) -> Report:

@@ -21,6 +21,7 @@ from zebrax.errors import ConfigError, InvalidArgument, warn
 from zebrax.generate import Generator
 from zebrax.models import build as build_module
 from zebrax.models import cache_sizes
+from zebrax.recipe import from_teacher
 
 
 class Model:
@@ -283,7 +284,7 @@ def build(
 ) -> Path:
     """Build a Zebra-Llama hybrid from the Llama checkpoint ``teacher`` and write it to ``dst``.
 
-    ``recipe``: the arguments of ``HybridConfig.from_teacher`` (``mla_layers``, ``attention_layers``,
+    ``recipe``: the arguments of ``recipe.from_teacher`` (``mla_layers``, ``attention_layers``,
     ``kv_lora_rank``, ``q_lora_rank``, ``qk_rope_head_dim``, ``rope_factor``, ``linear``, ``mla={...}``,
     ``mamba2={...}``, …).
     ``config``: a ``HybridConfig`` (a preset) laid onto this teacher, with ``recipe`` over it (``_over_preset``);
@@ -301,7 +302,7 @@ def build(
         raise ConfigError(f"{teacher}: the teacher must be a Llama checkpoint, this one is "
                           f"{type(teacher_config).__name__}")
     if config is None:
-        config = HybridConfig.from_teacher(teacher_config, **_checked_recipe(recipe))
+        config = from_teacher(teacher_config, **_checked_recipe(recipe))
     elif isinstance(config, HybridConfig):
         config = _over_preset(config, teacher_config, recipe)
     else:
@@ -319,27 +320,27 @@ def build(
     return Path(dst)
 
 
-# the MLA fields each argument of HybridConfig.from_teacher sets
+# the MLA fields each argument of recipe.from_teacher sets
 _RECIPE_MLA_FIELDS = {"kv_lora_rank": ("kv_lora_rank",), "q_lora_rank": ("q_lora_rank",),
                       "qk_rope_head_dim": ("qk_rope_head_dim", "qk_nope_head_dim"), "rope_factor": ("rope_scaling",),
                       "rope_original_max_position_embeddings": ("rope_scaling",)}
 
 
 def _checked_recipe(recipe: dict) -> dict:
-    """``recipe`` after InvalidArgument for a name ``HybridConfig.from_teacher`` does not take."""
+    """``recipe`` after InvalidArgument for a name ``recipe.from_teacher`` does not take."""
     from zebrax.recipe import arguments
 
     known = arguments()
     unknown = sorted(set(recipe) - set(known))
     if unknown:
         raise InvalidArgument(f"build: unknown recipe argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
-                              f"HybridConfig.from_teacher takes {', '.join(known)}")
+                              f"recipe.from_teacher takes {', '.join(known)}")
     return recipe
 
 
 def _over_preset(preset: HybridConfig, teacher: LlamaConfig, recipe: dict) -> HybridConfig:
     """``preset`` laid onto ``teacher`` (``HybridConfig.on_teacher``) with ``recipe``, arguments of
-    ``HybridConfig.from_teacher``, over it: a layer list given replaces the preset's (layers in neither list are
+    ``recipe.from_teacher``, over it: a layer list given replaces the preset's (layers in neither list are
     Mamba2), a rank or RoPE setting given replaces the preset's MLA value (``qk_rope_head_dim`` with its
     ``qk_nope_head_dim``), ``mla`` / ``mamba2`` fields replace theirs; the rest stays the preset's. The result is
     checked against the teacher as ``from_teacher`` checks its own."""
@@ -351,7 +352,7 @@ def _over_preset(preset: HybridConfig, teacher: LlamaConfig, recipe: dict) -> Hy
                kv_lora_rank=mla.kv_lora_rank, q_lora_rank=mla.q_lora_rank, qk_rope_head_dim=mla.qk_rope_head_dim,
                rope_factor=rope.factor, rope_original_max_position_embeddings=rope.original_max_position_embeddings,
                linear=(config.linear_kinds() or ("mamba2",))[0])
-    derived = HybridConfig.from_teacher(teacher, **{**own, **recipe})
+    derived = from_teacher(teacher, **{**own, **recipe})
     own_kinds = dict(config.configs)
     fields = {"mla": {f for name in recipe for f in _RECIPE_MLA_FIELDS.get(name, ())} | set(recipe.get("mla", {})),
               **{kind: set(recipe[kind]) for kind in own_kinds if kind != "mla" and kind in recipe}}

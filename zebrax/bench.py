@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zebrax.ops.auto import auto_choices
+from zebrax.recipe import from_teacher
 
 
 def compare(fns: dict[str, Callable[[], object]], repeats: int,
@@ -305,7 +306,6 @@ def bench_train(teacher, *, batch: int = 4, seq_len: int = 256, steps: int = 5, 
     the step the trainer runs over it: student initialised shard by shard, parameters, optimizer state and teacher
     sharded, rows over (data, fsdp) (``batch`` a multiple of the row shards). XLA counts one device's program there:
     ``step_flops`` is that count × devices, and the fraction of the peak is one device's against one device's."""
-    from zebrax.config import HybridConfig
     from zebrax.distill import TrainConfig, kd_objective, make_optimizer
     from zebrax.distill.trainer import placed_step
     from zebrax.errors import InvalidArgument
@@ -320,7 +320,7 @@ def bench_train(teacher, *, batch: int = 4, seq_len: int = 256, steps: int = 5, 
     if mesh is not None and batch % row_shards(mesh):
         raise InvalidArgument(f"bench train: batch={batch} rows cannot be split over the mesh's {row_shards(mesh)} "
                               f"row shards (data × fsdp); make it a multiple of {row_shards(mesh)}")
-    config = HybridConfig.from_teacher(teacher.config, mla_layers=place([0.0] * n, num_mla), **(recipe or {}))
+    config = from_teacher(teacher.config, mla_layers=place([0.0] * n, num_mla), **(recipe or {}))
     shardings = None if mesh is None else (param_shardings(config, abstract_params(config), mesh),
                                            param_shardings(teacher.config, teacher.params, mesh))
     params = init_hybrid(teacher.config, teacher.params, config, jax.random.key(seed),

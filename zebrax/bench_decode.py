@@ -30,13 +30,14 @@ import numpy as np
 
 from zebrax.bench import compare, machine, require_positive
 from zebrax.ops.auto import auto_choices
+from zebrax.recipe import from_teacher
 
 HYBRIDS = ("zebra", "mamba2", "mambainllama")
 MODELS = ("teacher", "transformers", *HYBRIDS)
 
 
 def hybrid_recipe(name: str, n_layers: int, *, num_mla: int, mla_layers=None) -> dict:
-    """``HybridConfig.from_teacher`` layer arguments of a named hybrid of an ``n_layers`` teacher."""
+    """``recipe.from_teacher`` layer arguments of a named hybrid of an ``n_layers`` teacher."""
     from zebrax.select import place
 
     if name == "zebra":
@@ -52,13 +53,12 @@ def build_hybrid(teacher, name: str, *, num_mla: int = 6, mla_layers=None, recip
     """A ``zebrax.Model`` of the named hybrid, initialised from ``teacher`` (a ``zebrax.Model``), under the
     teacher's mesh if it has one (initialised shard by shard from its sharded parameters)."""
     from zebrax.api import Model
-    from zebrax.config import HybridConfig
     from zebrax.init import init_hybrid
     from zebrax.models import abstract_params
     from zebrax.sharding import param_shardings
 
     layers = hybrid_recipe(name, teacher.config.num_hidden_layers, num_mla=num_mla, mla_layers=mla_layers)
-    config = HybridConfig.from_teacher(teacher.config, **layers, **(recipe or {}))
+    config = from_teacher(teacher.config, **layers, **(recipe or {}))
     mesh = teacher.mesh
     shardings = None if mesh is None else param_shardings(config, abstract_params(config), mesh)
     teacher_params = teacher.params if mesh is not None else jax.device_get(teacher.params)

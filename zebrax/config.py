@@ -468,7 +468,7 @@ class HybridConfig(ModelConfig):
     ``attention``). A layer runs its kind's config: ``attention`` is the teacher's, the others are in ``configs`` and
     read as ``config.mla``, ``config.mamba2``, …; in JSON each is a field named after its kind. ``layer_configs``
     gives single layers a config of their own kind that differs (``(layer, config)`` pairs: per-layer MLA ranks, as
-    AMD's ``layer_rank_list``); ``plan()`` is what each layer runs. ``HybridConfig.from_teacher`` derives the configs
+    AMD's ``layer_rank_list``); ``plan()`` is what each layer runs. ``recipe.from_teacher`` derives the configs
     by the Zebra recipe."""
 
     vocab_size: int = 128256
@@ -611,13 +611,6 @@ class HybridConfig(ModelConfig):
         return {"num_hidden_layers": self.num_hidden_layers, "hidden_size": self.hidden_size,
                 "num_attention_heads": self.attention.n_heads, "num_key_value_heads": self.attention.n_kv_heads,
                 **ranks, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
-
-    @classmethod
-    def from_teacher(cls, teacher: LlamaConfig, **recipe) -> HybridConfig:
-        """The Zebra recipe on a Llama teacher: ``zebrax.recipe.from_teacher`` (its arguments, and the defaults)."""
-        from zebrax.recipe import from_teacher
-
-        return from_teacher(teacher, **recipe)
 
     def check_teacher(self, teacher) -> None:
         """ConfigError unless ``teacher`` is a Llama of this hybrid's shape (layers, width, heads, head_dim)."""

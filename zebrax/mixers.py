@@ -37,7 +37,7 @@ class MixerKind:
     - ``from_attention``: ``"module:function"`` making its parameters from a teacher layer's attention,
       ``(attention params, AttentionConfig, config, key) -> (params, report)``; None for the teacher's own kind.
     - ``recipe``: the config a Llama teacher's layers take as this kind, ``(LlamaConfig) -> config`` (None where
-      the recipe has arguments of its own: MLA's ranks, in ``HybridConfig.from_teacher``).
+      the recipe has arguments of its own: MLA's ranks, in ``recipe.from_teacher``).
     - ``hf_module``: its module's name in a hybrid's HF checkpoint (``model.layers.{i}.<hf_module>.*``) and
       ``hf_tensors`` its tensors there: HF name under the module → (our path under ``scope``, layout).
     - ``axes``: the logical-axis rules of axis names only it uses (``zebrax.sharding.RULES``).

@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 import zebrax
 from tests.helpers import assert_nothing_left, assert_one_line_error, convert_cli, random_model
 from zebrax import checkpoint
-from zebrax.config import HybridConfig, LlamaConfig
+from zebrax.config import LlamaConfig
 from zebrax.convert.export import export
 from zebrax.convert.hybrid import AMD_FIELDS, MIL_FIELDS
 from zebrax.errors import ConfigError
+from zebrax.recipe import from_teacher
 
 V, D, FF, H, G, HD, N = 101, 64, 96, 4, 2, 16, 4  # vocab, hidden, MLP, heads, KV heads, head_dim, layers
 R_Q, R_KV, ROPE, NOPE = 40, 24, 8, 8
@@ -467,7 +468,7 @@ def test_exported_hybrids_compute_in_their_code_what_they_compute_in_zebrax(tmp_
     zebrax's logits (the recipe's Mamba2 gated norm has their eps, 1e-5). YaRN with its own beta and mscale values,
     MLA ranks and conv kernel exported as their code reads them."""
     special = LAYOUTS[layout]
-    config = HybridConfig.from_teacher(
+    config = from_teacher(
         teacher(eps), mla_layers=special if layout == "amd" else [],
         attention_layers=[] if layout == "amd" else special,
         kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, rope_factor=4.0, rope_original_max_position_embeddings=16,
@@ -488,7 +489,7 @@ def test_export_refuses_what_their_code_computes_otherwise(tmp_path, capsys):
     the setting, nothing written."""
     from zebrax.cli import main
 
-    base = HybridConfig.from_teacher(teacher(1e-6), mla_layers=[0, 2], kv_lora_rank=16, q_lora_rank=24,
+    base = from_teacher(teacher(1e-6), mla_layers=[0, 2], kv_lora_rank=16, q_lora_rank=24,
                                      qk_rope_head_dim=8)
     cases = {"mamba2.norm_eps=1e-06": base.replace(mamba2=dataclasses.replace(base.mamba2, norm_eps=1e-6)),
              "mamba2.norm_eps=0.001": base.replace(mamba2=dataclasses.replace(base.mamba2, norm_eps=1e-3)),

@@ -27,6 +27,7 @@ from zebrax.config import GATED_NORM_EPS, HybridConfig, LlamaConfig, Mamba2Confi
 from zebrax.convert.hf_config import from_hf, to_hf
 from zebrax.errors import ConfigError, ConversionError
 from zebrax.layers.rope import attention_factor, yarn_mscale
+from zebrax.recipe import from_teacher
 
 # hybrid_config.json: AMD's dataclass fields in file order, with the defaults their loader gives a missing key
 AMD_DEFAULTS = {
@@ -245,7 +246,7 @@ def config_from_files(directory: Path, layout: str, tied: bool) -> HybridConfig:
             raise ConversionError(f"{layout_file}: {name}={block[name]!r} but {base_file}: {name}="
                                   f"{getattr(teacher, name)!r}; their code uses each ({uses}), zebrax one value")
         teacher = dataclasses.replace(teacher, **block)
-        config = HybridConfig.from_teacher(teacher, mla_layers="none",
+        config = from_teacher(teacher, mla_layers="none",
                                            attention_layers=special if kind == "attention" else ())
         mla, own = _mla(layout_file, d, special) if kind == "mla" else (config.mla, {})
         return config.replace(

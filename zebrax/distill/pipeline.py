@@ -44,16 +44,17 @@ import jax
 import numpy as np
 
 from zebrax import checkpoint, corpus, data
-from zebrax.config import DTYPES, HybridConfig, LlamaConfig
+from zebrax.config import DTYPES, LlamaConfig
 from zebrax.distill import stages as stage_list
 from zebrax.distill.kd import check_top_k
 from zebrax.distill.losses import ILD_KINDS, KL_DIRECTIONS, NORMALIZE
-from zebrax.distill.stages import PLACEMENTS, STUDENTS, calibration, write_text
+from zebrax.distill.stages import PLACEMENTS, STUDENTS
 from zebrax.distill.trainer import TrainConfig, check_choice, check_int, check_number, check_strings
-from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
+from zebrax.distill.workdir import check_counted, documents, hashes_agree, parts, record_hashes, write_text
+from zebrax.errors import ConfigError, InvalidArgument, ZebraxError
 from zebrax.mixers import kinds
 from zebrax.models.decoder import REMAT_POLICIES
-from zebrax.recipe import arguments
+from zebrax.recipe import arguments, from_teacher
 from zebrax.sharding import MeshConfig, make_mesh, row_shards, sync
 
 # the teacher of ``teacher="tiny"``: SmolLM2's shape scaled down (GQA 4/2, head_dim 16), bytes as tokens, first
@@ -62,7 +63,7 @@ TINY_TEACHER = LlamaConfig(vocab_size=data.ByteCodec.vocab_size, hidden_size=64,
                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                            bos_token_id=data.ByteCodec.bos, eos_token_id=(data.ByteCodec.eos,),
                            max_position_embeddings=1024, tie_word_embeddings=True)
-RECORD, HASHES, LOCK = "experiment.json", "data_sha256.json", ".lock"
+RECORD, LOCK = "experiment.json", ".lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Experiment:
     - ``stages``: the stages to run, in order (``distill.stages``: teacher, students, ild, smart, hybrid, kd,
       dpo); ``None``: the method's (``stages.method``: all of them, DPO when ``preferences`` are given). An
       ablation leaves one out (no ``ild``: SMART and the hybrid take the initialised students).
-    - ``student``: ``HybridConfig.from_teacher`` arguments for both students (ranks, RoPE, ``linear``: "mamba2" or
+    - ``student``: ``recipe.from_teacher`` arguments for both students (ranks, RoPE, ``linear``: "mamba2" or
       "gdn", …); ``random_init``: mixer kinds ("mla", "mamba2", "gdn") initialised at random instead of from the
       teacher's attention (MLPs, norms and embeddings are still copied); ``num_mla``: MLA layers placed;
       ``placement``: where (``stages.Smart``: "smart", "uniform" or "reverse"); ``smart_rows``: SMART scores on
@@ -191,7 +192,7 @@ class Experiment:
         check_int("distill.loss_chunk", self.loss_chunk, 0)
         recipe = set(arguments()) - {"mla_layers"}
         if not (isinstance(self.student, dict) and set(self.student) <= recipe):
-            raise ConfigError(f"distill.student = {self.student!r}: expected a dict of HybridConfig.from_teacher "
+            raise ConfigError(f"distill.student = {self.student!r}: expected a dict of recipe.from_teacher "
                               f"arguments ({', '.join(sorted(recipe))})")
         check_strings("distill.random_init", self.random_init, empty=True)
         check_int("distill.num_mla", self.num_mla, 1)
@@ -322,31 +323,11 @@ def _check_claim(workdir: Path, exp: Experiment, hashes: dict[str, str]) -> bool
             diff = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise ConfigError(f"{workdir}: written by a different experiment ({diff}: {old.get(diff)!r} there, "
                               f"{new.get(diff)!r} now); use another --workdir")
-        _hashes_agree(workdir, hashes)
+        hashes_agree(workdir, hashes)
         return False
     if workdir.exists() and any(p.name != LOCK for p in workdir.iterdir()):
         raise ConfigError(f"{workdir}: exists and is not a zebrax distill work directory; use another --workdir")
     return True
-
-
-def _hashes_agree(workdir: Path, hashes: dict[str, str]) -> dict[str, str]:
-    """The work directory's record of data hashes with ``hashes`` added; ConfigError naming a file whose content
-    differs from the one the work directory was made from."""
-    path = workdir / HASHES
-    old = json.loads(path.read_text()) if path.exists() else {}
-    for f in sorted(set(old) & set(hashes)):
-        if old[f] != hashes[f]:
-            raise ConfigError(f"{workdir}: written from other data ({f}: sha256 {old[f][:12]} there, "
-                              f"{hashes[f][:12]} now: the file has changed); use another --workdir")
-    return {**old, **hashes}
-
-
-def record_hashes(workdir: Path, hashes: dict[str, str]) -> None:
-    """Add ``hashes`` to the work directory's record (refused if one differs)."""
-    merged = _hashes_agree(workdir, hashes)
-    path = workdir / HASHES
-    if not path.exists() or json.loads(path.read_text()) != merged:
-        write_text(path, json.dumps(merged, indent=2, sort_keys=True))
 
 
 def _teacher_config(exp: Experiment) -> tuple:
@@ -365,67 +346,10 @@ def _teacher_config(exp: Experiment) -> tuple:
     return config, data.TokenizerCodec(load_tokenizer(exp.teacher)), tokenizer
 
 
-def _check_counted(counts: np.ndarray, what: str, seq_len: int, noun: str = "documents") -> None:
-    """``counts`` ``[N]``: the loss tokens of each of ``what``'s documents (or pairs). DataError when none counts
-    any; a warning when some do not."""
-    _check_none_counted(int(np.sum(counts == 0)), len(counts), what, seq_len, noun)
-
-
-def _check_none_counted(none: int, total: int, what: str, seq_len: int, noun: str = "documents") -> None:
-    """``none`` of ``what``'s ``total`` documents count a loss token: ``_check_counted`` from the counts alone."""
-    if none == total:
-        raise data.DataError(f"{what}: none of its {total} {noun} counts a loss token once cut to "
-                             f"distill.seq_len = {seq_len} (a chat record counts its last reply only: each is cut "
-                             f"off, or empty); raise distill.seq_len or shorten the prompts")
-    if none:
-        warn(f"{what}: {none} of its {total} {noun} count no loss token once cut to distill.seq_len = "
-             f"{seq_len} (their replies are cut off, or empty); they add nothing to the loss")
-
-
-def documents(exp: Experiment, codec, files: tuple[str, ...]):
-    """Every document of ``files`` as a row ``{field: [N, L]}``, or the rows of a tokenized corpus
-    (``corpus.Corpus``), checked: some count a loss token; a corpus matches the run's ``seq_len``, packing and
-    tokenizer."""
-    if not files:
-        raise data.DataError("distill.data: no data files given")
-    if corpus.is_corpus(files[0]):
-        rows = corpus.Corpus(files[0])
-        m = rows.manifest
-        for what, theirs, ours in (("seq_len", rows.seq_len, exp.seq_len), ("pack", rows.packed, exp.pack),
-                                   ("the vocabulary size", m["vocab_size"], codec.vocab_size)):
-            if theirs != ours:
-                raise ConfigError(f"distill.data: {files[0]} was tokenized with {what} {theirs!r}, the run's is "
-                                  f"{ours!r} (distill.{'seq_len' if what == 'seq_len' else 'pack'} or the teacher's "
-                                  f"tokenizer); tokenize it again or change the setting")
-        _check_none_counted(m["documents_counting_none"], m["documents"], f"distill.data ({files[0]})", exp.seq_len)
-        return rows
-    rows = data.load_rows(files, codec, exp.seq_len)
-    _check_counted(data.counted(rows), f"distill.data ({', '.join(files)})", exp.seq_len)
-    return rows
-
-
-def parts(exp: Experiment, rows: dict, files: tuple[str, ...]) -> tuple[dict, dict, dict]:
-    """The held-out, ILD and KD rows (the last two packed with ``exp.pack``), checked: the held-out and KD parts
-    count loss tokens (KL and KD have something to measure and learn), and the held-out rows fill a row of
-    ``seq_len`` for SMART."""
-    held, ild_rows, kd_rows = data.split(rows, exp.split, exp.seed)
-    tokenized = isinstance(rows, corpus.Corpus)
-    if tokenized:  # the held-out rows in memory (evaluation, SMART); training reads the others as it goes
-        held = held.take(range(len(held)))
-    for i, (name, part) in enumerate((("held-out", held), ("ILD", ild_rows), ("KD", kd_rows))):
-        if name != "ILD" and not (tokenized and name == "KD"):  # ILD matches every real token
-            _check_counted(data.counted(part), f"the {name} part (distill.split[{i}]) of distill.data "
-                                               f"({', '.join(files)})", exp.seq_len)
-    calibration(held, exp.seq_len)
-    if exp.pack and not tokenized:  # the held-out rows stay one document each
-        ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
-    return held, ild_rows, kd_rows
-
-
 def _pairs(exp: Experiment, codec) -> dict:
     """The DPO pairs of ``exp.preferences`` as rows, checked: some pair counts loss tokens in both replies."""
     pairs = data.load_rows(exp.preferences, codec, exp.seq_len, preference=True)
-    _check_counted(np.minimum(data.counted(pairs, "chosen_"), data.counted(pairs, "rejected_")),
+    check_counted(np.minimum(data.counted(pairs, "chosen_"), data.counted(pairs, "rejected_")),
                    f"distill.preferences ({', '.join(exp.preferences)})", exp.seq_len, "pairs")
     return pairs
 
@@ -470,7 +394,7 @@ def _prepare(exp: Experiment) -> _Inputs:
 
     t_config, codec, tokenizer = _teacher_config(exp)
     with _about(exp, "student"):
-        students = {name: HybridConfig.from_teacher(t_config, mla_layers=layers, **exp.student)
+        students = {name: from_teacher(t_config, mla_layers=layers, **exp.student)
                     for name, layers in STUDENTS.items()}
     with _about(exp, "num_mla"):
         place([0.0] * t_config.num_hidden_layers, exp.num_mla)  # SMART can place num_mla layers

@@ -42,7 +42,8 @@ from zebrax.distill.dpo import dpo_objective
 from zebrax.distill.ild import ild_objective
 from zebrax.distill.kd import kd_objective
 from zebrax.distill.trainer import train
-from zebrax.errors import InvalidArgument, ZebraxError
+from zebrax.distill.workdir import calibration, documents, parts, record_hashes, write_text
+from zebrax.errors import InvalidArgument
 from zebrax.sharding import sync
 
 STUDENTS = {"mla": "all", "mamba2": "none"}  # the two students ILD trains: name → mla_layers ("mamba2": the linear)
@@ -52,13 +53,6 @@ RECORD = "stages.json"
 
 def say(text: str) -> None:
     print(f"[zebrax distill] {text}", file=sys.stderr, flush=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomically, by process 0 only."""
-    if jax.process_index() != 0:
-        return
-    checkpoint.write_text_atomic(path, text)
 
 
 @dataclasses.dataclass
@@ -219,8 +213,6 @@ class Teacher(Stage):
 
     def after(self, run: Run) -> None:
         from zebrax.api import Model
-        from zebrax.distill import pipeline
-
         exp = run.exp
         params = load(run.workdir / "teacher" if exp.teacher == "tiny" else exp.teacher, run.mesh)[1]
         run.t_params = params if run.mesh is not None else jax.device_put(params)
@@ -229,11 +221,11 @@ class Teacher(Stage):
             data.generate_data(Model(run.inputs.t_config, run.t_params, run.inputs.codec.tokenizer, mesh=run.mesh),
                                exp.generation_prompts, exp.generated_data, **exp.generation)
             if jax.process_index() == 0:
-                pipeline.record_hashes(run.workdir, {exp.generated_data: data.sha256(exp.generated_data)})
+                record_hashes(run.workdir, {exp.generated_data: data.sha256(exp.generated_data)})
         if run.inputs.parts is None:
             with checkpoint.warnings_after_success():
-                rows = pipeline.documents(exp, run.inputs.codec, run.inputs.files)
-                run.inputs.parts = pipeline.parts(exp, rows, run.inputs.files)
+                rows = documents(exp, run.inputs.codec, run.inputs.files)
+                run.inputs.parts = parts(exp, rows, run.inputs.files)
         run.evaluate("teacher", run.inputs.t_config, run.t_params)
 
 
@@ -378,13 +370,11 @@ class KDLong(KD):
     settings = (*KD.settings, "kd_long", "kd_long_seq_len", "data", "pack")
 
     def work(self, run: Run) -> None:
-        from zebrax.distill import pipeline
-
         exp = dataclasses.replace(run.exp, seq_len=run.exp.kd_long_seq_len, kd=run.exp.kd_long,  # KD's at the length
                                   stages=tuple(n for n in run.exp.plan() if n != self.name))
         with checkpoint.warnings_after_success():
-            rows = pipeline.documents(exp, run.inputs.codec, run.inputs.files)
-            kd_rows = pipeline.parts(exp, rows, run.inputs.files)[2]
+            rows = documents(exp, run.inputs.codec, run.inputs.files)
+            kd_rows = parts(exp, rows, run.inputs.files)[2]
         self.distil(run, exp, "kd", kd_rows, exp.seed + 4)
 
 
@@ -574,13 +564,3 @@ def real_tokens(batch: dict) -> int:
 def counted(batch: dict) -> int:
     """The tokens a batch's loss counts (``data.counted``; both replies of DPO pairs)."""
     return int(sum(data.counted(batch, k.removesuffix("loss_mask")).sum() for k in batch if k.endswith("loss_mask")))
-
-
-def calibration(rows: dict, seq_len: int) -> np.ndarray:
-    """The held-out rows' real tokens, concatenated and cut into full rows (SMART scores without padding)."""
-    stream = np.concatenate([t[m] for t, m in zip(rows["tokens"], rows["token_mask"], strict=True)])
-    n = len(stream) // seq_len
-    if n == 0:
-        raise ZebraxError(f"SMART: the held-out rows hold {len(stream)} tokens, fewer than one row of {seq_len}; "
-                          f"raise the held-out fraction of Experiment.split")
-    return stream[: n * seq_len].reshape(n, seq_len)
