@@ -94,13 +94,14 @@ class Run:
         say(f"{name}: KL(teacher ‖ model) {row['kl']:.4f}, perplexity {row['perplexity']:.2f}")
 
     def key(self, stage: Stage) -> str:
-        """What decides ``stage``'s artefact: the settings of the stages up to it and the experiment's fields no stage
-        claims (data, split, mesh, …), as a SHA-256."""
+        """What decides ``stage``'s artefact: the settings of the stages up to it, the experiment's fields no stage
+        claims (mesh, …) and the content of every data file read (a path names no content), as a SHA-256."""
         listed = self.stages[:self.stages.index(stage) + 1]
         claimed = {f for s in STAGES.values() for f in s.settings}
         common = {f.name: _plain(getattr(self.exp, f.name)) for f in dataclasses.fields(self.exp)
                   if f.name not in claimed | {"stages"}}
-        text = json.dumps({"common": common, "stages": [s.record(self.exp) for s in listed]}, sort_keys=True)
+        text = json.dumps({"common": common, "data_sha256": self.inputs.hashes,
+                           "stages": [s.record(self.exp) for s in listed]}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def reuse(self, stage: Stage) -> bool:
