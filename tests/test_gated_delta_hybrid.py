@@ -15,6 +15,7 @@ import pytest
 
 import zebrax
 from tests.helpers import TEACHER, hybrid, model_params
+from zebrax import report
 from zebrax.convert.export import export
 from zebrax.errors import ConfigError
 from zebrax.generate import Generator
@@ -100,3 +101,8 @@ def test_the_tiny_experiment_distils_a_gdn_hybrid(child_process, tmp_path):
     assert sorted(set(layers)) == ["D", "L"] and layers.count("L") == 2, layers
     evals = json.loads(run.stdout)
     assert evals == json.loads((tmp_path / "w" / "eval.json").read_text())
+    # the report names SMART's linear student by its kind
+    text = report.write(tmp_path / "w", teacher=zebrax.load(tmp_path / "w" / "teacher"),
+                        hybrid=zebrax.load(tmp_path / "w" / "hybrid"),
+                        answers={"prompt": "Hi", "teacher": "Hello", "hybrid": "Hello"}, machine={}).read_text()
+    assert "KL of the all-Gated DeltaNet student" in text and "all-Mamba2" not in text

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from zebrax.bench_decode import pyplot
-from zebrax.mixers import legend
+from zebrax.mixers import kind, legend
 
 CONTEXTS = (1024, 4096, 32768)  # the cache table's contexts
 
@@ -36,13 +36,19 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_smart(smart: dict, path: Path) -> None:
-    """SMART's score per layer, the MLA layers it placed in orange."""
+def linear_title(hybrid) -> str:
+    """The title of the hybrid's linear kind, that of SMART's all-linear student (``Mamba2``, ``Gated DeltaNet``)."""
+    linear = [m for m in dict.fromkeys(hybrid.config.mixers) if m not in ("mla", "attention")]
+    return kind(linear[0]).title if linear else kind("mamba2").title
+
+
+def plot_smart(smart: dict, path: Path, linear: str) -> None:
+    """SMART's score per layer, the MLA layers it placed in orange; ``linear``: the all-linear student's kind."""
     plt = pyplot()
     scores, chosen = smart["scores"], set(smart["mla_layers"])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.28 * len(scores)), 3.2))
     ax.bar(range(len(scores)), scores, color=["C1" if i in chosen else "C0" for i in range(len(scores))])
-    ax.set(xlabel="layer", ylabel="KL(all-Mamba2) − KL(layer as MLA)", title="SMART scores (orange: MLA layers)")
+    ax.set(xlabel="layer", ylabel=f"KL(all-{linear}) − KL(layer as MLA)", title="SMART scores (orange: MLA layers)")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -75,7 +81,7 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
     job = json.loads((w / "job.json").read_text()) if (w / "job.json").exists() else {}
     plot_losses(metrics, w / "loss.png")
     if "scores" in smart:
-        plot_smart(smart, w / "smart.png")
+        plot_smart(smart, w / "smart.png", linear_title(hybrid))
 
     final = final_evaluation(w, evals)
     first, last, t_ppl = evals["initialised"], evals[final], evals["teacher"]["perplexity"]
@@ -109,7 +115,8 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
         lines += [f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.4g} | {rows[-1]['loss']:.4g} | "
                   f"{speeds[len(speeds) // 2]:.0f} |"]
     if "scores" in smart:
-        lines += ["", "## SMART", "", f"KL of the all-Mamba2 student {smart['kl_all_mamba2']:.3f}; each layer's score "
+        lines += ["", "## SMART", "", f"KL of the all-{linear_title(hybrid)} student {smart['kl_all_mamba2']:.3f}; "
+                  "each layer's score "
                   "is how far swapping it alone to MLA brings that KL down. Placed "
                   f"({smart.get('placement', 'smart')}): {smart['mla_layers']}.", "", "![SMART scores](smart.png)", ""]
     else:
