@@ -264,6 +264,21 @@ def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_an
     assert json.loads((tmp_path / "ablations.json").read_text()) == rows
 
 
+def test_the_ablation_table_gives_one_seed_no_spread():
+    """Mean ± sample sd over seeds; one seed has no spread, so its cells are the value alone (not "± 0.0000")."""
+    from zebrax.ablate import _spread, paired, table
+
+    def row(name, kls):
+        spread = _spread(kls)
+        return {"experiment": name, "seeds": len(kls), "stages": ["kd"], "trained_tokens": 512, "kl": spread,
+                "perplexity": spread, "kl_initialised": spread, "teacher_perplexity": spread}
+
+    one = table(paired([row("a", [2.0]), row("b", [1.5])])).splitlines()
+    assert "| a | 1 | **2.0000** | — | 2.00 |" in one[2] and "| b | 1 | **1.5000** | -0.5000 (1/1) |" in one[3]
+    two = table(paired([row("a", [1.0, 3.0]), row("b", [1.0, 2.0])])).splitlines()
+    assert "| a | 2 | **2.0000 ± 1.4142** |" in two[2] and "| -0.5000 ± 0.7071 (1/2) |" in two[3]
+
+
 def test_micro_batches_a_mesh_cannot_split_are_refused_naming_the_stage():
     """Rows are split over the mesh's (data, fsdp) devices: a stage whose micro-batches they do not divide is a
     ConfigError naming its batch size, accumulation and the mesh (it was an IndivisibleError from inside JAX at the

@@ -37,8 +37,15 @@ def trained_tokens(exp) -> int:
 
 
 def _spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+    """The mean and the sample standard deviation of ``values`` (``sd`` None for one value: one seed has no spread)."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
             "values": values}
+
+
+def _pm(spread: dict, spec: str) -> str:
+    """``mean ± sd``, or the mean alone for one seed."""
+    sd = "" if spread["sd"] is None else f" ± {format(spread['sd'], spec.lstrip('+'))}"
+    return f"{format(spread['mean'], spec)}{sd}"
 
 
 def summarise(name: str, exp, evals: list[dict]) -> dict:
@@ -68,17 +75,16 @@ def paired(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of ``summarise`` rows (``paired``: the column against the first experiment)."""
-    pm = lambda s, spec: f"{format(s['mean'], spec)} ± {format(s['sd'], spec)}"  # noqa: E731
     first = rows[0]["experiment"]
     lines = [f"| experiment | seeds | KL after (mean ± sd) | Δ KL vs {first}, paired by seed (lower in) | "
              "perplexity after | KL initialised | teacher perplexity | trained tokens | stages |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = r.get("vs_first")
-        versus = f"{vs['mean']:+.4f} ± {vs['sd']:.4f} ({vs['lower']}/{vs['of']})" if vs else "—"
-        lines += [f"| {r['experiment']} | {r['seeds']} | **{pm(r['kl'], '.4f')}** | {versus} | "
-                  f"{pm(r['perplexity'], '.2f')} | {pm(r['kl_initialised'], '.4f')} | "
-                  f"{pm(r['teacher_perplexity'], '.2f')} | {r['trained_tokens']:,} | {' → '.join(r['stages'])} |"]
+        versus = f"{_pm(vs, '+.4f')} ({vs['lower']}/{vs['of']})" if vs else "—"
+        lines += [f"| {r['experiment']} | {r['seeds']} | **{_pm(r['kl'], '.4f')}** | {versus} | "
+                  f"{_pm(r['perplexity'], '.2f')} | {_pm(r['kl_initialised'], '.4f')} | "
+                  f"{_pm(r['teacher_perplexity'], '.2f')} | {r['trained_tokens']:,} | {' → '.join(r['stages'])} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +95,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 3.6))
     for i, r in enumerate(rows):
-        ax.bar(i, r["kl"]["mean"], yerr=r["kl"]["sd"], color="C0", alpha=0.6, capsize=4)
+        ax.bar(i, r["kl"]["mean"], yerr=r["kl"]["sd"] or 0.0, color="C0", alpha=0.6, capsize=4)
         ax.plot([i] * len(r["kl"]["values"]), r["kl"]["values"], "k.", ms=4)
     ax.set_xticks(range(len(rows)), [r["experiment"] for r in rows], rotation=30, ha="right")
     ax.set(ylabel="KL(teacher ‖ model), held out", title="ablations: mean ± sd over seeds (dots: seeds)")
