@@ -38,8 +38,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
 
 def linear_title(hybrid) -> str:
     """The title of the hybrid's linear kind, that of SMART's all-linear student (``Mamba2``, ``Gated DeltaNet``)."""
-    linear = [m for m in dict.fromkeys(hybrid.config.mixers) if m not in ("mla", "attention")]
-    return kind(linear[0]).title if linear else kind("mamba2").title
+    return kind((hybrid.config.linear_kinds() or ("mamba2",))[0]).title
 
 
 def plot_smart(smart: dict, path: Path, linear: str) -> None:
@@ -80,8 +79,9 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
     bench = json.loads((w / "bench_decode.json").read_text()) if (w / "bench_decode.json").exists() else None
     job = json.loads((w / "job.json").read_text()) if (w / "job.json").exists() else {}
     plot_losses(metrics, w / "loss.png")
+    linear = linear_title(hybrid)
     if "scores" in smart:
-        plot_smart(smart, w / "smart.png", linear_title(hybrid))
+        plot_smart(smart, w / "smart.png", linear)
 
     final = final_evaluation(w, evals)
     first, last, t_ppl = evals["initialised"], evals[final], evals["teacher"]["perplexity"]
@@ -115,7 +115,7 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
         lines += [f"| {stage} | {rows[-1]['step']} | {rows[0]['loss']:.4g} | {rows[-1]['loss']:.4g} | "
                   f"{speeds[len(speeds) // 2]:.0f} |"]
     if "scores" in smart:
-        lines += ["", "## SMART", "", f"KL of the all-{linear_title(hybrid)} student {smart['kl_all_mamba2']:.3f}; "
+        lines += ["", "## SMART", "", f"KL of the all-{linear} student {smart['kl_all_mamba2']:.3f}; "
                   "each layer's score "
                   "is how far swapping it alone to MLA brings that KL down. Placed "
                   f"({smart.get('placement', 'smart')}): {smart['mla_layers']}.", "", "![SMART scores](smart.png)", ""]
