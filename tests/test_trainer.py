@@ -106,7 +106,7 @@ def test_metrics_lines_and_the_schedule(tmp_path):
         return loss, {"quad": loss}
 
     cfg = TrainConfig(steps=20, batch_size=2, learning_rate=0.1, warmup_ratio=0.25, log_every=5,
-                      checkpoint_every=10)
+                      checkpoint_every=10, keep_checkpoints=5)
     it = data.batches({"x": np.zeros((4, 1))}, 2, seed=0)
     train("toy", quad, {"w": jnp.zeros(3)}, None, it, cfg, tmp_path, tokens_of=lambda b: 2)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -115,6 +115,7 @@ def test_metrics_lines_and_the_schedule(tmp_path):
     assert lines[0]["lr"] == pytest.approx(0.1 * 4 / 5)  # step 5 uses the schedule's 5th value: warmup 5 steps
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert (tmp_path / "tensorboard" / "toy").is_dir()
+    # every checkpoint_every steps, and no other (kept: up to 5)
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "toy").iterdir()) == ["10", "20"]
 
 

@@ -284,7 +284,10 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     state = {"params": params, "opt_state": opt_state}
     manager = ocp.CheckpointManager(
         workdir / "checkpoints" / stage,
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every,
+        # every checkpoint_every steps and the last (``force``), not orbax's default save of the first step too (a
+        # whole copy of the parameters and optimizer state a stage, written while its second step runs)
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
+                                             should_save_fn=lambda step, _: step % cfg.checkpoint_every == 0,
                                              enable_async_checkpointing=True,
                                              cleanup_tmp_directories=not checkpoint.is_local(workdir)))
     start = manager.latest_step() or 0
