@@ -363,9 +363,11 @@ def _scoring(program: str, exp, teacher, student, mesh, topology: str, batch: in
         fn = jax.jit(swap_kl(compute(s["mla"]), compute(s["mamba2"])))
         logits = jax.ShapeDtypeStruct((batch, exp.seq_len, teacher.vocab_size), jnp.float32,
                                       sharding=batch_sharding(mesh, 3))
+        x = jax.ShapeDtypeStruct((batch, exp.seq_len, teacher.hidden_size), jnp.dtype(exp.compute_dtype),
+                                 sharding=batch_sharding(mesh, 3))  # the all-Mamba2 student's input to the swap
         swap = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
         args = (swap_params(_params(s["mla"], mesh), _params(s["mamba2"], mesh), teacher.num_hidden_layers),
-                rows["tokens"], logits, swap)
+                rows["tokens"], x, logits, swap)
     settings = {"batch": batch, "seq_len": exp.seq_len, "compute_dtype": exp.compute_dtype}
     return compile_program(fn, args, program=program, topology=topology, mesh=mesh, tokens=batch * exp.seq_len,
                            settings=settings)

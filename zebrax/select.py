@@ -4,7 +4,9 @@ all-Mamba2 student back toward the teacher, then place N MLA layers.
     s_l = KL(teacher ‖ all-Mamba2) − KL(teacher ‖ all-Mamba2 with layer l from all-MLA)
 
 KL is the mean over calibration tokens of ``Σ_v p_teacher (log p_teacher − log p_student)``. The L + 1 student
-passes share one compiled program: layer ``l``'s choice is a traced index (``nn.cond``), not a new model.
+passes share one compiled program: layer ``l``'s choice is a traced index (``nn.switch``), not a new model. The pass
+that swaps layer ``l`` starts from the all-Mamba2 student's input to that layer (computed once, in one pass over all
+the layers), so the layers before it are not run again: L(L + 1)/2 + 2L layers in all, not L(L + 1).
 
 Placement: the first MLA layer at ``first``, the last at ``last`` (default L − 2), every gap between consecutive
 MLA layers ⌊u⌋ or ⌈u⌉ with u = (last − first)/(N − 1); among those placements the one with the largest total score,
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from zebrax.config import HybridConfig
@@ -34,24 +37,27 @@ from zebrax.sharding import place_rows
 
 
 class SwapLM(nn.Module):
-    """The all-Mamba2 student (``base``) whose layer ``swap`` is the all-MLA student's (``other``); ``swap = −1``
-    swaps none. Parameters: the base student's, plus ``swap_{i}`` = the other student's ``layers_{i}``."""
+    """The all-Mamba2 student (``base``) whose layer ``swap`` is the all-MLA student's (``other``), run from that
+    layer on; ``swap = −1`` swaps none and runs every layer. Parameters: the base student's, plus ``swap_{i}`` = the
+    other student's ``layers_{i}``."""
 
     base: HybridConfig
     other: HybridConfig
     impls: Impls = Impls()
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, swap: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, x: jax.Array, swap: jax.Array) -> jax.Array:
+        """``tokens`` ``[N, L]``; ``x`` ``[N, L, D]`` the base student's input to layer max(swap, 0) → logits
+        ``[N, L, V]``. Layer i runs as it is (i > swap), swapped (i = swap) or not at all (i < swap)."""
         cfg = self.base
         slots = make_slots(tokens, None, None, None)
         embedding = embed_tokens(cfg)
-        x = embedding(tokens)
         for i, (ours, theirs) in enumerate(zip(cfg.plan(), self.other.plan(), strict=True)):
             kept = Block(ours, cfg, self.impls, name=f"layers_{i}")
             swapped = Block(theirs, self.other, self.impls, name=f"swap_{i}")
-            x = nn.cond(swap == i, lambda _, x, b=swapped: b(x, slots)[0], lambda _, x, b=kept: b(x, slots)[0],
-                        self, x)
+            x = nn.switch(jnp.sign(i - swap) + 1,  # 0 before the swap, 1 at it, 2 after it
+                          [lambda _, x: x, lambda _, x, b=swapped: b(x, slots)[0],
+                           lambda _, x, b=kept: b(x, slots)[0]], self, x)
         return lm_head(cfg, x, embedding)
 
 
@@ -61,15 +67,27 @@ def swap_params(mla_params: dict, mamba_params: dict, num_layers: int) -> dict:
 
 
 def swap_kl(mla_config: HybridConfig, mamba_config: HybridConfig, impls: Impls | None = None):
-    """SMART's scoring pass: ``kl(params, tokens, teacher_logits, swap)`` = KL(teacher ‖ the all-Mamba2 student with
-    layer ``swap`` taken from the all-MLA student), the mean over ``tokens`` ``[N, L]`` (``params``:
-    ``swap_params``; ``teacher_logits`` ``[N, L, V]``; ``swap`` −1 for none). ``zebrax.aot`` compiles it."""
+    """SMART's scoring pass: ``kl(params, tokens, x, teacher_logits, swap)`` = KL(teacher ‖ the all-Mamba2 student
+    with layer ``swap`` taken from the all-MLA student), the mean over ``tokens`` ``[N, L]`` (``params``:
+    ``swap_params``; ``x`` ``[N, L, D]``: the all-Mamba2 student's input to layer max(swap, 0), ``layer_inputs``;
+    ``teacher_logits`` ``[N, L, V]``; ``swap`` −1 for none). ``zebrax.aot`` compiles it."""
     module = SwapLM(mamba_config, mla_config, impls or Impls())
 
-    def kl(params, tokens, teacher_logits, swap):
-        return kl_loss(teacher_logits, module.apply({"params": params}, tokens, swap))  # mean over tokens
+    def kl(params, tokens, x, teacher_logits, swap):
+        return kl_loss(teacher_logits, module.apply({"params": params}, tokens, x, swap))  # mean over tokens
 
     return kl
+
+
+def layer_inputs(student, tokens) -> jax.Array:
+    """The input of every layer of ``student`` (a ``zebrax.Model``) on ``tokens`` ``[N, L]`` → ``[layers, N, L, D]``,
+    from one forward pass."""
+    from zebrax.distill.ild import layer_io
+
+    def inputs(params, tokens):
+        return jnp.stack(layer_io(student.module, params, tokens)["block_input"])
+
+    return jax.jit(inputs)(student.params, tokens)
 
 
 def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
@@ -93,7 +111,8 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
     teacher_logits = teacher.forward(tokens, where="select")  # on the devices, rows split as the tokens' below
     if mamba_student.mesh is not None:
         tokens = place_rows({"tokens": tokens}, mamba_student.mesh)["tokens"]
-    kls = [float(kl_of(params, tokens, teacher_logits, np.int32(swap)))
+    inputs = layer_inputs(mamba_student, tokens)
+    kls = [float(kl_of(params, tokens, inputs[max(swap, 0)], teacher_logits, np.int32(swap)))
            for swap in range(-1, mamba_student.config.num_hidden_layers)]
     return {"kl_all_mamba2": kls[0], "kl": kls[1:], "scores": [kls[0] - k for k in kls[1:]],
             "seconds": round(time.perf_counter() - start, 2), "compilations": len(traces),
