@@ -119,6 +119,25 @@ def test_metrics_lines_and_the_schedule(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "toy").iterdir()) == ["10", "20"]
 
 
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "committed"])
+def test_the_step_compiles_once_whatever_its_inputs_placement(tmp_path, caplog, committed):
+    """Parameters and a frozen tree as a pipeline hands them over (loaded from a checkpoint: committed to the device)
+    or not: the step's inputs are placed alike from the first step on, so the second step does not compile again
+    (it did when the frozen tree was committed: a second whole compile of every stage)."""
+    def close(params, frozen, batch):
+        loss = jnp.sum((params["w"] - frozen["t"]) ** 2)
+        return loss, {}
+
+    place = (lambda t: jax.device_put(t, jax.devices()[0])) if committed else (lambda t: t)  # noqa: E731
+    params, frozen = place({"w": jnp.zeros(3)}), place({"t": jnp.ones(3)})
+    cfg = TrainConfig(steps=4, batch_size=2, learning_rate=0.1, log_every=2, checkpoint_every=10)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        out = train("toy", close, params, frozen, data.batches({"x": np.zeros((4, 1))}, 2, seed=0), cfg, tmp_path,
+                    tokens_of=lambda b: 2)
+    assert sum("Compiling jit(step)" in r.getMessage() for r in caplog.records) == 1
+    assert float(out["w"][0]) > 0 and float(params["w"][0]) == 0.0  # trained; the caller's parameters kept
+
+
 def test_a_stage_whose_first_logged_steps_count_no_token_stops(tmp_path):
     """Rows whose loss masks are empty (chat replies cut off by seq_len) train on nothing: loss 0, no gradient. The
     stage stops after its first log_every steps naming the cause, before a loss of 0 is logged; one counted token in
