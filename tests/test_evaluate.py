@@ -15,7 +15,7 @@ from zebrax.cli import main
 from zebrax.data import LM_FIELDS, ByteCodec, DataError
 from zebrax.distill.pipeline import TINY_TEACHER
 from zebrax.errors import InvalidArgument
-from zebrax.evaluate import eval_rows, evaluate, windows
+from zebrax.evaluate import batch_sums, eval_rows, evaluate, windows
 from zebrax.models import build
 
 TEXT = "The river wound slowly through the valley.\n\nPast orchards heavy with apples and fields of grazing cattle."
@@ -51,6 +51,21 @@ def test_streamed_rows_give_the_stacked_numbers_at_any_batch_size(byte_model, tm
         assert got["rows"] == want["rows"] == len(rows) > 4 and got["predicted_tokens"] == want["predicted_tokens"]
         np.testing.assert_allclose(got["nll"], want["nll"], rtol=1e-6)
     assert want["predicted_tokens"] == sum(len(p.encode()) for p in TEXT.split("\n\n"))  # BOS + bytes, less one
+
+
+def test_parameters_in_memory_or_loaded_share_one_compiled_program(byte_model, tmp_path, caplog):
+    """The pipeline evaluates a hybrid as assembled in memory, then as loaded (committed to the device): one
+    program for both, the same numbers."""
+    _, module, params = byte_model
+    (tmp_path / "t.txt").write_text(TEXT)
+    rows = list(eval_rows([tmp_path / "t.txt"], ByteCodec(), 24))
+    rows = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    loaded = jax.device_put(params, jax.devices()[0])
+    batch_sums.cache_clear()  # a new jitted function: compiled here, whatever ran before
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        first, second = (evaluate(module, p, rows, teacher=module, teacher_params=p) for p in (params, loaded))
+    assert sum("Compiling jit(sums)" in r.getMessage() for r in caplog.records) == 1
+    assert first == second
 
 
 def test_eval_command(byte_model, tmp_path, capsys):

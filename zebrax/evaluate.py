@@ -89,6 +89,8 @@ def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_si
         raise InvalidArgument(f"evaluate: batch_size={batch_size!r} must be an integer >= 1")
     if mesh is not None:
         batch_size = -(-batch_size // row_shards(mesh)) * row_shards(mesh)
+    else:  # committed, as loaded parameters are: in memory or loaded, one compiled program
+        params, teacher_params = jax.device_put((params, teacher_params), jax.devices()[0])
     sums = batch_sums(model, teacher)
     total = len(rows["tokens"]) if isinstance(rows, dict) else None
     totals: dict[str, float] = {"rows": 0}
