@@ -271,7 +271,9 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
           *, tokens_of: Callable[[dict], int], counted_of: Callable[[dict], int] | None = None, mesh=None,
           shardings: tuple | None = None) -> dict:
     """Run ``stage`` to ``cfg.steps`` from its latest complete checkpoint in ``WORKDIR/checkpoints/STAGE`` (or from
-    ``params``); returns the trained parameters. ``data`` is a grain iterator of this process's rows (its state is
+    ``params``); returns the trained parameters. Checkpoints are written every ``cfg.checkpoint_every`` steps before
+    the last: what this returns is the caller's to save (a stage's output), and a run stopped before it is saved
+    resumes from the last checkpoint. ``data`` is a grain iterator of this process's rows (its state is
     checkpointed); ``tokens_of(batch)`` counts a batch's real tokens for tokens/s; ``counted_of(batch)``, the tokens
     its loss counts: when this run's first ``log_every`` steps count none, the stage stops with a ZebraxError before
     it logs them (a loss of 0 and no gradient are no training). With a ``mesh``, ``shardings`` =
@@ -289,10 +291,12 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     state = {"params": params, "opt_state": opt_state}
     manager = ocp.CheckpointManager(
         workdir / "checkpoints" / stage,
-        # every checkpoint_every steps and the last (``force``), not orbax's default save of the first step too (a
-        # whole copy of the parameters and optimizer state a stage, written while its second step runs)
+        # every checkpoint_every steps before the last: not orbax's default save of the first step too, nor the
+        # last (each a whole copy of the parameters and optimizer state, written while training runs; the last is
+        # what the caller saves as the stage's output, and a finished stage's checkpoints are dropped)
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints,
-                                             should_save_fn=lambda step, _: step % cfg.checkpoint_every == 0,
+                                             should_save_fn=lambda step, _: (step % cfg.checkpoint_every == 0
+                                                                             and step < cfg.steps),
                                              enable_async_checkpointing=True,
                                              cleanup_tmp_directories=not checkpoint.is_local(workdir)))
     start = manager.latest_step() or 0
@@ -338,8 +342,7 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{tokens / elapsed:.0f}")
                 tokens, since = 0, time.perf_counter()
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       data=ocp.args.JsonSave(data.get_state())),
-                         force=step == cfg.steps)
+                                                       data=ocp.args.JsonSave(data.get_state())))
             bar.update(1)
         manager.wait_until_finished()
     finally:
