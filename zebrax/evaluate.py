@@ -83,14 +83,14 @@ def evaluate(model, params, rows, *, teacher=None, teacher_params=None, batch_si
     batch or holds a whole model."""
     from tqdm import tqdm
 
-    from zebrax.sharding import place_rows, row_shards
+    from zebrax.sharding import on_device, place_rows, row_shards
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise InvalidArgument(f"evaluate: batch_size={batch_size!r} must be an integer >= 1")
     if mesh is not None:
         batch_size = -(-batch_size // row_shards(mesh)) * row_shards(mesh)
-    else:  # committed, as loaded parameters are: in memory or loaded, one compiled program
-        params, teacher_params = jax.device_put((params, teacher_params), jax.devices()[0])
+    else:  # in memory or loaded, one compiled program
+        params, teacher_params = on_device((params, teacher_params))
     sums = batch_sums(model, teacher)
     total = len(rows["tokens"]) if isinstance(rows, dict) else None
     totals: dict[str, float] = {"rows": 0}

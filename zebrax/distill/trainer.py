@@ -249,15 +249,12 @@ def state_shardings(optimizer: optax.GradientTransformation, params, p_sh, mesh)
 def placed_step(optimizer, params, frozen, accumulate: int, objective: Callable, mesh, shardings):
     """(params, opt_state, frozen, step, batch placement): on the default device, or over ``mesh`` with
     ``shardings`` = (params', frozen's) and the optimizer state sharded as the parameters it mirrors."""
-    if mesh is None:
-        # committed to the device from the first step, as every step's outputs are: inputs committed or not are
-        # different signatures, and the second step would compile the whole step again
-        device = jax.devices()[0]
-        params = jax.device_put(params, device, may_alias=False)  # a copy: the step donates its inputs
-        frozen = None if frozen is None else jax.device_put(frozen, device)
-        return (params, jax.device_put(optimizer.init(params), device), frozen,
+    from zebrax.sharding import global_batch, on_device, place, replicated
+
+    if mesh is None:  # placed as the step's outputs are from the first step, or the second would compile it again
+        params = on_device(params, copy=True)  # a copy: the step donates its inputs, the caller keeps ``params``
+        return (params, on_device(optimizer.init(params)), on_device(frozen),
                 make_step(objective, optimizer, accumulate), lambda b: b)
-    from zebrax.sharding import global_batch, place, replicated
 
     p_sh, f_sh = shardings
     params = place(params, p_sh)  # a copy: the step donates its inputs, the caller keeps ``params``
