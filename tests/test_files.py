@@ -106,6 +106,25 @@ def test_export_overwrite_replaces_an_export_and_nothing_else(capsys, tiny_llama
     assert tree(hand_made) == before
 
 
+def test_a_copy_is_whole_or_absent(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.json").write_text("a")
+    (src / "sub" / "b.bin").write_bytes(b"b")
+    checkpoint.copy_tree(src, tmp_path / "out" / "dir")
+    checkpoint.copy_tree(src / "a.json", tmp_path / "out" / "file.json")
+    assert tree(tmp_path / "out" / "dir") == tree(src) and (tmp_path / "out" / "file.json").read_text() == "a"
+
+    def fails_after_writing(a, b):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fails_after_writing)  # every file copied, then the rename fails
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.copy_tree(src, tmp_path / "out" / "again")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dir", "file.json"]  # no half copy, no temporary
+
+
 # -- 7. "already exists" holds at the end too -----------------------------------------------------
 def test_a_destination_that_appears_while_writing_is_never_replaced(tmp_path):
     dst = tmp_path / "ckpt"

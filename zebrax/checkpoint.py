@@ -91,9 +91,23 @@ def remove_tree(path: str | os.PathLike) -> None:
 
 
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """The directory ``src`` copied to ``dst``, file by file where either is on an object store."""
+    """The file or directory ``src`` copied to ``dst``: on local disks whole or not at all (a temporary beside
+    ``dst``, renamed), file by file where either is on an object store."""
     if is_local(src) and is_local(dst):
-        shutil.copytree(src, dst)
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.copy-{os.getpid()}")
+        try:
+            if Path(src).is_dir():
+                shutil.copytree(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:  # after a failure; renamed away after a success
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
         return
     src, dst = as_path(src), as_path(dst)
     dst.mkdir(parents=True, exist_ok=True)

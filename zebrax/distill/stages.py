@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -110,7 +109,7 @@ class Run:
         if source is None or not source.exists():
             return False
         say(f"{stage.name}: reused from {source.parent} (a run that agrees on it)")
-        _copy(source, self.workdir / stage.writes)
+        checkpoint.copy_tree(source, self.workdir / stage.writes)
         return True
 
     def share(self, stage: Stage) -> None:
@@ -118,7 +117,7 @@ class Run:
         if self.shared is not None and jax.process_index() == 0 and (self.workdir / stage.writes).exists():
             target = self.shared / self.key(stage) / stage.writes
             if not target.exists():
-                _copy(self.workdir / stage.writes, target)
+                checkpoint.copy_tree(self.workdir / stage.writes, target)
 
     def trained_students(self) -> dict:
         """The students SMART scores and the hybrid is made of: ILD's, or without ILD the initialised ones."""
@@ -160,20 +159,6 @@ class Stage:
     def record(self, exp) -> dict:
         return {"stage": self.name, "reads": list(self.reads), "writes": self.writes, "evaluates": list(self.evaluates),
                 "settings": {f: _plain(getattr(exp, f)) for f in self.settings}}
-
-
-def _copy(source: Path, target: Path) -> None:
-    """A file or directory to ``target`` whole or not at all (a temporary beside it, renamed)."""
-    import shutil
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.copy-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if source.is_dir():
-        shutil.copytree(source, tmp)
-    else:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 def _plain(value):
