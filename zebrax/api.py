@@ -35,11 +35,11 @@ class Model:
     """
 
     def __init__(self, config, params, tokenizer=None, *, impl: str | dict = "auto", mesh=None):
-        from zebrax.sharding import param_shardings, place
+        from zebrax.sharding import on_device, param_shardings, place
 
         self.config, self.mesh = config, mesh
         # on the devices once, not copied from the host on every call
-        self.params = jax.device_put(params) if mesh is None else place(
+        self.params = on_device(params) if mesh is None else place(
             params, param_shardings(config, params, mesh), copy=False)
         self.tokenizer = tokenizer
         self.module = build_module(config, impl)

@@ -43,7 +43,7 @@ from zebrax.distill.kd import kd_objective
 from zebrax.distill.trainer import train
 from zebrax.distill.workdir import calibration, documents, parts, record_hashes, write_text
 from zebrax.errors import InvalidArgument
-from zebrax.sharding import sync
+from zebrax.sharding import on_device, sync
 
 STUDENTS = {"mla": "all", "mamba2": "none"}  # the two students ILD trains: name → mla_layers ("mamba2": the linear)
 PLACEMENTS = ("smart", "uniform", "reverse")
@@ -201,7 +201,7 @@ class Teacher(Stage):
         from zebrax.api import Model
         exp = run.exp
         params = load(run.workdir / "teacher" if exp.teacher == "tiny" else exp.teacher, run.mesh)[1]
-        run.t_params = params if run.mesh is not None else jax.device_put(params)
+        run.t_params = params if run.mesh is not None else on_device(params)
         if exp.generation_prompts:
             say(f"teacher-made data: {exp.generation_prompts} → {exp.generated_data}")
             data.generate_data(Model(run.inputs.t_config, run.t_params, run.inputs.codec.tokenizer, mesh=run.mesh),
@@ -375,7 +375,8 @@ class DPO(Stage):
         exp = run.exp
         config, params = load(run.workdir / final_model(n for n in exp.plan() if n != "dpo"), run.mesh)
         say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
-        reference = params if run.mesh is not None else jax.device_put(params)
+        # the frozen reference in buffers of its own: the step donates the parameters'
+        reference = params if run.mesh is not None else on_device(params, copy=True)
         params = train("dpo", stage_objective(exp, "dpo", run.inputs.t_config, {"": config}), params, reference,
                        data.batches(run.inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **process_share()), exp.dpo,
                        run.workdir, tokens_of=real_tokens, counted_of=counted,
