@@ -118,10 +118,11 @@ def place(tree, shardings, *, copy: bool = True):
 
 
 def on_device(tree, *, copy: bool = False):
-    """``tree`` committed to the default device (a run without a mesh). A jitted program's outputs are committed, and
-    committed or not are different signatures to ``jax.jit``: inputs placed here compile once, whether they came
-    from a checkpoint or from memory. ``copy``: new buffers even for arrays already there (a step may donate them)."""
-    return jax.device_put(tree, jax.devices()[0], may_alias=not copy)
+    """``tree`` committed to this process's default device (a run without a mesh; in a run of several processes,
+    ``jax.devices()[0]`` is process 0's). A jitted program's outputs are committed, and committed or not are
+    different signatures to ``jax.jit``: inputs placed here compile once, whether they came from a checkpoint or from
+    memory. ``copy``: new buffers even for arrays already there (a step may donate them)."""
+    return jax.device_put(tree, jax.local_devices()[0], may_alias=not copy)
 
 
 def row_shards(mesh: Mesh) -> int:
