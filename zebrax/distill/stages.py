@@ -375,12 +375,10 @@ class DPO(Stage):
         exp = run.exp
         config, params = load(run.workdir / final_model(n for n in exp.plan() if n != "dpo"), run.mesh)
         say(f"DPO: {exp.dpo.steps} steps of {exp.dpo.batch_size} pairs, β = {exp.dpo_beta}")
-        # the frozen reference in buffers of its own: the step donates the parameters'
-        reference = params if run.mesh is not None else on_device(params, copy=True)
-        params = train("dpo", stage_objective(exp, "dpo", run.inputs.t_config, {"": config}), params, reference,
+        params = train("dpo", stage_objective(exp, "dpo", run.inputs.t_config, {"": config}), params, params,
                        data.batches(run.inputs.pairs, exp.dpo.batch_size, exp.seed + 2, **process_share()), exp.dpo,
                        run.workdir, tokens_of=real_tokens, counted_of=counted,
-                       **sharded(run.mesh, {"": (config, params)}, (config, reference)))
+                       **sharded(run.mesh, {"": (config, params)}, (config, params)))
         save(run.workdir, "dpo", {"": (config, params)}, run.inputs.tokenizer)
         finished(run.workdir, "dpo")
 
