@@ -270,15 +270,19 @@ def mamba_layer(c: dict, state: dict, p: str, x: torch.Tensor) -> torch.Tensor:
     return mixer(x)
 
 
-def reference_logits(directory, tokens: np.ndarray) -> np.ndarray:
+def reference_logits(directory, tokens: np.ndarray, rounding: np.random.Generator | None = None) -> np.ndarray:
     """INTEROP.md's forward of the checkpoint in ``directory``, from transformers' layers: the blocks' norms, MLP
     and activation from the layout file, the final norm from ``config.json``; MambaInLlama's attention layers are
-    the base model's."""
+    the base model's. ``rounding``: every weight first moved by a random relative error as large as float32's
+    rounding (``2**-24``), drawn from this generator."""
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
     c = their_config(directory)
     dtype = torch.get_default_dtype()  # assert_their_forward: float64
     state = {k: w.to(dtype) if w.is_floating_point() else w for k, w in their_weights(directory).items()}
+    if rounding is not None:
+        state = {k: w * (1 + 2.0 ** -24 * torch.from_numpy(rounding.uniform(-1, 1, w.shape)).to(dtype))
+                 if w.is_floating_point() else w for k, w in state.items()}
     base, h, special = c["base"], c["h"], c["special"]
     base._attn_implementation = "eager"
     t = torch.from_numpy(tokens)
@@ -317,21 +321,35 @@ def reference_logits(directory, tokens: np.ndarray) -> np.ndarray:
 def assert_their_forward(directory, model, tokens):
     """zebrax's fp32 logits, compiled as a user's are (XLA's optimisations on, as they are off in the quick tier),
     within 1e-4 of their forward computed in float64, the exact value (each fp32 implementation strays about 3e-5
-    from it; unoptimised, zebrax's strays 1.5e-4 at one ill-conditioned position of ngroups_8_biases on an AVX-512
-    Xeon, and their fp32 forward further still on some CPUs)."""
+    from it).
+
+    1e-4 is ten times how far the exact value moves when the weights move as much as fp32 rounds them (under 1e-5
+    at a well-conditioned position). An ill-conditioned position gets the same factor over its own spread: no fp32
+    forward can promise 1e-4 there. (ngroups_8_biases has one: a group of 8 channels of a Mamba2 layer's gated
+    output has a mean square of 7e-6, under the norm's eps of 1e-5, so the norm multiplies that group's rounding
+    errors by 240; the exact value there moves 9e-5 with the weights, and zebrax's fp32 strays 1e-4 to 3e-4,
+    their own 4e-5, depending on the CPU and on XLA's optimisations.)"""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # their modules' parameters, and the weights copied into them
     try:
         want = reference_logits(directory, tokens)
+        assert want.dtype == np.float64 and want.std() > 0.3
+        before = jax.config.values["jax_disable_most_optimizations"]
+        jax.config.update("jax_disable_most_optimizations", False)
+        try:
+            error = np.abs(model.logits(tokens) - want).max(-1)  # [B, L]: the worst logit of each position
+        finally:
+            jax.config.update("jax_disable_most_optimizations", before)
+        tolerance = np.full(error.shape, 1e-4)
+        if (error > tolerance).any():
+            rounding = np.random.default_rng(0)
+            spread = np.max([np.abs(reference_logits(directory, tokens, rounding) - want).max(-1) for _ in range(4)], 0)
+            tolerance = np.maximum(tolerance, 10 * spread)
     finally:
         torch.set_default_dtype(default)
-    assert want.dtype == np.float64 and want.std() > 0.3
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        np.testing.assert_allclose(model.logits(tokens), want, rtol=0, atol=1e-4)
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+    bad = np.argwhere(error > tolerance)
+    assert not len(bad), (f"{len(bad)} of {error.size} positions beyond tolerance, e.g. {tuple(bad[0])}: "
+                          f"{error[tuple(bad[0])]:.3g} > {tolerance[tuple(bad[0])]:.3g}")
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
