@@ -257,6 +257,8 @@ def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_an
     differences = [b - a for a, b in zip(rows[0]["kl"]["values"], rows[1]["kl"]["values"], strict=True)]
     assert rows[1]["vs_first"]["values"] == differences and rows[1]["vs_first"]["of"] == 2
     assert run.stderr.count("teacher: reused from") == 2 and run.stderr.count("ild: reused from") == 2, run.stderr
+    inodes = lambda path: {p.stat().st_ino for p in path.rglob("*") if p.is_file()}  # noqa: E731
+    assert inodes(tmp_path / "uniform_placement" / "seed_0" / "ild") <= inodes(tmp_path / "shared")  # linked, not copied
     assert run.stdout == (tmp_path / "ablations.md").read_text() and "| uniform_placement | 2 |" in run.stdout
     assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = child_process.zebrax(*args)

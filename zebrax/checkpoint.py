@@ -90,18 +90,21 @@ def remove_tree(path: str | os.PathLike) -> None:
         as_path(path).rmtree(missing_ok=True)
 
 
-def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool = False) -> None:
     """The file or directory ``src`` copied to ``dst``: on local disks whole or not at all (a temporary beside
-    ``dst``, renamed), file by file where either is on an object store."""
+    ``dst``, renamed), file by file where either is on an object store. ``link``: on one local file system, each file
+    is a hard link to ``src``'s (no bytes copied, no space taken), for files nothing writes again, as a committed
+    stage's; a copy elsewhere."""
     if is_local(src) and is_local(dst):
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.copy-{os.getpid()}")
+        copy = _link_or_copy if link else shutil.copy2
         try:
             if Path(src).is_dir():
-                shutil.copytree(src, tmp)
+                shutil.copytree(src, tmp, copy_function=copy)
             else:
-                shutil.copyfile(src, tmp)
+                copy(src, tmp)
             os.replace(tmp, dst)
         finally:  # after a failure; renamed away after a success
             if tmp.is_dir():
@@ -116,6 +119,13 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             copy_tree(p, dst / p.name)
         else:
             (dst / p.name).write_bytes(p.read_bytes())
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 

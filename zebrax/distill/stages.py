@@ -109,7 +109,7 @@ class Run:
         if source is None or not source.exists():
             return False
         say(f"{stage.name}: reused from {source.parent} (a run that agrees on it)")
-        checkpoint.copy_tree(source, self.workdir / stage.writes)
+        checkpoint.copy_tree(source, self.workdir / stage.writes, link=True)
         return True
 
     def share(self, stage: Stage) -> None:
@@ -117,7 +117,7 @@ class Run:
         if self.shared is not None and jax.process_index() == 0 and (self.workdir / stage.writes).exists():
             target = self.shared / self.key(stage) / stage.writes
             if not target.exists():
-                checkpoint.copy_tree(self.workdir / stage.writes, target)
+                checkpoint.copy_tree(self.workdir / stage.writes, target, link=True)
 
     def trained_students(self) -> dict:
         """The students SMART scores and the hybrid is made of: ILD's, or without ILD the initialised ones."""
