@@ -258,7 +258,8 @@ def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_an
     assert rows[1]["vs_first"]["values"] == differences and rows[1]["vs_first"]["of"] == 2
     assert run.stderr.count("teacher: reused from") == 2 and run.stderr.count("ild: reused from") == 2, run.stderr
     inodes = lambda path: {p.stat().st_ino for p in path.rglob("*") if p.is_file()}  # noqa: E731
-    assert inodes(tmp_path / "uniform_placement" / "seed_0" / "ild") <= inodes(tmp_path / "shared")  # linked, not copied
+    # the reused ILD is the shared one's files, linked, not copied
+    assert inodes(tmp_path / "uniform_placement" / "seed_0" / "ild") <= inodes(tmp_path / "shared")
     assert run.stdout == (tmp_path / "ablations.md").read_text() and "| uniform_placement | 2 |" in run.stdout
     assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = child_process.zebrax(*args)
