@@ -125,7 +125,6 @@ def test_a_copy_is_whole_or_absent(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dir", "file.json"]  # no half copy, no temporary
 
 
-
 def test_a_linked_copy_shares_the_files_and_copies_where_links_fail(tmp_path, monkeypatch):
     """``copy_tree(link=True)`` (a stage's artefact shared between runs, ``ROOT/shared``): the same files on disk,
     taking no space; a plain copy where the file system refuses hard links."""
@@ -143,6 +142,7 @@ def test_a_linked_copy_shares_the_files_and_copies_where_links_fail(tmp_path, mo
     checkpoint.copy_tree(src, tmp_path / "copied", link=True)
     assert tree(tmp_path / "copied") == tree(src)
     assert (tmp_path / "copied" / "sub" / "b.bin").stat().st_ino != (src / "sub" / "b.bin").stat().st_ino
+
 
 # -- 7. "already exists" holds at the end too -----------------------------------------------------
 def test_a_destination_that_appears_while_writing_is_never_replaced(tmp_path):

@@ -128,7 +128,6 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-
 # -- atomic directory writes --------------------------------------------------------------------
 def check_writable_path(path: Path) -> None:
     """Refuse, before anything is written, a destination orbax cannot write correctly."""
