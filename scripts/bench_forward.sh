@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=artifacts/smollm2-135m-instruct
 if [ ! -d "$TEACHER" ]; then
-  .venv/bin/python -c "import sys, zebrax; from zebrax.embedded import embedded_teacher; zebrax.convert(embedded_teacher(), sys.argv[1])" "$TEACHER" >&2
+  .venv/bin/python -c "import sys, zebrax; from zebrax.app.embedded import embedded_teacher; zebrax.convert(embedded_teacher(), sys.argv[1])" "$TEACHER" >&2
 fi
 .venv/bin/zebrax bench forward "$TEACHER" "$@"

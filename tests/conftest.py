@@ -101,7 +101,7 @@ def _converted(tmp_path_factory, make):
 
 
 def embedded_gguf() -> Path:
-    from zebrax.embedded import embedded_teacher
+    from zebrax.app.embedded import embedded_teacher
 
     path = embedded_teacher()
     if not path.is_file():
@@ -184,11 +184,11 @@ def child_process() -> ChildProcess:
 
 @pytest.fixture(scope="session")
 def tpu_compiler():
-    """``zebrax.aot``, libtpu present (``make test-all`` installs it) (``tpu_compile``)."""
+    """``zebrax.app.aot``, libtpu present (``make test-all`` installs it) (``tpu_compile``)."""
     import importlib.util
 
     assert importlib.util.find_spec("libtpu"), "no libtpu: make test-all installs it (pip install 'jax[tpu]==JAX')"
-    from zebrax import aot
+    from zebrax.app import aot
 
     return aot
 

@@ -212,7 +212,7 @@ def assert_export_round_trip(ckpt, hf, directory, tokens: np.ndarray) -> None:
 # -- the command line's errors --------------------------------------------------------------------
 def convert_cli(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()  # drop what fixtures printed
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     code = main(["convert", *map(str, args)])
     return code, capsys.readouterr().err

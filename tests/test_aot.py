@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for TPU slices (``zebrax.aot``, ``zebrax compile``): libtpu's deviceless compiler on
+"""Ahead-of-time compilation for TPU slices (``zebrax.app.aot``, ``zebrax compile``): libtpu's deviceless compiler on
 this CPU machine (the ``tpu_compile`` tier: fixture ``tpu_compiler``), and the topology names without it."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from zebrax.errors import ConfigError
     ("v5p-128", ("v5p", (4, 4, 4))), ("V5P:4x4x8", ("v5p", (4, 4, 8))),
 ])
 def test_topologies_in_both_spellings(name, expected):
-    from zebrax.aot import parse_topology
+    from zebrax.app.tpu import parse_topology
 
     assert parse_topology(name) == expected
 
@@ -30,7 +30,7 @@ def test_topologies_in_both_spellings(name, expected):
     ("v7x-8", "expected e.g. v5p-16"), ("v5p:2x2", "a v5p slice has 3 dimensions"), ("v5e-3", "no v5e slice"),
 ])
 def test_bad_topologies_are_named(name, message):
-    from zebrax.aot import parse_topology
+    from zebrax.app.tpu import parse_topology
 
     with pytest.raises(ConfigError, match=message):
         parse_topology(name)
@@ -126,7 +126,7 @@ def test_an_accumulated_step_counts_every_micro_batch(tpu_compiler, programs):
 def test_the_argument_bytes_are_the_shards_of_the_inputs(tpu_compiler):
     """The compiler's argument bytes a chip equal the shard sizes of the inputs, computed from their shardings
     (1%: dimensions in whole (8, 128) tiles, so that the TPU layout pads nothing but the norms' vectors)."""
-    from zebrax.aot import _params
+    from zebrax.app.aot import _params
     from zebrax.config import LlamaConfig
     from zebrax.sharding import MeshConfig, make_mesh
 
@@ -171,7 +171,7 @@ def test_the_mla_decode_kernel_copies_no_cache(tpu_compiler, length):
     that the cache dominates) with the Pallas kernel, compiled for v5p-8 (data 4): its temporaries stay below the
     latent cache a chip holds, at a cache length that is or is not whole tiles. The kernel used to pad the cache to
     256 columns and whole ranges in every call: 2.9× the cache in temporaries (now 0.7×)."""
-    from zebrax.aot import model_config
+    from zebrax.app.aot import model_config
     from zebrax.models import DecoderLM
 
     config = model_config("zebra-llama-8b-8mla-24m2").replace(mixers=("mla", "mla"), vocab_size=1024,
@@ -199,7 +199,7 @@ def test_a_llama_8b_shaped_decode_step_reads_its_kv_cache_once(tpu_compiler, imp
     0.54 GB beside 0.84 GB of weights), through the blocked XLA path and the flash-attention kernel: within 1.25×
     of what the step must read. The cache is heads-major on a TPU (``cache.KVCache``); stored ``[B, S, 8, 128]``
     it was relaid out every step: 1.81× (blocked) and 2.53× (flash) here."""
-    from zebrax.aot import model_config
+    from zebrax.app.aot import model_config
 
     config = model_config("llama3_1_8b").replace(num_hidden_layers=2, vocab_size=1024, eos_token_id=(),
                                                   bos_token_id=None, pad_token_id=None)
@@ -210,8 +210,8 @@ def test_a_llama_8b_shaped_decode_step_reads_its_kv_cache_once(tpu_compiler, imp
 
 @pytest.mark.parametrize("topology", ["v4-8", "v5e-8", "v5p-8", "v6e-8"])
 def test_keys_minor_is_how_a_tpu_lays_out_a_heads_major_cache(tpu_compiler, topology):
-    """``common.keys_minor`` (which ``KVCache`` and the flash kernel's ``kv_axes`` follow) against the layout the TPU
-    client gives a ``[B, G, S, D]`` array: sequence axis minor-most exactly when D is no multiple of 128."""
+    """``common.keys_minor`` (which the ``KVLayout`` of ``KVCache`` and the flash kernel follows) against the layout
+    the TPU client gives a ``[B, G, S, D]`` array: sequence axis minor-most exactly when D is no multiple of 128."""
     from kernels_pallas.common import keys_minor
 
     device = tpu_compiler.devices(topology)[0]
@@ -224,9 +224,9 @@ def test_keys_minor_is_how_a_tpu_lays_out_a_heads_major_cache(tpu_compiler, topo
 def test_the_flash_kernel_reads_a_keys_minor_cache_where_it_lies(tpu_compiler):
     """Two layers of SmolLM2's shape (3 KV heads of 64) at 32,768 cached tokens with the flash-attention kernel
     (v5p-8, batch 8, data 4): within 1.25× of what the step must read (measured: 1.00× for the whole model). A TPU
-    keeps a ``[B, 3, S, 64]`` cache keys-minor; the kernel reads it as ``[B, 3, 64, S]`` tiles (``kv_axes``). When
+    keeps a ``[B, 3, S, 64]`` cache keys-minor; the kernel reads it as ``[B, 3, 64, S]`` tiles (``KVLayout``). When
     it read ``[B, 3, S, 64]`` row-major, every step relaid out the cache: 4.39× for the whole model."""
-    from zebrax.aot import model_config
+    from zebrax.app.aot import model_config
 
     config = model_config("smollm2_135m").replace(num_hidden_layers=2, vocab_size=1024, eos_token_id=(),
                                                    bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
@@ -347,7 +347,7 @@ def test_a_loop_of_data_dependent_trips_walks_the_buffer_it_slices_once():
     """A loop without a known trip count counts as walking the buffer its body slices (8 rows: 8 trips); two loops
     walking the same buffer (the second gets it from the first) share those trips, a loop over another buffer has
     its own; a fusion that reads a table through a nested fusion's slice moves the slice."""
-    from zebrax.traffic import traffic
+    from zebrax.app.traffic import traffic
 
     moved = traffic(WALK_HLO)
     trip = 2 * 64 * 4 + 3 * 64 * 4  # the row read and written, the add's two operands and result
@@ -359,9 +359,9 @@ def test_a_loop_of_data_dependent_trips_walks_the_buffer_it_slices_once():
 
 
 def test_hbm_traffic_counts_what_each_instruction_moves():
-    """The rules of ``zebrax.traffic`` on a hand-written program: a cache updated in place moves its update, a row
+    """The rules of ``zebrax.app.traffic`` on a hand-written program: a cache updated in place moves its update, a row
     picked from a table moves the row, an array in VMEM (``S(1)``) moves nothing, a loop body counts once a trip."""
-    from zebrax.traffic import hbm_traffic, traffic
+    from zebrax.app.traffic import hbm_traffic, traffic
 
     assert [op for _, op, _ in traffic(TRAFFIC_HLO)] == ["fusion", "fusion", "negate", "negate", "copy"]
     update = 4 * 1 * 2

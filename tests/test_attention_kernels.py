@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import zebrax
-from kernels_pallas.flash_attention import BlockSizes, attention_reference, flash_attention
+from kernels_pallas.flash_attention import BlockSizes, KVLayout, attention_reference, flash_attention
 from kernels_pallas.mla_decode import BlockSizes as DecodeBlocks
 from kernels_pallas.mla_decode import latent_attention_reference, mla_decode
 from tests.helpers import assert_gradients_match, close, compiled
@@ -153,10 +153,9 @@ def test_kernels_lower_for_gpu_and_tpu(platform, backend, dtype):
 def test_the_decode_kernels_take_the_cache_as_it_is_stored(platform, backend):
     """A decode step over a ragged cache (4,000 slots, bf16) lowered for a GPU and a TPU: the kernels get the cache
     arrays themselves, never a padded, transposed or converted copy (the GPU form reads power-of-two pieces and masks
-    the tail). MLA: a latent 160 + 64 wide; flash attention: 2 KV heads of 64 laid out as ``kv_axes`` says, which on
-    a TPU the kernel transposes back to its own order, the two transposes one no-op (the compiled traffic checks are
-    in ``test_aot``)."""
-    from kernels_pallas.flash_attention import kv_axes
+    the tail). MLA: a latent 160 + 64 wide; flash attention: 2 KV heads of 64 laid out in the ``KVLayout`` a
+    ``KVCache`` carries, which the kernel reads back in its own order, the two transposes one no-op (the compiled
+    traffic checks are in ``test_aot``)."""
 
     def copies(text, shape, ops=("stablehlo.pad", "stablehlo.convert", "stablehlo.concatenate")):
         return [line for line in text.splitlines() if f"tensor<{shape}xbf16>" in line.split("->")[0]
@@ -168,10 +167,10 @@ def test_the_decode_kernels_take_the_cache_as_it_is_stored(platform, backend):
         lowering_platforms=(platform,)).as_text()
     assert "mla_decode" in text and not copies(text, "1x4000x224"), copies(text, "1x4000x224")
 
-    axes = kv_axes(64, backend)
-    stored = jnp.zeros(tuple((1, 4000, 2, 64)[a] for a in axes), jnp.bfloat16)
-    logical = lambda t: jnp.transpose(t, [axes.index(a) for a in range(4)])  # noqa: E731  (KVCache.keys)
-    fn = lambda q, k, v, o: flash_attention(q, logical(k), logical(v), q_offset=o, backend=backend)  # noqa: E731
+    layout = KVLayout.for_head_dim(64, backend)
+    stored = jnp.zeros(tuple((1, 4000, 2, 64)[a] for a in layout.axes), jnp.bfloat16)
+    fn = lambda q, k, v, o: flash_attention(q, layout.logical(k), layout.logical(v), q_offset=o,  # noqa: E731
+                                            backend=backend)  # KVCache.keys() and .values()
     text = jax.jit(fn).trace(jnp.zeros((1, 1, 8, 64), jnp.bfloat16), stored, stored, jnp.int32(3999)).lower(
         lowering_platforms=(platform,)).as_text()
     shape = "x".join(map(str, stored.shape))

@@ -12,7 +12,7 @@ import pytest
 import zebrax
 from tests.helpers import assert_one_line_error
 from zebrax.api import load_tokenizer
-from zebrax.cli import main
+from zebrax.app.cli import main
 from zebrax.errors import CheckpointError, InvalidArgument, ZebraxWarning
 
 
@@ -133,7 +133,7 @@ def test_generate_on_the_command_line(capsys, tiny_chat, templateless):
 
 
 def test_bench_sizes_on_the_command_line(capsys, tiny_llama, model):
-    from zebrax import bench
+    from zebrax.app import bench
 
     ck = tiny_llama("tied_bias_bin")[2]
     for args, flag, value in ((("forward", ck), "--seq-len", "0"), (("forward", ck), "--batch", "0"),
@@ -151,7 +151,7 @@ def test_numbers_on_the_command_line_are_checked_before_any_work(capsys, tiny_ll
     """Counts >= 1, indices >= 0, seeds and probabilities in range: one line naming the flag and the value, before
     any checkpoint or data is read (the paths here need not exist)."""
     ck, data, out = tiny_llama("gqa_llama3_untied")[2], tmp_path / "d.jsonl", tmp_path / "o.json"
-    select = ["select", "--teacher", ck, "--mla-student", ck, "--mamba-student", ck, "--data", data, "--out", out]
+    select = ["select", "--teacher", ck, "--mla-student", ck, "--linear-student", ck, "--data", data, "--out", out]
     for args, flag, value in (
         (["build", ck, tmp_path / "h"], "--seed", str(2**80)),
         (["build", ck, tmp_path / "h"], "--seed", "-1"),
@@ -195,7 +195,7 @@ def test_output_locations_are_checked_before_any_work(capsys, tiny_llama, tmp_pa
     (tmp_path / "taken").mkdir()
     missing = tmp_path / "missing"
     for args, needles in (
-        (["select", "--teacher", ck, "--mla-student", ck, "--mamba-student", ck, "--data", tmp_path / "data.jsonl",
+        (["select", "--teacher", ck, "--mla-student", ck, "--linear-student", ck, "--data", tmp_path / "data.jsonl",
           "--num-mla", "1", "--out", missing / "s.json"], ("--out", str(missing / "s.json"), "does not exist")),
         (["generate-data", ck, "--prompts", tmp_path / "data.jsonl", "--out", missing / "g.jsonl"],
          ("--out", "does not exist")),
@@ -204,7 +204,7 @@ def test_output_locations_are_checked_before_any_work(capsys, tiny_llama, tmp_pa
         (["bench", "decode", ck, "--plot", missing / "p.png"], ("--plot", "does not exist")),
         (["build", ck, tmp_path / "taken", "--mla-layers", "0", "--kv-lora-rank", "8"],
          (str(tmp_path / "taken"), "already exists")),
-        (["assemble", "--mla-student", ck, "--mamba-student", ck, "--mla-layers", "0", tmp_path / "taken"],
+        (["assemble", "--mla-student", ck, "--linear-student", ck, "--mla-layers", "0", tmp_path / "taken"],
          (str(tmp_path / "taken"), "already exists")),
     ):
         assert_one_line_error(*cli(capsys, *args), *needles)
@@ -221,7 +221,7 @@ def test_layer_lists_are_checked(capsys, tiny_llama, tmp_path):
                            ("2,0,2", ("--mla-layers", "layer 2 is given twice")), ("0,3", ("mla_layers holds 3",))):
         assert_one_line_error(*cli(capsys, "build", ck, tmp_path / "h", "--kv-lora-rank", "8", "--mla-layers", value),
                               *needles)
-    assert_one_line_error(*cli(capsys, "assemble", "--mla-student", ck, "--mamba-student", ck, "--mla-layers", "",
+    assert_one_line_error(*cli(capsys, "assemble", "--mla-student", ck, "--linear-student", ck, "--mla-layers", "",
                                tmp_path / "h"), "--mla-layers", "got ''")
     assert list(tmp_path.iterdir()) == []
 

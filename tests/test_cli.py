@@ -9,8 +9,8 @@ import pytest
 import zebrax
 from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
-from zebrax.cli import main
-from zebrax.presets import CONFIGS, parse_gin, preset_config
+from zebrax.app.cli import main
+from zebrax.app.presets import CONFIGS, parse_gin, preset_config
 from zebrax.recipe import from_teacher
 
 TINY_CPU = str(CONFIGS / "experiments" / "tiny_cpu.gin")
@@ -51,7 +51,7 @@ def test_generate_without_a_tokenizer_says_so(capsys, tiny_llama):
 
 
 def test_misspelt_gin_binding_is_an_error_naming_it(capsys):
-    assert main(["run", "--gin", "run.promt = 'x'"]) == 1
+    assert main(["run", "--gin_param", "run.promt = 'x'"]) == 1
     assert "promt" in capsys.readouterr().err
 
 
@@ -74,7 +74,7 @@ def test_generate_prints_what_the_api_generates(tiny_chat, capsys):
 
 def test_bench_forward_reports_both_implementations(tiny_llama):
     import zebrax
-    from zebrax.bench import bench_forward
+    from zebrax.app.bench import bench_forward
 
     result = bench_forward(zebrax.load(tiny_llama("tied_bias_bin")[2]), batch=1, seq_len=8, repeats=1)
     assert result["zebrax_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
@@ -93,7 +93,7 @@ def test_bench_train_reports_flops_against_the_matmul_peak(tiny_llama, capsys):
 
 
 def test_bench_ssd_reports_every_impl_and_the_lm_ratio():
-    from zebrax.bench import bench_ssd
+    from zebrax.app.bench import bench_ssd
 
     result = bench_ssd(lengths=(64,), repeats=1)
     assert set(result["op"][0]) >= {"reference_ms", "chunked_64_ms", "chunked_256_ms", "pallas_ms"}
@@ -102,7 +102,7 @@ def test_bench_ssd_reports_every_impl_and_the_lm_ratio():
 
 
 def test_bench_attention_reports_the_three_decode_paths():
-    from zebrax.bench import bench_attention
+    from zebrax.app.bench import bench_attention
 
     result = bench_attention(contexts=(64,), repeats=1, prefill_len=32)
     row = result["decode"][0]

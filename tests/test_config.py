@@ -99,8 +99,8 @@ def test_every_parameter_has_logical_axes_of_its_rank(family):
     ],
 )
 def test_presets_have_the_published_sizes(preset, params, cache_bytes):
+    from zebrax.app.presets import preset_config
     from zebrax.models import cache_sizes
-    from zebrax.presets import preset_config
 
     config = preset_config(preset)
     assert param_count(config) == params
@@ -112,8 +112,8 @@ def test_mamba2_preset_matches_transformers_parameter_count():
     import torch
     import transformers
 
+    from zebrax.app.presets import preset_config
     from zebrax.models import cache_sizes
-    from zebrax.presets import preset_config
 
     config = preset_config("mamba2_130m")
     with torch.device("meta"):

@@ -13,7 +13,7 @@ import pytest
 
 import zebrax
 from tests.helpers import assert_nothing_left, assert_one_line_error, convert_cli
-from zebrax.cli import main
+from zebrax.app.cli import main
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 import zebrax
 from tests.helpers import assert_logits_match, assert_nothing_left, assert_one_line_error
-from zebrax.cli import main
+from zebrax.app.cli import main
 from zebrax.errors import CheckpointError, ZebraxWarning
 
 TIED = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from zebrax import corpus, data
-from zebrax.cli import main
+from zebrax.app.cli import main
 from zebrax.data import ByteCodec, DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -135,8 +135,8 @@ def test_files_that_are_not_utf8_or_not_parquet_are_one_line_errors_naming_where
 def test_eval_of_a_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     from tests.helpers import assert_one_line_error, random_model
     from zebrax import checkpoint
-    from zebrax.cli import main
-    from zebrax.distill.pipeline import TINY_TEACHER
+    from zebrax.app.cli import main
+    from zebrax.distill.inputs import TINY_TEACHER
 
     model = random_model(TINY_TEACHER)
     (tmp_path / "m").mkdir()

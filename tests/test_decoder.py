@@ -202,7 +202,7 @@ RELEASED = {  # name -> (parameters in the paper, KV cache vs the base model in 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_presets_have_the_papers_sizes_and_cache_ratios(name):
     from zebrax import describe
-    from zebrax.presets import preset_config
+    from zebrax.app.presets import preset_config
 
     params, kv_percent = RELEASED[name]
     info = describe(name)
@@ -216,7 +216,7 @@ def test_released_presets_have_the_papers_sizes_and_cache_ratios(name):
 
 
 def test_the_released_mla_lists_are_the_presets():
-    from zebrax.presets import preset_config
+    from zebrax.app.presets import preset_config
 
     assert preset_config("zebra-llama-1b-4mla-12m2").layers_of("mla") == (0, 5, 10, 14)
     assert preset_config("zebra-llama-3b-6mla-22m2").layers_of("mla") == (0, 5, 10, 16, 21, 26)
@@ -226,7 +226,7 @@ def test_the_released_mla_lists_are_the_presets():
 def test_info_json_on_a_hybrid_preset(capsys):
     import json
 
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     assert main(["info", "zebra-smollm2-135m-6mla-24m2", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -18,8 +18,8 @@ import pytest
 
 from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
-from zebrax.cli import main
-from zebrax.distill.pipeline import Experiment
+from zebrax.app.cli import main
+from zebrax.distill.experiment import Experiment
 from zebrax.distill.trainer import TrainConfig
 from zebrax.errors import ConfigError
 from zebrax.recipe import from_teacher
@@ -42,9 +42,10 @@ def distill(child_process, workdir: Path, *extra: str) -> subprocess.Popen:
 
 def main_job(child_process, root: Path) -> subprocess.CompletedProcess:
     """The main job on the tiny experiment with the same bindings: its work directory is ROOT/tiny."""
-    args = ["run", TINY_RUN, "--gin", f"run.root = '{root}'", "--gin", "run.bench_contexts = (32,)"]
+    args = ["run", "--gin_file", TINY_RUN, "--gin_param", f"run.root = '{root}'", "--gin_param",
+            "run.bench_contexts = (32,)"]
     for binding in SHORT:
-        args += ["--gin", binding]
+        args += ["--gin_param", binding]
     return child_process.zebrax(*args)
 
 
@@ -255,7 +256,8 @@ def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_an
                for s in (0, 1)]
         assert r["kl"]["values"] == kls and r["final"] == "after_kd" and r["trained_tokens"] == 2 * 4 * 128
     differences = [b - a for a, b in zip(rows[0]["kl"]["values"], rows[1]["kl"]["values"], strict=True)]
-    assert rows[1]["vs_first"]["values"] == differences and rows[1]["vs_first"]["of"] == 2
+    assert rows[1]["vs_baseline"]["values"] == differences and rows[1]["vs_baseline"]["of"] == 2
+    assert rows[1]["vs_baseline"]["experiment"] == "method" and "vs_baseline" not in rows[0]
     assert run.stderr.count("teacher: reused from") == 2 and run.stderr.count("ild: reused from") == 2, run.stderr
     inodes = lambda path: {p.stat().st_ino for p in path.rglob("*") if p.is_file()}  # noqa: E731
     # the reused ILD is the shared one's files, linked, not copied
@@ -269,16 +271,16 @@ def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_an
 
 def test_the_ablation_table_gives_one_seed_no_spread():
     """Mean ± sample sd over seeds; one seed has no spread, so its cells are the value alone (not "± 0.0000")."""
-    from zebrax.ablate import _spread, paired, table
+    from zebrax.app.ablate import _spread, paired, table
 
     def row(name, kls):
         spread = _spread(kls)
         return {"experiment": name, "seeds": len(kls), "stages": ["kd"], "trained_tokens": 512, "kl": spread,
                 "perplexity": spread, "kl_initialised": spread, "teacher_perplexity": spread}
 
-    one = table(paired([row("a", [2.0]), row("b", [1.5])])).splitlines()
+    one = table(paired([row("a", [2.0]), row("b", [1.5])], "a")).splitlines()
     assert "| a | 1 | **2.0000** | — | 2.00 |" in one[2] and "| b | 1 | **1.5000** | -0.5000 (1/1) |" in one[3]
-    two = table(paired([row("a", [1.0, 3.0]), row("b", [1.0, 2.0])])).splitlines()
+    two = table(paired([row("a", [1.0, 3.0]), row("b", [1.0, 2.0])], "a")).splitlines()
     assert "| a | 2 | **2.0000 ± 1.4142** |" in two[2] and "| -0.5000 ± 0.7071 (1/2) |" in two[3]
 
 
@@ -286,13 +288,13 @@ def test_micro_batches_a_mesh_cannot_split_are_refused_naming_the_stage():
     """Rows are split over the mesh's (data, fsdp) devices: a stage whose micro-batches they do not divide is a
     ConfigError naming its batch size, accumulation and the mesh (it was an IndivisibleError from inside JAX at the
     stage's first step)."""
-    from zebrax.distill.pipeline import _check_rows_divide
+    from zebrax.distill.inputs import check_rows_divide
 
     exp = Experiment(mesh={"fsdp": 4}, kd=TrainConfig(batch_size=12, accumulate=2))
-    _check_rows_divide(exp, 2)
+    check_rows_divide(exp, 2)
     with pytest.raises(ConfigError, match=r"kd/TrainConfig.batch_size = 12 \(accumulate 2\): micro-batches of 6 "
                                           r"rows, which distill.mesh = \{'fsdp': 4\} cannot split over its 4 row"):
-        _check_rows_divide(exp, 4)
+        check_rows_divide(exp, 4)
 
 
 def test_rows_that_count_no_token_are_refused_before_any_work(tmp_path, capsys):
@@ -336,7 +338,7 @@ def test_bad_data_files_are_refused_before_any_work(tmp_path, capsys):
 # -- the work directory: one run at a time, from the same data --------------------------------------
 def test_a_second_run_is_refused_while_one_holds_the_workdir_and_kill_9_frees_it(child_process, tmp_path, capsys):
     workdir = tmp_path / "w"
-    holder = child_process.python("-c", "import sys, time\nfrom zebrax.distill.pipeline import locked\n"
+    holder = child_process.python("-c", "import sys, time\nfrom zebrax.distill.workdir import locked\n"
                                   "with locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n",
                                   workdir, wait=False)
     try:
@@ -348,7 +350,7 @@ def test_a_second_run_is_refused_while_one_holds_the_workdir_and_kill_9_frees_it
     finally:
         holder.kill()  # SIGKILL: the lock ends with the process
         holder.wait()
-    from zebrax.distill.pipeline import locked
+    from zebrax.distill.workdir import locked
 
     with locked(workdir):
         assert (workdir / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
@@ -389,7 +391,7 @@ def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_
     distillation is stubbed by a finished work directory of tiny random models, and the answers too: this is about
     the benchmark step."""
     from tests.helpers import random_model
-    from zebrax import job
+    from zebrax.app import job
     from zebrax.config import LlamaConfig
 
     workdir = tmp_path / "tiny"

@@ -11,9 +11,9 @@ import pytest
 
 from tests.helpers import assert_one_line_error
 from zebrax import checkpoint
-from zebrax.cli import main
+from zebrax.app.cli import main
 from zebrax.data import LM_FIELDS, ByteCodec, DataError
-from zebrax.distill.pipeline import TINY_TEACHER
+from zebrax.distill.inputs import TINY_TEACHER
 from zebrax.errors import InvalidArgument
 from zebrax.evaluate import batch_sums, eval_rows, evaluate, windows
 from zebrax.models import build

@@ -15,8 +15,8 @@ import pytest
 
 import zebrax
 from tests.helpers import assert_nothing_left, assert_one_line_error
-from zebrax import checkpoint
-from zebrax.cli import main
+from zebrax import checkpoint, files
+from zebrax.app.cli import main
 from zebrax.errors import CheckpointError
 
 
@@ -48,7 +48,7 @@ def test_paths_orbax_would_write_incompletely_are_refused_before_writing(capsys,
 def test_a_checkpoint_that_cannot_be_read_back_is_never_renamed_into_place(capsys, tiny_llama, tmp_path,
                                                                            monkeypatch):
     """With the path check off, orbax writes `a[1]` without its data: the read-back catches it."""
-    monkeypatch.setattr(checkpoint, "UNSAFE_PATH_CHARS", "")
+    monkeypatch.setattr(files, "UNSAFE_PATH_CHARS", "")
     code, err = cli(capsys, "convert", tiny_llama("tied_bias_bin")[1], tmp_path / "a[1]")
     assert_one_line_error(code, err, "not readable back")
     assert_nothing_left(tmp_path / "a[1]")
@@ -111,8 +111,8 @@ def test_a_copy_is_whole_or_absent(tmp_path, monkeypatch):
     (src / "sub").mkdir(parents=True)
     (src / "a.json").write_text("a")
     (src / "sub" / "b.bin").write_bytes(b"b")
-    checkpoint.copy_tree(src, tmp_path / "out" / "dir")
-    checkpoint.copy_tree(src / "a.json", tmp_path / "out" / "file.json")
+    files.copy_tree(src, tmp_path / "out" / "dir")
+    files.copy_tree(src / "a.json", tmp_path / "out" / "file.json")
     assert tree(tmp_path / "out" / "dir") == tree(src) and (tmp_path / "out" / "file.json").read_text() == "a"
 
     def fails_after_writing(a, b):
@@ -120,7 +120,7 @@ def test_a_copy_is_whole_or_absent(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", fails_after_writing)  # every file copied, then the rename fails
     with pytest.raises(OSError, match="No space"):
-        checkpoint.copy_tree(src, tmp_path / "out" / "again")
+        files.copy_tree(src, tmp_path / "out" / "again")
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dir", "file.json"]  # no half copy, no temporary
 
@@ -131,7 +131,7 @@ def test_a_linked_copy_shares_the_files_and_copies_where_links_fail(tmp_path, mo
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "b.bin").write_bytes(b"b")
-    checkpoint.copy_tree(src, tmp_path / "linked", link=True)
+    files.copy_tree(src, tmp_path / "linked", link=True)
     assert tree(tmp_path / "linked") == tree(src)
     assert (tmp_path / "linked" / "sub" / "b.bin").stat().st_ino == (src / "sub" / "b.bin").stat().st_ino
 
@@ -139,7 +139,7 @@ def test_a_linked_copy_shares_the_files_and_copies_where_links_fail(tmp_path, mo
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", refused)
-    checkpoint.copy_tree(src, tmp_path / "copied", link=True)
+    files.copy_tree(src, tmp_path / "copied", link=True)
     assert tree(tmp_path / "copied") == tree(src)
     assert (tmp_path / "copied" / "sub" / "b.bin").stat().st_ino != (src / "sub" / "b.bin").stat().st_ino
 
@@ -148,7 +148,7 @@ def test_a_linked_copy_shares_the_files_and_copies_where_links_fail(tmp_path, mo
 def test_a_destination_that_appears_while_writing_is_never_replaced(tmp_path):
     dst = tmp_path / "ckpt"
     with pytest.raises(CheckpointError, match="appeared while"):
-        with checkpoint.atomic_directory(dst) as tmp:
+        with checkpoint.writing(dst) as tmp:
             (tmp / "config.json").write_text("ours")
             dst.mkdir()  # another writer finished first (an empty directory is the case a plain rename replaces)
     assert list(dst.iterdir()) == [] and hidden_siblings(tmp_path) == []
@@ -157,7 +157,7 @@ def test_a_destination_that_appears_while_writing_is_never_replaced(tmp_path):
 def test_with_overwrite_a_destination_that_stopped_being_a_checkpoint_is_left(tiny_llama, tmp_path):
     dst = Path(shutil.copytree(tiny_llama("tied_bias_bin")[2], tmp_path / "ckpt"))
     with pytest.raises(CheckpointError, match="changed while writing"):
-        with checkpoint.atomic_directory(dst, overwrite=True) as tmp:
+        with checkpoint.writing(dst, overwrite=True) as tmp:
             (tmp / "config.json").write_text("ours")
             (dst / "results.csv").write_text("someone else's")
     assert (dst / "results.csv").read_text() == "someone else's" and hidden_siblings(tmp_path) == []
@@ -225,6 +225,6 @@ def test_destinations_that_cannot_be_written_fail_in_one_line(capsys, tiny_llama
 
 def test_an_os_error_while_writing_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"ckpt: No space left on device \(.*model.safetensors\)"):
-        with checkpoint.atomic_directory(tmp_path / "ckpt") as tmp:
+        with checkpoint.writing(tmp_path / "ckpt") as tmp:
             raise OSError(28, "No space left on device", str(tmp / "model.safetensors"))
     assert os.listdir(tmp_path) == []

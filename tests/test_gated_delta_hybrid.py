@@ -15,18 +15,20 @@ import pytest
 
 import zebrax
 from tests.helpers import TEACHER, hybrid, model_params
-from zebrax import report
+from zebrax.app import report
 from zebrax.convert.export import export
 from zebrax.errors import ConfigError
 from zebrax.generate import Generator
-from zebrax.init.gated_delta_from_attention import gated_delta_from_attention
 from zebrax.mixers import kinds
+from zebrax.mixers.gdn.init import gated_delta_from_attention
 
 
-def test_gdn_is_one_registered_kind_of_its_own_module():
+def test_gdn_is_one_registered_kind_of_its_own_folder():
     gdn = kinds()["gdn"]
-    assert (gdn.letter, gdn.scope, gdn.op, gdn.hf_module) == ("D", "mixer", "gated_delta", "linear_attn")
-    assert gdn.module.__module__ == gdn.config.__module__ == "zebrax.layers.gated_delta"
+    assert (gdn.letter, gdn.scope, gdn.op, gdn.hf_module, gdn.family) == ("D", "mixer", "gated_delta", "linear_attn",
+                                                                         "linear")
+    assert {gdn.module.__module__, gdn.config.__module__, gdn.from_attention.__module__, gdn.recipe.__module__} == {
+        "zebrax.mixers.gdn.layer", "zebrax.mixers.gdn.config", "zebrax.mixers.gdn.init"}
     assert hybrid([0, 3], linear="gdn").layer_map() == "LDDLD"
 
 

@@ -1,4 +1,4 @@
-"""The Gated DeltaNet mixer (zebrax/layers/gated_delta.py): parity with transformers' PyTorch Qwen3-Next layer
+"""The Gated DeltaNet mixer (zebrax/mixers/gdn/): parity with transformers' PyTorch Qwen3-Next layer
 (``Qwen3NextGatedDeltaNet``, its weights converted), a prefill then decode steps against the full forward, padding
 and packed rows, the attention-shaped head layout, configs. fp32; tolerances 1e-5 absolute against transformers
 (outputs of std ≥ 0.1), 1e-5 of the largest output between the chunked and step forms (their sums run in other
@@ -14,7 +14,8 @@ import pytest
 
 from zebrax.cache import Slots, token_positions
 from zebrax.errors import ConfigError
-from zebrax.layers.gated_delta import GatedDeltaConfig, GatedDeltaMixer
+from zebrax.mixers.gdn.config import GatedDeltaConfig
+from zebrax.mixers.gdn.layer import GatedDeltaMixer
 
 D, H, HK, DK, DV = 32, 4, 2, 8, 6
 QWEN_LAYOUT = GatedDeltaConfig(d_model=D, n_heads=H, head_k_dim=DK, head_v_dim=DV, q_heads=HK, k_heads=HK,

@@ -66,7 +66,7 @@ def test_generation_stops_early_when_every_row_is_done(model, rng):
 
 def test_new_prompt_lengths_and_step_counts_reuse_the_compiled_functions(model, rng):
     fresh = zebrax.Model(model.config, model.params)
-    gen = fresh._generator
+    gen = fresh.generator
     for length, new in ((5, 3), (9, 7), (12, 2)):  # all in the same buckets: prompt 16, cache 32
         fresh.generate(rng.integers(4, 200, (2, length)), max_new_tokens=new, ignore_eos=True)
     assert gen.prefill._cache_size() == 1 and gen.decode._cache_size() == 1

@@ -9,8 +9,10 @@ import pytest
 
 import zebrax
 from tests.helpers import TEACHER, TWO_LAYERS, close, hybrid, random_model
-from zebrax.distill import TrainConfig, ild_loss, ild_objective, layer_io, make_optimizer, make_step, teacher_forced
+from zebrax.distill import TrainConfig, ild_objective, make_optimizer, make_step, teacher_forced
 from zebrax.init import init_hybrid
+from zebrax.losses import ild_loss
+from zebrax.models import layer_io
 from zebrax.recipe import from_teacher
 
 
@@ -52,7 +54,8 @@ def test_ild_steps_bring_both_students_toward_the_teacher(rng):
 
 def test_kd_steps_bring_a_hybrid_toward_the_teacher_and_never_touch_the_teacher(rng):
     """Forward KL, padding in the batch and the first half of each row masked out of the loss (a 'prompt')."""
-    from zebrax.distill import kd_objective, kl_loss
+    from zebrax.distill import kd_objective
+    from zebrax.losses import kl_loss
 
     teacher = random_model(TEACHER, seed=2)
     config = hybrid([0, 3])
@@ -116,8 +119,9 @@ def test_top_k_kd_is_the_renormalised_kl_over_the_teachers_top_tokens(rng):
     """With k = the vocabulary it is the full forward KL (1e-5); with k = 5 it equals topk_kl_loss on the teacher's
     5 largest logits, computed here by hand, and so does KD from those logits stored in the batch (no teacher run;
     gradients 1e-4 of the largest magnitude). fp32."""
-    from zebrax.distill import kd_objective, kl_loss, topk_kl_loss
+    from zebrax.distill import kd_objective
     from zebrax.errors import InvalidArgument
+    from zebrax.losses import kl_loss, topk_kl_loss
     from zebrax.models import build
 
     teacher = random_model(TEACHER, seed=2)
@@ -152,7 +156,7 @@ def test_dpo_in_token_chunks_gives_the_whole_sequence_loss_and_gradients(rng):
     """DPO's reply log-likelihoods with the LM head 4 tokens at a time equal the whole rows' (fp32: 1e-5 relative,
     or 1e-5 of each gradient leaf's largest entry: DPO's gradient is the difference of the chosen and rejected
     replies', which cancel, and the chunks sum each in another order; measured 8e-6)."""
-    from zebrax.distill.dpo import dpo_objective
+    from zebrax.distill import dpo_objective
     from zebrax.models import build
 
     model = random_model(hybrid([0], teacher=TWO_LAYERS), seed=3)

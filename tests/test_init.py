@@ -17,11 +17,12 @@ from tests.helpers import TEACHER, hybrid, model_params
 from zebrax.cache import Slots
 from zebrax.config import HybridConfig, LlamaConfig, RopeScaling
 from zebrax.errors import ConfigError
-from zebrax.init import init_hybrid, mamba2_from_attention, mla_from_attention
-from zebrax.init.mla_svd import rope_rows
-from zebrax.layers import Attention
-from zebrax.layers.mla import MLAttention
-from zebrax.recipe import from_teacher, rope_head_dims
+from zebrax.init import init_hybrid
+from zebrax.mixers.attention.layer import Attention
+from zebrax.mixers.mamba2.init import mamba2_from_attention
+from zebrax.mixers.mla.init import mla_from_attention, rope_head_dims, rope_rows
+from zebrax.mixers.mla.layer import MLAttention
+from zebrax.recipe import from_teacher
 
 
 def teacher_params(config: LlamaConfig = TEACHER, seed: int = 0) -> dict:
@@ -50,7 +51,7 @@ def test_rope_dims_whose_mla_pairs_would_change_frequency_are_refused(tmp_path, 
     the recipe, the SVD init and ``zebrax build``, naming the value and the valid ones."""
     from tests.helpers import assert_nothing_left, assert_one_line_error
     from zebrax import checkpoint
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     assert rope_head_dims(16) == [2, 4, 8] and rope_head_dims(64) == [2, 4, 8, 16, 32]
     theta = 10000.0
@@ -269,7 +270,7 @@ def test_hybrids_of_the_real_teacher_decode_as_they_prefill(smol_teacher, name):
 
 
 def test_zebrax_build_writes_a_loadable_hybrid(smollm2_checkpoint, tmp_path, capsys):
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     assert main(["build", str(smollm2_checkpoint), str(tmp_path / "hyb"), "--preset",
                  "zebra-smollm2-135m-6mla-24m2", "--seed", "7"]) == 0

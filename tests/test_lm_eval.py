@@ -14,7 +14,7 @@ import torch
 
 import zebrax
 from tests.helpers import assert_one_line_error
-from zebrax.lm_eval import bucket
+from zebrax.app.lm_eval import bucket
 
 TASKS = Path(__file__).resolve().parent.parent / "configs" / "lm_eval"
 NAMES = ("zebrax_mc", "zebrax_text", "zebrax_qa")
@@ -75,7 +75,7 @@ def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch, loc
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -110,10 +110,11 @@ def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch, loc
 
 
 def test_registered_on_import(tiny):
-    """`import zebrax.lm_eval` registers the model for lm_eval.simple_evaluate; model_args win over lm-eval's flags."""
+    """`import zebrax.app.lm_eval` registers the model for lm_eval.simple_evaluate; model_args win over lm-eval's
+    flags."""
     import lm_eval.api.registry
 
-    import zebrax.lm_eval  # noqa: F401
+    import zebrax.app.lm_eval  # noqa: F401
 
     cls = lm_eval.api.registry.get_model("zebrax")
     lm = cls.create_from_arg_string(f"pretrained={tiny[1]},batch_size=5", {"batch_size": 1, "device": "cpu"})
@@ -123,9 +124,9 @@ def test_registered_on_import(tiny):
 def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, monkeypatch, local_tasks_only):
     """`zebrax lm-eval` with batch_size=0, without pretrained or with a misspelt argument: one line naming it (the
     accepted ones listed), before any checkpoint is read; lm-eval's own arguments are accepted."""
-    from zebrax.cli import main
+    from zebrax.app.cli import main
+    from zebrax.app.lm_eval import ZebraxLM
     from zebrax.errors import ConfigError
-    from zebrax.lm_eval import ZebraxLM
 
     monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")
     ckpt = tiny_llama("gqa_llama3_untied")[2]  # no tokenizer: loading it would fail with "has no tokenizer"

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zebrax.distill import ce_loss, dpo_loss, ild_loss, kl_loss, sequence_logprobs, topk_kl_loss
 from zebrax.errors import InvalidArgument
+from zebrax.losses import ce_loss, dpo_loss, ild_loss, kl_loss, token_logprobs, topk_kl_loss
 
 LOG2 = math.log(2)
 
@@ -65,12 +65,11 @@ def test_topk_kl_renormalises_the_teachers_top_tokens():
     assert float(topk_kl_loss(values, indices, student)) == pytest.approx(want, rel=1e-5)
 
 
-def test_cross_entropy_and_sequence_logprobs():
+def test_cross_entropy_and_token_logprobs():
     logits = jnp.log(jnp.array([[[0.25, 0.75], [0.5, 0.5]]]))
     targets = jnp.array([[1, 0]])
     assert float(ce_loss(logits, targets)) == pytest.approx(-(math.log(0.75) + math.log(0.5)) / 2, rel=1e-5)
-    mask = jnp.array([[True, False]])
-    np.testing.assert_allclose(sequence_logprobs(logits, targets, mask), [math.log(0.75)], rtol=1e-6)
+    np.testing.assert_allclose(token_logprobs(logits, targets), [[math.log(0.75), math.log(0.5)]], rtol=1e-6)
 
 
 def test_dpo_sigmoid_loss_rewards_margin_and_accuracy():

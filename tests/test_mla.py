@@ -13,7 +13,7 @@ from zebrax.cache import Cache, LatentCache, Slots
 from zebrax.config import DeepseekV3Config, MLAConfig, RopeScaling
 from zebrax.errors import ConfigError
 from zebrax.generate import Generator
-from zebrax.layers.mla import MLAttention
+from zebrax.mixers.mla.layer import MLAttention
 from zebrax.models import build
 
 # Zebra's shape: K/V groups = the teacher's KV heads (2 of 6), low-rank query, no latent norms, YaRN

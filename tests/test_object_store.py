@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests.gcs_emulator import environment
-from zebrax import checkpoint
+from zebrax import checkpoint, files
 from zebrax.config import LlamaConfig
 from zebrax.errors import CheckpointError
 
@@ -84,46 +84,46 @@ def test_a_stage_output_on_an_object_store_is_committed_last_and_round_trips(gcs
     params = _params()
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text('{"x": 1}')
-    with checkpoint.atomic_directory_of_all(dst, what="stage output") as d:
+    with files.atomic_directory_of_all(dst, what="stage output") as d:
         assert str(d) == dst
         checkpoint.save(d, CONFIG, params)
-        checkpoint.copy_tree(tmp_path / "tok", d / "tokenizer")
-        assert not checkpoint.committed(dst)  # written in place, not yet whole
-    assert checkpoint.committed(dst)
+        files.copy_tree(tmp_path / "tok", d / "tokenizer")
+        assert not files.committed(dst)  # written in place, not yet whole
+    assert files.committed(dst)
     assert checkpoint.load_config(dst) == CONFIG
     restored = checkpoint.load_params(dst, CONFIG)
     a, b = _flat(params), _flat(restored)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert (checkpoint.tokenizer_dir(dst) / "tokenizer.json").read_text() == '{"x": 1}'  # downloaded
     with pytest.raises(CheckpointError, match="already exists"):
-        with checkpoint.atomic_directory_of_all(dst, what="stage output"):
+        with files.atomic_directory_of_all(dst, what="stage output"):
             pass
 
 
 def test_what_a_killed_writer_left_on_an_object_store_is_not_committed_and_is_replaced(gcs):
     dst = f"{gcs()}/ild"
     with pytest.raises(RuntimeError):
-        with checkpoint.atomic_directory_of_all(dst, what="stage output") as d:
+        with files.atomic_directory_of_all(dst, what="stage output") as d:
             (d / "stale.txt").write_text("half of a stage output")
             raise RuntimeError("killed")
-    assert not checkpoint.committed(dst) and (checkpoint.as_path(dst) / "stale.txt").exists()
-    with checkpoint.atomic_directory_of_all(dst, what="stage output") as d:
+    assert not files.committed(dst) and (files.as_path(dst) / "stale.txt").exists()
+    with files.atomic_directory_of_all(dst, what="stage output") as d:
         (d / "whole.txt").write_text("all of it")
-    assert sorted(p.name for p in checkpoint.as_path(dst).iterdir()) == [checkpoint.COMMITTED, "whole.txt"]
+    assert sorted(p.name for p in files.as_path(dst).iterdir()) == [files.COMMITTED, "whole.txt"]
 
 
 def test_records_on_an_object_store_are_written_whole_and_removed(gcs):
     root = gcs()
-    checkpoint.write_text_atomic(f"{root}/smart.json", '{"mla_layers": [0]}')
-    assert checkpoint.as_path(f"{root}/smart.json").read_text() == '{"mla_layers": [0]}'
-    checkpoint.remove_tree(root)
-    checkpoint.remove_tree(root)  # absent: nothing to do
-    assert not checkpoint.as_path(root).exists()
+    files.write_text_atomic(f"{root}/smart.json", '{"mla_layers": [0]}')
+    assert files.as_path(f"{root}/smart.json").read_text() == '{"mla_layers": [0]}'
+    files.remove_tree(root)
+    files.remove_tree(root)  # absent: nothing to do
+    assert not files.as_path(root).exists()
 
 
 def _logged(workdir) -> list[dict]:
     """metrics.jsonl's rows; a last line cut off by a read racing the writer's next upload is left out."""
-    path = checkpoint.as_path(workdir) / "metrics.jsonl"
+    path = files.as_path(workdir) / "metrics.jsonl"
     rows = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -153,21 +153,21 @@ def test_a_run_on_an_object_store_killed_with_sigkill_resumes_to_the_numbers_of_
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not checkpoint.committed(f"{remote}/kd"), "the run finished KD before it could be killed"
-    assert checkpoint.committed(f"{remote}/hybrid")
+    assert not files.committed(f"{remote}/kd"), "the run finished KD before it could be killed"
+    assert files.committed(f"{remote}/hybrid")
     local = _distill(child_process, tmp_path / "local")
     assert local.returncode == 0, local.stderr[-2000:]
     resumed = _distill(child_process, remote)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(remote) == _losses(tmp_path / "local")  # number for number
     assert json.loads(resumed.stdout) == json.loads((tmp_path / "local" / "eval.json").read_text())
-    smart = [json.loads(p.read_text()) for p in (checkpoint.as_path(f"{remote}/smart.json"),
+    smart = [json.loads(p.read_text()) for p in (files.as_path(f"{remote}/smart.json"),
                                                  tmp_path / "local" / "smart.json")]
     bucket, disk = ({k: v for k, v in s.items() if k != "seconds"} for s in smart)
     assert bucket == disk and bucket["mla_layers"]
-    names = {p.name for p in checkpoint.as_path(remote).iterdir()}
+    names = {p.name for p in files.as_path(remote).iterdir()}
     assert {"teacher", "ild", "hybrid", "kd", "dpo", "tensorboard", "experiment.json"} <= names
-    assert not (checkpoint.as_path(remote) / "checkpoints" / "kd").exists()  # dropped once KD's output is whole
+    assert not (files.as_path(remote) / "checkpoints" / "kd").exists()  # dropped once KD's output is whole
     # the hybrid loads and exports from the bucket as from a local directory: the same weights
     import zebrax
 

@@ -80,11 +80,11 @@ def test_scores_equal_one_assembled_model_per_candidate_with_one_compilation(stu
         logp = jax.nn.log_softmax(model.logits(tokens))
         return float(np.mean(np.sum(np.exp(want_logp) * (want_logp - logp), axis=-1)))
 
-    assert math.isclose(result["kl_all_mamba2"], kl(mamba), rel_tol=1e-4)
+    assert math.isclose(result["kl_all_linear"], kl(mamba), rel_tol=1e-4)
     for layer in range(5):  # each pass from its layer's input, the layers before it not run again
         config, params = assemble((mla.config, mla.params), (mamba.config, mamba.params), [layer])
         assert math.isclose(result["kl"][layer], kl(zebrax.Model(config, params)), rel_tol=1e-4)
-        assert math.isclose(result["scores"][layer], result["kl_all_mamba2"] - result["kl"][layer], rel_tol=1e-12)
+        assert math.isclose(result["scores"][layer], result["kl_all_linear"] - result["kl"][layer], rel_tol=1e-12)
 
 
 def test_assemble_takes_each_layer_from_its_student(students):
@@ -94,7 +94,7 @@ def test_assemble_takes_each_layer_from_its_student(students):
     assert config.layer_map() == "LSSLS"
     assert params["layers_0"] is mla.params["layers_0"] and params["layers_1"] is mamba.params["layers_1"]
     assert params["embed_tokens"] is mla.params["embed_tokens"]
-    with pytest.raises(ConfigError, match="mla_student must be an all-mla hybrid"):
+    with pytest.raises(ConfigError, match="mla_student must be a hybrid of one attention kind in every layer"):
         assemble((mamba.config, mamba.params), (mamba.config, mamba.params), [0])
     with pytest.raises(ConfigError, match=r"mla_layers \[7\] are outside"):
         assemble((mla.config, mla.params), (mamba.config, mamba.params), [7])
@@ -121,7 +121,7 @@ def test_calibration_data_from_text_chat_or_ids(tmp_path, smollm2_tokenizer):
 
 def test_select_and_assemble_commands(students, tmp_path, capsys):
     from zebrax import checkpoint
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     teacher, mla, mamba = students
     for name, model in (("teacher", teacher), ("mla", mla), ("mamba", mamba)):
@@ -130,18 +130,18 @@ def test_select_and_assemble_commands(students, tmp_path, capsys):
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"input_ids": list(range(5 + i, 45 + i))})
                                                     for i in range(4)))
     assert main(["select", "--teacher", str(tmp_path / "teacher"), "--mla-student", str(tmp_path / "mla"),
-                 "--mamba-student", str(tmp_path / "mamba"), "--num-mla", "2", "--data", str(tmp_path / "calib.jsonl"),
+                 "--linear-student", str(tmp_path / "mamba"), "--num-mla", "2", "--data", str(tmp_path / "calib.jsonl"),
                  "--seq-len", "16", "--num-sequences", "4", "--out", str(tmp_path / "scores.json")]) == 0
     result = json.loads((tmp_path / "scores.json").read_text())
     assert result["mla_layers"] == [0, 3] and result["compilations"] == 1 and len(result["kl"]) == 5
-    assert main(["assemble", "--mla-student", str(tmp_path / "mla"), "--mamba-student", str(tmp_path / "mamba"),
+    assert main(["assemble", "--mla-student", str(tmp_path / "mla"), "--linear-student", str(tmp_path / "mamba"),
                  "--mla-layers", "0,3", str(tmp_path / "hybrid")]) == 0
     assert "layers LSSLS" in capsys.readouterr().out
     assert zebrax.load(tmp_path / "hybrid").config.layer_map() == "LSSLS"
     capsys.readouterr()
-    assert main(["assemble", "--mla-student", str(tmp_path / "mamba"), "--mamba-student", str(tmp_path / "mamba"),
+    assert main(["assemble", "--mla-student", str(tmp_path / "mamba"), "--linear-student", str(tmp_path / "mamba"),
                  "--mla-layers", "0", str(tmp_path / "bad")]) == 1
-    assert "must be an all-mla hybrid" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert "must be a hybrid of one attention kind" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("field, value", [("hidden_act", "gelu_pytorch_tanh"), ("rms_norm_eps", 1e-6)])
@@ -151,12 +151,12 @@ def test_students_that_differ_outside_their_mixers_are_refused(students, rng, fi
     teacher, mla, mamba = students
     ours = getattr(mla.config, field)
     other = dataclasses.replace(mla.config, **{field: value})
-    needle = re.escape(f"{field}: {value!r} (mla_student) vs {ours!r} (mamba_student)")
+    needle = re.escape(f"{field}: {value!r} (mla_student) vs {ours!r} (linear_student)")
     with pytest.raises(ConfigError, match=needle):
         assemble((other, mla.params), (mamba.config, mamba.params), [0])
     with pytest.raises(ConfigError, match=needle):
         select.scores(teacher, zebrax.Model(other, mla.params), mamba, rng.integers(0, 97, (1, 8)).astype(np.int32))
-    with pytest.raises(ConfigError, match=re.escape(f"{field}: {ours!r} (mla_student) vs {value!r} (mamba_student)")):
+    with pytest.raises(ConfigError, match=re.escape(f"{field}: {ours!r} (mla_student) vs {value!r} (linear_student)")):
         assemble((mla.config, mla.params), (dataclasses.replace(mamba.config, **{field: value}), mamba.params), [0],
                  embeddings_from="mla")
 
@@ -172,7 +172,7 @@ def test_calibration_ids_must_be_integers(tmp_path, ids, shown):
 def test_assemble_and_select_commands_refuse_unlike_students_and_float_ids(students, tmp_path, capsys):
     from tests.helpers import assert_nothing_left, assert_one_line_error
     from zebrax import checkpoint
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     teacher, mla, mamba = students
     gelu = dataclasses.replace(mla.config, hidden_act="gelu")
@@ -181,13 +181,13 @@ def test_assemble_and_select_commands_refuse_unlike_students_and_float_ids(stude
         with checkpoint.atomic_directory(tmp_path / name) as tmp:
             checkpoint.save(tmp, config, params)
     capsys.readouterr()
-    code = main(["assemble", "--mla-student", str(tmp_path / "mla"), "--mamba-student", str(tmp_path / "mamba"),
+    code = main(["assemble", "--mla-student", str(tmp_path / "mla"), "--linear-student", str(tmp_path / "mamba"),
                  "--mla-layers", "0,3", str(tmp_path / "hybrid")])
-    assert_one_line_error(code, capsys.readouterr().err, "hidden_act: 'gelu' (mla_student) vs 'silu' (mamba_student)")
+    assert_one_line_error(code, capsys.readouterr().err, "hidden_act: 'gelu' (mla_student) vs 'silu' (linear_student)")
     assert_nothing_left(tmp_path / "hybrid")
     (tmp_path / "calib.jsonl").write_text(json.dumps({"input_ids": [float(i) + 0.9 for i in range(64)]}) + "\n")
     code = main(["select", "--teacher", str(tmp_path / "teacher"), "--mla-student", str(tmp_path / "mla"),
-                 "--mamba-student", str(tmp_path / "mamba"), "--num-mla", "2", "--data", str(tmp_path / "calib.jsonl"),
+                 "--linear-student", str(tmp_path / "mamba"), "--num-mla", "2", "--data", str(tmp_path / "calib.jsonl"),
                  "--seq-len", "16", "--num-sequences", "4", "--out", str(tmp_path / "scores.json")])
     assert_one_line_error(code, capsys.readouterr().err, "calib.jsonl:1: input_ids holds 0.9")
     assert not (tmp_path / "scores.json").exists()

@@ -174,7 +174,8 @@ BENCHES = r'''
 import json
 import jax, numpy as np
 from tests.helpers import TEACHER, random_model
-from zebrax import Model, bench, bench_decode
+from zebrax import Model
+from zebrax.app import bench, bench_decode
 from zebrax.distill import trainer
 from zebrax.sharding import MeshConfig, make_mesh
 
@@ -381,7 +382,7 @@ def test_a_slurm_job_joins_one_run_with_no_flags(child_process):
 PIPELINE = '''
 import json, sys
 from pathlib import Path
-from zebrax.cli import main
+from zebrax.app.cli import main
 
 workdir, mesh_binding, processes = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]  # processes: port, count, index
 args = ["distill", "--gin_file", "configs/experiments/tiny_cpu.gin", "--workdir", str(workdir)]

@@ -1,3 +1,3 @@
-from zebrax.cli import entry
+from zebrax.app.cli import entry
 
 entry()

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from zebrax import checkpoint
+from zebrax import checkpoint, files
 from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.convert import convert
 from zebrax.errors import ConfigError, InvalidArgument, warn
@@ -44,7 +44,7 @@ class Model:
         self.tokenizer = tokenizer
         self.module = build_module(config, impl)
         self._forward = jax.jit(lambda p, t, m: self.module.apply({"params": p}, t, token_mask=m)[0])
-        self._generator = Generator(self.module)
+        self.generator = Generator(self.module)
 
     @functools.cached_property
     def _cache_sizes(self) -> tuple[int, int]:
@@ -134,7 +134,7 @@ class Model:
                 prompts.append(self.check_tokens([p], f"generate: prompt {i}")[0].tolist())
         self._check_length(prompts, max_new_tokens)
         eos = () if ignore_eos else self.config.eos_token_id
-        new, _ = self._generator(
+        new, _ = self.generator(
             self.params, prompts, max_new_tokens=max_new_tokens, temperature=float(temperature),
             top_p=float(top_p), seed=seed, eos_ids=eos, pad_id=self.pad_id,
         )
@@ -307,7 +307,7 @@ def build(
         config = _over_preset(config, teacher_config, recipe)
     else:
         raise InvalidArgument(f"build: config is a {type(config).__name__}; a hybrid is built from a HybridConfig")
-    with checkpoint.warnings_after_success(), checkpoint.atomic_directory(dst, overwrite=overwrite,
+    with files.warnings_after_success(), checkpoint.writing(dst, overwrite=overwrite,
                                                                          sources=[teacher]) as tmp:
         params, report = init_hybrid(teacher_config, checkpoint.load_params(teacher, teacher_config), config,
                                      jax.random.key(seed))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kernels_pallas.flash_attention.kernel import kv_axes
+from kernels_pallas.flash_attention.kernel import KVLayout
 from zebrax.errors import InvalidArgument
 from zebrax.ops.auto import target_backend
 
@@ -67,40 +67,37 @@ class Slots:
 class KVCache:
     """Keys and values of one attention layer, ``keys()``/``values()`` ``[B, S, kv_heads, head_dim]``.
 
-    Stored with those axes in the order ``axes`` (``kernels_pallas.flash_attention.kv_axes``), the order the
-    flash-attention kernel reads in place: as they are off a TPU; on a TPU heads-major, ``[B, kv_heads, S,
-    head_dim]``, or ``[B, kv_heads, head_dim, S]`` when head_dim is no multiple of 128. A TPU lays an array out by
-    its shape (row-major ``[B, S, 8, 128]``, keys-minor ``[B, S, 3, 64]``), and a decode step whose products take
-    the heads as a batch axis relaid out every layer's cache every step (Llama-3.1-8B at 32k: 17 GB a chip, 1.70× the
-    bytes the step must read); SmolLM2's ``[B, 3, S, 64]``, which a TPU keeps keys-minor, is the bytes of ``[B, 3,
-    64, S]`` row-major, the only form of them a Pallas kernel reads (4.39× at 32k when the kernel read ``[B, 3, S,
-    64]``). The XLA path reads any of them where it lies."""
+    Stored in ``layout`` (``kernels_pallas.flash_attention.KVLayout``), the layout the flash-attention kernel reads
+    in place: as they are off a TPU; on a TPU heads-major, ``[B, kv_heads, S, head_dim]``, or ``[B, kv_heads,
+    head_dim, S]`` when head_dim is no multiple of 128. A TPU lays an array out by its shape (row-major ``[B, S, 8,
+    128]``, keys-minor ``[B, S, 3, 64]``), and a decode step whose products take the heads as a batch axis relaid out
+    every layer's cache every step (Llama-3.1-8B at 32k: 17 GB a chip, 1.70× the bytes the step must read);
+    SmolLM2's ``[B, 3, S, 64]``, which a TPU keeps keys-minor, is the bytes of ``[B, 3, 64, S]`` row-major, the only
+    form of them a Pallas kernel reads (4.39× at 32k when the kernel read ``[B, 3, S, 64]``). The XLA path reads any
+    of them where it lies."""
 
     k: jax.Array
     v: jax.Array
-    axes: tuple[int, ...] = struct.field(pytree_node=False, default=(0, 1, 2, 3))
+    layout: KVLayout = struct.field(pytree_node=False, default=KVLayout())
 
     @classmethod
     def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-        axes = kv_axes(head_dim, target_backend())
-        shape = tuple((batch, max_len, num_kv_heads, head_dim)[a] for a in axes)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), axes=axes)
-
-    def _logical(self, t: jax.Array) -> jax.Array:
-        return jnp.transpose(t, [self.axes.index(a) for a in range(4)])
+        layout = KVLayout.for_head_dim(head_dim, target_backend())
+        shape = tuple((batch, max_len, num_kv_heads, head_dim)[a] for a in layout.axes)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), layout=layout)
 
     def keys(self) -> jax.Array:
-        return self._logical(self.k)
+        return self.layout.logical(self.k)
 
     def values(self) -> jax.Array:
-        return self._logical(self.v)
+        return self.layout.logical(self.v)
 
     def update(self, k: jax.Array, v: jax.Array, offset: jax.Array) -> KVCache:
         """Write ``[B, L, G, D]`` keys/values at slots ``offset … offset + L - 1``."""
-        at = tuple(offset if a == 1 else 0 for a in self.axes)
+        at = tuple(offset if a == 1 else 0 for a in self.layout.axes)
         write = lambda cache, new: jax.lax.dynamic_update_slice(  # noqa: E731
-            cache, jnp.transpose(new, self.axes).astype(cache.dtype), at)
-        return KVCache(k=write(self.k, k), v=write(self.v, v), axes=self.axes)
+            cache, self.layout.arrange(new).astype(cache.dtype), at)
+        return KVCache(k=write(self.k, k), v=write(self.v, v), layout=self.layout)
 
 
 @struct.dataclass

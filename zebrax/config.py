@@ -1,8 +1,10 @@
-"""Frozen model configurations, validated in ``__post_init__``.
+"""Frozen model configurations, validated in ``__post_init__``: the Llama teacher, the pure Mamba2 LM, dense
+DeepSeek-V3, and the hybrid of any registered mixer kinds (``HybridConfig``), each a plan of layers (``LayerSpec``).
 
 A config plus a pytree of parameters is a model. Configs are plain data: they serialise to JSON
 (``to_dict``/``from_dict``) beside every checkpoint; ``zebrax.convert.hf_config`` translates the transformers
-``config.json`` of the same architecture.
+``config.json`` of the same architecture. A mixer kind's own config lives in its folder (``zebrax.mixers``) and is
+imported here only so that ``zebrax.config`` names every config a user writes.
 """
 
 from __future__ import annotations
@@ -10,48 +12,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+from zebrax.checks import (
+    DTYPES,
+    RopeScaling,
+    check_activation,
+    dtype_bytes,
+    normalise_token_ids,
+    require,
+    require_positive,
+    unknown_fields,
+)
 from zebrax.errors import ConfigError
+from zebrax.mixers import kind, kinds
+from zebrax.mixers.attention.config import AttentionConfig
+from zebrax.mixers.gdn.config import GatedDeltaConfig
+from zebrax.mixers.mamba2.config import GATED_NORM_EPS, Mamba2Config
+from zebrax.mixers.mla.config import MLAConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
-GATED_NORM_EPS = 1e-5  # the Zebra recipe's Mamba2 gated RMSNorm (the reference code fixes it)
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def require(ok: bool, cfg: Any, message: str) -> None:
-    """Raise ConfigError naming the config class when ``ok`` is false."""
-    if not ok:
-        raise ConfigError(f"{type(cfg).__name__}: {message}")
-
-
-def require_positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        require(isinstance(value, int) and value > 0, cfg, f"{name}={value!r} must be a positive integer")
-
-
-def normalise_token_ids(cfg: Any) -> None:
-    """eos_token_id as a tuple (chat models stop on several ids), checked against vocab_size; dtypes checked."""
-    eos = cfg.eos_token_id
-    object.__setattr__(cfg, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos or ()))
-    for tok in cfg.eos_token_id:
-        require(0 <= tok < cfg.vocab_size, cfg, f"eos_token_id {tok} is outside vocab_size={cfg.vocab_size}")
-    for name in ("dtype", "param_dtype"):
-        require(getattr(cfg, name) in DTYPES, cfg, f"{name}={getattr(cfg, name)!r} is not one of {DTYPES}")
-
-
-def check_activation(cfg: Any, name: str) -> None:
-    from zebrax.layers.activations import ACTIVATIONS
-
-    value = getattr(cfg, name)
-    require(value in ACTIVATIONS, cfg, f"{name}={value!r} is not an activation zebrax computes; "
-            f"known: {', '.join(sorted(ACTIVATIONS))}")
-
-
-def unknown_fields(cls, d: dict) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known - {"model_type"})
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown fields {unknown}; valid fields are {sorted(known)}")
+__all__ = ["DTYPES", "GATED_NORM_EPS", "AttentionConfig", "DeepseekV3Config", "GatedDeltaConfig", "HybridConfig",
+           "LayerSpec", "LlamaConfig", "Mamba2Config", "Mamba2LMConfig", "MLAConfig", "ModelConfig", "RopeScaling",
+           "dtype_bytes"]
 
 
 class ModelConfig:
@@ -67,8 +47,6 @@ class ModelConfig:
     def layer_map(self) -> str:
         """One letter per layer, its kind's (``zebrax.mixers``): ``A`` GQA attention, ``L`` MLA (latent attention),
         ``S`` Mamba2 (state space), ``D`` Gated DeltaNet."""
-        from zebrax.mixers import kind
-
         return "".join(kind(spec.mixer).letter for spec in self.plan())
 
     def describe(self) -> str:
@@ -87,63 +65,6 @@ class ModelConfig:
             if isinstance(d.get(name), dict):
                 unknown_fields(sub, d[name])
         return cls(**{k: v for k, v in d.items() if k != "model_type"})
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling. ``llama3`` is Llama-3.1/3.2's; ``linear`` divides every frequency; ``yarn`` is
-    DeepSeek's YaRN (``beta_fast``/``beta_slow`` ramp; cos/sin scaled by ``attention_factor``, by default
-    ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` or ``0.1·ln(factor) + 1``; the softmax scale
-    multiplied by ``mscale(factor, mscale_all_dim)²`` when ``mscale_all_dim`` is set)."""
-
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    attention_factor: float | None = None
-    truncate: bool = True
-
-    def __post_init__(self):
-        require(self.rope_type in ROPE_TYPES, self, f"rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
-        require(self.factor > 0, self, f"factor={self.factor} must be > 0")
-        if self.rope_type == "llama3":
-            require(
-                self.high_freq_factor > self.low_freq_factor > 0,
-                self,
-                f"llama3 needs high_freq_factor > low_freq_factor > 0, got "
-                f"high_freq_factor={self.high_freq_factor}, low_freq_factor={self.low_freq_factor}",
-            )
-            require_positive(self, "original_max_position_embeddings")
-        if self.rope_type == "yarn":
-            require_positive(self, "original_max_position_embeddings")
-            require(self.beta_fast > self.beta_slow > 0, self,
-                    f"yarn needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, beta_slow={self.beta_slow}")
-
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-    """Grouped-query attention with RoPE (the teacher's mixer): ``n_heads`` query heads share ``n_kv_heads`` key
-    and value heads of ``head_dim``; under YaRN, cos and sin carry its attention factor."""
-
-    n_heads: int = 32
-    n_kv_heads: int = 8
-    head_dim: int = 128
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
-    attention_bias: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        require_positive(self, "n_heads", "n_kv_heads", "head_dim")
-        require(self.n_heads % self.n_kv_heads == 0, self,
-                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        require(self.head_dim % 2 == 0, self, f"head_dim={self.head_dim} must be even for RoPE")
-        require(self.rope_theta > 0, self, f"rope_theta={self.rope_theta} must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +128,12 @@ class LlamaConfig(ModelConfig):
 
     def plan(self) -> tuple[LayerSpec, ...]:
         """Every layer: GQA attention and the MLP."""
-        attention = AttentionConfig(self.num_attention_heads, self.num_key_value_heads, self.head_dim,
-                                    self.rope_theta, self.rope_scaling, self.attention_bias)
-        return (LayerSpec("attention", attention),) * self.num_hidden_layers
+        return (LayerSpec("attention", self.attention_config()),) * self.num_hidden_layers
+
+    def attention_config(self) -> AttentionConfig:
+        """Its attention layers' config: the one definition a hybrid's ``attention`` (its teacher's) is taken from."""
+        return AttentionConfig(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rope_theta,
+                               self.rope_scaling, self.attention_bias)
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -222,85 +146,6 @@ class LlamaConfig(ModelConfig):
         names = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "intermediate_size", "vocab_size")
         return {n: getattr(self, n) for n in names}
-
-def dtype_bytes(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class Mamba2Config:
-    """One Mamba2 mixer (METHOD §3), covering both shapes in use.
-
-    Standard Mamba2 (mamba_ssm, transformers): x has ``n_heads`` heads of ``head_dim``; B and C have
-    ``n_groups`` groups of ``d_state``. Zebra's attention-shaped variant sets ``xb_heads`` (the teacher's
-    KV heads): x and B then have ``xb_heads`` heads, like V and K, repeated to the heads and groups after
-    the conv; C has ``n_groups = n_heads`` groups, like Q. ``in_proj`` rows: ``[z, x, B, C, dt]``.
-    The gated RMSNorm normalises each of the ``n_groups`` groups of y.
-    """
-
-    d_model: int = 768
-    d_inner: int = 1536
-    n_heads: int = 24
-    head_dim: int = 64
-    d_state: int = 128
-    n_groups: int = 1
-    xb_heads: int | None = None
-    conv_kernel: int = 4
-    use_conv_bias: bool = True
-    use_bias: bool = False
-    chunk_size: int = 256
-    dt_limit: tuple[float, float] = (0.0, float("inf"))
-    dt_min: float = 1e-3
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    A_init_range: tuple[float, float] = (1.0, 16.0)
-    norm_eps: float = 1e-5
-    activation: str = "silu"
-
-    def __post_init__(self):
-        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
-        object.__setattr__(self, "A_init_range", tuple(float(v) for v in self.A_init_range))
-        require_positive(self, "d_model", "d_inner", "n_heads", "head_dim", "d_state", "n_groups", "conv_kernel",
-                         "chunk_size")
-        require(
-            self.n_heads * self.head_dim == self.d_inner,
-            self,
-            f"n_heads={self.n_heads} x head_dim={self.head_dim} = {self.n_heads * self.head_dim} "
-            f"!= d_inner={self.d_inner}",
-        )
-        require(self.n_heads % self.n_groups == 0, self,
-                f"n_groups={self.n_groups} must divide n_heads={self.n_heads}")
-        if self.xb_heads is not None:
-            require_positive(self, "xb_heads")
-            require(self.n_heads % self.xb_heads == 0 and self.n_groups % self.xb_heads == 0, self,
-                    f"xb_heads={self.xb_heads} must divide n_heads={self.n_heads} and n_groups={self.n_groups}")
-        require(0 <= self.dt_limit[0] < self.dt_limit[1], self, f"dt_limit={self.dt_limit} must be (low, high), "
-                "0 <= low < high")
-        require(0 < self.dt_min <= self.dt_max, self, f"need 0 < dt_min={self.dt_min} <= dt_max={self.dt_max}")
-        require(0 < self.A_init_range[0] <= self.A_init_range[1], self,
-                f"A_init_range={self.A_init_range} must be (low, high) with 0 < low <= high")
-        require(self.norm_eps > 0, self, f"norm_eps={self.norm_eps} must be > 0")
-        check_activation(self, "activation")
-
-    @property
-    def x_heads(self) -> int:
-        """Heads of x before repetition (n_heads, or xb_heads in the attention-shaped variant)."""
-        return self.xb_heads or self.n_heads
-
-    @property
-    def b_groups(self) -> int:
-        """Groups of B before repetition (n_groups, or xb_heads in the attention-shaped variant)."""
-        return self.xb_heads or self.n_groups
-
-    @property
-    def conv_dim(self) -> int:
-        """Channels of the causal conv: x, B and C."""
-        return self.x_heads * self.head_dim + (self.b_groups + self.n_groups) * self.d_state
-
-    def in_proj_sizes(self) -> dict[str, int]:
-        """Widths of the ``in_proj`` output, in row order."""
-        return {"z": self.d_inner, "x": self.x_heads * self.head_dim, "B": self.b_groups * self.d_state,
-                "C": self.n_groups * self.d_state, "dt": self.n_heads}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,54 +188,6 @@ class Mamba2LMConfig(ModelConfig):
         return {"num_hidden_layers": self.num_hidden_layers, "d_model": m.d_model, "d_inner": m.d_inner,
                 "n_heads": m.n_heads, "head_dim": m.head_dim, "d_state": m.d_state, "n_groups": m.n_groups,
                 "xb_heads": m.xb_heads, "vocab_size": self.vocab_size}
-
-@dataclasses.dataclass(frozen=True)
-class MLAConfig:
-    """Multi-head Latent Attention (DeepSeek-V3 form, METHOD §2).
-
-    ``q = W_qb · [RMSNorm] · W_qa x`` (or a full ``q_proj`` when ``q_lora_rank`` is None), split per head into
-    ``q_nope`` and ``q_pe``; ``[c_kv ; k_pe] = W_kva x`` with one shared RoPE key; ``[k_nope ; v] = W_kvb c_kv``
-    in ``kv_groups`` groups (= n_heads for DeepSeek, the teacher's KV heads for Zebra), repeated to the heads.
-    The decode cache holds ``kv_lora_rank + qk_rope_head_dim`` values per token.
-    """
-
-    d_model: int = 2048
-    n_heads: int = 32
-    kv_groups: int = 32
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    q_latent_norm: bool = False
-    kv_latent_norm: bool = False
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
-    rope_interleave: bool = False
-    attention_bias: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        require_positive(self, "d_model", "n_heads", "kv_groups", "kv_lora_rank", "qk_nope_head_dim",
-                         "qk_rope_head_dim", "v_head_dim")
-        if self.q_lora_rank is not None:
-            require_positive(self, "q_lora_rank")
-        require(self.n_heads % self.kv_groups == 0, self,
-                f"kv_groups={self.kv_groups} must divide n_heads={self.n_heads}")
-        require(self.qk_rope_head_dim % 2 == 0, self, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
-        require(self.norm_eps > 0 and self.rope_theta > 0, self,
-                f"norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be > 0")
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def latent_dim(self) -> int:
-        """Values cached per token: ``kv_lora_rank + qk_rope_head_dim``."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,34 +239,36 @@ class DeepseekV3Config(ModelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """One layer of a decoder: which mixer (a registered kind, ``zebrax.mixers``: ``attention``, ``mla``,
-    ``mamba2``, ``gdn``), its config, and whether the block has an MLP (``h = h + Mixer(RMSNorm(h)); h = h +
-    MLP(RMSNorm(h))``, or the first half alone)."""
+    """One layer of a decoder: which mixer (a registered kind, ``zebrax.mixers``), its config, and whether the block
+    has an MLP (``h = h + Mixer(RMSNorm(h)); h = h + MLP(RMSNorm(h))``, or the first half alone)."""
 
     mixer: str
     config: Any
     mlp: bool = True
 
     def __post_init__(self):
-        from zebrax.mixers import kinds
-
         require(self.mixer in kinds(), self, f"mixer={self.mixer!r} is not one of {sorted(kinds())}")
-        want = kinds()[self.mixer].config
+        want = kind(self.mixer).config
         if isinstance(self.config, dict):
             object.__setattr__(self, "config", want(**self.config))
         require(isinstance(self.config, want), self,
                 f"a {self.mixer!r} layer needs a {want.__name__}, got {type(self.config).__name__}")
 
 
+def _own_kinds() -> dict:
+    """The kinds whose layers carry a config of their own in a hybrid (every kind but the teacher's)."""
+    return {name: k for name, k in kinds().items() if not k.teacher}
+
+
 @dataclasses.dataclass(frozen=True)
 class HybridConfig(ModelConfig):
     """A Zebra-Llama hybrid: the teacher's Llama blocks (pre-norm, SwiGLU MLP) whose mixer is, layer by layer, any
     registered kind (``mixers``, one name per layer: ``mla``, ``mamba2``, ``gdn`` or the teacher's own
-    ``attention``). A layer runs its kind's config: ``attention`` is the teacher's, the others are in ``configs`` and
-    read as ``config.mla``, ``config.mamba2``, …; in JSON each is a field named after its kind. ``layer_configs``
-    gives single layers a config of their own kind that differs (``(layer, config)`` pairs: per-layer MLA ranks, as
-    AMD's ``layer_rank_list``); ``plan()`` is what each layer runs. ``recipe.from_teacher`` derives the configs
-    by the Zebra recipe."""
+    ``attention``). The teacher's kind runs the teacher's config (``attention``); every other kind its config in
+    ``configs``, read as ``config.mla``, ``config.mamba2``, … (in JSON each is a field named after its kind).
+    ``layer_configs`` gives single layers a config of their own kind that differs (``(layer, config)`` pairs:
+    per-layer MLA ranks, as AMD's ``layer_rank_list``); ``plan()`` is what each layer runs.
+    ``recipe.from_teacher`` derives the configs by the Zebra recipe."""
 
     vocab_size: int = 128256
     hidden_size: int = 2048
@@ -494,19 +293,15 @@ class HybridConfig(ModelConfig):
     residual_in_fp32 = False
 
     def __post_init__(self):
-        from zebrax.mixers import kinds
-
         if isinstance(self.attention, dict):
             object.__setattr__(self, "attention", AttentionConfig(**self.attention))
+        own = _own_kinds()
         configs = dict(self.configs)
-        unknown = sorted(set(configs) - set(kinds()) | {"attention"} & set(configs))
-        require(not unknown, self, f"configs {unknown} are not of mixer kinds other than attention "
-                f"({sorted(set(kinds()) - {'attention'})})")
+        unknown = sorted(set(configs) - set(own))
+        require(not unknown, self, f"configs {unknown} are not of mixer kinds with a config of their own "
+                f"({sorted(own)})")
         for name, cfg in configs.items():
-            cls = kinds()[name].config
-            configs[name] = cls(**cfg) if isinstance(cfg, dict) else cfg
-            require(isinstance(configs[name], cls), self,
-                    f"{name} needs a {cls.__name__}, got {type(configs[name]).__name__}")
+            configs[name] = self._made(name, cfg, name)
         object.__setattr__(self, "configs", tuple(sorted(configs.items())))
         object.__setattr__(self, "mixers", tuple(self.mixers))
         normalise_token_ids(self)
@@ -514,21 +309,28 @@ class HybridConfig(ModelConfig):
         require(len(self.mixers) > 0, self, "mixers must name at least one layer")
         unknown = sorted({m for m in self.mixers if m not in kinds()})
         require(not unknown, self, f"mixers {unknown} are not among {sorted(kinds())}")
-        missing = sorted({m for m in self.mixers if m != "attention"} - set(configs))
+        missing = sorted({m for m in self.mixers if m in own} - set(configs))
         require(not missing, self, f"no config for the {missing} layers")
-        for name in sorted(set(self.mixers) - {"attention"}):
-            d_model = configs[name].d_model
-            require(d_model == self.hidden_size, self, f"{name}.d_model={d_model} must equal hidden_size="
-                    f"{self.hidden_size}")
         object.__setattr__(self, "layer_configs", self._own_configs())
         require(self.rms_norm_eps > 0, self, f"rms_norm_eps={self.rms_norm_eps} must be > 0")
         check_activation(self, "hidden_act")
 
-    def _own_configs(self) -> tuple[tuple[int, Any], ...]:
-        """``layer_configs`` checked (a layer once, in range, not attention, its kind's config class, the model's
-        width) and made configs, in layer order."""
-        from zebrax.mixers import kinds
+    def _made(self, name: str, cfg, where: str):
+        """``cfg`` (a config or a dict of one) as kind ``name``'s config, checked: its class, and its width (the
+        kind's ``width`` field) the model's."""
+        cls = kind(name).config
+        cfg = cls(**cfg) if isinstance(cfg, dict) else cfg
+        require(isinstance(cfg, cls), self, f"{where} is a {name} config, which needs a {cls.__name__}, got "
+                f"{type(cfg).__name__}")
+        width = kind(name).width
+        if width is not None:
+            require(getattr(cfg, width) == self.hidden_size, self, f"{where}: {name}.{width}={getattr(cfg, width)} "
+                    f"must equal hidden_size={self.hidden_size}")
+        return cfg
 
+    def _own_configs(self) -> tuple[tuple[int, Any], ...]:
+        """``layer_configs`` checked (a layer once, in range, of a kind with a config of its own, that kind's config
+        class, the model's width) and made configs, in layer order."""
         own = {}
         for entry in self.layer_configs:
             require(isinstance(entry, (tuple, list)) and len(entry) == 2, self,
@@ -537,13 +339,8 @@ class HybridConfig(ModelConfig):
             require(isinstance(i, int) and 0 <= i < len(self.mixers) and i not in own, self,
                     f"layer_configs: layer {i!r} is not a layer 0..{len(self.mixers) - 1} given once")
             mixer = self.mixers[i]
-            require(mixer != "attention", self, f"layer_configs: layer {i} is attention, which runs the teacher's")
-            cls = kinds()[mixer].config
-            own[i] = cls(**cfg) if isinstance(cfg, dict) else cfg
-            require(isinstance(own[i], cls), self, f"layer_configs: layer {i} is {mixer}, which needs a "
-                    f"{cls.__name__}, got {type(own[i]).__name__}")
-            require(own[i].d_model == self.hidden_size, self, f"layer_configs: layer {i} has d_model="
-                    f"{own[i].d_model}, not hidden_size={self.hidden_size}")
+            require(not kind(mixer).teacher, self, f"layer_configs: layer {i} is {mixer}, which runs the teacher's")
+            own[i] = self._made(mixer, cfg, f"layer_configs: layer {i}")
         return tuple(sorted(own.items()))
 
     def __getattr__(self, name: str):
@@ -571,17 +368,16 @@ class HybridConfig(ModelConfig):
 
     @classmethod
     def from_dict(cls, d: dict) -> HybridConfig:
-        from zebrax.mixers import kinds
-
+        own = _own_kinds()
         d = dict(d)
-        configs = {name: d.pop(name) for name in list(d) if name in kinds() and name != "attention"}
+        configs = {name: d.pop(name) for name in list(d) if name in own}
         for name, sub in configs.items():
-            unknown_fields(kinds()[name].config, sub)
+            unknown_fields(own[name].config, sub)
         mixers = d.get("mixers", ())
         for entry in d.get("layer_configs", ()):
             if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict) \
-                    and isinstance(entry[0], int) and 0 <= entry[0] < len(mixers) and mixers[entry[0]] in kinds():
-                unknown_fields(kinds()[mixers[entry[0]]].config, entry[1])
+                    and isinstance(entry[0], int) and 0 <= entry[0] < len(mixers) and mixers[entry[0]] in own:
+                unknown_fields(own[mixers[entry[0]]].config, entry[1])
         return super().from_dict({**d, "configs": tuple(configs.items()),
                                   "layer_configs": tuple(tuple(e) for e in d.get("layer_configs", ()))})
 
@@ -591,26 +387,32 @@ class HybridConfig(ModelConfig):
 
     def plan(self) -> tuple[LayerSpec, ...]:
         own = dict(self.layer_configs)
-        return tuple(LayerSpec(m, own.get(i) or getattr(self, m)) for i, m in enumerate(self.mixers))
+        return tuple(LayerSpec(m, self.attention if kind(m).teacher else own.get(i) or getattr(self, m))
+                     for i, m in enumerate(self.mixers))
 
     def linear_kinds(self) -> tuple[str, ...]:
-        """The kinds of its layers other than attention and MLA (``mamba2``, ``gdn``), in layer order."""
-        return tuple(dict.fromkeys(m for m in self.mixers if m not in ("attention", "mla")))
+        """The kinds of its layers of the linear family (``mamba2``, ``gdn``), in layer order."""
+        return tuple(dict.fromkeys(m for m in self.mixers if kind(m).linear))
 
     def layers_of(self, mixer: str) -> tuple[int, ...]:
         return tuple(i for i, m in enumerate(self.mixers) if m == mixer)
+
+    def all_of(self, mixer: str) -> HybridConfig:
+        """This hybrid with every layer ``mixer`` (a student of it: ``all_of("mla")``, ``all_of("gdn")``), the
+        layers' own configs of that kind kept."""
+        return self.replace(mixers=(mixer,) * self.num_hidden_layers,
+                            layer_configs=tuple((i, c) for i, c in self.layer_configs if self.mixers[i] == mixer))
 
     def teacher_cache_values_per_token(self) -> int:
         """Values the all-attention teacher caches per token: layers × 2 × KV heads × head_dim."""
         return self.num_hidden_layers * 2 * self.attention.n_kv_heads * self.attention.head_dim
 
     def summary(self) -> dict:
-        mla = dict(self.configs).get("mla")
-        ranks = {} if mla is None else {"kv_lora_rank": mla.kv_lora_rank, "q_lora_rank": mla.q_lora_rank,
-                                        "qk_rope_head_dim": mla.qk_rope_head_dim}
+        a = self.attention
+        kinds_own = {f: getattr(cfg, f) for name, cfg in self.configs for f in kind(name).summary}
         return {"num_hidden_layers": self.num_hidden_layers, "hidden_size": self.hidden_size,
-                "num_attention_heads": self.attention.n_heads, "num_key_value_heads": self.attention.n_kv_heads,
-                **ranks, "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
+                "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, **kinds_own,
+                "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size}
 
     def check_teacher(self, teacher) -> None:
         """ConfigError unless ``teacher`` is a Llama of this hybrid's shape (layers, width, heads, head_dim)."""
@@ -627,15 +429,15 @@ class HybridConfig(ModelConfig):
 
     def on_teacher(self, teacher: LlamaConfig) -> HybridConfig:
         """This hybrid's layout and mixer settings on another checkpoint of the same shape (a preset made from a
-        published config, applied to the teacher actually loaded): vocabulary, token ids, dtypes, RoPE base and
-        the teacher's attention come from ``teacher``; a teacher of another shape is an error."""
+        published config, applied to the teacher actually loaded): vocabulary, token ids, dtypes, the teacher's
+        attention and the RoPE base of every kind that rotates (a ``rope_theta`` field) come from ``teacher``; a
+        teacher of another shape is an error."""
         self.check_teacher(teacher)
+        rotates = {name: dataclasses.replace(cfg, rope_theta=teacher.rope_theta) for name, cfg in self.configs
+                   if hasattr(cfg, "rope_theta")}
         return self.replace(
             vocab_size=teacher.vocab_size, intermediate_size=teacher.intermediate_size,
-            attention=AttentionConfig(teacher.num_attention_heads, teacher.num_key_value_heads, teacher.head_dim,
-                                      teacher.rope_theta, teacher.rope_scaling, teacher.attention_bias),
-            **({"mla": dataclasses.replace(self.mla, rope_theta=teacher.rope_theta)} if "mla" in dict(self.configs)
-               else {}),
+            attention=teacher.attention_config(), **rotates,
             rms_norm_eps=teacher.rms_norm_eps, max_position_embeddings=teacher.max_position_embeddings,
             tie_word_embeddings=teacher.tie_word_embeddings, mlp_bias=teacher.mlp_bias, hidden_act=teacher.hidden_act,
             bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zebrax import checkpoint, data
+from zebrax import data
 from zebrax.data import DataError
+from zebrax.files import atomic_directory, write_text_atomic
 
 FORMAT, FORMAT_VERSION = "zebrax-corpus", 1
 MANIFEST = "corpus.json"
@@ -88,11 +89,17 @@ def tokenize(files: Sequence[str | os.PathLike], out: str | os.PathLike, codec, 
 
     if not files:
         raise DataError("tokenize: no data files given")
+    seen = [Path(f).resolve() for f in files]
+    twice = next((f for f, r in zip(files, seen, strict=True) if seen.count(r) > 1), None)
+    if twice is not None:
+        raise DataError(f"tokenize: {twice} is given twice; each file is read once")
+    if seq_len < 2:
+        raise DataError(f"tokenize: seq_len={seq_len}: a row of fewer than 2 tokens predicts no next token")
     start = time.perf_counter()
     fields = _fields(pack)
     counts = {"rows": 0, "documents": 0, "documents_counting_none": 0, "counted_tokens": 0, "real_tokens": 0}
     shards: list[dict] = []
-    with checkpoint.atomic_directory(out, overwrite, replaceable=is_corpus, what="tokenized corpus",
+    with atomic_directory(out, overwrite, replaceable=is_corpus, what="tokenized corpus",
                                      sources=files) as tmp:
         writer = None
 
@@ -128,6 +135,7 @@ def tokenize(files: Sequence[str | os.PathLike], out: str | os.PathLike, codec, 
             raise DataError(f"tokenize: {', '.join(map(str, files))} hold no records")
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "seq_len": seq_len, "packed": pack,
                     "fields": list(fields), **counts, "vocab_size": codec.vocab_size, "tokenizer": tokenizer,
+                    "tokenizer_sha256": codec.sha256(),
                     "sources": {str(f): data.sha256(f) for f in files}, "shards": shards}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {**manifest, "seconds": time.perf_counter() - start}
@@ -145,7 +153,7 @@ def _source(path: Path, files: list[str]):
 class Corpus:
     """A tokenized corpus, read by row: ``len(corpus)``, ``corpus[i]`` → ``{field: [L]}`` (``bool`` masks), read from
     its shard when asked; ``take(indices)`` stacks some rows ``{field: [N, L]}``; ``subset(indices)`` a view of some
-    rows (``data.split``'s parts); ``with_teacher_topk()`` the rows with the stored teacher logits too
+    rows (``data.split``'s parts); ``with_teacher_topk(k)`` the rows with the stored teacher logits too
     (``data.TOPK_FIELDS``, ``[L, k]``)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -163,7 +171,7 @@ class Corpus:
         self.seq_len, self.packed = int(self.manifest["seq_len"]), bool(self.manifest["packed"])
         self.fields = tuple(self.manifest["fields"])
         self._rows = _source(self.path, [s["file"] for s in self.manifest["shards"]])
-        self._topk = None
+        self._topk, self._k = None, 0
         self.indices = np.arange(len(self._rows))
 
     def _view(self, **changes) -> Corpus:
@@ -190,8 +198,8 @@ class Corpus:
             at += n * np.dtype(_TYPES[k]).itemsize
         if self._topk is not None:
             raw, k = self._topk[index], self.topk
-            values = np.frombuffer(raw, np.float32, n * k).reshape(n, k)
-            indices = np.frombuffer(raw, np.int32, n * k, n * k * 4).reshape(n, k)
+            values = np.frombuffer(raw, np.float32, n * k).reshape(n, k)[:, :self._k]
+            indices = np.frombuffer(raw, np.int32, n * k, n * k * 4).reshape(n, k)[:, :self._k]
             out.update(zip(data.TOPK_FIELDS, (values, indices), strict=True))
         return out
 
@@ -202,18 +210,29 @@ class Corpus:
     def subset(self, indices) -> Corpus:
         return self._view(indices=self.indices[np.asarray(indices)])
 
-    def with_teacher_topk(self) -> Corpus:
-        """The same rows, carrying the stored teacher logits."""
-        if TOPK not in self.manifest:
-            raise DataError(f"{self.path}: holds no teacher logits (make them with `zebrax teacher-logits`)")
-        return self._view(_topk=_source(self.path, self.manifest[TOPK]["files"]))
+    def with_teacher_topk(self, k: int) -> Corpus:
+        """The same rows, carrying the teacher's ``k`` largest stored logits (``k`` at most those stored: they are
+        stored largest first, so the first ``k`` are its top ``k``)."""
+        if not 1 <= k <= self.topk:
+            raise DataError(f"{self.path}: holds the teacher's top {self.topk} logits, not its top {k} (make them "
+                            f"with `zebrax teacher-logits --top-k {k}`)")
+        return self._view(_topk=_source(self.path, self.manifest[TOPK]["files"]), _k=k)
 
 
-def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teacher: str = "",
-                   batch_size: int = 8) -> dict:
+def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teacher: str = "", teacher_sha256: str,
+                   codec_sha256: str | None = None, batch_size: int = 8) -> dict:
     """Store the teacher's (``config``, ``params``) top ``top_k`` logits at every position of every row of the corpus
-    at ``path``, a shard of them beside each shard of rows; the manifest names them last (a later run replaces them).
-    Returns the manifest's entry with the ``seconds`` it took."""
+    at ``path``, a shard of them beside each shard of rows, and name them in the manifest with the teacher's identity
+    (``teacher_sha256``: ``checkpoint.content_sha256``), which KD checks. Returns the manifest's entry with the
+    ``seconds`` it took.
+
+    Refused before any work: a teacher of another vocabulary than the corpus's, or of another tokenizer
+    (``codec_sha256``, the teacher's ``TokenizerCodec.sha256``) where the corpus records its own. The new shards are
+    written under names of their own and the manifest switched to them in one atomic write, the old ones removed
+    after: stopped at any point, the corpus names either the old logits whole or the new ones whole (what an
+    interrupted run left unnamed, the next removes)."""
+    import uuid
+
     import jax
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -222,6 +241,13 @@ def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teach
     c = Corpus(path)
     if not 1 <= top_k <= config.vocab_size:
         raise DataError(f"teacher-logits: top_k={top_k} must be between 1 and the vocabulary ({config.vocab_size})")
+    if config.vocab_size != c.manifest["vocab_size"]:
+        raise DataError(f"teacher-logits: the teacher's vocabulary ({config.vocab_size}) is not the corpus's "
+                        f"({c.manifest['vocab_size']}, {c.path}): its logits would not be of the corpus's tokens")
+    theirs = c.manifest.get("tokenizer_sha256")
+    if codec_sha256 is not None and theirs is not None and codec_sha256 != theirs:
+        raise DataError(f"teacher-logits: {c.path} was tokenized by another tokenizer than the teacher's "
+                        f"({c.manifest.get('tokenizer') or 'unnamed'}); tokenize it with the teacher's")
     start = time.perf_counter()
     module = build(config)
 
@@ -231,9 +257,11 @@ def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teach
                               segment_ids=batch.get("segment_ids"))[0]
         return jax.lax.top_k(logits.astype(np.float32), top_k)
 
+    _remove_unnamed(c)
+    run = uuid.uuid4().hex[:8]
     files, first = [], 0
     for n, shard in enumerate(c.manifest["shards"]):
-        files.append(f"teacher-topk-{n:05d}.arrayrecord")
+        files.append(f"teacher-topk-{run}-{n:05d}.arrayrecord")
         tmp = c.path / f".{files[-1]}.tmp-{os.getpid()}"
         writer = ArrayRecordWriter(str(tmp), "group_size:1")
         for at in range(first, first + shard["rows"], batch_size):
@@ -246,6 +274,16 @@ def teacher_logits(path: str | os.PathLike, config, params, top_k: int, *, teach
         writer.close()
         os.replace(tmp, c.path / files[-1])
         first += shard["rows"]
-    entry = {"k": top_k, "teacher": teacher, "files": files}
-    checkpoint.write_text_atomic(c.path / MANIFEST, json.dumps({**c.manifest, TOPK: entry}, indent=2))
+    entry = {"k": top_k, "teacher": teacher, "teacher_sha256": teacher_sha256, "files": files}
+    write_text_atomic(c.path / MANIFEST, json.dumps({**c.manifest, TOPK: entry}, indent=2))
+    _remove_unnamed(Corpus(c.path))
     return {**entry, "seconds": time.perf_counter() - start}
+
+
+def _remove_unnamed(c: Corpus) -> None:
+    """Remove the stored-logit shards (and temporaries) the manifest does not name: an earlier teacher's, or what an
+    interrupted ``teacher_logits`` left."""
+    named = set(c.manifest.get(TOPK, {}).get("files", ()))
+    for f in c.path.iterdir():
+        if f.name.lstrip(".").startswith("teacher-topk-") and f.name not in named:
+            f.unlink()

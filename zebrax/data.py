@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zebrax import checkpoint
 from zebrax.errors import ZebraxError
+from zebrax.files import write_text_atomic
 
 LM_FIELDS = ("tokens", "token_mask", "loss_mask")
 TOPK_FIELDS = ("teacher_topk_values", "teacher_topk_indices")  # stored teacher logits (KD without the teacher)
@@ -59,6 +59,10 @@ class ByteCodec:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
+    def sha256(self) -> str:
+        """Its identity (``TokenizerCodec.sha256``): bytes are bytes."""
+        return hashlib.sha256(b"zebrax byte codec: ids 0-255, BOS 256, EOS 257").hexdigest()
+
 
 class TokenizerCodec:
     """A transformers tokenizer: plain text with its special tokens, chat through its template."""
@@ -77,6 +81,15 @@ class TokenizerCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def sha256(self) -> str:
+        """Its identity: the SHA-256 of what decides the ids of a text, the tokenizer's whole pipeline (normaliser,
+        pre-tokeniser, vocabulary and merges, added tokens) and its chat template. Two tokenizers of one vocabulary
+        size differ here."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        pipeline = backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return hashlib.sha256(f"{pipeline}\n{template}".encode()).hexdigest()
 
 
 def codec_for(model, where: str):
@@ -395,4 +408,4 @@ def generate_data(model, prompts: str | os.PathLike, out: str | os.PathLike, *, 
                     bar.update(1)
             f.flush()
             os.fsync(f.fileno())
-    return checkpoint.write_text_atomic(out, "".join(done[i] + "\n" for i in range(len(records))))
+    return write_text_atomic(out, "".join(done[i] + "\n" for i in range(len(records))))

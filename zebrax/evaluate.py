@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from zebrax import data
-from zebrax.distill.losses import kl_loss
 from zebrax.errors import InvalidArgument
+from zebrax.losses import kl_loss, token_logprobs
 
 
 @functools.lru_cache(maxsize=8)
 def batch_sums(model, teacher):
     """The jitted per-batch sums of one (model, teacher or None) pair of modules: compiled once per batch shape,
-    whatever the parameters (they are arguments, never constants). ``zebrax.aot`` compiles it."""
+    whatever the parameters (they are arguments, never constants). ``zebrax.app.aot`` compiles it."""
 
     @jax.jit
     def sums(params, teacher_params, tokens, token_mask, loss_mask, segment_ids=None):
@@ -35,7 +35,7 @@ def batch_sums(model, teacher):
         logits = model.apply({"params": params}, tokens, token_mask=token_mask,
                              segment_ids=segment_ids)[0].astype(jnp.float32)
         nxt = counted[:, :-1] & data.next_in_document({"token_mask": token_mask, "segment_ids": segment_ids})
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
+        logp = token_logprobs(logits[:, :-1], tokens[:, 1:])
         out = {"nll": -jnp.sum(jnp.where(nxt, logp, 0.0)), "predicted": jnp.sum(nxt)}
         if teacher is not None:
             t_logits = teacher.apply({"params": teacher_params}, tokens, token_mask=token_mask,

@@ -54,8 +54,10 @@ class Generator:
 
     def __init__(self, module):
         self.module = module
+        # the steps ``zebrax compile`` compiles: ``prefill(params, tokens, token_mask, max_len=)`` and
+        # ``decode_step(params, cache, tokens)``, which updates the cache it is given in place (donated)
         self.prefill = jax.jit(self._prefill, static_argnames="max_len")
-        self.decode_step = jax.jit(self._decode_step)
+        self.decode_step = jax.jit(self._decode_step, donate_argnums=1)
         self.decode = jax.jit(self._decode, static_argnames="capacity")
 
     def _prefill(self, params, tokens, token_mask, *, max_len: int):

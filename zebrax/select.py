@@ -1,11 +1,11 @@
 """SMART layer selection (METHOD §5): score every layer by how much taking it from the all-MLA student brings the
-all-Mamba2 student back toward the teacher, then place N MLA layers.
+all-linear student (all-Mamba2, or all of another linear kind) back toward the teacher, then place N MLA layers.
 
-    s_l = KL(teacher ‖ all-Mamba2) − KL(teacher ‖ all-Mamba2 with layer l from all-MLA)
+    s_l = KL(teacher ‖ all-linear) − KL(teacher ‖ all-linear with layer l from all-MLA)
 
 KL is the mean over calibration tokens of ``Σ_v p_teacher (log p_teacher − log p_student)``. The L + 1 student
 passes share one compiled program: layer ``l``'s choice is a traced index (``nn.switch``), not a new model. The pass
-that swaps layer ``l`` starts from the all-Mamba2 student's input to that layer (computed once, in one pass over all
+that swaps layer ``l`` starts from the all-linear student's input to that layer (computed once, in one pass over all
 the layers), so the layers before it are not run again: L(L + 1)/2 + 2L layers in all, not L(L + 1).
 
 Placement: the first MLA layer at ``first``, the last at ``last`` (default L − 2), every gap between consecutive
@@ -28,16 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from zebrax.config import HybridConfig
-from zebrax.distill.losses import kl_loss
 from zebrax.errors import InvalidArgument
 from zebrax.init.assemble import check_students
-from zebrax.models.decoder import Block, embed_tokens, lm_head, make_slots
-from zebrax.ops import Impls
+from zebrax.losses import kl_loss
+from zebrax.models.decoder import Block, embed_tokens, layer_io, lm_head, make_slots
+from zebrax.models.impls import Impls
 from zebrax.sharding import place_rows
 
 
 class SwapLM(nn.Module):
-    """The all-Mamba2 student (``base``) whose layer ``swap`` is the all-MLA student's (``other``), run from that
+    """The all-linear student (``base``) whose layer ``swap`` is the all-MLA student's (``other``), run from that
     layer on; ``swap = −1`` swaps none and runs every layer. Parameters: the base student's, plus ``swap_{i}`` = the
     other student's ``layers_{i}``."""
 
@@ -61,17 +61,17 @@ class SwapLM(nn.Module):
         return lm_head(cfg, x, embedding)
 
 
-def swap_params(mla_params: dict, mamba_params: dict, num_layers: int) -> dict:
-    """``SwapLM``'s parameters: the all-Mamba2 student's, plus ``swap_{i}`` = the all-MLA student's ``layers_{i}``."""
-    return {**mamba_params, **{f"swap_{i}": mla_params[f"layers_{i}"] for i in range(num_layers)}}
+def swap_params(mla_params: dict, linear_params: dict, num_layers: int) -> dict:
+    """``SwapLM``'s parameters: the all-linear student's, plus ``swap_{i}`` = the all-MLA student's ``layers_{i}``."""
+    return {**linear_params, **{f"swap_{i}": mla_params[f"layers_{i}"] for i in range(num_layers)}}
 
 
-def swap_kl(mla_config: HybridConfig, mamba_config: HybridConfig, impls: Impls | None = None):
-    """SMART's scoring pass: ``kl(params, tokens, x, teacher_logits, swap)`` = KL(teacher ‖ the all-Mamba2 student
+def swap_kl(mla_config: HybridConfig, linear_config: HybridConfig, impls: Impls | None = None):
+    """SMART's scoring pass: ``kl(params, tokens, x, teacher_logits, swap)`` = KL(teacher ‖ the all-linear student
     with layer ``swap`` taken from the all-MLA student), the mean over ``tokens`` ``[N, L]`` (``params``:
-    ``swap_params``; ``x`` ``[N, L, D]``: the all-Mamba2 student's input to layer max(swap, 0), ``layer_inputs``;
-    ``teacher_logits`` ``[N, L, V]``; ``swap`` −1 for none). ``zebrax.aot`` compiles it."""
-    module = SwapLM(mamba_config, mla_config, impls or Impls())
+    ``swap_params``; ``x`` ``[N, L, D]``: the all-linear student's input to layer max(swap, 0), ``layer_inputs``;
+    ``teacher_logits`` ``[N, L, V]``; ``swap`` −1 for none). ``zebrax compile smart`` compiles it."""
+    module = SwapLM(linear_config, mla_config, impls or Impls())
 
     def kl(params, tokens, x, teacher_logits, swap):
         return kl_loss(teacher_logits, module.apply({"params": params}, tokens, x, swap))  # mean over tokens
@@ -82,7 +82,6 @@ def swap_kl(mla_config: HybridConfig, mamba_config: HybridConfig, impls: Impls |
 def layer_inputs(student, tokens) -> jax.Array:
     """The input of every layer of ``student`` (a ``zebrax.Model``) on ``tokens`` ``[N, L]`` → ``[layers, N, L, D]``,
     from one forward pass."""
-    from zebrax.distill.ild import layer_io
 
     def inputs(params, tokens):
         return jnp.stack(layer_io(student.module, params, tokens)["block_input"])
@@ -90,17 +89,17 @@ def layer_inputs(student, tokens) -> jax.Array:
     return jax.jit(inputs)(student.params, tokens)
 
 
-def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
+def scores(teacher, mla_student, linear_student, tokens: np.ndarray) -> dict:
     """SMART scores of every layer on ``tokens`` ``[N, L]`` (``zebrax.Model``s; the students hybrids of one teacher
-    shape, all-MLA and all-Mamba2). Returns ``kl_all_mamba2``, ``kl`` (per layer), ``scores``, ``seconds``,
+    shape, all-MLA and all-linear). Returns ``kl_all_linear``, ``kl`` (per layer), ``scores``, ``seconds``,
     ``compilations`` (of the student program; 1 unless shapes change). The students must agree on every setting
     outside their mixers (``init.assemble.check_students``). Models with a ``mesh`` (one, the same) score with their
     parameters as they are sharded and the rows split over it: no device holds a whole model or all the logits."""
-    check_students(mla_student.config, mamba_student.config, "select")
+    check_students(mla_student.config, linear_student.config, "select")
     tokens = teacher.check_tokens(tokens, "select")
     start = time.perf_counter()
-    kl = swap_kl(mla_student.config, mamba_student.config, mamba_student.module.impls)
-    params = swap_params(mla_student.params, mamba_student.params, mla_student.config.num_hidden_layers)
+    kl = swap_kl(mla_student.config, linear_student.config, linear_student.module.impls)
+    params = swap_params(mla_student.params, linear_student.params, mla_student.config.num_hidden_layers)
     traces = []
 
     def kl_of(*args):
@@ -109,12 +108,12 @@ def scores(teacher, mla_student, mamba_student, tokens: np.ndarray) -> dict:
 
     kl_of = jax.jit(kl_of)
     teacher_logits = teacher.forward(tokens, where="select")  # on the devices, rows split as the tokens' below
-    if mamba_student.mesh is not None:
-        tokens = place_rows({"tokens": tokens}, mamba_student.mesh)["tokens"]
-    inputs = layer_inputs(mamba_student, tokens)
+    if linear_student.mesh is not None:
+        tokens = place_rows({"tokens": tokens}, linear_student.mesh)["tokens"]
+    inputs = layer_inputs(linear_student, tokens)
     kls = [float(kl_of(params, tokens, inputs[max(swap, 0)], teacher_logits, np.int32(swap)))
-           for swap in range(-1, mamba_student.config.num_hidden_layers)]
-    return {"kl_all_mamba2": kls[0], "kl": kls[1:], "scores": [kls[0] - k for k in kls[1:]],
+           for swap in range(-1, linear_student.config.num_hidden_layers)]
+    return {"kl_all_linear": kls[0], "kl": kls[1:], "scores": [kls[0] - k for k in kls[1:]],
             "seconds": round(time.perf_counter() - start, 2), "compilations": len(traces),
             "tokens": int(tokens.size)}
 

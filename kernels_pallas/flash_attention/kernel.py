@@ -11,7 +11,7 @@ the first query follow the reference's semantics; a query that sees no key outpu
 labels: the mask row holds a key's label (its segment id, 1 without segments; 0 when masked) and each row its
 query's (its segment id, or 1): a key is visible to a row whose label it shares.
 
-The forward reads k and v where a KV cache keeps them (``kv_axes``): as the caller holds them, ``[B, Lk, G, D]``,
+The forward reads k and v where a KV cache keeps them (``KVLayout``): as the caller holds them, ``[B, Lk, G, D]``,
 in the loop form (Triton reads any strides); heads-major in the grid form, ``[B, G, Lk, D]``, or ``[B, G, D, Lk]``
 when D is no multiple of 128 lanes, which is how a TPU stores a heads-major array of such a D anyway
 (``common.keys_minor``) and the only row-major form of those bytes Mosaic can read. A last tile that runs past the
@@ -74,20 +74,21 @@ class BlockSizes:
         return min(self.block_q, least)
 
 
-def kv_axes(dim: int, backend: str) -> tuple[int, ...]:
-    """The axes of ``[B, Lk, G, D]`` in the order the forward kernel reads k (or v) of head dim ``dim`` on
-    ``backend``: a KV cache stored so (``zebrax.cache.KVCache``) is read where it lies. ``(0, 1, 2, 3)`` off a
-    TPU; on a TPU heads-major, ``(0, 2, 1, 3)``, or ``(0, 2, 3, 1)`` when ``common.keys_minor(dim)``."""
-    if backend != "tpu":
-        return (0, 1, 2, 3)
-    return (0, 2, 3, 1) if keys_minor(dim, backend) else (0, 2, 1, 3)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Layout:
-    """k or v as the forward kernel reads it: ``[B, Lk, G, D]`` transposed by ``axes`` (``kv_axes``)."""
+class KVLayout:
+    """Where k or v lies: ``[B, Lk, G, D]`` with its axes in the order ``axes``. The one definition of the KV layout:
+    a KV cache is stored in it (``zebrax.cache.KVCache`` carries it) and the forward kernel reads it where it lies.
+    ``for_head_dim``: ``(0, 1, 2, 3)`` off a TPU; on a TPU heads-major, ``(0, 2, 1, 3)``, or ``(0, 2, 3, 1)`` when
+    ``common.keys_minor(dim)``."""
 
-    axes: tuple[int, ...]
+    axes: tuple[int, ...] = (0, 1, 2, 3)
+
+    @classmethod
+    def for_head_dim(cls, dim: int, backend: str) -> KVLayout:
+        """The layout the forward kernel reads k (or v) of head dim ``dim`` in on ``backend``."""
+        if backend != "tpu":
+            return cls((0, 1, 2, 3))
+        return cls((0, 2, 3, 1) if keys_minor(dim, backend) else (0, 2, 1, 3))
 
     @property
     def keys_last(self) -> bool:
@@ -97,9 +98,13 @@ class _Layout:
         """``[B, Lk, G, D]`` → this layout."""
         return jnp.transpose(t, self.axes)
 
+    def logical(self, t):
+        """This layout → ``[B, Lk, G, D]``."""
+        return jnp.transpose(t, [self.axes.index(a) for a in range(4)])
+
     def heads_major(self, t):
         """This layout → ``[B, G, Lk, D]``."""
-        return jnp.transpose(jnp.transpose(t, [self.axes.index(a) for a in range(4)]), (0, 2, 1, 3))
+        return jnp.swapaxes(self.logical(t), 1, 2)
 
     def from_heads_major(self, t):
         return self.arrange(jnp.swapaxes(t, 1, 2))
@@ -292,8 +297,8 @@ class _Call:
     geo: _Geometry
     target: Target
     scale: float
-    k_layout: _Layout
-    v_layout: _Layout
+    k_layout: KVLayout
+    v_layout: KVLayout
     lk: int  # keys (the walked length of k and v in the forward)
 
 
@@ -390,7 +395,7 @@ def flash_attention(q, k, v, *, kv_mask=None, q_offset=0, scale=None, segment_id
     # Triton's tiles are powers of two wide; Mosaic reads a block as wide as the array at any width
     width = (lambda d: d) if target.sweep_in_grid else lane_padded
     d_qk, d_v = width(dqk), width(dv)
-    k_layout, v_layout = (_Layout(kv_axes(d, target.backend)) for d in (d_qk, d_v))
+    k_layout, v_layout = (KVLayout.for_head_dim(d, target.backend) for d in (d_qk, d_v))
     call = _Call(geo=geo, target=target, scale=float(scale), k_layout=k_layout, v_layout=v_layout, lk=lk)
 
     def lanes(t, d):  # zeros appended to the last axis (a copy only where Triton needs a power of two)

@@ -49,7 +49,7 @@ def test_moe_checkpoints_are_refused(tiny_deepseek, tmp_path, capsys):
     import json
     import shutil
 
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     src = shutil.copytree(tiny_deepseek("q_lora_yarn")[1], tmp_path / "hf")
     config = json.loads((src / "config.json").read_text())

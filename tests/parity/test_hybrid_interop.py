@@ -505,7 +505,7 @@ def test_exported_hybrids_compute_in_their_code_what_they_compute_in_zebrax(tmp_
 def test_export_refuses_what_their_code_computes_otherwise(tmp_path, capsys):
     """A Mamba2 gated-norm eps other than their fixed 1e-5, ranks their config rejects, an MLP bias: one line naming
     the setting, nothing written."""
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     base = from_teacher(teacher(1e-6), mla_layers=[0, 2], kv_lora_rank=16, q_lora_rank=24,
                                      qk_rope_head_dim=8)
@@ -547,7 +547,7 @@ def test_what_zebrax_cannot_compute_as_their_code_does_fails_in_one_line(tmp_pat
 
 
 def test_their_files_with_unknown_fields_or_missing_tensors_fail_in_one_line(tmp_path, capsys):
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     write_layout(tmp_path / "theirs", "amd", [0, 2])
     hybrid = json.loads((tmp_path / "theirs" / "hybrid_config.json").read_text())

@@ -65,7 +65,7 @@ def test_eval_perplexity_matches_transformers(smollm2_checkpoint, teacher, tmp_p
     """`zebrax eval` on a fixed text: the perplexity transformers' logits give on the same tokens (1e-4 relative)."""
     import json
 
-    from zebrax.cli import main
+    from zebrax.app.cli import main
 
     (tmp_path / "text.txt").write_text(TEXT)
     assert main(["eval", str(smollm2_checkpoint), "--data", str(tmp_path / "text.txt"), "--seq-len", "256"]) == 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from zebrax import checkpoint
+from zebrax import checkpoint, files
 from zebrax.config import DTYPES
-from zebrax.convert.architectures import TENSOR_MAPS
+from zebrax.convert.architectures import tensor_map
 from zebrax.convert.gguf import GGUFSource
 from zebrax.convert.hf import HFSource
 from zebrax.convert.mapping import params_from_hf
@@ -45,9 +45,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "flo
         raise ConfigError(f"dtype={dtype!r} is not one of {DTYPES}")
     source = open_source(src)
     config = source.config.replace(dtype=dtype, param_dtype=dtype)
-    with checkpoint.warnings_after_success(), checkpoint.atomic_directory(dst, overwrite=overwrite,
+    with files.warnings_after_success(), checkpoint.writing(dst, overwrite=overwrite,
                                                                              sources=[src]) as tmp:
-        config, params = params_from_hf(TENSOR_MAPS[config.model_type], config, source.tensors(), dtype,
+        config, params = params_from_hf(tensor_map(config), config, source.tensors(), dtype,
                                         quiet_untie=getattr(source, "unties_quietly", False))
         checkpoint.save(tmp, config, params)
         del params

@@ -65,15 +65,17 @@ DEEPSEEK_V3 = TensorMap(
     layer_prefix="model.layers",
 )
 
-# a hybrid's HF layout (the reference code's, convert/hybrid.py): Llama blocks whose mixer is stored under its kind's
-# ``hf_module``: `mla.*` (AMD), `mamba.*`, the kept `self_attn.*` (MambaInLlama), `linear_attn.*` (Gated DeltaNet);
-# the head is always stored
-HYBRID = TensorMap(
-    top_level=LLAMA.top_level,
-    per_layer={**LLAMA.per_layer,
-               **{t: v for k in kinds().values() for t, v in mixer_tensors(k.name, k.hf_module).items()}},
-    layer_prefix="model.layers",
-)
+def hybrid_map() -> TensorMap:
+    """A hybrid's HF layout (the reference code's, ``convert/hybrid.py``): Llama blocks whose mixer is stored under its
+    kind's ``hf_module``: ``mla.*`` (AMD), ``mamba.*``, the kept ``self_attn.*`` (MambaInLlama), ``linear_attn.*``
+    (Gated DeltaNet), and every other registered kind's; the head is always stored."""
+    return TensorMap(
+        top_level=LLAMA.top_level,
+        per_layer={**LLAMA.per_layer,
+                   **{t: v for k in kinds().values() for t, v in mixer_tensors(k.name, k.hf_module).items()}},
+        layer_prefix="model.layers",
+    )
+
 
 # transformers model_type → (zebrax config class, tensor map)
 ARCHITECTURES = {
@@ -82,5 +84,10 @@ ARCHITECTURES = {
     "mamba2": (Mamba2LMConfig, MAMBA2),
     "deepseek_v3": (DeepseekV3Config, DEEPSEEK_V3),
 }
-TENSOR_MAPS = {LlamaConfig.model_type: LLAMA, Mamba2LMConfig.model_type: MAMBA2,
-               DeepseekV3Config.model_type: DEEPSEEK_V3, HybridConfig.model_type: HYBRID}
+
+
+def tensor_map(config) -> TensorMap:
+    """The tensor map of a zebrax config's model type (a hybrid's, of the kinds registered now)."""
+    if isinstance(config, HybridConfig):
+        return hybrid_map()
+    return {LlamaConfig: LLAMA, Mamba2LMConfig: MAMBA2, DeepseekV3Config: DEEPSEEK_V3}[type(config)]

@@ -10,12 +10,13 @@ from pathlib import Path
 from zebrax import checkpoint
 from zebrax.config import HybridConfig
 from zebrax.convert import hybrid
-from zebrax.convert.architectures import TENSOR_MAPS
+from zebrax.convert.architectures import tensor_map
 from zebrax.convert.hf import TOKENIZER_FILES
 from zebrax.convert.hf_config import to_hf
 from zebrax.convert.hybrid import LAYOUT_FILES
 from zebrax.convert.mapping import hf_tensors
 from zebrax.errors import ConfigError
+from zebrax.files import atomic_directory
 from zebrax.mixers import kind
 
 EXPORT_MARK = "zebrax_export"  # safetensors metadata key: this directory was written by ``export``
@@ -49,21 +50,21 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = 
     if isinstance(config, HybridConfig):
         format = format or hybrid.layout_of(config)
         hybrid.check_exportable(config, format)
-        files = hybrid.files_for(config, format, str(Path(dst).absolute()))
+        layout = hybrid.files_for(config, format, str(Path(dst).absolute()))
         modules = {f"layers_{i}": kind(m).hf_module for i, m in enumerate(config.mixers)}
     elif format not in (None, "hf"):
         raise ConfigError(f"export: format {format!r} is for hybrids; {type(config).__name__} exports as 'hf'")
     else:
-        files, modules = {"config.json": to_hf(config)}, None
+        layout, modules = {"config.json": to_hf(config)}, None
     params = checkpoint.load_params(src, config)
-    tensor_map = TENSOR_MAPS[config.model_type]
-    with checkpoint.atomic_directory(dst, overwrite=overwrite, replaceable=is_export, what="zebrax export",
+    tensors_of = tensor_map(config)
+    with atomic_directory(dst, overwrite=overwrite, replaceable=is_export, what="zebrax export",
                                      sources=[src]) as tmp:
-        for name, content in files.items():
+        for name, content in layout.items():
             (tmp / name).write_text(json.dumps(content, indent=2))
-        tensors = dict(hf_tensors(tensor_map, params, modules))
+        tensors = dict(hf_tensors(tensors_of, params, modules))
         if isinstance(config, HybridConfig) and config.tie_word_embeddings:  # their loaders want the head stored
-            tensors["lm_head.weight"] = tensors[tensor_map.hf_name(("embed_tokens", "embedding"))]
+            tensors["lm_head.weight"] = tensors[tensors_of.hf_name(("embed_tokens", "embedding"))]
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", EXPORT_MARK: "1"})
         tokenizer = checkpoint.tokenizer_dir(src)
         if tokenizer is not None:
@@ -81,10 +82,10 @@ def to_transformers(config, params):
     hf = to_hf(config)
     hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
-    tensor_map = TENSOR_MAPS[config.model_type]
-    state = {name: torch.from_numpy(w) for name, w in hf_tensors(tensor_map, params)}
+    tensors_of = tensor_map(config)
+    state = {name: torch.from_numpy(w) for name, w in hf_tensors(tensors_of, params)}
     if config.tie_word_embeddings:
-        state["lm_head.weight"] = state[tensor_map.hf_name(("embed_tokens", "embedding"))]
+        state["lm_head.weight"] = state[tensors_of.hf_name(("embed_tokens", "embedding"))]
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:

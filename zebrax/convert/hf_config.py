@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from zebrax.checks import ROPE_TYPES
 from zebrax.config import (
-    ROPE_TYPES,
     DeepseekV3Config,
     LlamaConfig,
     Mamba2Config,
@@ -273,5 +273,14 @@ def from_hf(cls: type, d: dict):
 
 
 def to_hf(config) -> dict:
-    """The transformers ``config.json`` dict of a LlamaConfig, Mamba2LMConfig or DeepseekV3Config."""
+    """The transformers ``config.json`` dict of a LlamaConfig, Mamba2LMConfig or DeepseekV3Config (``in_transformers``);
+    ConfigError for a config transformers has no model of (a hybrid: ``zebrax export`` writes its own layout)."""
+    if not in_transformers(config):
+        raise ConfigError(f"{type(config).__name__}: transformers has no model of it (it has Llama, Mamba2 and "
+                          f"DeepSeek-V3); a hybrid exports in AMD's, MambaInLlama's or zebrax's layout")
     return _TO[type(config)](config)
+
+
+def in_transformers(config) -> bool:
+    """Whether transformers has a model of ``config`` that ``to_hf`` describes."""
+    return type(config) in _TO

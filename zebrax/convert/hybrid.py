@@ -3,7 +3,7 @@ and MambaInLlama (``mamba_config.json``: kept attention + Mamba2), both beside t
 zebrax's own layout for every other mix (``zebra_hybrid.json``: the ``HybridConfig``), read back by zebrax alone.
 
 Their tensors (``model.layers.{i}.mla.*``, ``.mamba.*``, ``.self_attn.*``) map onto our parameter names in
-``architectures.HYBRID``; this module translates their JSON both ways, as their code reads it: their loaders build
+``architectures.hybrid_map``; this module translates their JSON both ways, as their code reads it: their loaders build
 a dataclass from the file (a missing key takes the dataclass default, an unknown key is an error) and pass
 ``ssm_cfg`` to their Mamba2 constructor as keyword arguments. Both files' layouts equal ours row for row: MLA heads
 ``[q_nope; q_pe]`` with interleaved RoPE pairs, ``kv_b_proj`` per group ``[k_nope; v]``, Mamba2 ``in_proj`` rows
@@ -60,6 +60,7 @@ SSM_FIXED = {"D_has_hdim": (False, "D per head"), "rmsnorm": (True, "the gated R
 LATENT_NORM_EPS = 1e-6  # their MLA's latent norms (use_lora_layer_norm)
 BLOCK_FIELDS = ("intermediate_size", "hidden_act", "rms_norm_eps")  # what every block of the layout file reads
 LAYOUT_FILES = {"amd": "hybrid_config.json", "mambainllama": "mamba_config.json", "zebrax": "zebra_hybrid.json"}
+LAYOUT_KINDS = {"amd": {"mla", "mamba2"}, "mambainllama": {"attention", "mamba2"}}  # the mixers their code holds
 BIN_WEIGHTS = "pytorch_model.bin"
 
 
@@ -262,12 +263,7 @@ def layout_of(config: HybridConfig) -> str:
     """The layout a hybrid fits: MLA + Mamba2 → AMD's; attention + Mamba2 → MambaInLlama's; any other mix (MLA with
     attention, Gated DeltaNet) → zebrax's own (``zebra_hybrid.json``: the ``HybridConfig``, tensors under each kind's
     ``hf_module``), which only zebrax reads."""
-    kinds = set(config.mixers)
-    if kinds <= {"mla", "mamba2"}:
-        return "amd"
-    if kinds <= {"attention", "mamba2"}:
-        return "mambainllama"
-    return "zebrax"
+    return next((layout for layout, held in LAYOUT_KINDS.items() if set(config.mixers) <= held), "zebrax")
 
 
 def _their_rope(m: MLAConfig) -> dict | None:
@@ -307,8 +303,6 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
     fields."""
     if layout not in LAYOUT_FILES:
         raise ConfigError(f"export: format {layout!r} is not one of {sorted(LAYOUT_FILES)} or 'hf'")
-    if layout_of(config) != layout and not set(config.mixers) <= {"mamba2"} and layout != "zebrax":
-        raise ConfigError(f"export: layers {config.layer_map()} do not fit the {layout} layout")
     a = config.attention
     base = to_hf(LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -321,7 +315,7 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
     ))
     if layout == "zebrax":
         return {"config.json": base, "zebra_hybrid.json": config.to_dict()}
-    m, mb = config.mla, config.mamba2
+    m, mb = dict(config.configs).get("mla"), config.mamba2  # ``check_exportable``: a Mamba2 config, AMD's an MLA one
     common = {"d_inner": mb.d_inner, "d_xb": mb.x_heads * mb.head_dim}
     if layout == "mambainllama":
         base["_name_or_path"] = name_or_path
@@ -351,11 +345,25 @@ def files_for(config: HybridConfig, layout: str, name_or_path: str) -> dict[str,
 
 
 def check_exportable(config: HybridConfig, layout: str) -> None:
-    """What their layouts cannot hold, by name (``files_for`` writes the rest so their code computes ours); zebrax's
-    own holds every hybrid."""
+    """What their layouts cannot hold, by name (``files_for`` writes the rest so their code computes ours): a layout
+    not theirs, layers of a kind their code has not (Gated DeltaNet), the settings below; zebrax's own holds every
+    hybrid."""
+    if layout not in LAYOUT_FILES:
+        raise ConfigError(f"export: format {layout!r} is not one of {sorted(LAYOUT_FILES)}: transformers has no model "
+                          f"of a hybrid, so a hybrid exports in one of these layouts")
     if layout == "zebrax":
         return
-    m, mb = config.mla, config.mamba2
+    foreign = sorted(set(config.mixers) - LAYOUT_KINDS[layout])
+    if foreign:
+        raise ConfigError(f"export: the {layout} layout holds {' and '.join(sorted(LAYOUT_KINDS[layout]))} layers; "
+                          f"this hybrid's {config.layer_map()} has {', '.join(foreign)} layers (--format zebrax holds "
+                          f"every mix)")
+    configs = dict(config.configs)
+    missing = sorted(k for k in ("mla", "mamba2") if k not in configs and (k == "mamba2" or layout == "amd"))
+    if missing:
+        raise ConfigError(f"export: the {layout} layout holds a {' and a '.join(missing)} config, which this hybrid "
+                          f"has not")
+    m, mb = configs.get("mla"), configs["mamba2"]
     wrong = {}
     if config.mlp_bias:
         wrong["mlp_bias"] = (True, "their MLPs have no biases")

@@ -6,18 +6,18 @@ skipped; the stage in progress resumes from its latest complete checkpoint.
 
     stage     reads                writes                  evaluates                settings
     teacher   —                    teacher/ (tiny only)    teacher                  teacher, tiny_teacher, …
-    students  teacher              (in memory)             —                        student, random_init, seed
-    ild       teacher, students    ild/{mla,mamba2}/       —                        ild, ild_kind, …
-    smart     teacher, students    smart.json              —                        num_mla, smart_rows, placement
+    students  teacher              (in memory)             —                        student, linear, …
+    ild       teacher, students    ild/{mla,linear}/       —                        ild, ild_kind, …
+    smart     teacher, students    smart.json              —                        num_mla, smart_rows, placement, …
     hybrid    students, smart      hybrid/                 initialised, after_ild   —
     kd        teacher, hybrid      kd/                     after_kd                 kd, kd_direction, …
     kd_long   teacher, kd          kd_long/                after_kd_long            kd_long, kd_long_seq_len, …
     dpo       hybrid               dpo/                    after_dpo                dpo, dpo_beta, preferences
 
-The students stage makes the all-MLA and the all-linear (Mamba2 or GDN) student from the teacher, again on every run
-(the same seed, the same students). Without ``ild`` in the list, SMART and the hybrid take the students as they are
-initialised. ``WORKDIR/stages.json`` holds the list the run follows, each stage with its settings; ``zebrax run``'s
-report reads it.
+The students stage makes the all-MLA and the all-linear (Mamba2 or GDN: ``linear``) student from the teacher, again
+on every run (the same seed, the same students). Without ``ild`` in the list, SMART and the hybrid take the students
+as they are initialised. ``WORKDIR/stages.json`` holds the list the run follows, each stage with its settings;
+``zebrax run``'s report reads it.
 
 Runs that agree on a stage share it: given a ``shared`` directory (``zebrax ablate``), a stage's artefact is kept
 there under its key (``Run.key``: the settings of the stages up to it and the fields no stage claims), and a later
@@ -29,25 +29,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from zebrax import checkpoint, data
-from zebrax.distill.dpo import dpo_objective
-from zebrax.distill.ild import ild_objective
-from zebrax.distill.kd import kd_objective
+from zebrax import checkpoint, data, files
+from zebrax.distill.inputs import STUDENTS, calibration, documents, parts
+from zebrax.distill.objectives import counted, lm_objective, real_tokens, stage_objective
 from zebrax.distill.trainer import train
-from zebrax.distill.workdir import calibration, documents, parts, record_hashes, write_text
-from zebrax.errors import InvalidArgument
+from zebrax.distill.workdir import finished, load, record_hashes, save, sharded, shardings, write_text
+from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
 from zebrax.sharding import on_device, sync
 
-STUDENTS = {"mla": "all", "mamba2": "none"}  # the two students ILD trains: name → mla_layers ("mamba2": the linear)
 PLACEMENTS = ("smart", "uniform", "reverse")
 RECORD = "stages.json"
+LEGACY_STUDENTS = {"linear": "mamba2"}  # the linear student's directory in runs written before it was ``linear``
 
 
 def say(text: str) -> None:
@@ -86,10 +85,13 @@ class Run:
 
         if name in self.evals:
             return
-        self.evals[name] = measure(build(config), params, self.parts[0], teacher=build(self.inputs.t_config),
-                                   teacher_params=self.t_params, mesh=self.mesh)
+        row = measure(build(config), params, self.parts[0], teacher=build(self.inputs.t_config),
+                      teacher_params=self.t_params, mesh=self.mesh)
+        if not all(math.isfinite(row[k]) for k in ("kl", "perplexity")):
+            raise ZebraxError(f"{name}: KL(teacher ‖ model) {row['kl']}, perplexity {row['perplexity']} on the "
+                              f"held-out rows: the model computes non-finite values; nothing is written to eval.json")
+        self.evals[name] = row
         write_text(self.workdir / "eval.json", json.dumps(self.evals, indent=2))
-        row = self.evals[name]
         say(f"{name}: KL(teacher ‖ model) {row['kl']:.4f}, perplexity {row['perplexity']:.2f}")
 
     def key(self, stage: Stage) -> str:
@@ -109,7 +111,7 @@ class Run:
         if source is None or not source.exists():
             return False
         say(f"{stage.name}: reused from {source.parent} (a run that agrees on it)")
-        checkpoint.copy_tree(source, self.workdir / stage.writes, link=True)
+        files.copy_tree(source, self.workdir / stage.writes, link=True)
         return True
 
     def share(self, stage: Stage) -> None:
@@ -117,13 +119,20 @@ class Run:
         if self.shared is not None and jax.process_index() == 0 and (self.workdir / stage.writes).exists():
             target = self.shared / self.key(stage) / stage.writes
             if not target.exists():
-                checkpoint.copy_tree(self.workdir / stage.writes, target, link=True)
+                files.copy_tree(self.workdir / stage.writes, target, link=True)
 
     def trained_students(self) -> dict:
-        """The students SMART scores and the hybrid is made of: ILD's, or without ILD the initialised ones."""
-        if self.has("ild"):
-            return {n: load(self.workdir / "ild" / n, self.mesh) for n in STUDENTS}
-        return self.students
+        """The students SMART scores and the hybrid is made of: ILD's (``ild/mla``, ``ild/linear``; a run written
+        before the linear student was ``linear`` has it in ``ild/mamba2``), or without ILD the initialised ones."""
+        if not self.has("ild"):
+            return self.students
+        found = {}
+        for name in STUDENTS:
+            path = self.workdir / "ild" / name
+            if not files.committed(path) and name in LEGACY_STUDENTS:
+                path = self.workdir / "ild" / LEGACY_STUDENTS[name]
+            found[name] = load(path, self.mesh)
+        return found
 
 
 class Stage:
@@ -142,7 +151,7 @@ class Stage:
         return self.name
 
     def done(self, run: Run) -> bool:
-        return checkpoint.committed(run.workdir / self.writes)
+        return files.committed(run.workdir / self.writes)
 
     def work(self, run: Run) -> None:
         raise NotImplementedError
@@ -176,7 +185,7 @@ class Teacher(Stage):
                 "pack", "seed")
 
     def done(self, run: Run) -> bool:
-        return run.exp.teacher != "tiny" or (checkpoint.committed(run.workdir / "teacher")
+        return run.exp.teacher != "tiny" or (files.committed(run.workdir / "teacher")
                                              and checkpoint.is_checkpoint(run.workdir / "teacher"))
 
     def work(self, run: Run) -> None:
@@ -209,7 +218,7 @@ class Teacher(Stage):
             if jax.process_index() == 0:
                 record_hashes(run.workdir, {exp.generated_data: data.sha256(exp.generated_data)})
         if run.inputs.parts is None:
-            with checkpoint.warnings_after_success():
+            with files.warnings_after_success():
                 rows = documents(exp, run.inputs.codec, run.inputs.files)
                 run.inputs.parts = parts(exp, rows, run.inputs.files)
         run.evaluate("teacher", run.inputs.t_config, run.t_params)
@@ -221,7 +230,7 @@ class Students(Stage):
     initialisation), for the ablation."""
 
     name, reads = "students", ("teacher",)
-    settings = ("student", "random_init", "seed")
+    settings = ("student", "linear", "linear_config", "random_init", "seed")
 
     def done(self, run: Run) -> bool:
         return False  # in memory: made on every run
@@ -259,7 +268,7 @@ class Smart(Stage):
     placement SMART likes least) or ``"uniform"`` (``select.uniform``: evenly spaced from layer 0, no scoring)."""
 
     name, reads, writes = "smart", ("teacher", "students"), "smart.json"
-    settings = ("num_mla", "smart_rows", "placement")
+    settings = ("num_mla", "smart_rows", "placement", "split")  # it scores on the held-out part
 
     def done(self, run: Run) -> bool:
         return (run.workdir / self.writes).exists()
@@ -275,7 +284,7 @@ class Smart(Stage):
             say(f"SMART: scoring {n_layers} layers")
             students = run.trained_students()
             result = scores(Model(run.inputs.t_config, run.t_params, mesh=run.mesh),
-                            Model(*students["mla"], mesh=run.mesh), Model(*students["mamba2"], mesh=run.mesh),
+                            Model(*students["mla"], mesh=run.mesh), Model(*students["linear"], mesh=run.mesh),
                             calibration(run.parts[0], exp.seq_len)[:exp.smart_rows or None])
             sign = -1.0 if exp.placement == "reverse" else 1.0
             result["placement"] = exp.placement
@@ -295,14 +304,14 @@ class Hybrid(Stage):
         from zebrax.init import assemble
 
         students = run.trained_students()
-        save(run.workdir, "hybrid", {"": assemble(students["mla"], students["mamba2"], self.mla_layers(run))},
+        save(run.workdir, "hybrid", {"": assemble(students["mla"], students["linear"], self.mla_layers(run))},
              run.inputs.tokenizer)
 
     def after(self, run: Run) -> None:
         from zebrax.init import assemble
         from zebrax.mixers import legend
 
-        run.evaluate("initialised", *assemble(run.students["mla"], run.students["mamba2"], self.mla_layers(run)))
+        run.evaluate("initialised", *assemble(run.students["mla"], run.students["linear"], self.mla_layers(run)))
         config, params = load(run.workdir / "hybrid", run.mesh)
         say(f"hybrid: layers {config.layer_map()} ({legend(config.layer_map())})")
         if run.has("ild"):
@@ -326,22 +335,42 @@ class KD(Stage):
     def distil(self, run: Run, exp, source: str, kd_rows, seed: int) -> None:
         """KD of the model ``source`` of the work directory on ``kd_rows`` by ``exp``'s KD settings (``exp.kd``,
         ``exp.seq_len``), written to ``self.name``."""
-        from zebrax import corpus
-
         config, params = load(run.workdir / source, run.mesh)
-        # a corpus holding the teacher's top-k logits (``zebrax teacher-logits``) for kd_top_k: KD without the teacher
-        stored = isinstance(kd_rows, corpus.Corpus) and 0 < exp.kd_top_k == kd_rows.topk
+        stored = self.stored_logits(run, exp, kd_rows)
         say(f"{self.name.upper().replace('_', ' ')}: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} "
             f"tokens" + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
         objective = stage_objective(exp, "kd", run.inputs.t_config, {"": config})
-        kd_data = data.batches(kd_rows.with_teacher_topk() if stored else kd_rows, exp.kd.batch_size, seed,
-                               **process_share())
+        kd_data = data.batches(kd_rows.with_teacher_topk(exp.kd_top_k) if stored else kd_rows, exp.kd.batch_size,
+                               seed, **process_share())
         params = train(self.name, objective, params, None if stored else run.t_params, kd_data, exp.kd, run.workdir,
                        tokens_of=real_tokens, counted_of=counted,
                        **sharded(run.mesh, {"": (config, params)},
                                  None if stored else (run.inputs.t_config, run.t_params)))
         save(run.workdir, self.name, {"": (config, params)}, run.inputs.tokenizer)
         finished(run.workdir, self.name)
+
+    @staticmethod
+    def stored_logits(run: Run, exp, kd_rows) -> bool:
+        """Whether KD takes the teacher's top-k logits a corpus stores (``zebrax teacher-logits``) and runs without
+        the teacher: ``kd_top_k`` > 0 and at most the ``k`` stored, and stored from this run's teacher (its
+        ``checkpoint.content_sha256``), else ConfigError; a warning when ``kd_top_k`` asks more than is stored (the
+        teacher runs)."""
+        from zebrax import corpus
+
+        if not (isinstance(kd_rows, corpus.Corpus) and kd_rows.topk and exp.kd_top_k):
+            return False
+        if exp.kd_top_k > kd_rows.topk:
+            warn(f"distill.kd_top_k = {exp.kd_top_k}: {kd_rows.path} stores the teacher's top {kd_rows.topk} logits, "
+                 f"fewer; KD runs the teacher to take its top {exp.kd_top_k}")
+            return False
+        theirs = kd_rows.manifest[corpus.TOPK].get("teacher_sha256")
+        ours = checkpoint.content_sha256(run.workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
+        if theirs != ours:
+            made_by = kd_rows.manifest[corpus.TOPK].get("teacher") or "a teacher it does not name"
+            raise ConfigError(f"{kd_rows.path}: its stored logits are not distill.teacher = {exp.teacher!r}'s (they "
+                              f"are {made_by}'s{'' if theirs else ', unidentified'}); store this teacher's (zebrax "
+                              f"teacher-logits), or set distill.kd_top_k = 0")
+        return True
 
     def after(self, run: Run) -> None:
         run.evaluate(self.evaluates[0], *load(run.workdir / self.name, run.mesh))
@@ -358,7 +387,7 @@ class KDLong(KD):
     def work(self, run: Run) -> None:
         exp = dataclasses.replace(run.exp, seq_len=run.exp.kd_long_seq_len, kd=run.exp.kd_long,  # KD's at the length
                                   stages=tuple(n for n in run.exp.plan() if n != self.name))
-        with checkpoint.warnings_after_success():
+        with files.warnings_after_success():
             rows = documents(exp, run.inputs.codec, run.inputs.files)
             kd_rows = parts(exp, rows, run.inputs.files)[2]
         self.distil(run, exp, "kd", kd_rows, exp.seed + 4)
@@ -440,112 +469,5 @@ def run_stages(run: Run) -> dict:
     return run.evals
 
 
-# what the stages share: saving and loading models, the training objectives, batch counts
-
-
-def save(workdir: Path, name: str, models: dict[str, tuple], tokenizer: Path | None) -> None:
-    """``{sub: (config, params)}`` → ``WORKDIR/name[/sub]`` as one atomic directory ("" = ``name`` itself), written
-    by every process, each the shards its devices hold (no host gathers a model); every process returns once it is
-    committed."""
-    with checkpoint.atomic_directory_of_all(workdir / name, what="stage output") as tmp:
-        for sub, (config, params) in models.items():
-            target = tmp / sub if sub else tmp
-            target.mkdir(exist_ok=True)
-            checkpoint.save(target, config, params)
-            if tokenizer is not None and jax.process_index() == 0:
-                checkpoint.copy_tree(tokenizer, target / "tokenizer")
-
-
-def finished(workdir: Path, stage: str) -> None:
-    """A stage's output is written: its resumption checkpoints and compiled steps are no longer needed."""
-    jax.clear_caches()
-    if jax.process_index() == 0:
-        checkpoint.remove_tree(workdir / "checkpoints" / stage)
-    sync(f"finished {stage}")
-
-
-def shardings(config, mesh):
-    """The ``NamedSharding`` tree of a model ``config`` over ``mesh`` (``sharding.param_shardings``); None without."""
-    if mesh is None:
-        return None
-    from zebrax.models import abstract_params
-    from zebrax.sharding import param_shardings
-
-    return param_shardings(config, abstract_params(config), mesh)
-
-
-def load(path: Path, mesh=None) -> tuple:
-    """(config, params) of a checkpoint; with a ``mesh``, the parameters restored straight into their shardings
-    (``shardings``): no device, and no host, holds a whole model."""
-    config = checkpoint.load_config(path)
-    return config, checkpoint.load_params(path, config, shardings(config, mesh))
-
-
-def sharded(mesh, trained: dict, frozen: tuple | None) -> dict:
-    """``train``'s ``mesh`` and ``shardings`` keywords: ``trained`` = {name: (config, params)} (one entry with name
-    "" for a single model), ``frozen`` = (config, params) or None."""
-    if mesh is None:
-        return {}
-    from zebrax.sharding import param_shardings
-
-    sh = {n: param_shardings(c, p, mesh) for n, (c, p) in trained.items()}
-    return {"mesh": mesh, "shardings": (sh[""] if "" in sh else sh,
-                                        None if frozen is None else param_shardings(*frozen, mesh))}
-
-
 def process_share() -> dict:
     return dict(process_index=jax.process_index(), process_count=jax.process_count())
-
-
-def _compute(exp, config, *, trained: bool):
-    """The module a training step runs: ``config`` computing in ``exp.compute_dtype`` (its parameters stay in
-    ``config.param_dtype``), with remat for a trained model when ``exp.remat``."""
-    from zebrax.models import build
-
-    return build(config.replace(dtype=exp.compute_dtype), remat=trained and exp.remat)
-
-
-def _chunk(exp) -> int:
-    """``exp.loss_chunk`` where it divides ``seq_len`` (else the largest divisor below it), 0 for whole rows."""
-    if not exp.loss_chunk or exp.loss_chunk >= exp.seq_len:
-        return 0
-    return max(c for c in range(1, exp.loss_chunk + 1) if exp.seq_len % c == 0)
-
-
-def stage_objective(exp, stage: str, teacher, trained: dict) -> Callable:
-    """The objective a training stage of ``exp`` runs (``trainer`` form): ``stage`` "ild", "kd" or "dpo";
-    ``teacher`` the teacher's config; ``trained`` {name: config} of what the stage trains (ILD: both students;
-    KD and DPO: {"": the hybrid}). ``zebrax.aot`` compiles the same objective."""
-    if stage == "ild":
-        return ild_objective(_compute(exp, teacher, trained=False),
-                             {n: _compute(exp, c, trained=True) for n, c in trained.items()}, kind=exp.ild_kind)
-    if stage == "kd":
-        return kd_objective(_compute(exp, teacher, trained=False), _compute(exp, trained[""], trained=True),
-                            direction=exp.kd_direction, temperature=exp.kd_temperature, normalize=exp.kd_normalize,
-                            ce_weight=exp.kd_ce_weight, top_k=exp.kd_top_k, chunk=_chunk(exp))
-    if stage == "dpo":
-        return dpo_objective(_compute(exp, trained[""], trained=True), beta=exp.dpo_beta, chunk=_chunk(exp))
-    raise InvalidArgument(f"stage={stage!r}: expected 'ild', 'kd' or 'dpo'")
-
-
-def lm_objective(model):
-    """Next-token cross-entropy over counted positions: how the tiny teacher learns the data."""
-    from zebrax.distill.losses import ce_loss
-
-    def objective(params, _, batch):
-        tokens, token_mask = batch["tokens"], batch["token_mask"].astype(bool)
-        logits = model.apply({"params": params}, tokens, token_mask=token_mask, segment_ids=batch.get("segment_ids"))[0]
-        mask = batch["loss_mask"][:, :-1].astype(bool) & data.next_in_document(batch)
-        ce = ce_loss(logits[:, :-1], tokens[:, 1:], mask)
-        return ce, {"ce": ce}
-
-    return objective
-
-
-def real_tokens(batch: dict) -> int:
-    return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("token_mask")))
-
-
-def counted(batch: dict) -> int:
-    """The tokens a batch's loss counts (``data.counted``; both replies of DPO pairs)."""
-    return int(sum(data.counted(batch, k.removesuffix("loss_mask")).sum() for k in batch if k.endswith("loss_mask")))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zebrax import checkpoint
+from zebrax import files
 from zebrax.errors import ConfigError, ZebraxError
 
 NO_DECAY = ("A_log", "D", "dt_bias")  # and every norm's scale (a path part containing "norm")
@@ -161,7 +161,7 @@ def jitted_step(objective: Callable, optimizer: optax.GradientTransformation, ac
     ``metrics`` holds the objective's, ``loss``, ``grad_norm`` and ``finite`` (False: the update was skipped).
     ``params`` and ``opt_state`` are donated: the arrays passed in are consumed (updated in place where the backend
     can). ``shardings``: (params, optimizer state, frozen, metrics) ``NamedSharding`` trees for ``jax.jit`` (call
-    it with their mesh set); the batch keeps the sharding it arrives with. ``zebrax.aot`` compiles this function."""
+    it with their mesh set); the batch keeps the sharding it arrives with. ``zebrax.app.aot`` compiles this function."""
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     like_params = (lambda tree: tree) if shardings is None else (  # noqa: E731
         lambda tree: jax.lax.with_sharding_constraint(tree, shardings[0]))
@@ -217,7 +217,7 @@ class MetricsLog:
         if not self.writes:
             return
         row = {"step": step, "stage": self.stage, **{k: _plain(v) for k, v in values.items()}}
-        if checkpoint.is_local(self.path):
+        if files.is_local(self.path):
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         else:
@@ -277,11 +277,12 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
     (the parameters', the frozen tree's): the step runs sharded, batches are spread over (data, fsdp), and
     checkpoints are restored straight into their shardings. In a multi-host run every process calls this with its
     own rows; process 0 writes the metrics, and the data position saved is process 0's (every process has taken
-    the same number of batches)."""
+    the same number of batches). A stage whose last steps were all skipped (non-finite) is not finished: a
+    ``TrainingDiverged``, however few they were."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    workdir = checkpoint.as_path(workdir)
+    workdir = files.as_path(workdir)
     optimizer = make_optimizer(cfg, params)
     params, opt_state, frozen, step_fn, place = placed_step(optimizer, params, frozen, cfg.accumulate, objective,
                                                             mesh, shardings)
@@ -295,7 +296,7 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
                                              should_save_fn=lambda step, _: (step % cfg.checkpoint_every == 0
                                                                              and step < cfg.steps),
                                              enable_async_checkpointing=True,
-                                             cleanup_tmp_directories=not checkpoint.is_local(workdir)))
+                                             cleanup_tmp_directories=not files.is_local(workdir)))
     start = manager.latest_step() or 0
     if start:
         restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
@@ -342,6 +343,10 @@ def train(stage: str, objective: Callable, params: dict, frozen, data, cfg: Trai
                                                        data=ocp.args.JsonSave(data.get_state())))
             bar.update(1)
         manager.wait_until_finished()
+        if int(bad):  # skipped steps at the end: what the stage would hand on never saw them made finite again
+            raise TrainingDiverged(f"{stage}: its last {int(bad)} step{'s' * (int(bad) > 1)} had a non-finite loss "
+                                   f"or gradient (skipped), so the stage is not finished; lower its learning_rate "
+                                   f"or check the data, then run again (it resumes from its last checkpoint)")
     finally:
         bar.close()
         log.close()

@@ -1,10 +1,10 @@
-"""Teacher parameters → student parameters, one file per method (``mla_svd.py``, ``mamba2_from_attention.py``,
-``gated_delta_from_attention.py``), and ``assemble.py`` (a hybrid from an all-MLA and an all-Mamba2 student).
+"""Teacher parameters → hybrid parameters (``init_hybrid``), and a hybrid from an all-MLA and an all-linear student
+(``assemble.py``).
 
 ``init_hybrid`` builds every layer of a ``HybridConfig`` from its Llama teacher: each mixer by its kind's
-``from_attention`` (``zebrax.mixers``: MLA by SVD, Mamba2 and Gated DeltaNet from the attention weights), or for the
-kinds in ``random`` by the module's own initialisation (the ablation); attention layers copied; MLPs, norms,
-embeddings, final norm and head copied.
+``from_attention`` (``zebrax.mixers``: MLA by SVD, Mamba2 and Gated DeltaNet from the attention weights, each in its
+kind's ``init.py``), or for the kinds in ``random`` by the module's own initialisation (the ablation); the teacher's
+own kind's layers copied; MLPs, norms, embeddings, final norm and head copied.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import numpy as np
 from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.convert.mapping import NP_DTYPES
 from zebrax.init.assemble import assemble
-from zebrax.init.mamba2_from_attention import mamba2_from_attention
-from zebrax.init.mla_svd import mla_from_attention
-from zebrax.mixers import kind
+from zebrax.mixers import kind, teacher_kind
 from zebrax.models import build
 
-__all__ = ["assemble", "init_hybrid", "mamba2_from_attention", "mla_from_attention"]
+__all__ = ["assemble", "init_hybrid"]
 
 
 def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: jax.Array,
@@ -53,18 +51,19 @@ def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: j
     report = []
     keys = jax.random.split(key, config.num_hidden_layers)
     fresh = _fresh(config, key) if set(random) & set(config.mixers) else None
+    attention = teacher_kind().scope  # the teacher's attention, in every layer of it
     for i, spec in enumerate(config.plan()):
         name, layer = f"layers_{i}", params[f"layers_{i}"]
-        new = {k: copy(v, at(name, k)) for k, v in layer.items() if k != "self_attn"}
+        new = {k: copy(v, at(name, k)) for k, v in layer.items() if k != attention}
         row, mixer = {"layer": i, "mixer": spec.mixer}, kind(spec.mixer)
-        if spec.mixer == "attention":
-            new["self_attn"] = copy(layer["self_attn"], at(name, "self_attn"))
+        if mixer.teacher:
+            new[attention] = copy(layer[attention], at(name, attention))
         elif spec.mixer in random:
             new[mixer.scope] = made(fresh[name][mixer.scope], at(name, mixer.scope))
             row["init"] = "random"
         else:
-            made_params, made_report = mixer.initialise(host(layer["self_attn"]), config.attention, spec.config,
-                                                        keys[i])
+            made_params, made_report = mixer.from_attention(host(layer[attention]), config.attention, spec.config,
+                                                            keys[i])
             new[mixer.scope] = made(made_params, at(name, mixer.scope))
             row.update(made_report)
         out[name] = new

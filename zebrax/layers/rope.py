@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zebrax.config import RopeScaling
+from zebrax.checks import RopeScaling
 
 
 def inv_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:

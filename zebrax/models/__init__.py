@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from zebrax.cache import cache_sizes as measure_cache
 from zebrax.config import DeepseekV3Config, HybridConfig, LlamaConfig, Mamba2LMConfig
 from zebrax.errors import ConfigError
-from zebrax.models.decoder import Block, DecoderLM, ops_of, remat_policy
-from zebrax.ops import Impls
+from zebrax.models.decoder import Block, DecoderLM, layer_io, ops_of, remat_policy
+from zebrax.models.impls import Impls
 
 REGISTRY = {cls.model_type: cls for cls in (LlamaConfig, Mamba2LMConfig, DeepseekV3Config, HybridConfig)}
 
@@ -62,6 +62,6 @@ def cache_sizes(config) -> tuple[int, int]:
 
 
 __all__ = [
-    "REGISTRY", "Block", "DecoderLM", "abstract_params", "build", "cache_sizes", "config_from_dict",
-    "logical_axes", "ops_of", "param_count",
+    "REGISTRY", "Block", "DecoderLM", "Impls", "abstract_params", "build", "cache_sizes", "config_from_dict",
+    "layer_io", "logical_axes", "ops_of", "param_count",
 ]

@@ -19,9 +19,11 @@ from zebrax.cache import Cache, Slots, segment_positions, token_positions
 from zebrax.config import LayerSpec
 from zebrax.errors import InvalidArgument
 from zebrax.layers import Embed, Linear, RMSNorm, SwiGLU
-from zebrax.mixers import kind, ops
-from zebrax.ops import Impls
+from zebrax.mixers import kind, kinds, ops
+from zebrax.models.impls import Impls
 from zebrax.ops.sharded import rows
+
+SOWN = ("block_input", "mixer_output", "block_output")  # what every block sows (``layer_io``)
 
 
 def ops_of(config) -> tuple[str, ...]:
@@ -78,17 +80,23 @@ class Block(nn.Module):
         return x, cache
 
 
-# What a block keeps for its backward pass under ``remat`` (the rest is recomputed). Every ``Linear``'s output carries
-# its parameter name (``checkpoint_name``); the input projections of every mixer kind and the MLP's output maps:
-_QKV = ("q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "in_proj")
-_OUT = ("o_proj", "out_proj", "down_proj")
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # the block's input only
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),
-    "save_out_proj": jax.checkpoint_policies.save_only_these_names(*_OUT),
-    "save_qkv_out_proj": jax.checkpoint_policies.save_only_these_names(*_QKV, *_OUT),
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every projection, the MLP's included
-}
+# What a block keeps for its backward pass under ``remat`` (the rest is recomputed): by name, every ``Linear``'s output
+# carrying its parameter name (``checkpoint_name``). The names are every mixer kind's own (``MixerKind.inputs``,
+# ``.outputs``) and the MLP's output map.
+REMAT_POLICIES = ("full", "save_qkv_proj", "save_out_proj", "save_qkv_out_proj", "save_dots")
+MLP_OUTPUTS = ("down_proj",)
+
+
+def remat_policies() -> dict:
+    """Each policy of ``REMAT_POLICIES`` → its ``jax.checkpoint`` policy: ``full`` keeps the block's input only,
+    ``save_qkv_proj`` the input projections of every kind, ``save_out_proj`` their output projections and the MLP's,
+    ``save_dots`` every projection (the MLP's included)."""
+    inputs = tuple(dict.fromkeys(n for k in kinds().values() for n in k.inputs))
+    outputs = tuple(dict.fromkeys((*(n for k in kinds().values() for n in k.outputs), *MLP_OUTPUTS)))
+    names = jax.checkpoint_policies.save_only_these_names
+    return {"full": jax.checkpoint_policies.nothing_saveable, "save_qkv_proj": names(*inputs),
+            "save_out_proj": names(*outputs), "save_qkv_out_proj": names(*inputs, *outputs),
+            "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def remat_policy(remat: bool | str) -> str | None:
@@ -105,7 +113,7 @@ def remat_policy(remat: bool | str) -> str | None:
 def remat_block(remat: bool | str):
     """``Block`` under the remat policy ``remat`` names (``remat_policy``), or ``Block`` itself."""
     name = remat_policy(remat)
-    return Block if name is None else nn.remat(Block, policy=REMAT_POLICIES[name])
+    return Block if name is None else nn.remat(Block, policy=remat_policies()[name])
 
 
 def _residual(x: jax.Array, h: jax.Array, in_fp32: bool) -> jax.Array:
@@ -183,3 +191,14 @@ class DecoderLM(nn.Module):
         sequences of up to ``max_len`` tokens."""
         return Cache.init(batch, max_len, tuple(kind(s.mixer).module.init_cache(s.config, batch, max_len, cfg.dtype)
                                                 for s in cfg.plan()))
+
+
+def layer_io(module: DecoderLM, params: dict, tokens: jax.Array, token_mask: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> dict:
+    """One forward pass → what every block sows, ``{"block_input": [x_0, …], "mixer_output": […], "block_output":
+    […]}``, each ``[B, L, D]`` (what layer-wise distillation and SMART read)."""
+    _, state = module.apply({"params": params}, tokens, token_mask=token_mask, segment_ids=segment_ids,
+                            mutable=["intermediates"])
+    layers = state["intermediates"]
+    n = module.config.num_hidden_layers
+    return {name: [layers[f"layers_{i}"][name][0] for i in range(n)] for name in SOWN}

@@ -6,7 +6,7 @@ and an entry in ``PALLAS_MEASURED_FASTER``. Everywhere else ``auto`` takes the X
 chunked SSD), which every backend compiles. Forcing a kernel stays one argument away (``impl="pallas"``).
 
 The backend is JAX's, except while a program is compiled ahead of time for another (``compiling_for``: a TPU
-program traced on a CPU machine, ``zebrax.aot``): then the ops choose, and the kernels lower, for that backend.
+program traced on a CPU machine, ``zebrax.app.aot``): then the ops choose, and the kernels lower, for that backend.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""A throwaway linear kind: ``config.py``, ``layer.py``, ``init.py``, ``kind.py``."""

@@ -1,0 +1,1 @@
+"""A throwaway attention-like kind: ``config.py``, ``layer.py``, ``init.py``, ``kind.py``."""

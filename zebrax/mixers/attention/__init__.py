@@ -1,0 +1,1 @@
+"""Grouped-query attention, the teacher's own mixer: ``config.py``, ``layer.py``, ``kind.py``."""
