@@ -4,6 +4,7 @@ this CPU machine (the ``tpu_compile`` tier: fixture ``tpu_compiler``), and the t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import TEACHER, hybrid
-from zebrax.errors import ConfigError
+from zebrax.errors import ConfigError, ZebraxError
+from zebrax.ops.auto import compiling_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -67,7 +71,7 @@ def test_every_pallas_kernel_compiles_with_mosaic(tpu_compiler, topology, dtype,
     placed = jax.sharding.SingleDeviceSharding(device)
     for name, fn, inputs in _kernel_programs(dtype, length, dim):
         inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed) for x in inputs]
-        with tpu_compiler.compiling_for("tpu"):
+        with compiling_for("tpu"):
             text = jax.jit(fn).trace(*inputs).lower().compile().as_text()
         assert "tpu_custom_call" in text, name
 
@@ -108,6 +112,54 @@ def test_the_tiny_programs_compile_for_eight_chips_and_fit(programs, program):
     assert row["hbm_traffic_bytes"] > 0
     if program == "decode":  # the traffic set against what a decode step must read: its arguments
         assert row["must_read_bytes"] == b["arguments"] and row["read_ratio"] > 0 and "HBM traffic" in str(report)
+
+
+@pytest.mark.parametrize("program", ["ild", "smart"])
+def test_a_gdn_recipe_compiles_for_ild_and_smart(tpu_compiler, program):
+    """ILD's and SMART's students of a Gated DeltaNet recipe: from the main job's gin (``distill.linear = 'gdn'``;
+    ranks for the tiny teacher; its data, which is not here, is not read) and from a GDN hybrid as ``student`` (its
+    own kinds: all-MLA and all-GDN)."""
+    from zebrax.app.presets import call_configurable, parse_gin
+
+    gin = parse_gin([ROOT / "configs" / "experiments" / "smollm2_main.gin"],
+                    ["distill.student = {'kv_lora_rank': 12, 'q_lora_rank': 24, 'qk_rope_head_dim': 8}"])
+    exp = call_configurable(gin, "zebrax.distill")
+    assert exp.linear == "gdn"
+    for kw in (dict(experiment=exp), dict(student=hybrid([0, 3], linear="gdn"))):
+        report = tpu_compiler.compile(program, topology="v5e-8", teacher=TEACHER, batch=8, seq_len=32, **kw)
+        assert report.fits and report.flops > 0
+
+
+def test_compile_refuses_what_distill_refuses_and_what_does_not_apply(tpu_compiler):
+    """Each in one line, before compiling: rows the mesh cannot split, a hybrid as the teacher, a student of another
+    teacher, a setting the program does not take, an implementation that is none, a mesh that leaves chips out."""
+    student = hybrid([0, 3])
+    train = dict(topology="v5e-8", teacher=TEACHER, student=student, seq_len=64)
+    cases = [
+        (dict(train, batch=12), "micro-batches of 12 rows .* cannot be split over the mesh's 8 row shards"),
+        (dict(train, batch=8, teacher=student), "--teacher must be a Llama .* got a HybridConfig"),
+        (dict(train, batch=8, teacher=TEACHER.replace(num_hidden_layers=4)), "--student is not a hybrid of --teacher"),
+        (dict(train, batch=8, context=256), "context does not apply to it"),
+        (dict(train, batch=8, impl="pallas"), "impl does not apply to it"),
+        (dict(topology="v5e-8", model=student, batch=8, context=64, impl="junk"), "impl='junk' is not one of"),
+        (dict(topology="v5e-8", model=student, batch=8, context=64, mesh={"data": 2, "fsdp": 1}),
+         "--mesh {'data': 2, 'fsdp': 1} uses 2 of the slice's 8 chips"),
+        (dict(topology="v5e-8", model=student, batch=6, seq_len=64, mesh={"data": 8}),
+         "prefill: micro-batches of 6 rows .* 8 row shards"),
+    ]
+    for kw, message in cases:
+        program = "decode" if "context" in kw and "teacher" not in kw else "prefill" if "model" in kw else "kd"
+        with pytest.raises(ZebraxError, match=message):
+            tpu_compiler.compile(program, **kw)
+
+
+def test_decode_and_prefill_default_to_a_serving_mesh(tpu_compiler):
+    """Rows over data as far as the batch divides the chips, heads over tensor: a decode step then reads about what
+    it must (no fsdp axis gathering the weights every step)."""
+    report = tpu_compiler.compile("decode", topology="v5p-8", model=hybrid([0, 3]), batch=8, context=512)
+    assert report.mesh == {"data": 4, "fsdp": 1, "tensor": 1} and report.read_ratio < 1.5, report
+    assert tpu_compiler.serving_mesh(1, 8) == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert tpu_compiler.serving_mesh(6, 8) == {"data": 2, "fsdp": 1, "tensor": 4}
 
 
 def test_an_accumulated_step_counts_every_micro_batch(tpu_compiler, programs):

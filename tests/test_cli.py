@@ -83,6 +83,18 @@ def test_bench_forward_reports_both_implementations(tiny_llama):
     json.dumps(result)
 
 
+def test_bench_forward_of_a_hybrid_times_zebrax_alone(tmp_path, capsys):
+    """transformers has no model of a hybrid: `zebrax bench forward` times zebrax's and says why it is alone."""
+    from tests.helpers import MIXED, model_params
+    from zebrax import checkpoint
+
+    with checkpoint.writing(tmp_path / "h") as tmp:
+        checkpoint.save(tmp, MIXED, model_params(MIXED))
+    assert main(["bench", "forward", str(tmp_path / "h"), "--batch", "1", "--seq-len", "8", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["zebrax_tokens_per_s"] > 0 and result["transformers"] == "no transformers model of a HybridConfig"
+
+
 def test_bench_train_reports_flops_against_the_matmul_peak(tiny_llama, capsys):
     ckpt = tiny_llama("gqa_llama3_untied")[2]
     assert main(["bench", "train", str(ckpt), "--batch", "2", "--seq-len", "16", "--steps", "2", "--num-mla", "1",

@@ -147,19 +147,120 @@ def test_stored_teacher_logits_are_the_teachers_top_k(tmp_path):
     corpus.tokenize([PROMPTS], tmp_path / "c", ByteCodec(), 32, pack=True, rows_per_shard=40)
     teacher = random_model(TEACHER.replace(vocab_size=258, eos_token_id=(257,), bos_token_id=256,
                                            pad_token_id=None), seed=1)
-    entry = corpus.teacher_logits(tmp_path / "c", teacher.config, teacher.params, 6, batch_size=16)
+    entry = corpus.teacher_logits(tmp_path / "c", teacher.config, teacher.params, 6, teacher_sha256="t",
+                                  batch_size=16)
     assert entry["k"] == 6 and len(entry["files"]) == len(corpus.Corpus(tmp_path / "c").manifest["shards"])
-    c = corpus.Corpus(tmp_path / "c").with_teacher_topk()
-    assert c.topk == 6
+    c = corpus.Corpus(tmp_path / "c").with_teacher_topk(6)
+    assert c.topk == 6 and c.manifest[corpus.TOPK]["teacher_sha256"] == "t"
     rows = c.take([0, 41, len(c) - 1])
     logits = teacher.module.apply({"params": teacher.params}, rows["tokens"], token_mask=rows["token_mask"],
                                   segment_ids=rows["segment_ids"])[0]
     values, indices = jax.lax.top_k(logits, 6)
     close(rows["teacher_topk_values"], values, 1e-5)
     np.testing.assert_array_equal(rows["teacher_topk_indices"], indices)
-    with pytest.raises(DataError, match="holds no teacher logits"):
-        corpus.tokenize([PROMPTS], tmp_path / "d", ByteCodec(), 32)
-        corpus.Corpus(tmp_path / "d").with_teacher_topk()
+    # fewer than stored: the first ones, the teacher's top 4; more than stored: refused
+    fewer = corpus.Corpus(tmp_path / "c").with_teacher_topk(4).take([41])
+    np.testing.assert_array_equal(fewer["teacher_topk_indices"], rows["teacher_topk_indices"][1:2, :, :4])
+    with pytest.raises(DataError, match="holds the teacher's top 6 logits, not its top 7"):
+        corpus.Corpus(tmp_path / "c").with_teacher_topk(7)
+    corpus.tokenize([PROMPTS], tmp_path / "d", ByteCodec(), 32)
+    with pytest.raises(DataError, match="holds the teacher's top 0 logits"):
+        corpus.Corpus(tmp_path / "d").with_teacher_topk(1)
+
+
+def _teacher(vocab_size: int = 258):
+    from tests.helpers import TEACHER, random_model
+
+    return random_model(TEACHER.replace(vocab_size=vocab_size, eos_token_id=(257,), bos_token_id=256,
+                                        pad_token_id=None), seed=1)
+
+
+def _tiny_corpus_and_teacher(tmp_path, vocab_size: int = 258):
+    corpus.tokenize([PROMPTS], tmp_path / "c", ByteCodec(), 32, pack=True, rows_per_shard=40)
+    return _teacher(vocab_size)
+
+
+def test_stored_logits_replaced_by_another_teachers_are_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A second teacher's logits written over the first's: stopped in the middle (its second shard), the corpus still
+    names the first teacher's files, which read back as they were; the next run removes what the stopped one left,
+    and a finished one replaces the first teacher's whole."""
+    import jax
+    from array_record.python import array_record_module
+
+    from zebrax.errors import Interrupted
+
+    teacher = _tiny_corpus_and_teacher(tmp_path)
+    corpus.teacher_logits(tmp_path / "c", teacher.config, teacher.params, 4, teacher_sha256="first")
+    before = corpus.Corpus(tmp_path / "c").with_teacher_topk(4).take(range(60))
+    other = jax.tree.map(lambda w: w * 1.5, teacher.params)
+    real = array_record_module.ArrayRecordWriter
+    opened = []
+
+    def stopping(path, options):  # a SIGINT as the second shard starts
+        opened.append(path)
+        if len(opened) == 2:
+            raise Interrupted(2)
+        return real(path, options)
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", stopping)
+    with pytest.raises(Interrupted):
+        corpus.teacher_logits(tmp_path / "c", teacher.config, other, 4, teacher_sha256="second")
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", real)
+    c = corpus.Corpus(tmp_path / "c")
+    assert c.manifest[corpus.TOPK]["teacher_sha256"] == "first"
+    after = c.with_teacher_topk(4).take(range(60))
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+    named = set(c.manifest[corpus.TOPK]["files"])
+    assert {f.name for f in (tmp_path / "c").iterdir() if "topk" in f.name} > named  # the stopped run's leftovers
+    corpus.teacher_logits(tmp_path / "c", teacher.config, other, 4, teacher_sha256="second")
+    c = corpus.Corpus(tmp_path / "c")
+    assert c.manifest[corpus.TOPK]["teacher_sha256"] == "second"
+    assert {f.name for f in (tmp_path / "c").iterdir() if "topk" in f.name} == set(c.manifest[corpus.TOPK]["files"])
+    assert not np.array_equal(c.with_teacher_topk(4).take(range(60))["teacher_topk_values"],
+                              before["teacher_topk_values"])
+
+
+def test_a_teacher_of_another_vocabulary_or_tokenizer_stores_no_logits(tmp_path):
+    teacher = _tiny_corpus_and_teacher(tmp_path, vocab_size=300)
+    with pytest.raises(DataError, match=r"the teacher's vocabulary \(300\) is not the corpus's \(258"):
+        corpus.teacher_logits(tmp_path / "c", teacher.config, teacher.params, 4, teacher_sha256="t")
+    teacher = _teacher()
+    with pytest.raises(DataError, match="was tokenized by another tokenizer than the teacher's"):
+        corpus.teacher_logits(tmp_path / "c", teacher.config, teacher.params, 4, teacher_sha256="t",
+                              codec_sha256="not the byte codec's")
+    assert corpus.TOPK not in corpus.Corpus(tmp_path / "c").manifest
+
+
+def test_a_corpus_of_another_tokenizer_of_the_same_size_is_refused(tmp_path, smollm2_tokenizer):
+    """The run's codec and the corpus's tokenizer are compared by identity (``TokenizerCodec.sha256``), not size."""
+    from transformers import AutoTokenizer
+
+    from zebrax.distill.experiment import Experiment
+    from zebrax.distill.inputs import documents
+    from zebrax.errors import ConfigError
+
+    ours = data.TokenizerCodec(AutoTokenizer.from_pretrained(str(smollm2_tokenizer)))
+    other = AutoTokenizer.from_pretrained(str(smollm2_tokenizer))
+    other.chat_template = "{{ messages[0]['content'] }}"  # the same vocabulary, other rows of a chat
+    theirs = data.TokenizerCodec(other)
+    assert ours.vocab_size == theirs.vocab_size and ours.sha256() != theirs.sha256()
+    corpus.tokenize([PROMPTS], tmp_path / "c", theirs, 64)
+    exp = Experiment(data=(str(tmp_path / "c"),), seq_len=64, pack=False)
+    with pytest.raises(ConfigError, match="was tokenized by another tokenizer than the teacher's"):
+        documents(exp, ours, exp.data)
+    assert len(documents(exp, theirs, exp.data)) == 320
+
+
+def test_tokenize_refuses_rows_that_predict_nothing_a_file_twice_and_an_object_store(tmp_path, capsys):
+    base = ["tokenize", "--teacher", "tiny", "--out"]
+    assert main([*base, str(tmp_path / "a"), PROMPTS, "--seq-len", "1"]) == 2
+    assert "--seq-len: expected an integer >= 2" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "a"), PROMPTS, PROMPTS, "--seq-len", "8"]) == 1
+    assert "prompts.jsonl is given twice" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*base, "gs://bucket/corpus", PROMPTS, "--seq-len", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "gs://bucket/corpus: a tokenized corpus lives on a local disk" in err and not Path("gs:").exists(), err
 
 
 @pytest.mark.end_to_end

@@ -284,6 +284,39 @@ def test_the_ablation_table_gives_one_seed_no_spread():
     assert "| a | 2 | **2.0000 ± 1.4142** |" in two[2] and "| -0.5000 ± 0.7071 (1/2) |" in two[3]
 
 
+def test_ablate_keeps_other_rows_compares_with_its_baseline_and_refuses_what_it_cannot_hold(tmp_path, monkeypatch):
+    """A second call into a root keeps the rows of the experiments it does not run; the comparison is with
+    ``method`` (or ``--baseline``); an experiment may not be named after the root's own entries, nor the root be an
+    object store's. The runs are stubbed: their KL is the seed plus a number of the experiment's."""
+    from zebrax.app import ablate
+    from zebrax.distill import pipeline
+
+    kl = {"method": 1.0, "b": 0.5, "c": 2.0, "shared": 0.0}
+    monkeypatch.setattr(pipeline, "run", lambda exp, workdir, **_: {
+        "teacher": {"kl": 0.0, "perplexity": 2.0}, "initialised": {"kl": 5.0, "perplexity": 9.0},
+        "after_kd": {"kl": kl[Path(workdir).parent.name] + exp.seed, "perplexity": 3.0}})
+    gin = {}
+    for name in kl:
+        gin[name] = tmp_path / f"{name}.gin"
+        gin[name].write_text(f"include '{TINY}'\n")
+    bindings = ["distill.stages = ('teacher', 'students', 'ild', 'smart', 'hybrid', 'kd')"]
+    rows = ablate.ablate([str(gin["b"]), str(gin["method"])], 2, tmp_path / "r", bindings)
+    assert [r["experiment"] for r in rows] == ["b", "method"]
+    assert rows[0]["vs_baseline"]["experiment"] == "method" and rows[0]["vs_baseline"]["values"] == [-0.5, -0.5]
+    rows = ablate.ablate([str(gin["c"])], 2, tmp_path / "r", bindings)  # a second call: b and method kept
+    assert [r["experiment"] for r in rows] == ["b", "method", "c"] and rows[2]["vs_baseline"]["mean"] == 1.0
+    table = (tmp_path / "r" / "ablations.md").read_text()
+    assert "Δ KL vs method" in table and "| b | 2 |" in table and "| c | 2 |" in table
+    rows = ablate.ablate([str(gin["c"])], 2, tmp_path / "r", bindings, baseline="b")
+    assert rows[1]["vs_baseline"] == {**rows[1]["vs_baseline"], "experiment": "b", "values": [0.5, 0.5]}
+    with pytest.raises(ConfigError, match="--baseline 'd' is none of the experiments"):
+        ablate.ablate([str(gin["c"])], 1, tmp_path / "r", bindings, baseline="d")
+    with pytest.raises(ConfigError, match="an experiment may not be named 'shared': ROOT/shared holds the stages"):
+        ablate.ablate([str(gin["shared"])], 1, tmp_path / "r", bindings)
+    with pytest.raises(ConfigError, match="gs://b/r: a root of ablations .* lives on a local disk"):
+        ablate.ablate([str(gin["c"])], 1, "gs://b/r", bindings)
+
+
 def test_micro_batches_a_mesh_cannot_split_are_refused_naming_the_stage():
     """Rows are split over the mesh's (data, fsdp) devices: a stage whose micro-batches they do not divide is a
     ConfigError naming its batch size, accumulation and the mesh (it was an IndivisibleError from inside JAX at the
@@ -383,6 +416,51 @@ def test_a_data_file_changed_since_is_refused_on_resume(tmp_path, capsys, monkey
                                          f"{recorded[str(changed)][:12]} there,", "use another --workdir")
         assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
         changed.write_bytes(original)
+
+
+def test_a_teacher_replaced_at_its_path_is_another_teacher(tmp_path, capsys, monkeypatch, smollm2_tokenizer):
+    """The work directory records the teacher by its content (``checkpoint.content_sha256``): the same path holding
+    other weights is refused on resume, as a changed data file is; so is its key for shared stages. The stages are
+    stubbed: this is about the record."""
+    import shutil
+
+    from tests.helpers import TEACHER, model_params
+    from zebrax.distill import stages
+
+    monkeypatch.setattr(stages, "run_stages", lambda run: {})
+
+    def teacher(seed):
+        with checkpoint.writing(tmp_path / "t", overwrite=True) as tmp:
+            checkpoint.save(tmp, TEACHER, model_params(TEACHER, seed))
+            shutil.copytree(smollm2_tokenizer, tmp / "tokenizer")
+        return checkpoint.content_sha256(tmp_path / "t")
+
+    first = teacher(0)
+    workdir, binding = tmp_path / "w", f"distill.teacher = '{tmp_path / 't'}'"
+    assert distill_cli(capsys, workdir, binding)[0] == 0
+    assert json.loads((workdir / "data_sha256.json").read_text())[str(tmp_path / "t")] == first
+    assert teacher(0) == first  # written again, the same weights: the same teacher
+    assert distill_cli(capsys, workdir, binding)[0] == 0
+    second = teacher(1)
+    code, err = distill_cli(capsys, workdir, binding)
+    assert_one_line_error(code, err, f"written from other data ({tmp_path / 't'}: sha256 {first[:12]} there, "
+                                     f"{second[:12]} now: its content has changed)")
+
+
+def test_smarts_shared_placement_is_keyed_by_the_held_out_split():
+    """Without ILD, SMART's scores are of the held-out part the split makes: two experiments that differ in
+    distill.split share the teacher and the students, never smart.json."""
+    from types import SimpleNamespace
+
+    from zebrax.distill import stages
+
+    names = ("teacher", "students", "smart", "hybrid", "kd")
+    keys = []
+    for split in ((0.1, 0.2, 0.7), (0.2, 0.2, 0.6)):
+        exp = Experiment(stages=names, split=split)
+        run = stages.Run(exp, Path("w"), SimpleNamespace(hashes={}), stages.plan(names))
+        keys.append({s.name: run.key(s) for s in run.stages})
+    assert keys[0]["students"] == keys[1]["students"] and keys[0]["smart"] != keys[1]["smart"]
 
 
 def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_path, monkeypatch, capsys):

@@ -83,6 +83,25 @@ def test_a_gdn_hybrid_builds_decodes_as_it_prefills_and_exports(tiny_llama, tmp_
 
 
 
+def test_a_gdn_hybrid_in_a_layout_that_cannot_hold_it_is_one_line(tmp_path, capsys):
+    """AMD's and MambaInLlama's layouts hold no Gated DeltaNet, and transformers no hybrid: `zebrax export
+    --format amd|mambainllama|hf` of a GDN hybrid says so in one line, and writes nothing."""
+    from tests.helpers import WITH_GDN, assert_nothing_left, assert_one_line_error
+    from zebrax import checkpoint
+    from zebrax.app.cli import main
+
+    with checkpoint.writing(tmp_path / "h") as tmp:
+        checkpoint.save(tmp, WITH_GDN, model_params(WITH_GDN))
+    for layout, message in (("amd", "the amd layout holds mamba2 and mla layers; this hybrid's LDALD has attention, "
+                                    "gdn layers"),
+                            ("mambainllama", "the mambainllama layout holds attention and mamba2 layers; this "
+                                             "hybrid's LDALD has gdn, mla layers"),
+                            ("hf", "format 'hf' is not one of ['amd', 'mambainllama', 'zebrax']")):
+        code = main(["export", str(tmp_path / "h"), str(tmp_path / layout), "--format", layout])
+        assert_one_line_error(code, capsys.readouterr().err, message)
+        assert_nothing_left(tmp_path / layout)
+
+
 def test_the_tiny_experiment_distils_a_gdn_hybrid(child_process, tmp_path):
     """`zebrax distill` on configs/experiments/tiny_gdn.gin (the tiny experiment, Gated DeltaNet for Mamba2), fewer
     steps: ILD and KD losses fall, SMART places MLA among GDN layers, the distilled hybrid is evaluated."""

@@ -130,6 +130,45 @@ def test_the_library_never_imports_the_applications():
     assert {m: e for m, e in reaching.items() if e} == {}
 
 
+# below → what it may never reach, through any chain of imports: data flows one way
+NEVER = {
+    "kernels_pallas": ("zebrax",),
+    "zebrax.checks": ("zebrax.mixers", "zebrax.config", "zebrax.models"),
+    "zebrax.ops": ("zebrax.mixers", "zebrax.config", "zebrax.models", "zebrax.layers"),
+    "zebrax.layers": ("zebrax.mixers", "zebrax.config", "zebrax.models"),
+    "zebrax.cache": ("zebrax.mixers", "zebrax.config", "zebrax.models"),
+    "zebrax.mixers": ("zebrax.config", "zebrax.models", "zebrax.recipe", "zebrax.init", "zebrax.api"),
+    "zebrax.config": ("zebrax.models", "zebrax.recipe", "zebrax.init", "zebrax.api", "zebrax.checkpoint"),
+    "zebrax.losses": ("zebrax.models", "zebrax.distill"),
+    "zebrax.hosts": ("zebrax.sharding", "zebrax.models", "zebrax.mixers"),
+    "zebrax.files": ("zebrax.checkpoint", "zebrax.sharding", "zebrax.models", "zebrax.mixers"),
+    "zebrax.convert": ("zebrax.distill", "zebrax.api"),
+    "zebrax.api": ("zebrax.distill",),
+}
+
+
+def reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_data_flows_one_way():
+    """No module of a lower floor reaches one of the floors above it (``NEVER``): a kind's folder never reaches the
+    configs that list the kinds, the files never reach the checkpoint format or the mesh, …"""
+    graph = import_graph()
+    broken = {}
+    for below, above in NEVER.items():
+        for module in (m for m in graph if m == below or m.startswith(below + ".")):
+            bad = sorted(m for m in reached(graph, module) if any(m == a or m.startswith(a + ".") for a in above))
+            if bad:
+                broken[module] = bad
+    assert broken == {}
+
+
 def test_importing_the_library_loads_no_application():
     """``import zebrax``, its configs, a model, the distillation pipeline: no module of ``zebrax.app`` is loaded."""
     code = ("import sys, zebrax, zebrax.config, zebrax.api, zebrax.distill.pipeline\n"

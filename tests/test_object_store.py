@@ -78,6 +78,23 @@ def _flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
 
 
+def test_an_object_store_that_cannot_be_reached_is_one_line_at_once(capsys, monkeypatch):
+    """No server where the store should be: `zebrax distill --workdir gs://…` says so in one line within seconds
+    (gcsfs alone retried for about a minute, logging every retry's traceback)."""
+    from tests.helpers import assert_one_line_error
+    from zebrax.app.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    code = main(["distill", "--gin_file", TINY, "--workdir", f"gs://{BUCKET}/w"])
+    assert_one_line_error(code, capsys.readouterr().err, f"gs://{BUCKET}/w: cannot reach the object store at "
+                                                         f"http://127.0.0.1:{port} (Connection refused)")
+    assert time.monotonic() - start < 15
+
+
 def test_a_stage_output_on_an_object_store_is_committed_last_and_round_trips(gcs, tmp_path):
     root = gcs()
     dst = f"{root}/kd"

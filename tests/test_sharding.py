@@ -289,7 +289,7 @@ def test_pallas_kernels_run_on_each_shard_without_gathering_their_operands(child
 
 MULTI = r'''
 import json, sys
-from zebrax.sharding import distributed
+from zebrax.hosts import distributed
 port, n, i, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 distributed(f"localhost:{port}" if n > 1 else None, n if n > 1 else None, i if n > 1 else None)
 import jax, numpy as np
@@ -298,7 +298,8 @@ from zebrax import data
 from zebrax.distill import TrainConfig, kd_objective, train
 from zebrax.init import init_hybrid
 from zebrax.models import build
-from zebrax.sharding import MeshConfig, gather, make_mesh, param_shardings
+from zebrax.sharding import MeshConfig, make_mesh, param_shardings
+from zebrax.hosts import gather
 
 teacher = random_model(TEACHER, seed=2)
 student, _ = init_hybrid(TEACHER, teacher.params, MIXED, jax.random.key(0))
@@ -355,7 +356,7 @@ def test_two_processes_run_a_sharded_step_and_agree_with_one(child_process, tmp_
 
 
 JOINED = '''
-from zebrax.sharding import detected_cluster, distributed
+from zebrax.hosts import detected_cluster, distributed
 cluster = detected_cluster()
 distributed()
 import jax
@@ -402,7 +403,7 @@ from zebrax.sharding import MeshConfig, make_mesh
 
 whole = []  # leaves over 4 KiB that a device holds whole, restored as the run restores them
 mesh = make_mesh(MeshConfig(fsdp=jax.device_count())) if mesh_binding else None
-for stage in ("teacher", "ild/mla", "ild/mamba2", "hybrid", "kd", "dpo"):
+for stage in ("teacher", "ild/mla", "ild/linear", "hybrid", "kd", "dpo"):
     for path, leaf in jax.tree_util.tree_leaves_with_path(load(workdir / stage, mesh)[1]):
         leaf = leaf if isinstance(leaf, jax.Array) else jax.device_put(leaf)  # a host array (no mesh) on the device
         if leaf.nbytes > 4096 and max(s.data.nbytes for s in leaf.addressable_shards) == leaf.nbytes:

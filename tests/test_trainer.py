@@ -100,6 +100,33 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
               tmp_path / "later", tokens_of=lambda b: 1)
 
 
+def test_a_stage_that_ends_in_skipped_steps_is_not_finished(tmp_path):
+    """Two steps, the last non-finite: fewer than max_bad_steps in a row, but the stage's last update was skipped, so
+    it ends in a TrainingDiverged, not a finished stage (whose evaluation would read nan)."""
+    def last_nan(params, frozen, batch):
+        return jnp.sum(params["w"] ** 2) * jnp.where(batch["bad"][0, 0], jnp.nan, 1.0), {}
+
+    params = {"w": jnp.ones(2)}
+    cfg = TrainConfig(steps=2, batch_size=2, learning_rate=0.1, max_bad_steps=5, log_every=1)
+    rows = {"bad": np.array([[False], [True]])}
+
+    class Ordered:  # step 1 the good row, step 2 the bad one
+        def __init__(self):
+            self.i = 0
+
+        def __next__(self):
+            self.i += 1
+            return {"bad": rows["bad"][self.i - 1:self.i].repeat(2, axis=0)}
+
+        def get_state(self):
+            return {"i": self.i}
+
+    with pytest.raises(TrainingDiverged, match=r"toy: its last 1 step had a non-finite loss .* not finished"):
+        train("toy", last_nan, params, None, Ordered(), cfg, tmp_path, tokens_of=lambda b: 1)
+    assert train("toy", last_nan, params, None, Ordered(), dataclasses.replace(cfg, steps=1), tmp_path / "one",
+                 tokens_of=lambda b: 1)["w"].shape == (2,)
+
+
 def test_metrics_lines_and_the_schedule(tmp_path):
     def quad(params, frozen, batch):
         loss = jnp.sum((params["w"] - 1.0) ** 2)

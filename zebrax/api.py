@@ -53,7 +53,7 @@ class Model:
 
     def logits(self, tokens, token_mask=None) -> np.ndarray:
         """tokens int ``[B, L]`` → float32 logits ``[B, L, vocab]`` (one full forward pass), on the host."""
-        from zebrax.sharding import gather
+        from zebrax.hosts import gather
 
         return np.asarray(gather(self.forward(tokens, token_mask, "logits")))
 

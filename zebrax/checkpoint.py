@@ -86,7 +86,7 @@ def save(directory: Path, config, params: dict) -> None:
     records the parameters' ``params_sha256`` (``content_sha256``)."""
     import jax
 
-    from zebrax.sharding import sync
+    from zebrax.hosts import sync
 
     directory = as_path(directory)
     check_writable_path(directory)

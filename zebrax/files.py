@@ -71,24 +71,28 @@ def as_path(path: str | os.PathLike):
     from etils import epath
 
     if os.fspath(path).startswith("gs://"):
-        _reachable(os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com", os.fspath(path))
+        endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+        unreachable = _unreachable(endpoint)
+        if unreachable:
+            raise CheckpointError(f"{os.fspath(path)}: cannot reach the object store at {endpoint} ({unreachable}); "
+                                  f"check the network, or use a local path")
     # no cached listings: another host's writes (process 0's smart.json, a grown metrics.jsonl) are seen at once
     fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
     return epath.Path(os.fspath(path))
 
 
 @functools.cache
-def _reachable(endpoint: str, path: str, timeout_s: float = 10.0) -> None:
-    """CheckpointError in one line unless the object store's ``endpoint`` answers a connection within ``timeout_s``
-    (asked once a process): without it, gcsfs retries for about a minute and logs every retry's traceback."""
+def _unreachable(endpoint: str, timeout_s: float = 10.0) -> str | None:
+    """Why the object store's ``endpoint`` does not answer a connection within ``timeout_s``, or None (asked once a
+    process): unreachable, gcsfs would retry for about a minute and log every retry's traceback."""
     from urllib.parse import urlsplit
 
     url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot reach the object store at {endpoint} ({e.strerror or e}); check the "
-                              f"network, or use a local path") from None
+        return str(e.strerror or e)
+    return None
 
 
 def committed(path: str | os.PathLike) -> bool:
@@ -318,7 +322,7 @@ def atomic_directory_of_all(dst: str | os.PathLike, *, what: str):
     On an object store the directory is written in place and committed by its ``COMMITTED`` object."""
     import jax
 
-    from zebrax.sharding import broadcast_text, sync
+    from zebrax.hosts import broadcast_text, sync
 
     if jax.process_count() == 1 and is_local(dst):
         with atomic_directory(dst, what=what) as tmp:

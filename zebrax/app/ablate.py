@@ -112,7 +112,7 @@ def ablate(gin_files: list[str], seeds: int, root: str | Path, bindings: list[st
 
     if not gin_files:
         raise ConfigError("zebrax ablate: no gin files given")
-    root = local_path(root, "ablation root (its table, shared stages and compilation cache)")
+    root = local_path(root, "root of ablations (their table, shared stages and compilation cache)")
     names = [Path(f).stem for f in gin_files]
     if len(set(names)) != len(names):
         raise ConfigError(f"zebrax ablate: two experiments share a name ({', '.join(names)}); each gin file's stem "
@@ -131,6 +131,7 @@ def ablate(gin_files: list[str], seeds: int, root: str | Path, bindings: list[st
     for name, f in zip(names, gin_files, strict=True):
         gin = parse_gin([f], list(bindings))
         experiments[name] = (call_configurable(gin, "zebrax.distill"), gin.config_str())
+    root.mkdir(parents=True, exist_ok=True)
     if not jax.config.jax_compilation_cache_dir:  # the runs compile the same programs: each compiled once
         jax.config.update("jax_compilation_cache_dir", str(root / "jax-cache"))
     evals = {name: [] for name in experiments}

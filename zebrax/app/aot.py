@@ -258,7 +258,6 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     ``serving_mesh`` for prefill and decode). A setting the program does not take is refused (``SETTINGS``)."""
     from zebrax.config import LlamaConfig
     from zebrax.distill.experiment import Experiment
-    from zebrax.models import Impls
 
     if program not in PROGRAMS:
         raise ConfigError(f"compile: program {program!r} is not one of {', '.join(PROGRAMS)}")
@@ -269,7 +268,6 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     if stray:
         raise ConfigError(f"compile {program}: {', '.join(stray)} do{'es' * (len(stray) == 1)} not apply to it (it "
                           f"takes {', '.join(SETTINGS[program])})")
-    impl = Impls.parse(impl)  # a misspelt implementation fails here, whatever the program
     chips = list(devices(topology))
     mesh = _mesh(program, mesh, chips, batch)
     if program in TRAINING + SCORING:

@@ -12,22 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zebrax.app.timing import compare, machine, matmul_peak
+from zebrax.app.timing import compare, machine, matmul_peak, require_positive
 from zebrax.ops.auto import auto_choices
 from zebrax.recipe import from_teacher
-
-
-def require_positive(where: str, **values) -> None:
-    """InvalidArgument naming the first size that is not a positive integer (or a list holding one)."""
-    from zebrax.errors import InvalidArgument
-
-    for name, value in values.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        if not items or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in items):
-            raise InvalidArgument(f"{where}: {name}={value!r} must be a positive integer"
-                                  f"{' (each of them)' if isinstance(value, (list, tuple)) else ''}")
-
-
 
 
 def _torch_forward(hf, tokens: np.ndarray) -> Callable[[], object]:

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zebrax.app.bench import require_positive
-from zebrax.app.timing import compare, machine, peak_rss_bytes, reset_peak_rss
+from zebrax.app.timing import compare, machine, peak_rss_bytes, require_positive, reset_peak_rss
 from zebrax.ops.auto import auto_choices
 from zebrax.recipe import from_teacher
 

@@ -282,7 +282,7 @@ def cmd_compile(args):
 def cmd_distill(args):
     from zebrax.app.presets import call_configurable, parse_gin
     from zebrax.distill import pipeline
-    from zebrax.sharding import distributed
+    from zebrax.hosts import distributed
 
     distributed(args.coordinator, args.num_processes, args.process_id)
     gin = parse_gin(args.gin_file, args.gin_param)

@@ -85,7 +85,7 @@ class ZebraxLM(TemplateLM):
     def __init__(self, pretrained: str, batch_size=8, max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str | None = None, add_bos_token: bool | None = None, prefix_token_id: int | None = None,
                  impl: str = "auto", **lm_eval_args):
-        import zebrax
+        from zebrax.api import load
         from zebrax.errors import ConfigError
 
         _check_names([*lm_eval_args])
@@ -93,7 +93,7 @@ class ZebraxLM(TemplateLM):
         max_length = None if max_length is None else _positive("max_length", max_length)
         max_gen_toks = _positive("max_gen_toks", max_gen_toks)
         super().__init__()
-        self.model = zebrax.load(pretrained, dtype=dtype, impl=impl)
+        self.model = load(pretrained, dtype=dtype, impl=impl)
         if self.model.tokenizer is None:
             raise ConfigError(f"{pretrained}: has no tokenizer/; lm-eval works on text")
         self.tokenizer = self.model.tokenizer

@@ -42,7 +42,8 @@ from zebrax.distill.objectives import counted, lm_objective, real_tokens, stage_
 from zebrax.distill.trainer import train
 from zebrax.distill.workdir import finished, load, record_hashes, save, sharded, shardings, write_text
 from zebrax.errors import ConfigError, InvalidArgument, ZebraxError, warn
-from zebrax.sharding import on_device, sync
+from zebrax.hosts import sync
+from zebrax.sharding import on_device
 
 PLACEMENTS = ("smart", "uniform", "reverse")
 RECORD = "stages.json"
@@ -128,9 +129,9 @@ class Run:
             return self.students
         found = {}
         for name in STUDENTS:
-            path = self.workdir / "ild" / name
-            if not files.committed(path) and name in LEGACY_STUDENTS:
-                path = self.workdir / "ild" / LEGACY_STUDENTS[name]
+            path, legacy = self.workdir / "ild" / name, self.workdir / "ild" / LEGACY_STUDENTS.get(name, name)
+            if not checkpoint.is_checkpoint(path) and checkpoint.is_checkpoint(legacy):
+                path = legacy
             found[name] = load(path, self.mesh)
         return found
 

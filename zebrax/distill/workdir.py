@@ -18,7 +18,7 @@ import numpy as np
 
 from zebrax import checkpoint, files
 from zebrax.errors import ConfigError
-from zebrax.sharding import sync
+from zebrax.hosts import sync
 
 RECORD, LOCK, HASHES = "experiment.json", ".lock", "data_sha256.json"
 

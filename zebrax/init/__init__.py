@@ -41,7 +41,8 @@ def init_hybrid(teacher: LlamaConfig, params: dict, config: HybridConfig, key: j
         host = lambda tree: tree  # noqa: E731
         copy = made = lambda tree, _: jax.tree.map(lambda w: np.asarray(w, np.float32).astype(dtype), tree)  # noqa: E731
     else:
-        from zebrax.sharding import gather, place
+        from zebrax.hosts import gather
+        from zebrax.sharding import place
 
         host = gather
         copy = lambda tree, s: place(jax.tree.map(lambda w: w.astype(jnp.float32).astype(dtype), tree), s)  # noqa: E731
