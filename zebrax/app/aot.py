@@ -112,6 +112,11 @@ def _students(program: str, exp, teacher, student) -> dict:
     return {"mla": student.all_of(attention[0]), "linear": student.all_of(linear[0])}
 
 
+def _named_students(students: dict) -> str:
+    """``"all-mla + all-gdn"``: the kinds of the two students, for the report."""
+    return " + ".join(f"all-{c.mixers[0]}" for c in students.values())
+
+
 def _check_rows(program: str, batch: int, accumulate: int, mesh) -> None:
     """ConfigError unless the mesh's row shards divide each micro-batch (as ``zebrax distill`` refuses)."""
     from zebrax.sharding import row_shards
@@ -140,6 +145,7 @@ def _scoring(program: str, exp, teacher, student, mesh, topology: str, batch: in
         args = (_params(student, mesh), _params(teacher, mesh), rows["tokens"], rows["token_mask"], rows["loss_mask"])
     else:
         s = _students(program, exp, teacher, student)
+        students = _named_students(s)
         fn = jax.jit(swap_kl(compute(s["mla"]), compute(s["linear"])))
         logits = jax.ShapeDtypeStruct((batch, exp.seq_len, teacher.vocab_size), jnp.float32,
                                       sharding=batch_sharding(mesh, 3))
@@ -148,7 +154,8 @@ def _scoring(program: str, exp, teacher, student, mesh, topology: str, batch: in
         swap = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
         args = (swap_params(_params(s["mla"], mesh), _params(s["linear"], mesh), teacher.num_hidden_layers),
                 rows["tokens"], x, logits, swap)
-    settings = {"batch": batch, "seq_len": exp.seq_len, "compute_dtype": exp.compute_dtype}
+    settings = {"batch": batch, "seq_len": exp.seq_len, "compute_dtype": exp.compute_dtype,
+                **({} if program == "eval" else {"students": students})}
     return compile_program(fn, args, program=program, topology=topology, mesh=mesh, tokens=batch * exp.seq_len,
                            settings=settings)
 
@@ -178,7 +185,8 @@ def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
                        (p_sh, o_sh, jax.tree.map(lambda x: x.sharding, frozen), replicated(mesh)))
     tokens = cfg.batch_size * exp.seq_len * (2 if stage == "dpo" else 1)
     settings = {"batch": cfg.batch_size, "seq_len": exp.seq_len, "accumulate": cfg.accumulate, "remat": exp.remat,
-                "compute_dtype": exp.compute_dtype, "loss_chunk": exp.loss_chunk}
+                "compute_dtype": exp.compute_dtype, "loss_chunk": exp.loss_chunk,
+                **({"students": _named_students(trained)} if stage == "ild" else {})}
     return compile_program(step, (params, opt_state, frozen, batch), program=stage, topology=topology, mesh=mesh,
                            repeats=cfg.accumulate,
                            tokens=tokens, settings=settings, advice=_advice(exp, stage, mesh))

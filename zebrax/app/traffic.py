@@ -11,6 +11,9 @@ memory space, ``S(n)``), except where the instruction touches part of a buffer:
   buffer does not;
 - a slice, dynamic-slice or gather (alone, or as the only users of a fusion's operand) reads what it returns;
 - ``copy-start`` reads its operand, ``copy-done`` writes its result (only where that is HBM);
+- an asynchronous slice (``slice-start`` … ``slice-done``, the weight-slice prefetches a v5e or v6e decode step
+  makes into VMEM) reads what it returns, counted at its ``-done``, and writes it only where that is HBM; its
+  ``-start``'s tuple, which repeats the whole operand, moves nothing;
 - a loop whose trip count depends on data (attention over the filled part of a cache) is taken to walk the largest
   buffer its body slices once: as many trips as the slices fit in it, shared with the sibling loops that walk the
   same buffer, followed through the loops that carry it (the blocked attention's loops over full and diagonal
@@ -34,6 +37,7 @@ _ARRAY = re.compile(r"\b(" + "|".join(_SIZES) + r")\[([\d,]*)\](\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*?)\)(, .*)?$")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id"}
 _SLICING = {"slice", "dynamic-slice", "gather"}
+_ASYNC_SLICING = {"slice-start": "slice-done", "dynamic-slice-start": "dynamic-slice-done"}
 
 
 def hbm_bytes(shape: str, anywhere: bool = False) -> int:
@@ -66,6 +70,7 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
     """``[(bytes, op, op_name)]`` for every instruction that runs, per call (see the module's rules)."""
     comps, entry = _computations(hlo)
     shapes = {i["name"]: i["shape"] for body in comps.values() for i in body}
+    operands = {i["name"]: i["args"] for body in comps.values() for i in body}
     rows = []
 
     @functools.cache
@@ -182,6 +187,12 @@ def traffic(hlo: str) -> list[tuple[int, str, str]]:
                 moved = 2 * hbm_bytes(shapes[i["args"][1]]) if hbm_bytes(i["shape"]) else 0
             elif op in _SLICING:
                 moved = 2 * hbm_bytes(i["shape"])
+            elif op in _ASYNC_SLICING:
+                moved = 0  # counted when it lands
+            elif op in _ASYNC_SLICING.values():  # the slice of an operand in HBM read, written where it lands
+                source = operands.get(i["args"][0], [""])[0]
+                moved = (hbm_bytes(i["shape"], anywhere=True) if hbm_bytes(shapes.get(source, "")) else 0) + \
+                    hbm_bytes(i["shape"])
             elif op == "copy-start":
                 moved = sum(hbm_bytes(shapes.get(a, "")) for a in i["args"])
             elif op == "copy-done":
