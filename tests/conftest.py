@@ -1,16 +1,19 @@
 """Shared fixtures (tiny random transformers checkpoints, made here and never downloaded; the embedded SmolLM2) and
 the tiers of the suite.
 
-Tiers are markers applied here from the fixtures a test uses, never by hand (``--strict-markers`` refuses others):
+Tiers are markers applied here from the fixtures a test uses or from its module, never by hand (``--strict-markers``
+refuses others):
 
 - ``real_model``: the embedded SmolLM2 teacher's weights (``smollm2_checkpoint``, ``smollm2_gguf``), converted once
   per run for every worker;
 - ``end_to_end``: whole commands and scripts in child processes (``child_process``): signals, concurrent writers,
   several processes and devices, the pipeline and the main job;
 - ``notebook``: the quickstart notebook in a Jupyter kernel (``notebook_kernel``);
-- ``tpu_compile``: programs compiled for TPU slices by libtpu's deviceless compiler (``tpu_compiler``).
+- ``tpu_compile``: programs compiled for TPU slices by libtpu's deviceless compiler (``tpu_compiler``);
+- ``training``: the stages' objectives and training steps on whole tiny models, each compiling a whole model's
+  gradient (the module ``tests/test_ild.py``).
 
-``make test`` runs every test outside the four tiers (every op, kernel, layer, conversion and error path, at tiny
+``make test`` runs every test outside the five tiers (every op, kernel, layer, conversion and error path, at tiny
 shapes); ``make test-all`` (CI) runs them all. Programs compile with XLA's optimisations off into JAX's persistent
 compilation cache (``build/jax-cache``), shared by the workers, the child processes they start and later runs.
 """
@@ -40,6 +43,7 @@ from tests.helpers import make_hf_deepseek, make_hf_llama, make_hf_mamba2  # noq
 
 TIERS = {"smollm2_checkpoint": "real_model", "smollm2_gguf": "real_model", "child_process": "end_to_end",
          "notebook_kernel": "notebook", "tpu_compiler": "tpu_compile"}
+MODULE_TIERS = {"test_ild.py": "training"}
 
 
 def pytest_collection_modifyitems(items):
@@ -47,6 +51,8 @@ def pytest_collection_modifyitems(items):
         for fixture, tier in TIERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(tier)
+        if item.path.name in MODULE_TIERS:
+            item.add_marker(MODULE_TIERS[item.path.name])
 
 
 def shared_dir(tmp_path_factory) -> Path:

@@ -217,15 +217,19 @@ def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, bind
     assert not (tmp_path / "w").exists()
 
 
-def test_an_ablation_leaves_out_ild_places_uniformly_and_starts_mla_at_random(tmp_path, capsys):
+def test_an_ablation_leaves_out_ild_places_uniformly_and_starts_mla_at_random(child_process, tmp_path):
     """The stage list and the ablation settings (``zebrax.distill.stages``): without ILD the hybrid is assembled from
     the initialised students (no ild/, no after_ild row), a uniform placement scores nothing, MLA starts at random;
     stages.json records the list, each stage with its settings."""
     workdir = tmp_path / "w"
-    code, err = distill_cli(capsys, workdir, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', "
-                            "'kd_long')", "distill.placement = 'uniform'", "distill.random_init = ('mla',)",
-                            "distill.kd_long = @kd_long/TrainConfig()", "kd_long/TrainConfig.steps = 1",
-                            "kd_long/TrainConfig.batch_size = 2", "distill.kd_long_seq_len = 256")
+    args = ["distill", "--gin_file", TINY, "--workdir", workdir]
+    for binding in (*FEW, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', 'kd_long')",
+                    "distill.placement = 'uniform'", "distill.random_init = ('mla',)",
+                    "distill.kd_long = @kd_long/TrainConfig()", "kd_long/TrainConfig.steps = 1",
+                    "kd_long/TrainConfig.batch_size = 2", "distill.kd_long_seq_len = 256"):
+        args += ["--gin_param", binding]
+    run = child_process.zebrax(*args)
+    code, err = run.returncode, run.stderr
     assert code == 0, err[-2000:]
     assert not (workdir / "ild").exists() and not (workdir / "dpo").exists() and "ILD:" not in err
     assert json.loads((workdir / "smart.json").read_text()) == {"placement": "uniform", "mla_layers": [0, 2]}
