@@ -15,6 +15,9 @@ QUICK := not (real_model or end_to_end or notebook or tpu_compile or training)
 # --no-compile: a module is byte-compiled when it is first imported, not every module of torch and jax at install
 # (half the set-up's minutes)
 PIP    := $(PY) -m pip install --no-compile
+# and that bytecode is kept: where the environment forbids writing it, every process (each test worker, each child
+# process) compiles torch's, transformers' and jax's sources again, 4 s of each import of them
+unexport PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

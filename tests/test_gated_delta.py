@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zebrax.ops.gated_delta import _unit_lower_inverse, gated_delta_chunked, gated_delta_reference, gated_delta_step
+from zebrax.ops import gated_delta as ops
+from zebrax.ops.gated_delta import _unit_lower_inverse
+
+# jitted as a model calls them: one program a call shape (eagerly, each primitive would be compiled on its own)
+gated_delta_chunked = jax.jit(ops.gated_delta_chunked, static_argnames=("chunk_size",))
+gated_delta_reference = jax.jit(ops.gated_delta_reference)
+gated_delta_step = jax.jit(ops.gated_delta_step)
 
 
 def inputs(batch=2, length=37, k_heads=2, heads=4, d_k=8, d_v=6, seed=0):
