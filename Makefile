@@ -10,7 +10,7 @@ TPU_STAMP := $(VENV)/.libtpu-installed
 
 .PHONY: run test test-all lint bench clean
 
-QUICK := not (real_model or end_to_end or notebook or tpu_compile or training)
+QUICK := not (real_model or end_to_end or notebook or tpu_compile or training or benchmarks)
 
 # --no-compile: a module is byte-compiled when it is first imported, not every module of torch and jax at install
 # (half the set-up's minutes)

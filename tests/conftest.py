@@ -11,9 +11,10 @@ refuses others):
 - ``notebook``: the quickstart notebook in a Jupyter kernel (``notebook_kernel``);
 - ``tpu_compile``: programs compiled for TPU slices by libtpu's deviceless compiler (``tpu_compiler``);
 - ``training``: the stages' objectives and training steps on whole tiny models, each compiling a whole model's
-  gradient (the module ``tests/test_ild.py``).
+  gradient (the module ``tests/test_ild.py``);
+- ``benchmarks``: the ``zebrax bench`` commands, each timing whole models (the module ``tests/test_bench.py``).
 
-``make test`` runs every test outside the five tiers (every op, kernel, layer, conversion and error path, at tiny
+``make test`` runs every test outside the six tiers (every op, kernel, layer, conversion and error path, at tiny
 shapes); ``make test-all`` (CI) runs them all. Programs compile with XLA's optimisations off into JAX's persistent
 compilation cache (``build/jax-cache``), shared by the workers, the child processes they start and later runs.
 """
@@ -43,7 +44,7 @@ from tests.helpers import make_hf_deepseek, make_hf_llama, make_hf_mamba2  # noq
 
 TIERS = {"smollm2_checkpoint": "real_model", "smollm2_gguf": "real_model", "child_process": "end_to_end",
          "notebook_kernel": "notebook", "tpu_compiler": "tpu_compile"}
-MODULE_TIERS = {"test_ild.py": "training"}
+MODULE_TIERS = {"test_ild.py": "training", "test_bench.py": "benchmarks"}
 
 
 def pytest_collection_modifyitems(items):
