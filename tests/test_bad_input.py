@@ -171,6 +171,8 @@ def test_numbers_on_the_command_line_are_checked_before_any_work(capsys, tiny_ll
         (["bench", "decode", ck], "--kv-lora-rank", "0"),
         (["bench", "train", ck], "--steps", "0"),
         (["bench", "long-prompt", ck], "--length", "0"),
+        (["bench", "long-prompt", ck], "--prefill-chunk", "0"),
+        (["generate", ck, "--prompt", "x"], "--prefill-chunk", "0"),
         (["distill", "--gin_file", tmp_path / "x.gin", "--workdir", tmp_path / "w"], "--num-processes", "0"),
         (["distill", "--gin_file", tmp_path / "x.gin", "--workdir", tmp_path / "w"], "--process-id", "-1"),
     ):

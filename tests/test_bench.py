@@ -1,4 +1,4 @@
-"""The benchmark commands (``zebrax bench forward|ssd|attention|train|decode``): each reports what it says in JSON,
+"""The benchmark commands (``zebrax bench forward|ssd|attention|train|decode|long-prompt``): each reports what it says in JSON,
 on tiny models, one repeat. They time whole models several times over, so they are a tier of their own
 (``benchmarks``), outside ``make test``; what the figures are on real models is docs/benchmarks.md's."""
 
@@ -90,3 +90,20 @@ def test_bench_decode_times_every_model_and_plots(tiny_llama, tmp_path, capsys):
     assert "unknown model 'llama'" in capsys.readouterr().err
     assert main(["bench", "decode", ckpt, "--model", "nameless"]) == 1
     assert "NAME=CKPT" in capsys.readouterr().err
+
+
+def test_bench_long_prompt_prefills_in_chunks_in_a_fresh_process(tmp_path, capsys):
+    """`bench long-prompt` on a tiny hybrid, a 40-token prompt prefilled 16 tokens at a time: the new tokens, the
+    time, the peak memory and the decode cache's bytes of that length."""
+    from tests.helpers import MIXED, model_params
+    from zebrax import checkpoint
+
+    with checkpoint.writing(tmp_path / "h") as tmp:
+        checkpoint.save(tmp, MIXED, model_params(MIXED))
+    assert main(["bench", "long-prompt", str(tmp_path / "h"), "--length", "40", "--new-tokens", "3",
+                 "--prefill-chunk", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = zebrax.load(tmp_path / "h")
+    assert result["prompt_tokens"] == 40 and result["prefill_chunk"] == 16 and result["new_tokens"] == 3
+    assert result["cache_gb"] == round((43 * model.cache_bytes_per_token() + model.cache_state_bytes()) / 1e9, 3)
+    assert result["generate_s_with_compile"] > 0 and result["peak_rss_gb"] > 0.1

@@ -96,6 +96,72 @@ def test_hybrid_prefill_then_decode_equals_the_full_pass(config, pad, rng):
         np.testing.assert_allclose(logits, full[:, i], rtol=0, atol=atol)
 
 
+def _left_padded(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens, mask = np.zeros((len(prompts), length), np.int32), np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p):], mask[i, length - len(p):] = p, True
+    return tokens, mask
+
+
+@pytest.mark.parametrize("config", [TEACHER, MIXED, WITH_GDN], ids=["teacher", "mixed", "with_gdn"])
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunked_prefill_gives_the_logits_and_caches_of_one_prefill(config, chunk, rng):
+    """Left-padded rows of 22, 5 and 13 tokens in 24 slots, prefilled ``chunk`` tokens at a time (the short row's
+    padding fills whole chunks; 3 is no multiple of the linear layers' chunks of 4): the last logits and every
+    layer's cache (GQA keys and values, MLA latents, Mamba2 and GDN conv and SSM states) of one prefill, and decoding
+    on from it gives each prompt's full forward pass alone."""
+    model = random_model(config)
+    prompts = [rng.integers(4, 97, n).tolist() for n in (22, 5, 13)]
+    tokens, mask = _left_padded(prompts, 24)
+    gen = Generator(model.module)
+    one, one_cache = gen.prefill(model.params, tokens, mask, max_len=32)
+    logits, cache = gen.prefill_chunked(model.params, tokens, mask, max_len=32, chunk=chunk)
+    scale = np.abs(one).max()
+    np.testing.assert_allclose(logits, one, rtol=0, atol=ATOL * scale)
+    assert int(cache.index) == 24 and np.array_equal(cache.kv_mask, one_cache.kv_mask)
+    for i, (got, want) in enumerate(zip(cache.layers, one_cache.layers, strict=True)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=ATOL * max(1.0, np.abs(b).max()), err_msg=f"layer {i}")
+    nexts = rng.integers(4, 97, (3, 4)).astype(np.int32)
+    for step in range(4):
+        for r, p in enumerate(prompts):
+            full = model.logits(np.asarray([p + nexts[r, :step].tolist()], np.int32))[0, -1]
+            np.testing.assert_allclose(logits[r], full, rtol=0, atol=ATOL * scale)
+        logits, cache = gen.decode_step(model.params, cache, jnp.asarray(nexts[:, step]))
+
+
+def test_chunked_prefill_of_each_document_gives_the_packed_rows_logits(rng):
+    """Documents of 6, 11 and 7 tokens packed into one row (``segment_ids``): each prefilled alone, 4 tokens at a
+    time in a left-padded batch, ends on the logits the packed forward pass gives its last token."""
+    model = random_model(MIXED)
+    docs = [rng.integers(4, 97, n).tolist() for n in (6, 11, 7)]
+    segments = np.concatenate([np.full(len(d), i + 1, np.int32) for i, d in enumerate(docs)])[None]
+    packed = np.asarray(model.module.apply({"params": model.params}, np.concatenate(docs)[None].astype(np.int32),
+                                           segment_ids=segments)[0])[0]
+    ends = np.cumsum([len(d) for d in docs]) - 1
+    tokens, mask = _left_padded(docs, 12)
+    logits, _ = Generator(model.module).prefill_chunked(model.params, tokens, mask, max_len=16, chunk=4)
+    np.testing.assert_allclose(logits, packed[ends], rtol=0, atol=ATOL * np.abs(packed).max())
+
+
+def test_generate_prefills_long_prompts_in_chunks(rng):
+    """Past ``prefill_chunk`` tokens ``generate`` prefills in chunks: the same tokens as at once, two prefill
+    programs whatever the prompt's length, and a chunk of 0 is refused in one line."""
+    model = random_model(MIXED)
+    prompts = [rng.integers(4, 97, n).tolist() for n in (19, 9)]
+    at_once = model.generate(prompts, max_new_tokens=6, ignore_eos=True, prefill_chunk=None)
+    assert model.generate(prompts, max_new_tokens=6, ignore_eos=True, prefill_chunk=4) == at_once
+    gen = model.generator
+    assert gen.extend._cache_size() == 1
+    model.generate([p[:13] for p in prompts], max_new_tokens=6, ignore_eos=True, prefill_chunk=4)
+    assert gen.extend._cache_size() == 1
+    for bad in (0, -4, 2.5):
+        with pytest.raises(InvalidArgument, match=f"prefill_chunk={bad!r} must be an integer >= 1"):
+            model.generate(prompts, max_new_tokens=2, prefill_chunk=bad)
+    with pytest.raises(InvalidArgument, match="chunk=5 does not divide the 12 tokens"):
+        Generator(model.module).prefill_chunked(model.params, *_left_padded(prompts[1:], 12), max_len=16, chunk=5)
+
+
 def test_hybrid_left_padded_batches_equal_one_prompt_at_a_time(rng):
     model = random_model(MIXED)
     prompts = [rng.integers(4, 97, n).tolist() for n in (3, 12, 7)]

@@ -64,8 +64,8 @@ def _samples(results: dict) -> dict:
 
 
 def test_bucket_lengths():
-    assert [bucket(n, 2048) for n in (1, 32, 33, 64, 65, 1500, 3000)] == [32, 32, 64, 64, 128, 2048, 2048]
-    assert bucket(40, 48) == 48
+    assert [bucket(n) for n in (1, 32, 33, 64, 65, 500, 512, 513, 3000)] == [32, 32, 64, 64, 128, 512, 512, 1024,
+                                                                              3072]
 
 
 def test_zebrax_lm_eval_equals_hf(tiny, include_path, tmp_path, monkeypatch, local_tasks_only):
@@ -121,6 +121,54 @@ def test_registered_on_import(tiny):
     assert lm.batch_size == 5 and lm.max_length == 256
 
 
+def test_rows_past_one_head_chunk_score_as_the_whole_logits_do(tiny, rng):
+    """Rows of 1,024 tokens (two of the LM head's chunks of 512), every other target the greedy token: the
+    log-probabilities and greedy flags of the model's whole logits (fp32, 1e-5)."""
+    from zebrax.app.lm_eval import _scorer
+    from zebrax.losses import token_logprobs
+
+    model = zebrax.load(tiny[1])
+    tokens = rng.integers(0, model.config.vocab_size, (2, 1024)).astype(np.int32)
+    mask = np.ones(tokens.shape, bool)
+    mask[1, 700:] = False
+    logits = model.module.apply({"params": model.params}, tokens, token_mask=mask)[0]
+    targets = np.where(np.arange(1024) % 2, np.roll(tokens, -1, axis=1), np.argmax(logits, -1)).astype(np.int32)
+    logp, greedy = map(np.asarray, _scorer(model.module)(model.params, tokens, mask, targets))
+    np.testing.assert_allclose(logp, token_logprobs(logits, targets), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(greedy, np.argmax(logits, -1) == targets)
+    assert greedy.any() and logp.std() > 1.0
+
+
+def test_defaults_are_hfs_and_every_cut_is_counted(tiny):
+    """Left at its default, ``max_length`` is the checkpoint's ``max_position_embeddings``, as for lm-eval's ``hf``
+    model (not a cap of 2,048); past it only with ``extrapolate=True``. A context cut to fit is counted and warned
+    of, by request type, in one warning a call; a context that fits is not."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from zebrax.app.lm_eval import ZebraxLM
+    from zebrax.errors import InvalidArgument, ZebraxWarning
+
+    hf_dir, ckpt = tiny
+    lm = ZebraxLM(pretrained=str(ckpt), batch_size=2)
+    assert lm.max_length == HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32").max_length == 256
+    with pytest.raises(InvalidArgument, match="max_length=512 is past .*max_position_embeddings=256.*extrapolate=True"):
+        ZebraxLM(pretrained=str(ckpt), max_length=512)
+    assert ZebraxLM(pretrained=str(ckpt), max_length=512, extrapolate=True).max_length == 512
+
+    lm = ZebraxLM(pretrained=str(ckpt), batch_size=2, max_length=32, max_gen_toks=4)
+    short, long = list(range(100, 110)), list(range(100, 140))
+    with pytest.warns(ZebraxWarning, match=r"1 of 2 loglikelihood requests did not fit max_length=32"):
+        lm._loglikelihood_tokens([(None, short, [7, 8]), (None, long, [7, 8])])
+    text = lambda n: " ".join(["the quick brown fox"] * n)  # noqa: E731
+    requests = [Instance(request_type="generate_until", doc={}, arguments=(text(k), {"until": ["\n\n"],
+                                                                                    "max_gen_toks": 4}), idx=0)
+                for k in (2, 20, 30)]
+    with pytest.warns(ZebraxWarning, match=r"2 of 3 generate_until requests did not fit max_length=32"):
+        lm.generate_until(requests, disable_tqdm=True)
+    assert lm.truncated == {"loglikelihood": 1, "generate_until": 2}
+
+
 def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, monkeypatch, local_tasks_only):
     """`zebrax lm-eval` with batch_size=0, without pretrained or with a misspelt argument: one line naming it (the
     accepted ones listed), before any checkpoint is read; lm-eval's own arguments are accepted."""
@@ -132,6 +180,8 @@ def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, mon
     ckpt = tiny_llama("gqa_llama3_untied")[2]  # no tokenizer: loading it would fail with "has no tokenizer"
     for model_args, needles in ((f"pretrained={ckpt},batch_size=0", ["batch_size=0"]),
                                 (f"pretrained={ckpt},max_gen_toks=-5", ["max_gen_toks=-5"]),
+                                (f"pretrained={ckpt},prefill_chunk=0", ["prefill_chunk=0"]),
+                                (f"pretrained={ckpt},extrapolate=yes", ["extrapolate='yes'", "True or False"]),
                                 ("batch_size=4", ["pretrained=CKPT"]),
                                 (f"pretrained={ckpt},batchsize=4", ["unknown model argument batchsize",
                                                                     "pretrained, batch_size, max_length"])):

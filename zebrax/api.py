@@ -18,7 +18,7 @@ from zebrax import checkpoint, files
 from zebrax.config import HybridConfig, LlamaConfig
 from zebrax.convert import convert
 from zebrax.errors import ConfigError, InvalidArgument, warn
-from zebrax.generate import Generator
+from zebrax.generate import PREFILL_CHUNK, Generator
 from zebrax.models import build as build_module
 from zebrax.models import cache_sizes
 from zebrax.recipe import from_teacher
@@ -104,13 +104,15 @@ class Model:
         top_p: float = 1.0,
         seed: int = 0,
         ignore_eos: bool = False,
+        prefill_chunk: int | None = PREFILL_CHUNK,
     ):
         """Continue prompts; greedy when ``temperature`` is 0, else temperature + nucleus (top-p) sampling.
 
         tokens: int array ``[B, L]`` → ``[B, L + n]`` where n <= max_new_tokens is the number of steps
         run (generation stops once every row has emitted EOS; finished rows are padded). A list of
         prompts of different lengths → a list of ``prompt + new tokens`` (up to and including EOS).
-        ``seed`` is any integer in [0, 2**64).
+        ``seed`` is any integer in [0, 2**64). Prompts longer than ``prefill_chunk`` tokens are prefilled that many
+        tokens at a time, every layer's cache carried from chunk to chunk (None: the whole prompt at once).
         """
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise InvalidArgument(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 1")
@@ -120,6 +122,9 @@ class Model:
             raise InvalidArgument(f"generate: top_p={top_p!r} must be a number in (0, 1]")
         if not _is_int(seed) or not 0 <= seed < 2**64:
             raise InvalidArgument(f"generate: seed={seed!r} must be an integer in [0, 2**64)")
+        if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
+            raise InvalidArgument(f"generate: prefill_chunk={prefill_chunk!r} must be an integer >= 1 (or None: the "
+                                  "whole prompt at once)")
         is_array = not isinstance(tokens, (list, tuple)) or bool(tokens) and np.ndim(tokens[0]) == 0
         if is_array:
             prompts = self.check_tokens(tokens, "generate").tolist()
@@ -132,19 +137,19 @@ class Model:
                 if len(p) == 0:
                     raise InvalidArgument(f"generate: prompt {i} is empty; every prompt needs at least one token")
                 prompts.append(self.check_tokens([p], f"generate: prompt {i}")[0].tolist())
-        self._check_length(prompts, max_new_tokens)
+        self._check_length(prompts, max_new_tokens, prefill_chunk)
         eos = () if ignore_eos else self.config.eos_token_id
         new, _ = self.generator(
             self.params, prompts, max_new_tokens=max_new_tokens, temperature=float(temperature),
-            top_p=float(top_p), seed=seed, eos_ids=eos, pad_id=self.pad_id,
+            top_p=float(top_p), seed=seed, eos_ids=eos, pad_id=self.pad_id, prefill_chunk=prefill_chunk,
         )
         if is_array:
             return np.concatenate([np.asarray(prompts, np.int32), new], axis=1)
         return [p + _until_eos(row, eos) for p, row in zip(prompts, new.tolist(), strict=True)]
 
-    def _check_length(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    def _check_length(self, prompts: list[list[int]], max_new_tokens: int, prefill_chunk: int | None) -> None:
         """Warn past the trained context; refuse a decode cache that cannot fit in memory, before allocating."""
-        _, cache_len = Generator.lengths([len(p) for p in prompts], max_new_tokens)
+        _, cache_len = Generator.lengths([len(p) for p in prompts], max_new_tokens, prefill_chunk)
         per_token, state = self._cache_sizes
         need = len(prompts) * (cache_len * per_token + state)
         have = available_memory()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zebrax.app.timing import compare, machine, matmul_peak, require_positive
+from zebrax.generate import PREFILL_CHUNK
 from zebrax.ops.auto import auto_choices
 from zebrax.recipe import from_teacher
 
@@ -218,14 +219,15 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
             **machine()}
 
 
-def bench_long_prompt(ckpt: str, *, length: int = 32768, new_tokens: int = 8, seed: int = 0) -> dict:
-    """One prompt of ``length`` random tokens through ``generate`` in a fresh process: the call's wall time
-    (compilation included: a long prompt is a one-off) and the process's peak resident memory (weights, cache and
-    activations included)."""
+def bench_long_prompt(ckpt: str, *, length: int = 32768, new_tokens: int = 8, prefill_chunk: int = PREFILL_CHUNK,
+                      seed: int = 0) -> dict:
+    """One prompt of ``length`` random tokens through ``generate`` in a fresh process, prefilled ``prefill_chunk``
+    tokens at a time: the call's wall time (compilation included: a long prompt is a one-off), the process's peak
+    resident memory (weights, cache and activations included) and the decode cache's own bytes."""
     import subprocess
     import sys
 
-    require_positive("bench long-prompt", length=length, new_tokens=new_tokens)
+    require_positive("bench long-prompt", length=length, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
     script = f"""
 import json, resource, time
 import numpy as np
@@ -233,15 +235,18 @@ import zebrax
 model = zebrax.load({str(ckpt)!r})
 tokens = np.random.default_rng({seed}).integers(0, model.config.vocab_size, (1, {length}), dtype=np.int32)
 t = time.perf_counter()
-out = model.generate(tokens, max_new_tokens={new_tokens}, ignore_eos=True)
+out = model.generate(tokens, max_new_tokens={new_tokens}, ignore_eos=True, prefill_chunk={prefill_chunk})
 print(json.dumps({{"generate_s_with_compile": round(time.perf_counter() - t, 1),
                   "new_tokens": out.shape[1] - {length},
+                  "cache_gb": round(({length} + {new_tokens}) * model.cache_bytes_per_token() / 1e9
+                                    + model.cache_state_bytes() / 1e9, 3),
                   "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"bench long-prompt: the child process failed:\n{done.stderr[-2000:]}")
-    return {"benchmark": "long_prompt", "ckpt": str(ckpt), "prompt_tokens": length, "auto": auto_choices(),
+    return {"benchmark": "long_prompt", "ckpt": str(ckpt), "prompt_tokens": length, "prefill_chunk": prefill_chunk,
+            "auto": auto_choices(),
             **json.loads(done.stdout.strip().splitlines()[-1]), **machine()}
 
 

@@ -6,12 +6,13 @@
     zebrax select --teacher T --mla-student A --linear-student M --num-mla N --data FILE --out scores.json
     zebrax export CKPT DST [--overwrite]
     zebrax generate CKPT --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+                    [--prefill-chunk N]
     zebrax info CKPT_OR_PRESET [--json]
     zebrax bench forward CKPT [--batch B] [--seq-len L] [--repeats R]
     zebrax bench ssd [--lengths L ...] [--repeats R]
     zebrax bench attention [--contexts N ...] [--batch B] [--repeats R]
     zebrax bench decode CKPT [--contexts N ...] [--batches B ...] [--models …] [--model NAME=CKPT] [--plot PNG]
-    zebrax bench long-prompt CKPT [--length N] [--new-tokens N]
+    zebrax bench long-prompt CKPT [--length N] [--new-tokens N] [--prefill-chunk N]
     zebrax eval CKPT --data FILE ... [--teacher T] [--seq-len L] [--out FILE]
     zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax generate-data TEACHER --prompts FILE --out FILE
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from zebrax.app import commands
 from zebrax.app.aot import PROGRAMS
+from zebrax.generate import PREFILL_CHUNK
 from zebrax.init.assemble import EMBEDDINGS_FROM
 from zebrax.mixers import kinds
 from zebrax.models.decoder import REMAT_POLICIES
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=TEMPERATURE, default=0.0)
     g.add_argument("--top-p", type=TOP_P, default=1.0)
     g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--prefill-chunk", type=COUNT, default=PREFILL_CHUNK,
+                   help=f"prefill a longer prompt this many tokens at a time (default {PREFILL_CHUNK})")
     g.set_defaults(fn=commands.cmd_generate)
 
     i = sub.add_parser("info", help="layers, parameter count and cache bytes of a checkpoint or preset")
@@ -255,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("ckpt")
     bl.add_argument("--length", type=COUNT, default=32768)
     bl.add_argument("--new-tokens", type=COUNT, default=8)
+    bl.add_argument("--prefill-chunk", type=COUNT, default=PREFILL_CHUNK,
+                    help=f"prefill this many tokens at a time (default {PREFILL_CHUNK}; the length: at once)")
     bl.set_defaults(fn=commands.cmd_bench)
 
     v = sub.add_parser("eval", help="perplexity on text/jsonl files, and KL(teacher ‖ model) with --teacher (JSON)")

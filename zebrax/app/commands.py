@@ -87,7 +87,8 @@ def cmd_generate(args):
     import zebrax
 
     model = zebrax.load(args.ckpt)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    prefill_chunk=args.prefill_chunk)
     if args.chat:
         print(model.chat(args.prompt, **sampling))
         return
@@ -131,7 +132,8 @@ def cmd_bench(args):
                                    recipe={"kv_lora_rank": args.kv_lora_rank})
     elif args.bench == "long-prompt":
         zebrax.load(args.ckpt)  # a bad checkpoint fails here, with zebrax's message
-        result = bench.bench_long_prompt(args.ckpt, length=args.length, new_tokens=args.new_tokens)
+        result = bench.bench_long_prompt(args.ckpt, length=args.length, new_tokens=args.new_tokens,
+                                         prefill_chunk=args.prefill_chunk)
     else:
         result = bench.bench_attention(contexts=tuple(args.contexts), batch=args.batch, repeats=args.repeats)
     print(json.dumps(result, indent=2))

@@ -3,14 +3,18 @@
 Importing this module registers it, so ``lm_eval.simple_evaluate(model="zebrax", model_args="pretrained=CKPT")``
 works; ``zebrax lm-eval ARGS...`` is lm-eval's own command line with it registered (lm-eval has no plugin hook for
 models). Model arguments: ``pretrained`` (a zebrax checkpoint with a tokenizer), ``batch_size`` (8), ``max_length``
-(the checkpoint's ``max_position_embeddings``, at most 2048), ``max_gen_toks`` (256), ``dtype`` (the checkpoint's),
-``add_bos_token`` and ``prefix_token_id`` (as lm-eval's ``hf`` model has them), ``impl`` ("auto"); any other is
-refused by name, but for those lm-eval passes to every model (``LM_EVAL_ARGS``), which mean nothing here.
+(the checkpoint's ``max_position_embeddings``, as lm-eval's ``hf`` model has it; past it only with ``extrapolate``),
+``max_gen_toks`` (256), ``prefill_chunk`` (prompts longer than it are prefilled that many tokens at a time),
+``dtype`` (the checkpoint's), ``add_bos_token`` and ``prefix_token_id`` (as ``hf`` has them), ``impl`` ("auto"); any
+other is refused by name, but for those lm-eval passes to every model (``LM_EVAL_ARGS``), which mean nothing here.
 
 It scores exactly what lm-eval's ``hf`` model scores: the same tokenisation (``tok_encode``), the same truncation
-of context + continuation to the last ``max_length + 1`` tokens, the same rolling windows, the same stop-sequence
-handling. Shapes are bucketed (rows padded to a power-of-two length of at least 32, batches padded to
-``batch_size`` rows) so lm-eval's many lengths compile a handful of programs, not one each.
+of context + continuation to the last ``max_length + 1`` tokens (and of a prompt to generate from to its last
+``max_length - max_gen_toks``), the same rolling windows, the same stop-sequence handling. Every cut is counted
+(``truncated``) and reported in one warning a call, never silent. Shapes are bucketed (rows padded to a power-of-two
+length of at least 32, then to whole 512s; batches padded to ``batch_size`` rows) so lm-eval's many lengths compile a
+handful of programs, not one each; the LM head runs 512 tokens at a time, so no call holds a batch's
+``[B, L, vocab]`` logits.
 """
 
 from __future__ import annotations
@@ -26,28 +30,41 @@ from lm_eval.models import utils as lm_utils
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from zebrax.losses import token_logprobs
+from zebrax.generate import PREFILL_CHUNK
+from zebrax.losses import token_chunks, token_logprobs
+from zebrax.models.decoder import LMHead
 
 MIN_BUCKET = 32
+HEAD_CHUNK = 512  # tokens of the LM head at a time: a bucket past it is a whole number of them
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's hf model's, for a checkpoint that states no context
 # what lm-eval hands every model besides its model_args: --device and --max_batch_size (simple_evaluate), and
 # trust_remote_code=True with --trust_remote_code (EvaluatorConfig); --batch_size is zebrax's own batch_size
 LM_EVAL_ARGS = ("device", "max_batch_size", "trust_remote_code")
 
 
-def bucket(length: int, limit: int) -> int:
-    """The padded length of a row of ``length`` tokens: the next power of two >= 32, at most ``limit``."""
-    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), limit)
+def bucket(length: int) -> int:
+    """The padded length of a row of ``length`` tokens: the next power of two >= 32 up to ``HEAD_CHUNK``, then the
+    next multiple of it."""
+    if length <= HEAD_CHUNK:
+        return max(MIN_BUCKET, 1 << (length - 1).bit_length())
+    return -(-length // HEAD_CHUNK) * HEAD_CHUNK
 
 
 @functools.lru_cache(maxsize=4)
 def _scorer(module):
     """jitted ``(params, tokens [B, L], mask [B, L], targets [B, L]) -> (log p(target) [B, L], target is argmax
-    [B, L])``, float32."""
+    [B, L])``, float32; the LM head ``HEAD_CHUNK`` tokens at a time (``token_chunks``)."""
+    head = LMHead(module.config)
 
     @jax.jit
     def score(params, tokens, mask, targets):
-        logits = module.apply({"params": params}, tokens, token_mask=mask)[0]
-        return token_logprobs(logits, targets), jnp.argmax(logits, axis=-1) == targets
+        hidden = module.apply({"params": params}, tokens, token_mask=mask, hidden_only=True)[0]
+
+        def per_token(h, t):
+            logits = head.apply({"params": params}, h)
+            return token_logprobs(logits, t), jnp.argmax(logits, axis=-1) == t
+
+        return token_chunks(per_token, (hidden, targets), min(HEAD_CHUNK, tokens.shape[1]))
 
     return score
 
@@ -83,24 +100,35 @@ def _check_names(names) -> None:
 @register_model("zebrax")
 class ZebraxLM(TemplateLM):
     def __init__(self, pretrained: str, batch_size=8, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str | None = None, add_bos_token: bool | None = None, prefix_token_id: int | None = None,
-                 impl: str = "auto", **lm_eval_args):
+                 prefill_chunk=PREFILL_CHUNK, extrapolate: bool = False, dtype: str | None = None,
+                 add_bos_token: bool | None = None, prefix_token_id: int | None = None, impl: str = "auto",
+                 **lm_eval_args):
         from zebrax.api import load
-        from zebrax.errors import ConfigError
+        from zebrax.errors import ConfigError, InvalidArgument
 
         _check_names([*lm_eval_args])
         batch_size = _positive("batch_size", batch_size, auto=8)
         max_length = None if max_length is None else _positive("max_length", max_length)
         max_gen_toks = _positive("max_gen_toks", max_gen_toks)
+        self.prefill_chunk = _positive("prefill_chunk", prefill_chunk)
+        if str(extrapolate) not in ("True", "False"):
+            raise InvalidArgument(f"lm-eval model zebrax: extrapolate={extrapolate!r} must be True or False")
         super().__init__()
         self.model = load(pretrained, dtype=dtype, impl=impl)
         if self.model.tokenizer is None:
             raise ConfigError(f"{pretrained}: has no tokenizer/; lm-eval works on text")
+        trained = getattr(self.model.config, "max_position_embeddings", None)
+        if max_length is not None and trained is not None and max_length > trained and str(extrapolate) != "True":
+            raise InvalidArgument(f"lm-eval model zebrax: max_length={max_length} is past {pretrained}'s "
+                                  f"max_position_embeddings={trained}, the longest context it was built for; add "
+                                  "extrapolate=True to measure past it")
         self.tokenizer = self.model.tokenizer
         self.pretrained = str(pretrained)
         self.batch_size = batch_size
-        self.max_length = max_length or min(self.model.config.max_position_embeddings, 2048)
+        self.max_length = max_length or trained or DEFAULT_MAX_LENGTH
         self.max_gen_toks = max_gen_toks
+        # requests whose context was cut to fit max_length, by request type (lm-eval's hf model cuts them silently)
+        self.truncated = {"loglikelihood": 0, "generate_until": 0}
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self._score = _scorer(self.model.module)
@@ -156,16 +184,19 @@ class ZebraxLM(TemplateLM):
         """``[((context, continuation) or None, context ids, continuation ids)]`` → ``[(Σ log p(continuation),
         continuation is the greedy one)]``: the input is context + continuation cut to its last ``max_length + 1``
         tokens, less the last; the continuation is scored at the input's last positions."""
-        rows = []
+        rows, cut = [], 0
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self.max_length + 1):]
+            cut += len(context) + len(continuation) > len(whole)
             rows.append((whole[:-1], whole[1:], len(continuation)))
+        self._report_cut("loglikelihood", cut, len(rows), f"context + continuation cut to their last "
+                         f"max_length + 1 = {self.max_length + 1} tokens")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         bar = tqdm(total=len(rows), desc="zebrax loglikelihood", disable=disable_tqdm)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            length = bucket(len(rows[chunk[0]][0]), self.max_length)
+            length = bucket(len(rows[chunk[0]][0]))
             tokens = np.zeros((self.batch_size, length), np.int32)
             targets, mask = np.zeros_like(tokens), np.zeros(tokens.shape, bool)
             for r, i in enumerate(chunk):
@@ -184,7 +215,7 @@ class ZebraxLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Σ log p of each whole text: lm-eval's rolling windows of ``max_length`` tokens, a context of one token,
         the first token conditioned on ``prefix_token_id``."""
-        windows, owners = [], []
+        windows, owners = [], []  # disjoint windows: nothing is cut
         for k, (string,) in enumerate(req.args for req in requests):
             for w in get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                                                max_seq_len=self.max_length, context_len=1):
@@ -206,6 +237,7 @@ class ZebraxLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         bar = tqdm(total=len(requests), desc="zebrax generate_until", disable=disable_tqdm)
+        cut = 0
         for indices in groups.values():
             kwargs = lm_utils.normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
             until = lm_utils.handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -220,16 +252,29 @@ class ZebraxLM(TemplateLM):
             indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                prompts = [self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - max_gen_toks)
-                           for i in chunk]
-                done = self.model.generate(prompts, max_new_tokens=max_gen_toks, **sampling)
+                whole = [self.tok_encode(requests[i].args[0]) for i in chunk]
+                prompts = [ids[-(self.max_length - max_gen_toks):] for ids in whole]
+                cut += sum(len(w) > len(p) for w, p in zip(whole, prompts, strict=True))
+                done = self.model.generate(prompts, max_new_tokens=max_gen_toks, prefill_chunk=self.prefill_chunk,
+                                           **sampling)
                 for i, prompt, row in zip(chunk, prompts, done, strict=True):
                     text = self.tokenizer.decode(row[len(prompt):], skip_special_tokens=True)
                     out[i] = lm_utils.postprocess_generated_text(generation=text, stop=until, think_end_token=None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
                 bar.update(len(chunk))
         bar.close()
+        self._report_cut("generate_until", cut, len(requests), "prompts cut to their last max_length - max_gen_toks "
+                         "tokens")
         return out
+
+    def _report_cut(self, kind: str, cut: int, total: int, what: str) -> None:
+        """Count ``cut`` requests of ``total`` in ``truncated[kind]`` and say so in one warning (none when 0)."""
+        from zebrax.errors import warn
+
+        self.truncated[kind] += cut
+        if cut:
+            warn(f"lm-eval model zebrax: {cut} of {total} {kind} requests did not fit max_length={self.max_length} "
+                 f"({what}); the task they measure is not the one asked for")
 
 
 def cli(argv: list[str]) -> int:
