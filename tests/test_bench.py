@@ -1,5 +1,5 @@
-"""The benchmark commands (``zebrax bench forward|ssd|attention|train|decode|long-prompt``): each reports what it says in JSON,
-on tiny models, one repeat. They time whole models several times over, so they are a tier of their own
+"""The benchmark commands (``zebrax bench forward|ssd|attention|train|decode|long-prompt``): each reports what it
+says in JSON, on tiny models, one repeat. They time whole models several times over, so they are a tier of their own
 (``benchmarks``), outside ``make test``; what the figures are on real models is docs/benchmarks.md's."""
 
 from __future__ import annotations

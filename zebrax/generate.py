@@ -133,6 +133,25 @@ class Generator:
             prompt_len = -(-max(prompt_lengths) // prefill_chunk) * prefill_chunk
         return prompt_len, bucket_length(prompt_len + max_new_tokens)
 
+    def start(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int = 0,
+              prefill_chunk: int | None = None):
+        """Prompts of any lengths, left-padded and prefilled (``prefill_chunk`` tokens at a time past it; None: at
+        once) → (logits of each last token ``[B, V]``, cache, the slots left for new tokens)."""
+        lengths = [len(p) for p in prompts]
+        if not lengths or min(lengths) == 0:
+            raise InvalidArgument("generate: every prompt needs at least one token")
+        prompt_len, max_len = self.lengths(lengths, max_new_tokens, prefill_chunk)
+        tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
+        mask = np.zeros((len(prompts), prompt_len), bool)
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):] = p
+            mask[i, prompt_len - len(p):] = True
+        if prefill_chunk is not None and prompt_len > prefill_chunk:
+            logits, cache = self.prefill_chunked(params, tokens, mask, max_len=max_len, chunk=prefill_chunk)
+        else:
+            logits, cache = self.prefill(params, tokens, mask, max_len=max_len)
+        return logits, cache, max_len - prompt_len
+
     def __call__(
         self,
         params,
@@ -148,26 +167,15 @@ class Generator:
     ) -> tuple[np.ndarray, int]:
         """Generate for prompts of any lengths → (new tokens ``[B, steps]`` padded with pad_id, steps). Prompts
         longer than ``prefill_chunk`` tokens are prefilled ``prefill_chunk`` tokens at a time (None: at once)."""
-        lengths = [len(p) for p in prompts]
-        if not lengths or min(lengths) == 0:
-            raise InvalidArgument("generate: every prompt needs at least one token")
-        prompt_len, max_len = self.lengths(lengths, max_new_tokens, prefill_chunk)
-        tokens = np.full((len(prompts), prompt_len), pad_id, np.int32)
-        mask = np.zeros((len(prompts), prompt_len), bool)
-        for i, p in enumerate(prompts):
-            tokens[i, prompt_len - len(p):] = p
-            mask[i, prompt_len - len(p):] = True
-        if prefill_chunk is not None and prompt_len > prefill_chunk:
-            logits, cache = self.prefill_chunked(params, tokens, mask, max_len=max_len, chunk=prefill_chunk)
-        else:
-            logits, cache = self.prefill(params, tokens, mask, max_len=max_len)
+        logits, cache, capacity = self.start(params, prompts, max_new_tokens, pad_id=pad_id,
+                                             prefill_chunk=prefill_chunk)
         key = jax.random.key(seed & 0xFFFFFFFF)  # jax keeps 32 bits of a seed unless x64 is enabled
         if seed >> 32:
             key = jax.random.fold_in(key, seed >> 32)
         out, steps = self.decode(
             params, cache, logits, key, jnp.int32(max_new_tokens), jnp.float32(temperature),
             jnp.float32(top_p), jnp.asarray(list(eos_ids) or [-1], jnp.int32), jnp.int32(pad_id),
-            capacity=max_len - prompt_len,
+            capacity=capacity,
         )
         steps = int(steps)
         return np.asarray(out[:, :steps]), steps

@@ -14,6 +14,8 @@
     zebrax bench decode CKPT [--contexts N ...] [--batches B ...] [--models …] [--model NAME=CKPT] [--plot PNG]
     zebrax bench long-prompt CKPT [--length N] [--new-tokens N] [--prefill-chunk N]
     zebrax eval CKPT --data FILE ... [--teacher T] [--seq-len L] [--out FILE]
+    zebrax long-eval needle MODEL ... [--lengths N ...] [--depths D ...] [--samples N] [--out F] [--plot PNG]
+    zebrax long-eval positions MODEL ... --data FILE ... --length N [--out F] [--plot PNG]
     zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax generate-data TEACHER --prompts FILE --out FILE
     zebrax tokenize DATA ... --out DIR --teacher T --seq-len L [--pack]
@@ -273,6 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-rows", type=INDEX, default=0, help="evaluate only the first N rows (0: all)")
     v.add_argument("--out", type=_output_file, help="also write the JSON here")
     v.set_defaults(fn=commands.cmd_eval)
+
+    le = sub.add_parser("long-eval", help="does a model use its context: needle maps and loss against position "
+                                          "(JSON; --plot PNG, models side by side)")
+    lesub = le.add_subparsers(dest="long_eval", required=True, metavar="needle|positions")
+    models_help = "checkpoints, each CKPT or NAME=CKPT (the name in the JSON and the plot)"
+    ln = lesub.add_parser("needle", help="RULER's single needle on its noise haystack: retrieval accuracy and the "
+                                         "value's log-probability over depth x context length")
+    ln.add_argument("models", nargs="+", metavar="MODEL", help=models_help)
+    ln.add_argument("--lengths", type=COUNT, nargs="+", default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    ln.add_argument("--depths", type=_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), nargs="+",
+                    default=[0.0, 0.25, 0.5, 0.75, 1.0], help="where the needle sits (0: first, 1: last)")
+    ln.add_argument("--samples", type=COUNT, default=2, help="needles a cell (the same for every model)")
+    ln.add_argument("--seed", type=SEED, default=0)
+    ln.add_argument("--batch-size", type=COUNT, default=4)
+    ln.add_argument("--prefill-chunk", type=COUNT, default=PREFILL_CHUNK)
+    lp = lesub.add_parser("positions", help="NLL against position over the first --length tokens of long documents")
+    lp.add_argument("models", nargs="+", metavar="MODEL", help=models_help)
+    lp.add_argument("--data", nargs="+", required=True, help=".txt (paragraphs), .jsonl/.parquet ({text}/{messages}); "
+                                                            "each record one document")
+    lp.add_argument("--length", type=_number(int, lambda v: v >= 2, "an integer >= 2"), required=True)
+    lp.add_argument("--batch-size", type=COUNT, default=1)
+    lp.add_argument("--chunk", type=COUNT, default=PREFILL_CHUNK, help="tokens fed a step")
+    lp.add_argument("--max-docs", type=INDEX, default=0, help="the first N documents long enough (0: all)")
+    for parser in (ln, lp):
+        parser.add_argument("--out", type=_output_file, help="also write the JSON here")
+        parser.add_argument("--plot", type=_output_file, help="write the plot here (PNG)")
+        parser.set_defaults(fn=commands.cmd_long_eval)
 
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-eval's command line with the model zebrax: zebrax lm-eval --model zebrax --model_args "

@@ -208,6 +208,74 @@ def cmd_eval(args):
     print(text)
 
 
+def _named_models(items: list[str]) -> dict:
+    """``CKPT`` or ``NAME=CKPT`` → {name: loaded model}; one vocabulary for all (they read the same tokens)."""
+    import zebrax
+    from zebrax.errors import InvalidArgument
+
+    models = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name, path = (name, path) if sep else (Path(item).name or item, item)
+        if not name or not path or name in models:
+            raise InvalidArgument(f"{item!r}: expected CKPT or NAME=CKPT, each name once")
+        models[name] = zebrax.load(path)
+    vocabularies = {m.config.vocab_size for m in models.values()}
+    if len(vocabularies) > 1:
+        raise InvalidArgument(f"long-eval: the models' vocabularies differ ({sorted(vocabularies)}); they must read "
+                              "the same tokens")
+    return models
+
+
+def cmd_long_eval(args):
+    from zebrax import long_context
+    from zebrax.app.plots import plot_needles, plot_positions
+    from zebrax.data import codec_for, read_records
+
+    models = _named_models(args.models)
+    progress = _progress(args.long_eval)
+    if args.long_eval == "needle":
+        results = {name: long_context.needle_map(m, lengths=args.lengths, depths=args.depths, samples=args.samples,
+                                                 seed=args.seed, batch_size=args.batch_size,
+                                                 prefill_chunk=args.prefill_chunk, progress=progress(name))
+                   for name, m in models.items()}
+        plot = plot_needles
+    else:
+        first = next(iter(models.values()))
+        codec = codec_for(first, args.models[0])
+        documents = []
+        for f in args.data:
+            for _, record in read_records(f):
+                text = record.get("text")
+                documents.append(codec.encode(text) if isinstance(text, str) else codec.chat(record["messages"], False))
+        long_enough = [d for d in documents if len(d) >= args.length]
+        if args.max_docs:
+            documents = long_enough[:args.max_docs]
+        results = {name: long_context.position_nll(m, documents, length=args.length, batch_size=args.batch_size,
+                                                   chunk=args.chunk, progress=progress(name))
+                   for name, m in models.items()}
+        plot = plot_positions
+    out = {"measure": args.long_eval, "models": dict(zip(models, args.models, strict=True)), "results": results}
+    if args.plot:
+        plot(results, args.plot)
+        out["plot"] = str(args.plot)
+    text = json.dumps(out, indent=2)
+    if args.out:
+        from zebrax.files import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
+    print(text)
+
+
+def _progress(what: str):
+    """``progress(name)`` → a callback printing "[long-eval needle] NAME: done/total" to stderr."""
+
+    def for_model(name: str):
+        return lambda done, total: print(f"[long-eval {what}] {name}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return for_model
+
+
 def cmd_lm_eval(argv: list[str]) -> None:
     from zebrax.app.lm_eval import cli
 

@@ -1,9 +1,11 @@
 """Every plot zebrax draws (PNG, on matplotlib's file-only backend): the main job's losses and SMART scores, decode
-speed against context, and the ablations' KL over seeds."""
+speed against context, the ablations' KL over seeds, and the long-context needle maps and loss against position."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 
 def pyplot():
@@ -96,3 +98,40 @@ def plot_ablations(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_needles(maps: dict[str, dict], path: Path) -> None:
+    """Each model's needle map side by side (``long_context.needle_map``): retrieval accuracy as colour over depth ×
+    context length, the value's mean log-probability written in each cell."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(maps), figsize=(1.2 + 3.4 * len(maps), 3.4), squeeze=False)
+    for ax, (name, m) in zip(axes[0], maps.items(), strict=True):
+        accuracy, logp = np.asarray(m["accuracy"]).T, np.asarray(m["logprob"]).T  # [depth, length]
+        image = ax.imshow(accuracy, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for (d, n), v in np.ndenumerate(logp):
+            ax.text(n, d, f"{v:.1f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(m["lengths"])), [f"{n // 1024}k" if n >= 1024 else str(n) for n in m["lengths"]])
+        ax.set_yticks(range(len(m["depths"])), [f"{d:g}" for d in m["depths"]])
+        ax.set(title=name, xlabel="context (tokens)", ylabel="needle depth")
+    fig.colorbar(image, ax=axes[0].tolist(), label="retrieval accuracy (cells: log p of the value)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_positions(curves: dict[str, dict], path: Path) -> None:
+    """NLL against the number of tokens before it (``long_context.position_nll``'s bins, log scale), a line per
+    model."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, c in curves.items():
+        edges = c["edges"]
+        centres = [(a * max(b - 1, a)) ** 0.5 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        ax.plot(centres, c["nll"], "o-", ms=3, label=f"{name} ({c['documents']} docs)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="tokens before the predicted one", ylabel="NLL (nats)", title="loss against position")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

@@ -1,0 +1,233 @@
+"""Does a model use its context: a needle in a haystack, and the loss against position.
+
+- ``needle_map``: RULER's single needle on its noise haystack ("The grass is green. The sky is blue. …"): a prompt of
+  exactly ``length`` tokens holds "One of the special magic numbers for {key} is: {value}." at a ``depth`` (0: the
+  first sentence, 1: the last) and ends on the question for that key. Each cell of depth × length reports the
+  retrieval accuracy (the greedy continuation starts with the value's tokens) and the value's log-probability, both
+  from one pass: the prompt is prefilled, then the value's tokens are fed one by one (teacher forcing), so the
+  greedy continuation starts with the value exactly when every step's argmax is the value's next token.
+- ``position_nll``: the mean negative log-likelihood of each token of long documents against its position, in
+  geometric bins (the curve that falls as the context grows when a model uses it, and stays flat when it does not).
+
+Both feed a prompt through the generator's chunked prefill (``Generator.prefill_chunked`` and the same per-chunk
+step), so memory grows with the model's cache, never with a whole prompt's activations or logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zebrax.errors import InvalidArgument
+from zebrax.generate import PREFILL_CHUNK
+from zebrax.losses import token_chunks, token_logprobs
+
+# RULER's noise haystack and its single-needle template (NVIDIA/RULER, ``niah`` with ``type_haystack="noise"``)
+HAYSTACK = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " One of the special magic numbers for {key} is: {value}."
+QUESTION = (" What is the special magic number for {key} mentioned in the provided text? The special magic number "
+            "for {key} mentioned in the provided text is")
+# keys: adjective-noun pairs, as RULER's random words are; values: 7-digit numbers
+ADJECTIVES = ("amber", "brave", "calm", "dusty", "eager", "fuzzy", "gentle", "hollow", "icy", "jolly", "keen",
+              "lively", "misty", "noble", "oval", "plain", "quiet", "rusty", "silky", "tidy")
+NOUNS = ("anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
+         "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "ribbon", "saddle", "tunnel")
+HEAD_CHUNK = 512  # tokens of the LM head at a time in ``position_nll``
+
+
+def _positive(where: str, **values) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InvalidArgument(f"{where}: {name}={v!r} must be an integer >= 1")
+
+
+class Haystack:
+    """Token ids of the needle prompts of one tokenizer: the haystack's sentences, needle and question tokenised
+    alone (each begins with a space, so pieces join as they would in running text)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.encode = encode
+        self.sentences = [encode(" " + s.strip() + ".") for s in HAYSTACK.split(".") if s.strip()]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.prefix = [] if bos is None else [bos]
+
+    def needle(self, key: str, value: str) -> tuple[list[int], list[int], list[int]]:
+        """(needle, question, answer) token ids: the answer is the value as it follows the question."""
+        return (self.encode(NEEDLE.format(key=key, value=value)), self.encode(QUESTION.format(key=key)),
+                self.encode(" " + value))
+
+    @functools.cached_property
+    def minimum(self) -> int:
+        """The shortest prompt any key allows: the prefix, one sentence of haystack, the longest needle and
+        question."""
+        longest = max(sum(map(len, self.needle(f"{a} {n}", "9999999")[:2])) for a in ADJECTIVES for n in NOUNS)
+        return len(self.prefix) + len(self.sentences[0]) + longest
+
+    def prompt(self, length: int, depth: float, key: str, value: str) -> tuple[list[int], list[int], int]:
+        """(prompt ids of exactly ``length`` tokens, answer ids, the needle's first token index): the haystack's
+        sentences in a cycle, cut to fit, the needle between two sentences at ``depth`` of them, the question last."""
+        needle, question, answer = self.needle(key, value)
+        room = length - len(self.prefix) - len(needle) - len(question)
+        if room < len(self.sentences[0]):
+            raise InvalidArgument(f"needle: length={length} is below the {self.minimum} tokens a needle prompt needs "
+                                  "(the needle, the question and one sentence of haystack)")
+        hay, cuts = [], [0]
+        i = 0
+        while len(hay) < room:
+            hay += self.sentences[i % len(self.sentences)]
+            cuts.append(len(hay))
+            i += 1
+        hay = hay[:room]
+        cuts = [c for c in cuts if c <= room]
+        at = cuts[round(depth * (len(cuts) - 1))]
+        ids = self.prefix + hay[:at] + needle + hay[at:] + question
+        return ids, answer, len(self.prefix) + at
+
+
+def _check_depths(depths: Sequence[float]) -> None:
+    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0]
+    if not depths or bad:
+        raise InvalidArgument(f"needle: depths {list(depths) if not bad else bad} must be numbers in [0, 1] (0: the "
+                              "haystack's start, 1: its end)")
+
+
+def needle_map(model, *, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+               samples: int = 2, seed: int = 0, batch_size: int = 4, prefill_chunk: int = PREFILL_CHUNK,
+               progress=None) -> dict:
+    """Retrieval accuracy and the value's log-probability for each (length, depth) of ``model`` (a
+    ``zebrax.Model`` with a tokenizer): ``samples`` needles a cell (keys and values drawn from ``seed``, the same for
+    every model), ``batch_size`` prompts a pass. → ``{"lengths", "depths", "accuracy": [len][depth],
+    "logprob": [len][depth] (mean over samples of Σ log p(value tokens)), "value_tokens": [len][depth] (mean),
+    "samples"}``. ``progress(done, total)`` is called after each pass."""
+    if model.tokenizer is None:
+        raise InvalidArgument("needle: the model has no tokenizer; a needle is text")
+    _positive("needle", samples=samples, batch_size=batch_size, prefill_chunk=prefill_chunk)
+    if not lengths:
+        raise InvalidArgument("needle: give at least one length")
+    for n in lengths:
+        _positive("needle", length=n)
+    _check_depths(depths)
+    hay = Haystack(model.tokenizer)
+    short = [n for n in lengths if n < hay.minimum]
+    if short:
+        raise InvalidArgument(f"needle: length={short[0]} is below the {hay.minimum} tokens a needle prompt needs "
+                              "(the needle, the question and one sentence of haystack)")
+    rng = np.random.default_rng(seed)
+    cells = [(li, di, f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}", str(rng.integers(1_000_000, 10_000_000)))
+             for li in range(len(lengths)) for di in range(len(depths)) for _ in range(samples)]
+    logp = np.zeros((len(lengths), len(depths)))
+    hits, tokens = np.zeros_like(logp), np.zeros_like(logp)
+    for start in range(0, len(cells), batch_size):
+        part = cells[start:start + batch_size]
+        built = [hay.prompt(lengths[li], depths[di], key, value) for li, di, key, value in part]
+        got_logp, got_hit = _score_answers(model, [b[0] for b in built], [b[1] for b in built], prefill_chunk)
+        for (li, di, _, _), (_, answer, _), lp, hit in zip(part, built, got_logp, got_hit, strict=True):
+            logp[li, di] += lp / samples
+            hits[li, di] += hit / samples
+            tokens[li, di] += len(answer) / samples
+        if progress is not None:
+            progress(min(start + batch_size, len(cells)), len(cells))
+    return {"lengths": list(lengths), "depths": [float(d) for d in depths], "samples": samples, "seed": seed,
+            "accuracy": hits.round(6).tolist(), "logprob": logp.round(4).tolist(),
+            "value_tokens": tokens.round(3).tolist()}
+
+
+def _score_answers(model, prompts: list[list[int]], answers: list[list[int]], prefill_chunk: int
+                   ) -> tuple[list[float], list[bool]]:
+    """Σ log p(answer | prompt) and whether every answer token is the argmax, for each row: the prompts
+    left-padded and prefilled (in chunks past ``prefill_chunk``), then the answers fed one token a step."""
+    gen = model.generator
+    steps = max(len(a) for a in answers)
+    logits, cache, _ = gen.start(model.params, prompts, steps, pad_id=model.pad_id, prefill_chunk=prefill_chunk)
+    answer = np.full((len(prompts), steps), model.pad_id, np.int32)
+    counted = np.zeros(answer.shape, bool)
+    for i, a in enumerate(answers):
+        answer[i, :len(a)], counted[i, :len(a)] = a, True
+    logp, hit = np.zeros(len(prompts)), np.ones(len(prompts), bool)
+    for j in range(steps):
+        lp, top = _step_scores(logits, jnp.asarray(answer[:, j]))
+        logp += np.where(counted[:, j], np.asarray(lp), 0.0)
+        hit &= ~counted[:, j] | np.asarray(top)
+        if j + 1 < steps:
+            logits, cache = gen.decode_step(model.params, cache, jnp.asarray(answer[:, j]))
+    return logp.tolist(), hit.tolist()
+
+
+@jax.jit
+def _step_scores(logits, targets):
+    """logits ``[B, V]``, targets ``[B]`` → (log p(target) ``[B]``, target is the argmax ``[B]``)."""
+    return token_logprobs(logits[:, None], targets[:, None])[:, 0], jnp.argmax(logits, -1) == targets
+
+
+def position_bins(length: int) -> list[int]:
+    """Bin edges over token positions 1 … length - 1 (a position's token predicted from that many before it):
+    1, 2, 4, 8, … doubling, then ``length``."""
+    edges = [1]
+    while edges[-1] * 2 < length:
+        edges.append(edges[-1] * 2)
+    return edges + [length]
+
+
+@functools.lru_cache(maxsize=4)
+def _chunk_scores(module):
+    """jitted ``(params, cache, tokens [B, C], targets [B, C]) -> (log p(target) [B, C], cache)``: a chunk appended
+    to the cache, the LM head ``HEAD_CHUNK`` tokens at a time; the cache is updated in place (donated)."""
+    from zebrax.models.decoder import LMHead
+
+    head = LMHead(module.config)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def scores(params, cache, tokens, targets):
+        hidden, cache = module.apply({"params": params}, tokens, cache=cache, hidden_only=True)
+        per_token = lambda h, t: token_logprobs(head.apply({"params": params}, h), t)  # noqa: E731
+        return token_chunks(per_token, (hidden, targets), math.gcd(tokens.shape[1], HEAD_CHUNK)), cache
+
+    return scores
+
+
+def position_nll(model, documents: Sequence[Sequence[int]], *, length: int, batch_size: int = 1,
+                 chunk: int = PREFILL_CHUNK, progress=None) -> dict:
+    """The mean NLL of each position's token over the first ``length`` tokens of every document at least that long
+    (``[ids]``), predicted from all the tokens before it: documents ``batch_size`` at a time, fed ``chunk`` tokens a
+    step into a cache of ``length`` slots. → ``{"length", "documents", "skipped" (shorter ones), "edges", "nll" (per
+    bin [edges[i], edges[i+1])), "nll_by_position" (positions 1 … length-1, mean over documents)}``."""
+    _positive("positions", length=length, batch_size=batch_size, chunk=chunk)
+    if length < 2:
+        raise InvalidArgument(f"positions: length={length} must be >= 2 (a token predicted from one before it)")
+    if length % chunk and chunk < length:
+        raise InvalidArgument(f"positions: chunk={chunk} must divide length={length}")
+    chunk = min(chunk, length)
+    docs = [list(d[:length]) for d in documents if len(d) >= length]
+    if not docs:
+        longest = max((len(d) for d in documents), default=0)
+        raise InvalidArgument(f"positions: no document has length={length} tokens (the longest has {longest}); "
+                              "give longer documents or a shorter length")
+    scores = _chunk_scores(model.module)
+    init = jax.jit(lambda: type(model.module).init_cache(model.config, batch_size, length))
+    total = np.zeros(length - 1)
+    for start in range(0, len(docs), batch_size):
+        part = docs[start:start + batch_size]
+        ids = np.zeros((batch_size, length + 1), np.int32)
+        ids[:len(part), :length] = part
+        cache, got = init(), []
+        for s in range(0, length, chunk):
+            logp, cache = scores(model.params, cache, ids[:, s:s + chunk], ids[:, s + 1:s + chunk + 1])
+            got.append(np.asarray(logp))
+        total -= np.concatenate(got, axis=1)[:len(part), :length - 1].sum(0)
+        if progress is not None:
+            progress(min(start + batch_size, len(docs)), len(docs))
+    per_position = total / len(docs)
+    edges = position_bins(length)
+    bins = [float(per_position[a - 1:b - 1].mean()) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return {"length": length, "documents": len(docs), "skipped": len(documents) - len(docs), "edges": edges,
+            "nll": [round(v, 5) for v in bins], "nll_by_position": per_position.round(5).tolist()}
+
+
+__all__ = ["HAYSTACK", "NEEDLE", "QUESTION", "Haystack", "needle_map", "position_bins", "position_nll"]
