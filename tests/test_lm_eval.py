@@ -169,6 +169,32 @@ def test_defaults_are_hfs_and_every_cut_is_counted(tiny):
     assert lm.truncated == {"loglikelihood": 1, "generate_until": 2}
 
 
+def test_tasks_that_read_a_tokenizer_get_the_checkpoints(tiny, tmp_path):
+    """`zebrax lm-eval` adds ``tokenizer=CKPT/tokenizer`` to a local zebrax checkpoint's model arguments (RULER's
+    tasks size their prompts with ``AutoTokenizer.from_pretrained`` of it), never over one given, never for another
+    model; a tokenizer that tokenizes otherwise is refused by name."""
+    import transformers
+
+    from zebrax.app.lm_eval import ZebraxLM, with_tokenizer
+    from zebrax.errors import InvalidArgument
+
+    ckpt = tiny[1]
+    argv = ["--model", "zebrax", "--model_args", f"pretrained={ckpt},batch_size=2", "--tasks", "niah_single_1"]
+    assert with_tokenizer(argv)[3] == f"pretrained={ckpt},batch_size=2,tokenizer={ckpt / 'tokenizer'}"
+    assert with_tokenizer(["--model=zebrax", f"--model_args=pretrained={ckpt}"])[1] == (
+        f"--model_args=pretrained={ckpt},tokenizer={ckpt / 'tokenizer'}")
+    for unchanged in (["--model", "zebrax", "--model_args", f"pretrained={ckpt},tokenizer=T"],
+                      ["--model", "hf", "--model_args", f"pretrained={ckpt}"],
+                      ["--model", "zebrax", "--model_args", f"pretrained={tmp_path}"]):
+        assert with_tokenizer(unchanged) == unchanged
+    assert ZebraxLM(pretrained=str(ckpt), tokenizer=str(ckpt / "tokenizer")).max_length == 256
+    other = transformers.AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    other.add_tokens(["<needle>"])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(InvalidArgument, match=f"tokenizer={tmp_path / 'other'} does not tokenize as"):
+        ZebraxLM(pretrained=str(ckpt), tokenizer=str(tmp_path / "other"))
+
+
 def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, monkeypatch, local_tasks_only):
     """`zebrax lm-eval` with batch_size=0, without pretrained or with a misspelt argument: one line naming it (the
     accepted ones listed), before any checkpoint is read; lm-eval's own arguments are accepted."""

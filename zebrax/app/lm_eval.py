@@ -5,8 +5,10 @@ works; ``zebrax lm-eval ARGS...`` is lm-eval's own command line with it register
 models). Model arguments: ``pretrained`` (a zebrax checkpoint with a tokenizer), ``batch_size`` (8), ``max_length``
 (the checkpoint's ``max_position_embeddings``, as lm-eval's ``hf`` model has it; past it only with ``extrapolate``),
 ``max_gen_toks`` (256), ``prefill_chunk`` (prompts longer than it are prefilled that many tokens at a time),
-``dtype`` (the checkpoint's), ``add_bos_token`` and ``prefix_token_id`` (as ``hf`` has them), ``impl`` ("auto"); any
-other is refused by name, but for those lm-eval passes to every model (``LM_EVAL_ARGS``), which mean nothing here.
+``dtype`` (the checkpoint's), ``add_bos_token`` and ``prefix_token_id`` (as ``hf`` has them), ``impl`` ("auto"),
+``tokenizer`` (the directory tasks that make their own data, RULER's, read with ``AutoTokenizer``: the checkpoint's
+``tokenizer/``, which ``zebrax lm-eval`` adds to ``--model_args``; another must tokenize as it does); any other is
+refused by name, but for those lm-eval passes to every model (``LM_EVAL_ARGS``), which mean nothing here.
 
 It scores exactly what lm-eval's ``hf`` model scores: the same tokenisation (``tok_encode``), the same truncation
 of context + continuation to the last ``max_length + 1`` tokens (and of a prompt to generate from to its last
@@ -83,6 +85,53 @@ def _positive(name: str, value, auto: int | None = None) -> int:
     return value
 
 
+def _check_same_tokenizer(path: str, own, pretrained: str) -> None:
+    """InvalidArgument unless the tokenizer at ``path`` tokenizes as the checkpoint's own (its whole pipeline and
+    chat template, ``TokenizerCodec.sha256``): a task sizing its prompts with another would measure other lengths."""
+    from transformers import AutoTokenizer
+
+    from zebrax.data import TokenizerCodec
+    from zebrax.errors import InvalidArgument
+
+    try:
+        other = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"lm-eval model zebrax: tokenizer={path}: not a tokenizer directory ({e})") from None
+    if TokenizerCodec(other).sha256() != TokenizerCodec(own).sha256():
+        raise InvalidArgument(f"lm-eval model zebrax: tokenizer={path} does not tokenize as {pretrained}'s own "
+                              "tokenizer/; tasks that size their prompts with it would measure other lengths")
+
+
+def with_tokenizer(argv: list[str]) -> list[str]:
+    """lm-eval's arguments with ``tokenizer=CKPT/tokenizer`` added to ``--model_args`` where ``--model zebrax`` has a
+    local ``pretrained=CKPT`` holding one and no ``tokenizer``: RULER's tasks read the tokenizer from the model
+    arguments (``tokenizer``, else ``pretrained``, which for zebrax is no tokenizer directory)."""
+    from pathlib import Path
+
+    from lm_eval.utils import simple_parse_args_string
+
+    model = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"),
+                 next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None))
+    if model != "zebrax":
+        return argv
+    out = list(argv)
+    for i, a in enumerate(out):
+        value = out[i + 1] if a == "--model_args" and i + 1 < len(out) else (
+            a.split("=", 1)[1] if a.startswith("--model_args=") else None)
+        if value is None or value.lstrip().startswith("{"):
+            continue
+        args = simple_parse_args_string(value)
+        found = Path(str(args.get("pretrained", ""))) / "tokenizer"
+        if "tokenizer" in args or not args.get("pretrained") or not found.is_dir():
+            continue
+        value = f"{value},tokenizer={found}"
+        if a == "--model_args":
+            out[i + 1] = value
+        else:
+            out[i] = f"--model_args={value}"
+    return out
+
+
 def _check_names(names) -> None:
     """InvalidArgument naming the model arguments ``ZebraxLM`` does not take, and listing those it does."""
     import inspect
@@ -102,7 +151,7 @@ class ZebraxLM(TemplateLM):
     def __init__(self, pretrained: str, batch_size=8, max_length: int | None = None, max_gen_toks: int = 256,
                  prefill_chunk=PREFILL_CHUNK, extrapolate: bool = False, dtype: str | None = None,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, impl: str = "auto",
-                 **lm_eval_args):
+                 tokenizer: str | None = None, **lm_eval_args):
         from zebrax.api import load
         from zebrax.errors import ConfigError, InvalidArgument
 
@@ -117,6 +166,8 @@ class ZebraxLM(TemplateLM):
         self.model = load(pretrained, dtype=dtype, impl=impl)
         if self.model.tokenizer is None:
             raise ConfigError(f"{pretrained}: has no tokenizer/; lm-eval works on text")
+        if tokenizer is not None:
+            _check_same_tokenizer(tokenizer, self.model.tokenizer, pretrained)
         trained = getattr(self.model.config, "max_position_embeddings", None)
         if max_length is not None and trained is not None and max_length > trained and str(extrapolate) != "True":
             raise InvalidArgument(f"lm-eval model zebrax: max_length={max_length} is past {pretrained}'s "
@@ -283,7 +334,7 @@ def cli(argv: list[str]) -> int:
 
     from lm_eval.__main__ import cli_evaluate
 
-    saved, sys.argv = sys.argv, ["zebrax lm-eval", *argv]
+    saved, sys.argv = sys.argv, ["zebrax lm-eval", *with_tokenizer(argv)]
     try:
         cli_evaluate()
     finally:
