@@ -45,13 +45,33 @@ def test_the_chunked_form_is_the_recurrence(chunk_size, length, k_heads):
 
 
 @pytest.mark.parametrize("c", [1, 2, 3, 16, 64])
-def test_the_unit_lower_inverse_by_matmuls_is_the_inverse(c):
-    """(I + N)⁻¹ by the nilpotent product (no triangular solve), against numpy's float64 inverse: within 1e-5 of
-    its largest entry in float32, for entries like the chunked form's (|N_ij| ≤ 1: β ≤ 1, unit keys, decays ≤ 1)."""
-    n = np.tril(np.random.default_rng(c).uniform(-1, 1, (3, c, c)), -1)
+@pytest.mark.parametrize("entries", ["random", "repeated"])
+def test_the_unit_lower_inverse_is_the_inverse(c, entries):
+    """(I + N)⁻¹ by forward substitution (no LAPACK call), against numpy's float64 inverse: within 1e-5 of its
+    largest entry in float32, for entries like the chunked form's (|N_ij| ≤ 1: β ≤ 1, unit keys, decays ≤ 1) — random
+    ones, and those of one key repeated with β and decay near 1 (all 0.99), where the power series
+    Π_j (I + (−N)^(2^j)) lost the inverse in float32 (its terms reach C(64, 31) ≈ 1.8e18)."""
+    r = np.random.default_rng(c)
+    n = np.tril(r.uniform(-1, 1, (3, c, c)) if entries == "random" else np.full((3, c, c), 0.99), -1)
     want = np.linalg.inv(np.eye(c) + n)
-    got = np.asarray(_unit_lower_inverse(jnp.asarray(n, jnp.float32)))
+    got = np.asarray(jax.jit(_unit_lower_inverse)(jnp.asarray(n, jnp.float32)))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_long_repeated_text_stays_the_recurrence():
+    """600 tokens whose keys cycle through 5 (a repeated sentence), β ≈ 0.99 and decay ≈ 1, in chunks of 64: the
+    chunked form stays finite and equal to the recurrence (1e-4), where the power-series inverse overflowed the
+    state within 512 tokens."""
+    x = inputs(batch=1, length=600, k_heads=1, heads=2)
+    x["k"] = np.tile(x["k"][:, :5], (1, 120, 1, 1))
+    x["q"] = np.tile(x["q"][:, :5], (1, 120, 1, 1))
+    x["beta"] = np.full_like(x["beta"], 0.99)
+    x["g"] = np.full_like(x["g"], -1e-3)
+    out, state = gated_delta_chunked(**x, chunk_size=64)
+    ref_out, ref_state = gated_delta_reference(**x)
+    assert np.isfinite(out).all() and np.isfinite(state).all()
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-4 * max(1.0, np.abs(ref_out).max()))
+    np.testing.assert_allclose(state, ref_state, rtol=0, atol=1e-4 * max(1.0, np.abs(ref_state).max()))
 
 
 def test_the_chunked_form_has_the_gradients_of_the_recurrence():
