@@ -12,9 +12,10 @@ definition:
 - ``gated_delta_reference``: the recurrence above, token by token (``lax.scan``): the definition.
 - ``gated_delta_chunked``: the same in chunks of C tokens (the WY form): inside a chunk the writes are one unit-lower
   triangular inverse, ``T = (I + strict_lower(diag(β) K Kᵀ ⊙ Γ))⁻¹`` (``_unit_lower_inverse``, forward
-  substitution), with Γ_ij = exp(G_i − G_j) the decay between tokens; then ``U = T (β ⊙ V)``, ``W = T (β ⊙ exp(G) ⊙ K)``; the state
-  crosses chunks once each: what a chunk writes is ``U − W S`` (the new values less what the old state already
-  gave). Matmuls of C × C and C × K, so the sequence costs O(L·C·(K+V) + L·K·V) and keeps a state a chunk.
+  substitution), with Γ_ij = exp(G_i − G_j) the decay between tokens; then ``U = T (β ⊙ V)``,
+  ``W = T (β ⊙ exp(G) ⊙ K)``; the state crosses chunks once each: what a chunk writes is ``U − W S`` (the new values
+  less what the old state already gave). Matmuls of C × C and C × K, so the sequence costs O(L·C·(K+V) + L·K·V) and
+  keeps a state a chunk.
 - ``gated_delta_step``: one token against a carried state, for decode.
 
 Shapes: ``q``, ``k`` ``[B, L, Hk, K]``; ``v`` ``[B, L, H, V]``; ``g``, ``beta`` ``[B, L, H]``; state ``[B, H, K, V]``
