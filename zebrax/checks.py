@@ -23,6 +23,18 @@ def require(ok: bool, cfg: Any, message: str) -> None:
         raise ConfigError(f"{type(cfg).__name__}: {message}")
 
 
+def require_counts(where: str, **values) -> None:
+    """InvalidArgument naming the first argument that is not an integer >= 1 (or a list holding one) — the sizes
+    a function is given (a benchmark's lengths, a measure's chunk)."""
+    from zebrax.errors import InvalidArgument
+
+    for name, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in items):
+            raise InvalidArgument(f"{where}: {name}={value!r} must be an integer >= 1"
+                                  f"{' (each of them)' if isinstance(value, (list, tuple)) else ''}")
+
+
 def require_positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)

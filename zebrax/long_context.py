@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zebrax.checks import require_counts
 from zebrax.errors import InvalidArgument
 from zebrax.generate import PREFILL_CHUNK
-from zebrax.losses import token_chunks, token_logprobs
+from zebrax.losses import HEAD_CHUNK, token_chunks, token_logprobs
+from zebrax.models.decoder import LMHead
 
 # RULER's noise haystack and its single-needle template (NVIDIA/RULER, ``niah`` with ``type_haystack="noise"``)
 HAYSTACK = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -37,13 +39,6 @@ ADJECTIVES = ("amber", "brave", "calm", "dusty", "eager", "fuzzy", "gentle", "ho
               "lively", "misty", "noble", "oval", "plain", "quiet", "rusty", "silky", "tidy")
 NOUNS = ("anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
          "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "ribbon", "saddle", "tunnel")
-HEAD_CHUNK = 512  # tokens of the LM head at a time in ``position_nll``
-
-
-def _positive(where: str, **values) -> None:
-    for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InvalidArgument(f"{where}: {name}={v!r} must be an integer >= 1")
 
 
 class Haystack:
@@ -103,16 +98,15 @@ def needle_map(model, *, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                progress=None) -> dict:
     """Retrieval accuracy and the value's log-probability for each (length, depth) of ``model`` (a
     ``zebrax.Model`` with a tokenizer): ``samples`` needles a cell (keys and values drawn from ``seed``, the same for
-    every model), ``batch_size`` prompts a pass. → ``{"lengths", "depths", "accuracy": [len][depth],
+    every model), ``batch_size`` prompts of one length a pass. → ``{"lengths", "depths", "accuracy": [len][depth],
     "logprob": [len][depth] (mean over samples of Σ log p(value tokens)), "value_tokens": [len][depth] (mean),
     "samples"}``. ``progress(done, total)`` is called after each pass."""
     if model.tokenizer is None:
         raise InvalidArgument("needle: the model has no tokenizer; a needle is text")
-    _positive("needle", samples=samples, batch_size=batch_size, prefill_chunk=prefill_chunk)
     if not lengths:
         raise InvalidArgument("needle: give at least one length")
-    for n in lengths:
-        _positive("needle", length=n)
+    require_counts("needle", samples=samples, batch_size=batch_size, prefill_chunk=prefill_chunk,
+                   lengths=list(lengths))
     _check_depths(depths)
     hay = Haystack(model.tokenizer)
     short = [n for n in lengths if n < hay.minimum]
@@ -122,18 +116,22 @@ def needle_map(model, *, lengths: Sequence[int], depths: Sequence[float] = (0.0,
     rng = np.random.default_rng(seed)
     cells = [(li, di, f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}", str(rng.integers(1_000_000, 10_000_000)))
              for li in range(len(lengths)) for di in range(len(depths)) for _ in range(samples)]
+    # passes of one length each: a batch never pads a short prompt to a longer one's length
+    passes = [part[s:s + batch_size] for li in range(len(lengths)) for part in [[c for c in cells if c[0] == li]]
+              for s in range(0, len(part), batch_size)]
     logp = np.zeros((len(lengths), len(depths)))
     hits, tokens = np.zeros_like(logp), np.zeros_like(logp)
-    for start in range(0, len(cells), batch_size):
-        part = cells[start:start + batch_size]
+    done = 0
+    for part in passes:
         built = [hay.prompt(lengths[li], depths[di], key, value) for li, di, key, value in part]
         got_logp, got_hit = _score_answers(model, [b[0] for b in built], [b[1] for b in built], prefill_chunk)
         for (li, di, _, _), (_, answer, _), lp, hit in zip(part, built, got_logp, got_hit, strict=True):
             logp[li, di] += lp / samples
             hits[li, di] += hit / samples
             tokens[li, di] += len(answer) / samples
+        done += len(part)
         if progress is not None:
-            progress(min(start + batch_size, len(cells)), len(cells))
+            progress(done, len(cells))
     return {"lengths": list(lengths), "depths": [float(d) for d in depths], "samples": samples, "seed": seed,
             "accuracy": hits.round(6).tolist(), "logprob": logp.round(4).tolist(),
             "value_tokens": tokens.round(3).tolist()}
@@ -179,8 +177,6 @@ def position_bins(length: int) -> list[int]:
 def _chunk_scores(module):
     """jitted ``(params, cache, tokens [B, C], targets [B, C]) -> (log p(target) [B, C], cache)``: a chunk appended
     to the cache, the LM head ``HEAD_CHUNK`` tokens at a time; the cache is updated in place (donated)."""
-    from zebrax.models.decoder import LMHead
-
     head = LMHead(module.config)
 
     @functools.partial(jax.jit, donate_argnums=1)
@@ -198,7 +194,7 @@ def position_nll(model, documents: Sequence[Sequence[int]], *, length: int, batc
     (``[ids]``), predicted from all the tokens before it: documents ``batch_size`` at a time, fed ``chunk`` tokens a
     step into a cache of ``length`` slots. → ``{"length", "documents", "skipped" (shorter ones), "edges", "nll" (per
     bin [edges[i], edges[i+1])), "nll_by_position" (positions 1 … length-1, mean over documents)}``."""
-    _positive("positions", length=length, batch_size=batch_size, chunk=chunk)
+    require_counts("positions", length=length, batch_size=batch_size, chunk=chunk)
     if length < 2:
         raise InvalidArgument(f"positions: length={length} must be >= 2 (a token predicted from one before it)")
     if length % chunk and chunk < length:
@@ -210,13 +206,12 @@ def position_nll(model, documents: Sequence[Sequence[int]], *, length: int, batc
         raise InvalidArgument(f"positions: no document has length={length} tokens (the longest has {longest}); "
                               "give longer documents or a shorter length")
     scores = _chunk_scores(model.module)
-    init = jax.jit(lambda: type(model.module).init_cache(model.config, batch_size, length))
     total = np.zeros(length - 1)
     for start in range(0, len(docs), batch_size):
         part = docs[start:start + batch_size]
         ids = np.zeros((batch_size, length + 1), np.int32)
         ids[:len(part), :length] = part
-        cache, got = init(), []
+        cache, got = type(model.module).init_cache(model.config, batch_size, length), []
         for s in range(0, length, chunk):
             logp, cache = scores(model.params, cache, ids[:, s:s + chunk], ids[:, s + 1:s + chunk + 1])
             got.append(np.asarray(logp))

@@ -120,6 +120,10 @@ def ce_loss(student_logits: jax.Array, targets: jax.Array, mask: jax.Array | Non
     return normalized(-token_logprobs(student_logits, targets), mask, normalize)
 
 
+# tokens of the LM head at a time where a whole row's ``[B, L, vocab]`` logits would not fit (evaluation over long rows)
+HEAD_CHUNK = 512
+
+
 def token_chunks(per_token, inputs: tuple, chunk: int):
     """``per_token(*inputs)`` — a function of ``[B, L, …]`` arrays returning ``[B, L]`` arrays (or a tuple of them)
     whose value at a token depends only on that token's inputs — computed ``chunk`` tokens at a time: a ``lax.scan``

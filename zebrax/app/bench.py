@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zebrax.app.timing import compare, machine, matmul_peak, require_positive
+from zebrax.app.timing import compare, machine, matmul_peak
+from zebrax.checks import require_counts
 from zebrax.generate import PREFILL_CHUNK
 from zebrax.ops.auto import auto_choices
 from zebrax.recipe import from_teacher
@@ -69,7 +70,7 @@ def bench_forward(model, *, batch: int = 4, seq_len: int = 256, repeats: int = 5
     from zebrax.convert.export import to_transformers
     from zebrax.convert.hf_config import in_transformers
 
-    require_positive("bench forward", batch=batch, seq_len=seq_len, repeats=repeats)
+    require_counts("bench forward", batch=batch, seq_len=seq_len, repeats=repeats)
     tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, seq_len), dtype=np.int32)
     t = time.perf_counter()
     _zebrax_forward(model, tokens)()
@@ -115,7 +116,7 @@ def bench_ssd(*, lengths=(512, 2048, 8192), repeats: int = 5, pallas_interpret_m
     from zebrax.api import Model
     from zebrax.config import Mamba2LMConfig
 
-    require_positive("bench ssd", lengths=list(lengths), repeats=repeats)
+    require_counts("bench ssd", lengths=list(lengths), repeats=repeats)
     from zebrax.convert.architectures import MAMBA2
     from zebrax.convert.hf_config import from_hf
     from zebrax.convert.mapping import params_from_hf
@@ -167,7 +168,7 @@ def bench_attention(*, contexts=(1024, 8192, 32768), batch: int = 1, repeats: in
 
     from zebrax.cache import Slots
 
-    require_positive("bench attention", contexts=list(contexts), batch=batch, repeats=repeats, prefill_len=prefill_len)
+    require_counts("bench attention", contexts=list(contexts), batch=batch, repeats=repeats, prefill_len=prefill_len)
     from zebrax.config import AttentionConfig, MLAConfig
     from zebrax.mixers.attention.layer import Attention
     from zebrax.mixers.mla.layer import MLAttention
@@ -227,7 +228,7 @@ def bench_long_prompt(ckpt: str, *, length: int = 32768, new_tokens: int = 8, pr
     import subprocess
     import sys
 
-    require_positive("bench long-prompt", length=length, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
+    require_counts("bench long-prompt", length=length, new_tokens=new_tokens, prefill_chunk=prefill_chunk)
     script = f"""
 import json, resource, time
 import numpy as np
@@ -270,7 +271,7 @@ def bench_train(teacher, *, batch: int = 4, seq_len: int = 256, steps: int = 5, 
     from zebrax.select import place
     from zebrax.sharding import param_shardings, row_shards
 
-    require_positive("bench train", batch=batch, seq_len=seq_len, steps=steps, num_mla=num_mla)
+    require_counts("bench train", batch=batch, seq_len=seq_len, steps=steps, num_mla=num_mla)
     n, mesh = teacher.config.num_hidden_layers, teacher.mesh
     devices = 1 if mesh is None else mesh.size
     if mesh is not None and batch % row_shards(mesh):

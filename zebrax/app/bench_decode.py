@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zebrax.app.timing import compare, machine, peak_rss_bytes, require_positive, reset_peak_rss
+from zebrax.app.timing import compare, machine, peak_rss_bytes, reset_peak_rss
+from zebrax.checks import require_counts
 from zebrax.ops.auto import auto_choices
 from zebrax.recipe import from_teacher
 
@@ -141,7 +142,7 @@ def bench_decode(teacher, *, contexts=(1024, 4096), batches=(1, 8), models=MODEL
     rules of ``zebrax.sharding``, rows over (data, fsdp) where they divide."""
     from zebrax.errors import InvalidArgument
 
-    require_positive("bench decode", contexts=list(contexts), batches=list(batches), repeats=repeats,
+    require_counts("bench decode", contexts=list(contexts), batches=list(batches), repeats=repeats,
                      num_mla=num_mla)
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise InvalidArgument(f"bench decode: new_tokens={new_tokens!r} must be an integer >= 2")

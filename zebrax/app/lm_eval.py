@@ -33,11 +33,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from zebrax.generate import PREFILL_CHUNK
-from zebrax.losses import token_chunks, token_logprobs
+from zebrax.losses import HEAD_CHUNK, token_chunks, token_logprobs
 from zebrax.models.decoder import LMHead
 
 MIN_BUCKET = 32
-HEAD_CHUNK = 512  # tokens of the LM head at a time: a bucket past it is a whole number of them
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's hf model's, for a checkpoint that states no context
 # what lm-eval hands every model besides its model_args: --device and --max_batch_size (simple_evaluate), and
 # trust_remote_code=True with --trust_remote_code (EvaluatorConfig); --batch_size is zebrax's own batch_size

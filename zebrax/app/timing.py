@@ -1,6 +1,5 @@
 """How the benchmarks time and describe: functions timed alternately in one process (``compare``), the machine
-they ran on (``machine``), its matmul peak, the process's peak resident memory, and the sizes a benchmark is given
-(``require_positive``)."""
+they ran on (``machine``), its matmul peak, and the process's peak resident memory."""
 
 from __future__ import annotations
 
@@ -75,14 +74,3 @@ def peak_rss_bytes() -> int | None:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return None
-
-
-def require_positive(where: str, **values) -> None:
-    """InvalidArgument naming the first size that is not a positive integer (or a list holding one)."""
-    from zebrax.errors import InvalidArgument
-
-    for name, value in values.items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        if not items or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in items):
-            raise InvalidArgument(f"{where}: {name}={value!r} must be a positive integer"
-                                  f"{' (each of them)' if isinstance(value, (list, tuple)) else ''}")
