@@ -87,6 +87,7 @@ def gated_delta_step(q, k, v, g, beta, state, *, scale=None):
     return out[:, 0], state
 
 
+@jax.custom_vjp
 def _unit_lower_inverse(strict: jax.Array) -> jax.Array:
     """``(I + N)⁻¹`` of strictly lower triangular ``N`` ``[..., C, C]`` by forward substitution, a row a step: row
     ``i`` is ``e_i − N_i (I + N)⁻¹``, which reads only the rows above it (``N_ij = 0`` for ``j ≥ i``). Backward
@@ -94,7 +95,8 @@ def _unit_lower_inverse(strict: jax.Array) -> jax.Array:
     and β are near 1 (a repeated text), ``N^(2^j)`` reaches C(64, 31) ≈ 1.8e18 and float32 loses the inverse to
     cancellation (a trained hybrid's state overflowed after 512 tokens of RULER's haystack). No LAPACK call either:
     XLA:CPU runs a triangular solve as one into scipy's OpenBLAS, which a training step calling it from XLA's threads
-    could hang in."""
+    could hang in. The gradient is the inverse's own (``_inverse_vjp``), so the backward pass keeps ``T``, not the C
+    steps of the substitution."""
     c = strict.shape[-1]
     eye = jnp.eye(c, dtype=strict.dtype)
 
@@ -103,6 +105,15 @@ def _unit_lower_inverse(strict: jax.Array) -> jax.Array:
         return inverse.at[..., i, :].set(eye[i] - below)
 
     return jax.lax.fori_loop(1, c, row, jnp.broadcast_to(eye, strict.shape))
+
+
+def _inverse_vjp(inverse, grad):
+    """T = (I + N)⁻¹ ⇒ dN = −Tᵀ dT Tᵀ, kept where N lives (strictly below the diagonal)."""
+    t = jnp.swapaxes(inverse, -1, -2)
+    return (jnp.tril(-(t @ grad @ t), -1),)
+
+
+_unit_lower_inverse.defvjp(lambda strict: (_unit_lower_inverse(strict),) * 2, _inverse_vjp)
 
 
 def gated_delta_chunked(q, k, v, g, beta, *, chunk_size: int = 64, scale=None, initial_state=None, reset=None):
