@@ -12,7 +12,7 @@ import pytest
 import zebrax
 from tests.helpers import assert_one_line_error
 from zebrax.errors import InvalidArgument
-from zebrax.long_context import Haystack, _score_answers, needle_map, position_bins, position_nll
+from zebrax.long_context import ANSWER_TOKENS, Haystack, _score_answers, needle_map, position_bins, position_nll
 from zebrax.losses import token_logprobs
 
 
@@ -54,7 +54,11 @@ def test_needle_scores_are_those_of_whole_passes_and_greedy_decoding(models, nam
     built = [hay.prompt(n, d, k, v) for n, d, k, v in ((150, 0.0, "calm harbor", "4821937"),
                                                         (300, 1.0, "icy lantern", "1000003"))]
     prompts, answers = [b[0] for b in built], [b[1] for b in built]
-    logp, _ = _score_answers(model, prompts, answers, prefill_chunk=64)
+    logp, _, texts = _score_answers(model, prompts, answers, prefill_chunk=64)
+    # the greedy continuation read from the same cache is generate's, cut at end-of-sequence
+    steps = max(map(len, answers)) + ANSWER_TOKENS
+    generated = model.generate(prompts, max_new_tokens=steps, prefill_chunk=None)
+    assert texts == [model.decode(out[len(p):]) for p, out in zip(prompts, generated, strict=True)]
     for p, a, got in zip(prompts, answers, logp, strict=True):
         whole = model.logits(np.asarray([p + a], np.int32))
         want = token_logprobs(whole[:, len(p) - 1:-1], np.asarray([a], np.int32)).sum()
@@ -62,6 +66,7 @@ def test_needle_scores_are_those_of_whole_passes_and_greedy_decoding(models, nam
     greedy = [out[len(p):] for p, out in zip(prompts, model.generate(prompts, max_new_tokens=3, ignore_eos=True,
                                                                       prefill_chunk=None), strict=True)]
     assert _score_answers(model, prompts, greedy, prefill_chunk=64)[1] == [True, True]
+    assert all(text.startswith(model.decode(g)) for text, g in zip(texts, greedy, strict=True))
     changed = [[g[0], (g[1] + 1) % model.config.vocab_size, g[2]] for g in greedy]
     assert _score_answers(model, prompts, changed, prefill_chunk=64)[1] == [False, False]
 
@@ -70,9 +75,35 @@ def test_a_needle_map_has_a_cell_for_each_length_and_depth(models):
     result = needle_map(models["hybrid"], lengths=[150, 200], depths=[0, 0.5, 1], samples=2, batch_size=4,
                         prefill_chunk=64)
     assert result["lengths"] == [150, 200] and result["depths"] == [0.0, 0.5, 1.0]
-    for field in ("accuracy", "logprob", "value_tokens"):
+    for field in ("accuracy", "exact", "logprob", "value_tokens"):
         assert np.asarray(result[field]).shape == (2, 3)
     assert np.all(np.asarray(result["logprob"]) < 0) and np.all(np.asarray(result["value_tokens"]) >= 7)
+    # accuracy is RULER's substring match over the answers it reports; exact implies found
+    assert len(result["answers"]) == 12
+    for li, n in enumerate(result["lengths"]):
+        for di, d in enumerate(result["depths"]):
+            cell = [a for a in result["answers"] if a["length"] == n and a["depth"] == d]
+            assert result["accuracy"][li][di] == pytest.approx(np.mean([a["value"] in a["continuation"]
+                                                                         for a in cell]))
+            assert result["exact"][li][di] <= result["accuracy"][li][di]
+
+
+def test_needle_accuracy_finds_the_value_anywhere_in_the_continuation(models, monkeypatch):
+    """RULER's match: a continuation ": 4821937." counts, one that misses a digit does not; exact counts only a
+    continuation that starts with the value's tokens."""
+    import zebrax.long_context as lc
+
+    said = iter([": {v}.", " {v}", " 482193"])
+
+    def answer(model, prompts, answers, prefill_chunk):
+        text = next(said)
+        values = [model.decode(a).strip() for a in answers]
+        return [-1.0] * len(prompts), [text == " {v}"] * len(prompts), [text.format(v=v) for v in values]
+
+    monkeypatch.setattr(lc, "_score_answers", answer)
+    got = [needle_map(models["teacher"], lengths=[150], depths=[0.5], samples=1) for _ in range(3)]
+    assert [g["accuracy"][0][0] for g in got] == [1.0, 1.0, 0.0]
+    assert [g["exact"][0][0] for g in got] == [0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("name", ["teacher", "hybrid"])

@@ -3,9 +3,10 @@
 - ``needle_map``: RULER's single needle on its noise haystack ("The grass is green. The sky is blue. …"): a prompt of
   exactly ``length`` tokens holds "One of the special magic numbers for {key} is: {value}." at a ``depth`` (0: the
   first sentence, 1: the last) and ends on the question for that key. Each cell of depth × length reports the
-  retrieval accuracy (the greedy continuation starts with the value's tokens) and the value's log-probability, both
-  from one pass: the prompt is prefilled, then the value's tokens are fed one by one (teacher forcing), so the
-  greedy continuation starts with the value exactly when every step's argmax is the value's next token.
+  retrieval accuracy as RULER scores it (the value is a substring of the greedy continuation, ``ANSWER_TOKENS``
+  tokens past the value's length), the stricter ``exact`` (the continuation starts with the value's own tokens) and
+  the value's log-probability. The prompt is prefilled once; the greedy continuation and the teacher-forced value
+  both start from that cache.
 - ``position_nll``: the mean negative log-likelihood of each token of long documents against its position, in
   geometric bins (the curve that falls as the context grows when a model uses it, and stays flat when it does not).
 
@@ -39,6 +40,11 @@ ADJECTIVES = ("amber", "brave", "calm", "dusty", "eager", "fuzzy", "gentle", "ho
               "lively", "misty", "noble", "oval", "plain", "quiet", "rusty", "silky", "tidy")
 NOUNS = ("anchor", "badger", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jacket",
          "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "ribbon", "saddle", "tunnel")
+
+
+# the greedy continuation runs this many tokens past the value's own (the teacher answers ": 4821937" as often as
+# " 4821937"; RULER lets a niah answer run 128 tokens)
+ANSWER_TOKENS = 8
 
 
 class Haystack:
@@ -98,9 +104,11 @@ def needle_map(model, *, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                progress=None) -> dict:
     """Retrieval accuracy and the value's log-probability for each (length, depth) of ``model`` (a
     ``zebrax.Model`` with a tokenizer): ``samples`` needles a cell (keys and values drawn from ``seed``, the same for
-    every model), ``batch_size`` prompts of one length a pass. → ``{"lengths", "depths", "accuracy": [len][depth],
-    "logprob": [len][depth] (mean over samples of Σ log p(value tokens)), "value_tokens": [len][depth] (mean),
-    "samples"}``. ``progress(done, total)`` is called after each pass."""
+    every model), ``batch_size`` prompts of one length a pass. → ``{"lengths", "depths", "accuracy": [len][depth]
+    (the value in the greedy continuation, RULER's match), "exact": [len][depth] (the continuation starts with the
+    value's tokens), "logprob": [len][depth] (mean over samples of Σ log p(value tokens)), "value_tokens":
+    [len][depth] (mean), "samples", "answers" (each needle's key, value and greedy continuation)}``.
+    ``progress(done, total)`` is called after each pass."""
     if model.tokenizer is None:
         raise InvalidArgument("needle: the model has no tokenizer; a needle is text")
     if not lengths:
@@ -120,30 +128,44 @@ def needle_map(model, *, lengths: Sequence[int], depths: Sequence[float] = (0.0,
     passes = [part[s:s + batch_size] for li in range(len(lengths)) for part in [[c for c in cells if c[0] == li]]
               for s in range(0, len(part), batch_size)]
     logp = np.zeros((len(lengths), len(depths)))
-    hits, tokens = np.zeros_like(logp), np.zeros_like(logp)
-    done = 0
+    found, exact, tokens = np.zeros_like(logp), np.zeros_like(logp), np.zeros_like(logp)
+    answers, done = [], 0
     for part in passes:
         built = [hay.prompt(lengths[li], depths[di], key, value) for li, di, key, value in part]
-        got_logp, got_hit = _score_answers(model, [b[0] for b in built], [b[1] for b in built], prefill_chunk)
-        for (li, di, _, _), (_, answer, _), lp, hit in zip(part, built, got_logp, got_hit, strict=True):
+        got = zip(*_score_answers(model, [b[0] for b in built], [b[1] for b in built], prefill_chunk), strict=True)
+        for (li, di, key, value), (_, answer, _), (lp, hit, text) in zip(part, built, got, strict=True):
             logp[li, di] += lp / samples
-            hits[li, di] += hit / samples
+            exact[li, di] += hit / samples
+            found[li, di] += (value in text) / samples
             tokens[li, di] += len(answer) / samples
+            answers.append({"length": lengths[li], "depth": float(depths[di]), "key": key, "value": value,
+                            "continuation": text})
         done += len(part)
         if progress is not None:
             progress(done, len(cells))
     return {"lengths": list(lengths), "depths": [float(d) for d in depths], "samples": samples, "seed": seed,
-            "accuracy": hits.round(6).tolist(), "logprob": logp.round(4).tolist(),
-            "value_tokens": tokens.round(3).tolist()}
+            "accuracy": found.round(6).tolist(), "exact": exact.round(6).tolist(), "logprob": logp.round(4).tolist(),
+            "value_tokens": tokens.round(3).tolist(), "answers": answers}
 
 
 def _score_answers(model, prompts: list[list[int]], answers: list[list[int]], prefill_chunk: int
-                   ) -> tuple[list[float], list[bool]]:
-    """Σ log p(answer | prompt) and whether every answer token is the argmax, for each row: the prompts
-    left-padded and prefilled (in chunks past ``prefill_chunk``), then the answers fed one token a step."""
+                   ) -> tuple[list[float], list[bool], list[str]]:
+    """For each row: Σ log p(answer | prompt), whether every answer token is the argmax, and the text of the greedy
+    continuation (``ANSWER_TOKENS`` past the longest answer, cut at an end-of-sequence token). The prompts are
+    left-padded and prefilled once (in chunks past ``prefill_chunk``); the greedy loop reads that cache, then the
+    answers are fed one token a step into it."""
     gen = model.generator
     steps = max(len(a) for a in answers)
-    logits, cache, _ = gen.start(model.params, prompts, steps, pad_id=model.pad_id, prefill_chunk=prefill_chunk)
+    new_tokens = steps + ANSWER_TOKENS
+    logits, cache, capacity = gen.start(model.params, prompts, new_tokens, pad_id=model.pad_id,
+                                        prefill_chunk=prefill_chunk)
+    eos = list(model.config.eos_token_id or ()) or [-1]
+    greedy, _ = gen.decode(model.params, cache, logits, jax.random.key(0), jnp.int32(new_tokens), jnp.float32(0.0),
+                           jnp.float32(1.0), jnp.asarray(eos, jnp.int32), jnp.int32(model.pad_id), capacity=capacity)
+    texts = []
+    for row in np.asarray(greedy).tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(model.decode(row[:min(cut, new_tokens)]))
     answer = np.full((len(prompts), steps), model.pad_id, np.int32)
     counted = np.zeros(answer.shape, bool)
     for i, a in enumerate(answers):
@@ -155,7 +177,7 @@ def _score_answers(model, prompts: list[list[int]], answers: list[list[int]], pr
         hit &= ~counted[:, j] | np.asarray(top)
         if j + 1 < steps:
             logits, cache = gen.decode_step(model.params, cache, jnp.asarray(answer[:, j]))
-    return logp.tolist(), hit.tolist()
+    return logp.tolist(), hit.tolist(), texts
 
 
 @jax.jit
@@ -225,4 +247,4 @@ def position_nll(model, documents: Sequence[Sequence[int]], *, length: int, batc
             "nll": [round(v, 5) for v in bins], "nll_by_position": per_position.round(5).tolist()}
 
 
-__all__ = ["HAYSTACK", "NEEDLE", "QUESTION", "Haystack", "needle_map", "position_bins", "position_nll"]
+__all__ = ["ANSWER_TOKENS", "HAYSTACK", "NEEDLE", "QUESTION", "Haystack", "needle_map", "position_bins", "position_nll"]
