@@ -10,7 +10,7 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from tests.helpers import MIXED
+from tests.helpers import MIXED, WITH_GDN
 from zebrax.errors import ConfigError
 from zebrax.models import abstract_params
 from zebrax.sharding import AXES, MeshConfig, param_shardings, partition_spec
@@ -26,6 +26,30 @@ def test_rules_shard_heads_and_width_and_never_split_concatenations():
     assert partition_spec(("conv", "ssm_conv"), (4, 96), MESH) == PartitionSpec(None, None)  # [x ; B ; C]
     with pytest.raises(ConfigError, match="no rule for the logical axis 'bogus'"):
         partition_spec(("bogus",), (4,), MESH)
+
+
+@pytest.mark.parametrize("config", [MIXED, WITH_GDN], ids=["mla-mamba2-gqa", "mla-gdn-gqa"])
+def test_a_cache_splits_rows_and_heads_never_the_sequence(config):
+    """Rows over (data, fsdp) where they divide (4 rows: yes; 3: whole); GQA's 2 kv heads and the linear mixers'
+    state heads over tensor; MLA's latent (no head axis) and every sequence axis whole; the conv's concatenated
+    channels whole."""
+    from zebrax.cache import KVCache, LatentCache, SSMCache
+    from zebrax.models.decoder import DecoderLM
+    from zebrax.sharding import BATCH, cache_shardings
+
+    P = PartitionSpec  # noqa: N806
+    for batch, rows in ((4, BATCH), (3, None)):
+        cache = jax.eval_shape(lambda b=batch: DecoderLM.init_cache(config, b, 64))
+        shardings = cache_shardings(cache, MESH)
+        assert shardings.index.spec == P() and shardings.kv_mask.spec == P(rows, None)
+        for layer, spec in zip(cache.layers, shardings.layers, strict=True):
+            if isinstance(layer, KVCache):
+                assert spec.k.spec == spec.v.spec == P(rows, None, "tensor", None)
+            elif isinstance(layer, LatentCache):
+                assert spec.kv.spec == P(rows, None, None)
+            else:
+                assert isinstance(layer, SSMCache) and layer.ssm.shape[1] % 2 == 0
+                assert spec.conv.spec == P(rows, None, None) and spec.ssm.spec == P(rows, "tensor", None, None)
 
 
 def test_every_parameter_of_a_hybrid_gets_its_rule():

@@ -86,6 +86,11 @@ class KVCache:
         shape = tuple((batch, max_len, num_kv_heads, head_dim)[a] for a in layout.axes)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), layout=layout)
 
+    def axes(self) -> dict[str, tuple[str, ...]]:
+        """Each array's logical axis names (``sharding.cache_shardings``)."""
+        names = tuple(("batch", "seq", "kv_heads", "head_dim")[a] for a in self.layout.axes)
+        return {"k": names, "v": names}
+
     def keys(self) -> jax.Array:
         return self.layout.logical(self.k)
 
@@ -117,6 +122,10 @@ class LatentCache:
         width = -(-latent_dim // 128) * 128 if target_backend() == "tpu" else latent_dim
         return cls(kv=jnp.zeros((batch, max_len, width), dtype))
 
+    def axes(self) -> dict[str, tuple[str | None, ...]]:
+        """The latent has no head axis: every chip of a tensor axis holds it whole."""
+        return {"kv": ("batch", "seq", None)}
+
     def update(self, kv: jax.Array, offset: jax.Array) -> LatentCache:
         """Write ``[B, L, latent_dim]`` at slots ``offset … offset + L - 1``."""
         return LatentCache(kv=jax.lax.dynamic_update_slice(self.kv, kv.astype(self.kv.dtype), (0, offset, 0)))
@@ -135,6 +144,10 @@ class SSMCache:
              dtype) -> SSMCache:
         return cls(conv=jnp.zeros((batch, conv_dim, conv_kernel - 1), dtype),
                    ssm=jnp.zeros((batch, heads, head_dim, d_state), jnp.float32))
+
+    def axes(self) -> dict[str, tuple[str | None, ...]]:
+        """The conv's channels are a concatenation (never split); the state's heads are the mixer's heads."""
+        return {"conv": ("batch", "ssm_conv", None), "ssm": ("batch", "ssm_heads", None, None)}
 
 
 @struct.dataclass

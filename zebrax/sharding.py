@@ -104,6 +104,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def cache_shardings(cache, mesh: Mesh):
+    """``NamedSharding`` for every leaf of a decode cache (``cache.Cache``, of arrays or shapes): rows over (data,
+    fsdp) where the mesh divides the batch, and each layer cache's other axes by the rules (its ``axes()``: GQA's kv
+    heads and a linear mixer's state heads over tensor where they divide; MLA's latent, which has no head axis, whole).
+    The sequence axis is never split. A layer cache without ``axes()`` is split by rows only."""
+    rows = row_shards(mesh)
+
+    def sharding(names, x):
+        batch = BATCH if x.ndim and x.shape[0] % rows == 0 else None
+        rest = partition_spec(tuple(None if n in ("batch", "seq") else n for n in names[1:]), x.shape[1:], mesh)
+        return NamedSharding(mesh, PartitionSpec(batch, *rest) if x.ndim else PartitionSpec())
+
+    def layer(c):
+        if not hasattr(c, "axes"):
+            return jax.tree.map(lambda x: sharding(("batch",) + (None,) * (x.ndim - 1), x), c)
+        return c.replace(**{field: sharding(names, getattr(c, field)) for field, names in c.axes().items()})
+
+    return cache.replace(index=replicated(mesh), kv_mask=sharding(("batch", "seq"), cache.kv_mask),
+                         layers=tuple(layer(c) for c in cache.layers))
+
+
 def place(tree, shardings, *, copy: bool = True):
     """Host arrays (the same on every process), or global arrays, → global arrays with ``shardings``: each process
     fills the shards its devices hold from host arrays, and global arrays are resharded on the devices, so no tree

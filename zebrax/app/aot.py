@@ -29,7 +29,7 @@ SETTINGS = {
     **dict.fromkeys(TRAINING, ("teacher", "student", "batch", "seq_len", "accumulate", "remat", "compute_dtype",
                                "loss_chunk", "experiment")),
     **dict.fromkeys(SCORING, ("teacher", "student", "batch", "seq_len", "compute_dtype", "experiment")),
-    "prefill": ("model", "batch", "seq_len", "compute_dtype", "impl"),
+    "prefill": ("model", "batch", "seq_len", "context", "chunk", "compute_dtype", "impl"),
     "decode": ("model", "batch", "context", "compute_dtype", "impl"),
 }
 
@@ -192,29 +192,37 @@ def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
                            tokens=tokens, settings=settings, advice=_advice(exp, stage, mesh))
 
 
-def _generation(program: str, config, mesh, topology: str, batch: int, length: int, impl) -> Report:
-    """The generator's own steps (``Generator.prefill``, ``Generator.decode_step``), traced for the slice."""
+def _generation(program: str, config, mesh, topology: str, batch: int, length: int, impl, chunk: int | None = None
+                ) -> Report:
+    """The generator's own steps, traced for the slice: ``Generator.prefill`` of ``length`` tokens;
+    ``Generator.extend``, a chunked prefill's step (``chunk`` tokens appended to a cache of ``length`` slots, the last
+    and largest chunk; its cost counted ``length / chunk`` times, the whole prompt's); ``Generator.decode_step`` at a
+    cache of ``length`` slots. The caches as a TPU allocates them, split by ``sharding.cache_shardings``."""
     from zebrax.generate import Generator
     from zebrax.models import build
     from zebrax.ops.auto import compiling_for
-    from zebrax.sharding import batch_sharding, replicated, row_shards
+    from zebrax.sharding import batch_sharding, cache_shardings, replicated, row_shards
 
     generator = Generator(build(config, impl))
     params = _params(config, mesh)
-    rows = row_shards(mesh)
-    settings = {"batch": batch, "context" if program == "decode" else "seq_len": length, "dtype": config.dtype}
-    if program == "prefill":
+    settings = {"batch": batch, "context" if program == "decode" or chunk else "seq_len": length,
+                **({"chunk": chunk} if chunk else {}), "dtype": config.dtype}
+    if program == "prefill" and chunk is None:
         _check_rows(program, batch, 1, mesh)
         args = (params, *_rows({"tokens": jnp.int32, "token_mask": bool}, batch, length, mesh).values())
         return compile_program(generator.prefill, args, static={"max_len": length}, program=program,
                                topology=topology, mesh=mesh, tokens=batch * length, settings=settings)
     with compiling_for("tpu"):  # the caches as a TPU allocates them (``cache.KVCache``, ``cache.LatentCache``)
         cache = jax.eval_shape(lambda: type(generator.module).init_cache(config, batch, length))
-    by_rows = lambda x: (batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == batch and batch % rows == 0  # noqa: E731
-                         else replicated(mesh))
-    cache = _sharded(cache, jax.tree.map(by_rows, cache))
-    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    tokens = _sharded(tokens, by_rows(tokens))
+    cache = _sharded(cache, cache_shardings(cache, mesh))
+    by_rows = lambda ndim: batch_sharding(mesh, ndim) if batch % row_shards(mesh) == 0 else replicated(mesh)  # noqa: E731
+    if program == "prefill":
+        new = {k: jax.ShapeDtypeStruct((batch, chunk), dtype, sharding=by_rows(2))
+               for k, dtype in (("tokens", jnp.int32), ("token_mask", bool))}
+        return compile_program(generator.extend, (params, cache, new["tokens"], new["token_mask"]), program=program,
+                               topology=topology, mesh=mesh, tokens=batch * length, settings=settings,
+                               repeats=length // chunk)
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_rows(1))
     return compile_program(generator.decode_step, (params, cache, tokens), program=program, topology=topology,
                            mesh=mesh, tokens=batch, settings=settings, reads_arguments=True)
 
@@ -249,7 +257,7 @@ def _mesh(program: str, mesh: dict | None, chips: list, batch) -> object:
 def compile(program: str, *, topology: str, teacher=None, student=None, model=None, mesh: dict | None = None,
             batch: int | None = None, seq_len: int | None = None, context: int | None = None,
             accumulate: int | None = None, remat: bool | str | None = None, compute_dtype: str | None = None,
-            loss_chunk: int | None = None, experiment=None, impl="auto") -> Report:
+            loss_chunk: int | None = None, experiment=None, impl="auto", chunk: int | None = None) -> Report:
     """Compile one program of the method for a TPU ``topology`` (``"v5p-16"``, ``"v5p:2x2x2"``) on this machine,
     nothing run, and report its memory a chip, the cost model's time and its collectives (``Report``).
 
@@ -259,7 +267,9 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     makes ILD's students); ``batch``, ``seq_len``, ``accumulate``, ``remat``, ``compute_dtype``, ``loss_chunk``
     override it. Scoring (``smart``: SMART's pass with one layer swapped; ``eval``: perplexity and KL to the
     teacher): ``teacher`` and ``student``, ``batch`` rows of ``seq_len`` tokens. Generation (``prefill``: ``seq_len``
-    tokens; ``decode``: one step at a ``context``-token cache): ``model``, and ``impl`` the ops' implementations as
+    tokens at once, or a ``context``-token prompt ``chunk`` tokens at a time, the step that appends the last chunk
+    with the whole prompt's cost; ``decode``: one step at a ``context``-token cache): ``model``, and ``impl`` the
+    ops' implementations as
     ``models.build`` takes them ("pallas", ``{"attention": "pallas"}``; default "auto": what ``auto`` runs on a TPU;
     a kernel that compiles is not one measured faster, and the cost model's time is an estimate). ``mesh``:
     ``MeshConfig`` fields over every chip of the slice (default: all on fsdp for training and scoring,
@@ -271,7 +281,7 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
         raise ConfigError(f"compile: program {program!r} is not one of {', '.join(PROGRAMS)}")
     given = dict(teacher=teacher, student=student, model=model, batch=batch, seq_len=seq_len, context=context,
                  accumulate=accumulate, remat=remat, compute_dtype=compute_dtype, loss_chunk=loss_chunk,
-                 experiment=experiment, impl=None if impl == "auto" else impl)
+                 experiment=experiment, impl=None if impl == "auto" else impl, chunk=chunk)
     stray = [k for k, v in given.items() if v is not None and k not in SETTINGS[program]]
     if stray:
         raise ConfigError(f"compile {program}: {', '.join(stray)} do{'es' * (len(stray) == 1)} not apply to it (it "
@@ -304,8 +314,13 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     config = model_config(model)
     if compute_dtype is not None:
         config = config.replace(dtype=compute_dtype)
-    length = context if program == "decode" else seq_len
+    if program == "prefill" and (context is None) != (chunk is None) or chunk is not None and seq_len is not None:
+        raise ConfigError("compile prefill: give --seq-len (a prompt at once) or --context with --chunk (a prompt "
+                          "that many tokens at a time), not both")
+    length = seq_len if program == "prefill" and chunk is None else context
     if not (isinstance(batch, int) and batch >= 1 and isinstance(length, int) and length >= 1):
-        what = "--context" if program == "decode" else "--seq-len"
+        what = "--seq-len" if program == "prefill" and chunk is None else "--context"
         raise ConfigError(f"compile {program}: --batch and {what} must be integers >= 1 (got {batch!r}, {length!r})")
-    return _generation(program, config, mesh, topology, batch, length, impl)
+    if chunk is not None and not (isinstance(chunk, int) and chunk >= 1 and length % chunk == 0):
+        raise ConfigError(f"compile prefill: --chunk {chunk!r} must be an integer >= 1 that divides --context {length}")
+    return _generation(program, config, mesh, topology, batch, length, impl, chunk)

@@ -376,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "over data, the heads over tensor)")
     x.add_argument("--batch", type=COUNT, help="sequences a step (training: the stage's global batch)")
     x.add_argument("--seq-len", type=COUNT, help="tokens a sequence (training, smart, eval, prefill)")
-    x.add_argument("--context", type=COUNT, help="decode: the cache's length in tokens")
+    x.add_argument("--context", type=COUNT, help="decode: the cache's length in tokens; prefill with --chunk: the "
+                                                 "prompt's")
+    x.add_argument("--chunk", type=COUNT, help="prefill: the prompt fed this many tokens at a time (the step that "
+                                               "appends the last chunk, costed for the whole prompt)")
     x.add_argument("--accumulate", type=COUNT, help="training: micro-batches a step")
     x.add_argument("--remat", nargs="?", const="full", choices=("none", *REMAT_POLICIES), metavar="POLICY",
                    help="training: the students recompute each block in the backward pass, keeping what POLICY "

@@ -341,7 +341,7 @@ def cmd_compile(args):
                          model=args.model, mesh=args.mesh, batch=args.batch, seq_len=args.seq_len,
                          context=args.context, accumulate=args.accumulate, remat=args.remat,
                          compute_dtype=args.compute_dtype, loss_chunk=args.loss_chunk, experiment=experiment,
-                         impl=args.impl or "auto")
+                         impl=args.impl or "auto", chunk=args.chunk)
     print(report.to_json() if args.json else report)
     if not report.fits:
         total = report.per_chip_bytes["total"]
