@@ -482,3 +482,15 @@ def test_a_decode_cache_is_split_over_rows_and_kv_heads(tpu_compiler):
         cache = jax.eval_shape(lambda: DecoderLM.init_cache(model, 2, 8192))
     kv = sum(x.size * x.dtype.itemsize for layer in cache.layers for x in (layer.k, layer.v))
     assert held[1] - held[2] == pytest.approx(kv / 4, rel=0.01), (held, kv)
+
+
+def test_the_attention_a_prefill_report_adds_is_every_growing_cache_layers_causal_products():
+    """Query i scores and weighs i + 1 keys, two FLOPs a multiply-add: the tiny teacher's 5 GQA layers of 4 heads of
+    16, and of the MIXED hybrid (MLA, Mamba2, GQA, MLA, Mamba2) only its 2 MLA layers (4 heads, qk 16 = 8 + 8 rope,
+    v 16) and 1 GQA layer."""
+    from tests.helpers import MIXED
+    from zebrax.app.aot import attention_flops
+
+    pairs = sum(i + 1 for i in range(8))  # keys scored by a row of 8 tokens, causally
+    assert attention_flops(TEACHER, 3, 8) == 3 * 5 * 2 * pairs * 4 * (16 + 16)
+    assert attention_flops(MIXED, 3, 8) == 3 * 3 * 2 * pairs * 4 * (16 + 16)

@@ -208,11 +208,19 @@ def long_prompt_chat(i: int) -> dict:
     ("distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', 'kd_long')",
      "distill.kd_long_seq_len = 0: the second KD (stage 'kd_long') needs a context longer than distill.seq_len = 128"),
     ("distill.placement = 'random'", "distill.placement = 'random': expected one of 'smart', 'uniform', 'reverse'"),
+    ("distill.long_data = ('configs/data/prompts.jsonl',)",
+     "distill.long_data = ('configs/data/prompts.jsonl',): only the stage 'kd_long' reads it"),
+    (["distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', 'kd_long')", "distill.kd_long_seq_len = 256",
+      "distill.long_data = ('no/such.jsonl',)"], "distill.long_data: no/such.jsonl: no such data file"),
+    (["distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', 'kd_long')", "distill.kd_long_seq_len = 256",
+      "distill.long_data = ('configs/data/prompts.jsonl',)"],
+     "distill.long_data (configs/data/prompts.jsonl): document 0 has 49 tokens, under half of "
+     "distill.kd_long_seq_len = 256 (320 of 320 are)"),
     ("distill.random_init = ('gdn',)", "distill.random_init = ('gdn',): expected some of the students' mixer kinds "
                                        "(mamba2, mla)"),
 ])
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, binding, message):
-    code, err = distill_cli(capsys, tmp_path / "w", binding)
+    code, err = distill_cli(capsys, tmp_path / "w", *([binding] if isinstance(binding, str) else binding))
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "w").exists()
 
@@ -242,6 +250,31 @@ def test_an_ablation_leaves_out_ild_places_uniformly_and_starts_mla_at_random(ch
     assert stages[1]["settings"]["random_init"] == ["mla"] and stages[2]["settings"]["placement"] == "uniform"
     hybrid = checkpoint.load_config(workdir / "hybrid")
     assert hybrid.layer_map() == "LSLS"
+
+
+@pytest.mark.training
+def test_a_context_extension_learns_from_long_documents_one_a_row(tmp_path, capsys):
+    """``kd_long`` on ``distill.long_data`` (chats of 400–512 byte tokens made by ``ledger_chats``): the run records
+    the file among its inputs and in the stage's settings, trains rows of 512 tokens and writes ``kd_long``."""
+    from zebrax.data import ByteCodec
+    from zebrax.long_documents import ledger_chats
+
+    chats = [[{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
+             for i in range(40)]
+    long = tmp_path / "long.jsonl"
+    docs = ledger_chats(chats, ByteCodec(), length=512, count=4, notes=1)
+    assert all(400 <= d["tokens"] <= 512 for d in docs)
+    long.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    workdir = tmp_path / "w"
+    code, err = distill_cli(capsys, workdir, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', "
+                                             "'kd_long')", "distill.kd_long = @kd_long/TrainConfig()",
+                            "kd_long/TrainConfig.steps = 2", "kd_long/TrainConfig.batch_size = 2",
+                            "distill.kd_long_seq_len = 512", f"distill.long_data = ('{long}',)")
+    assert code == 0, err[-2000:]
+    assert "KD LONG: 2 steps of 2 × 512 tokens" in err and checkpoint.is_checkpoint(workdir / "kd_long")
+    assert str(long) in json.loads((workdir / "data_sha256.json").read_text())
+    stages = {s["stage"]: s for s in json.loads((workdir / "stages.json").read_text())}
+    assert stages["kd_long"]["settings"]["long_data"] == [str(long)]
 
 
 def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_and_tabulates(child_process, tmp_path):

@@ -217,11 +217,17 @@ def row(ids: list[int], counted_from: int, seq_len: int) -> dict:
 
 
 def lm_row(where: str, record: dict, codec, seq_len: int) -> dict:
-    """A ``text`` or ``messages`` record → a row (chat: predictions count from the last prompt token on)."""
+    """A ``text`` or ``messages`` record → a row (chat: predictions count from the last prompt token on, or from
+    the first token with ``"loss": "all"``, a long chat every turn of which is learnt)."""
     if isinstance(record.get("text"), str):
         return row(codec.encode(record["text"]), 0, seq_len)
     if "messages" in record:
         messages = _messages(where, record["messages"])
+        if record.get("loss", "reply") not in ("reply", "all"):
+            raise DataError(f"{where}: 'loss' is {record['loss']!r}; expected 'reply' (the last reply counts, the "
+                            f"default) or 'all' (every token)")
+        if record.get("loss") == "all":
+            return row(codec.chat(messages, add_generation_prompt=False), 0, seq_len)
         prompt = codec.chat(messages[:-1], add_generation_prompt=True) if len(messages) > 1 else []
         return row(codec.chat(messages, add_generation_prompt=False), len(prompt) - 1, seq_len)
     raise DataError(f"{where}: a record needs 'text' (a string) or 'messages', it has {sorted(record)}")

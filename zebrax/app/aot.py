@@ -192,6 +192,22 @@ def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
                            tokens=tokens, settings=settings, advice=_advice(exp, stage, mesh))
 
 
+def attention_flops(config, batch: int, length: int) -> float:
+    """FLOPs of the causal attention of ``batch`` prompts of ``length`` tokens over every layer whose cache grows
+    (GQA, MLA materialised as its prefill runs it): the query at position i scores and weighs i + 1 keys, two FLOPs
+    a multiply-add, so a layer costs batch · length · (length + 1) · heads · (qk dim + v dim)."""
+    from zebrax.mixers import kind
+
+    total = 0
+    for spec in config.plan():
+        if kind(spec.mixer).linear:
+            continue
+        c = spec.config
+        qk, v = getattr(c, "qk_head_dim", None) or c.head_dim, getattr(c, "v_head_dim", None) or c.head_dim
+        total += batch * length * (length + 1) * c.n_heads * (qk + v)
+    return float(total)
+
+
 def _generation(program: str, config, mesh, topology: str, batch: int, length: int, impl, chunk: int | None = None
                 ) -> Report:
     """The generator's own steps, traced for the slice: ``Generator.prefill`` of ``length`` tokens;
@@ -211,7 +227,8 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
         _check_rows(program, batch, 1, mesh)
         args = (params, *_rows({"tokens": jnp.int32, "token_mask": bool}, batch, length, mesh).values())
         return compile_program(generator.prefill, args, static={"max_len": length}, program=program,
-                               topology=topology, mesh=mesh, tokens=batch * length, settings=settings)
+                               topology=topology, mesh=mesh, tokens=batch * length, settings=settings,
+                               attention_flops=attention_flops(config, batch, length) / mesh.size)
     with compiling_for("tpu"):  # the caches as a TPU allocates them (``cache.KVCache``, ``cache.LatentCache``)
         cache = jax.eval_shape(lambda: type(generator.module).init_cache(config, batch, length))
     cache = _sharded(cache, cache_shardings(cache, mesh))
@@ -221,7 +238,8 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
                for k, dtype in (("tokens", jnp.int32), ("token_mask", bool))}
         return compile_program(generator.extend, (params, cache, new["tokens"], new["token_mask"]), program=program,
                                topology=topology, mesh=mesh, tokens=batch * length, settings=settings,
-                               repeats=length // chunk)
+                               repeats=length // chunk, attention_flops=attention_flops(config, batch, length)
+                               / mesh.size)
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_rows(1))
     return compile_program(generator.decode_step, (params, cache, tokens), program=program, topology=topology,
                            mesh=mesh, tokens=batch, settings=settings, reads_arguments=True)

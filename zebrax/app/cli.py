@@ -19,6 +19,7 @@
     zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax generate-data TEACHER --prompts FILE --out FILE
     zebrax tokenize DATA ... --out DIR --teacher T --seq-len L [--pack]
+    zebrax long-docs CONVERSATIONS ... --teacher T --length N --count K --out FILE [--notes N] [--seed S]
     zebrax teacher-logits CORPUS --teacher T --top-k K
     zebrax distill --gin_file FILE ... [--gin_param BINDING ...] --workdir DIR
     zebrax ablate GIN_FILE ... [--seeds N] [--root DIR] [--baseline NAME] [--gin_param BINDING ...]
@@ -329,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pack", action="store_true", help="several documents a row (distill.pack = True)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
     t.set_defaults(fn=commands.cmd_tokenize)
+
+    ld = sub.add_parser("long-docs", help="long chats for a context-extension stage (distill.long_data): a teacher's "
+                                          "conversations in one chat, notes handed over, a question on one last")
+    ld.add_argument("conversations", nargs="+", help="jsonl or parquet of chat records (messages), e.g. the "
+                                                     "teacher's replies (distill.generated_data)")
+    ld.add_argument("--teacher", required=True, help="the zebrax checkpoint whose tokenizer and chat template count "
+                                                     "the tokens")
+    ld.add_argument("--length", type=_number(int, lambda v: v >= 64, "an integer >= 64"), required=True,
+                    help="tokens a document at most (distill.kd_long_seq_len)")
+    ld.add_argument("--count", type=COUNT, required=True, help="documents")
+    ld.add_argument("--notes", type=COUNT, default=8, help="notes handed over a document, at most")
+    ld.add_argument("--seed", type=SEED, default=0)
+    ld.add_argument("--out", required=True, help="the jsonl file to write")
+    ld.set_defaults(fn=commands.cmd_long_docs)
 
     tl = sub.add_parser("teacher-logits", help="the teacher's top-k logits at every position of a tokenized corpus, "
                                                "stored beside its rows: KD with distill.kd_top_k = K then runs "

@@ -312,6 +312,31 @@ def cmd_tokenize(args):
                      indent=2))
 
 
+def cmd_long_docs(args):
+    from zebrax import data
+    from zebrax.api import load_tokenizer
+    from zebrax.files import write_text_atomic
+    from zebrax.long_documents import ledger_chats
+
+    tokenizer = load_tokenizer(args.teacher)
+    if tokenizer is None:
+        raise data.DataError(f"{args.teacher}: no tokenizer/ (expected a zebrax checkpoint with its tokenizer and chat "
+                             f"template)")
+    conversations = []
+    for f in args.conversations:
+        for where, record in data.read_records(f):
+            if "messages" not in record:
+                raise data.DataError(f"{where}: a conversation needs 'messages', it has {sorted(record)}")
+            conversations.append(record["messages"])
+    docs = ledger_chats(conversations, data.TokenizerCodec(tokenizer), length=args.length, count=args.count,
+                        seed=args.seed, notes=args.notes)
+    write_text_atomic(args.out, "".join(json.dumps(d) + "\n" for d in docs))
+    tokens = [d["tokens"] for d in docs]
+    print(json.dumps({"out": str(args.out), "documents": len(docs), "conversations": len(conversations),
+                      "tokens": {"min": min(tokens), "mean": round(sum(tokens) / len(tokens), 1), "max": max(tokens)}},
+                     indent=2))
+
+
 def cmd_teacher_logits(args):
     from zebrax import checkpoint, corpus, data
     from zebrax.api import load_tokenizer

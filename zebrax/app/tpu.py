@@ -131,7 +131,10 @@ class Report:
     writes to HBM in one call, estimated from the compiled program (``zebrax.app.traffic``; the cost model's
     ``bytes_accessed`` also counts on-chip copies); for prefill and decode, ``must_read_bytes`` (the weights,
     cache and states a chip holds: its arguments) and ``read_ratio`` = traffic / must-read. When the compiler
-    refuses the program (``fits`` False and ``error`` set), the figures it could not give are None."""
+    refuses the program (``fits`` False and ``error`` set), the figures it could not give are None. For a prefill,
+    ``attention_flops`` (a chip's share of the prompt's causal attention, counted from the shapes: the cost model
+    counts one block of the attention's loop) and ``attention_seconds`` (those FLOPs at the chip's published
+    peak, a lower bound to add to ``seconds``)."""
 
     program: str
     topology: str
@@ -155,6 +158,8 @@ class Report:
     read_ratio: float | None = None
     advice: list = dataclasses.field(default_factory=list)
     error: str | None = None
+    attention_flops: float | None = None
+    attention_seconds: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -172,6 +177,10 @@ class Report:
             lines.append(f"  {self.seconds_from} (an estimate): {self.flops / 1e12:.2f} TFLOP and "
                          f"{self.bytes_accessed / 1e9:.2f} GB accessed a chip, {self.seconds * 1e3:.2f} ms a step "
                          f"→ {self.tokens_per_second:,.0f} tokens/s, MFU {100 * self.mfu:.1f}%")
+        if self.attention_flops is not None:
+            lines.append(f"  causal attention (counted from the shapes; the cost model counts one block of its loop): "
+                         f"{self.attention_flops / 1e12:,.0f} TFLOP a chip, at least {self.attention_seconds:.2f} s "
+                         f"more at the chip's peak")
         if self.read_ratio is not None:
             lines.append(f"  HBM traffic (from the compiled program): {self.hbm_traffic_bytes / 1e9:.2f} GB a chip, "
                          f"{self.read_ratio:.2f}× the {self.must_read_bytes / 1e9:.2f} GB of weights, cache and "
@@ -214,18 +223,22 @@ def _collectives(hlo: str) -> dict:
 
 def compile_program(fn, args: tuple, *, program: str, topology: str, mesh, tokens: int, settings: dict,
                     static: dict | None = None, advice: list[str] = (), reads_arguments: bool = False,
-                    repeats: int = 1) -> Report:
+                    repeats: int = 1, attention_flops: float | None = None) -> Report:
     """Compile ``fn`` (a ``jax.jit``-ed function) for ``args`` (sharded ``ShapeDtypeStruct`` trees over ``mesh``) and
     its ``static`` keyword arguments, with the mesh set and the ops tracing for a TPU; ``tokens``: what one call
     processes (for tokens/s);
     ``reads_arguments``: a step that must read all its arguments once (decode), whose traffic is compared with
-    them; ``repeats``: the trips of the loop that holds the step's work (gradient accumulation), whose body the
-    cost model counts once: its FLOPs, bytes and seconds are multiplied by it (the optimizer's update outside the
-    loop with them, a few percent too many)."""
+    them; ``repeats``: the trips of the loop that holds the step's work (gradient accumulation, a chunked prefill's
+    chunks), whose body the cost model counts once: its FLOPs, bytes and seconds are multiplied by it (the
+    optimizer's update outside the loop with them, a few percent too many); ``attention_flops``: a chip's share of
+    the attention the cost model does not count (``Report``)."""
     generation, _ = parse_topology(topology)
     hbm = hbm_bytes(topology)
     common = dict(program=program, topology=topology, chips=len(devices(topology)), hbm_bytes=hbm,
-                  mesh={k: int(v) for k, v in mesh.shape.items()}, settings=settings, tokens=tokens)
+                  mesh={k: int(v) for k, v in mesh.shape.items()}, settings=settings, tokens=tokens,
+                  attention_flops=attention_flops,
+                  attention_seconds=None if attention_flops is None else
+                  attention_flops / GENERATIONS[parse_topology(topology)[0]].peak_flops)
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh), compiling_for("tpu"), _optimised():

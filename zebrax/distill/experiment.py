@@ -64,7 +64,8 @@ class Experiment:
       tokens only, renormalised; read from the corpus when ``zebrax teacher-logits`` stored that many there, and
       the KD step then runs without the teacher).
     - ``kd_long``, ``kd_long_seq_len``: the settings and the context of a second KD (the stage ``kd_long``, when
-      ``stages`` lists it), on the KD documents cut to the longer rows.
+      ``stages`` lists it), on ``long_data`` (files of long documents, one a row: ``zebrax long-docs``) or, without
+      it, on the KD documents cut to the longer rows.
     """
 
     teacher: str = "tiny"
@@ -102,6 +103,7 @@ class Experiment:
     kd: TrainConfig = TrainConfig()
     kd_long: TrainConfig = TrainConfig()
     kd_long_seq_len: int = 0
+    long_data: tuple[str, ...] = ()
     dpo: TrainConfig = TrainConfig(learning_rate=5e-7, warmup_ratio=0.1)
 
     def __post_init__(self):
@@ -115,10 +117,11 @@ class Experiment:
                                   f"(e.g. @{name.removeprefix('tiny_')}/TrainConfig())")
         check_strings("distill.data", self.data, empty=True)
         check_strings("distill.preferences", self.preferences, empty=True)
+        check_strings("distill.long_data", self.long_data, empty=True)
         for name in ("generation_prompts", "generated_data"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"distill.{name} = {getattr(self, name)!r}: expected a file path (a string)")
-        for name, files in (("data", self.data), ("preferences", self.preferences)):
+        for name, files in (("data", self.data), ("preferences", self.preferences), ("long_data", self.long_data)):
             twice = sorted({f for f in files if files.count(f) > 1})
             if twice:
                 raise ConfigError(f"distill.{name} names {twice[0]} twice; each file is read once")
@@ -164,6 +167,9 @@ class Experiment:
         if "kd_long" in self.plan() and not self.kd_long_seq_len > self.seq_len:
             raise ConfigError(f"distill.kd_long_seq_len = {self.kd_long_seq_len}: the second KD (stage 'kd_long') "
                               f"needs a context longer than distill.seq_len = {self.seq_len}")
+        if self.long_data and "kd_long" not in self.plan():
+            raise ConfigError(f"distill.long_data = {self.long_data!r}: only the stage 'kd_long' reads it, and "
+                              f"distill.stages = {self.stages!r} has none")
         if "dpo" in self.plan() and not self.preferences:
             raise ConfigError(f"distill.stages = {self.stages!r}: 'dpo' needs preference pairs (distill.preferences)")
         check_choice("distill.ild_kind", self.ild_kind, ILD_KINDS)

@@ -83,6 +83,7 @@ class Inputs:
     rows: dict | None  # the documents of ``files`` (what the tiny teacher learns)
     pairs: dict | None  # the DPO pairs
     hashes: dict  # file → SHA-256 of the files read
+    long: dict | None = None  # the rows of ``long_data`` (``long_rows``), for the stage ``kd_long``
 
 
 def prepare(exp) -> Inputs:
@@ -120,11 +121,12 @@ def prepare(exp) -> Inputs:
         rows = documents(exp, codec, files)
         split = parts(exp, rows, files)
     hashes = {f: data.sha256(Path(f) / corpus.MANIFEST if corpus.is_corpus(f) else f)
-              for f in (*exp.data, *exp.preferences, exp.generation_prompts) if f}
+              for f in (*exp.data, *exp.preferences, *exp.long_data, exp.generation_prompts) if f}
     if exp.teacher != "tiny":  # the teacher by its content: a checkpoint replaced at its path is another teacher
         hashes[exp.teacher] = checkpoint.content_sha256(exp.teacher)
+    long = long_rows(exp, codec) if exp.long_data and "kd_long" in exp.plan() else None
     return Inputs(t_config=t_config, codec=codec, tokenizer=tokenizer, students=students, mesh=mesh,
-                   files=files, parts=split, rows=rows, pairs=pairs, hashes=hashes)
+                   files=files, parts=split, rows=rows, pairs=pairs, hashes=hashes, long=long)
 
 
 def students_of(exp, teacher: LlamaConfig, mla_layers) -> object:
@@ -136,7 +138,7 @@ def students_of(exp, teacher: LlamaConfig, mla_layers) -> object:
 
 def check_files(exp) -> None:
     """ConfigError naming a data file of ``exp`` that is not there, or a corpus given beside other data."""
-    for name, files in (("data", exp.data), ("preferences", exp.preferences),
+    for name, files in (("data", exp.data), ("preferences", exp.preferences), ("long_data", exp.long_data),
                         ("generation_prompts", (exp.generation_prompts,) if exp.generation_prompts else ())):
         for f in files:
             if not Path(f).is_file() and not (name == "data" and corpus.is_corpus(f)):
@@ -144,7 +146,7 @@ def check_files(exp) -> None:
     if any(corpus.is_corpus(f) for f in exp.data) and (len(exp.data) > 1 or exp.generation_prompts):
         raise ConfigError(f"distill.data = {exp.data!r}: a tokenized corpus is the whole of the data "
                           f"(tokenize the other files, and the teacher's replies, into it)")
-    if "kd_long" in exp.plan() and any(corpus.is_corpus(f) for f in exp.data):
+    if "kd_long" in exp.plan() and not exp.long_data and any(corpus.is_corpus(f) for f in exp.data):
         raise ConfigError(f"distill.stages: 'kd_long' cuts the documents to kd_long_seq_len, but "
                           f"distill.data = {exp.data!r} is a corpus, tokenized at its own seq_len")
 
@@ -223,6 +225,22 @@ def parts(exp, rows: dict, files: tuple[str, ...]) -> tuple[dict, dict, dict]:
     if exp.pack and not tokenized:  # the held-out rows stay one document each
         ild_rows, kd_rows = data.pack(ild_rows, exp.seq_len), data.pack(kd_rows, exp.seq_len)
     return held, ild_rows, kd_rows
+
+
+def long_rows(exp, codec) -> dict:
+    """The documents of ``distill.long_data``, one a row of ``kd_long_seq_len`` tokens (cut there, never packed),
+    checked: each fills at least half its row (a context-extension stage learns from long documents, not from short
+    ones padded: ``zebrax long-docs`` makes them) and counts loss tokens."""
+    files, length = exp.long_data, exp.kd_long_seq_len
+    rows = data.load_rows(files, codec, length)
+    tokens = rows["token_mask"].sum(axis=1)
+    short = np.flatnonzero(tokens < length // 2)
+    if short.size:
+        raise ConfigError(f"distill.long_data ({', '.join(files)}): document {short[0]} has {tokens[short[0]]} "
+                          f"tokens, under half of distill.kd_long_seq_len = {length} ({short.size} of "
+                          f"{len(tokens)} are); give documents about as long as the rows (zebrax long-docs)")
+    check_counted(data.counted(rows), f"distill.long_data ({', '.join(files)})", length)
+    return rows
 
 
 def calibration(rows: dict, seq_len: int) -> np.ndarray:

@@ -378,19 +378,24 @@ class KD(Stage):
 
 
 class KDLong(KD):
-    """A second KD at a longer context: the KD model trained on on the KD part's documents cut to, and packed into,
-    rows of ``kd_long_seq_len`` tokens, by ``kd_long``'s settings (the KD loss settings are KD's). Evaluated on the
-    same held-out rows as every model."""
+    """A second KD at a longer context: the KD model trained on rows of ``kd_long_seq_len`` tokens, by ``kd_long``'s
+    settings (the KD loss settings are KD's): the documents of ``long_data``, one a row (``inputs.long_rows``, read
+    and checked before any work), or without them the KD part's documents cut to, and packed into, such rows (short
+    documents packed side by side: no token sees further back than its own document). Evaluated on the same
+    held-out rows as every model."""
 
     name, reads, evaluates = "kd_long", ("teacher", "kd"), ("after_kd_long",)
-    settings = (*KD.settings, "kd_long", "kd_long_seq_len", "data", "pack")
+    settings = (*KD.settings, "kd_long", "kd_long_seq_len", "data", "pack", "long_data")
 
     def work(self, run: Run) -> None:
         exp = dataclasses.replace(run.exp, seq_len=run.exp.kd_long_seq_len, kd=run.exp.kd_long,  # KD's at the length
-                                  stages=tuple(n for n in run.exp.plan() if n != self.name))
+                                  stages=tuple(n for n in run.exp.plan() if n != self.name), long_data=())
         with files.warnings_after_success():
-            rows = documents(exp, run.inputs.codec, run.inputs.files)
-            kd_rows = parts(exp, rows, run.inputs.files)[2]
+            if run.inputs.long is not None:
+                kd_rows = run.inputs.long
+            else:
+                rows = documents(exp, run.inputs.codec, run.inputs.files)
+                kd_rows = parts(exp, rows, run.inputs.files)[2]
         self.distil(run, exp, "kd", kd_rows, exp.seed + 4)
 
 
