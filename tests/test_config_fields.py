@@ -92,6 +92,40 @@ def test_llama_fields_that_change_the_computation_match_transformers(tmp_path, r
     assert_logits_match(model, hf, rng.integers(0, 101, (2, 40)), LOGIT_ATOL)
 
 
+def test_a_context_stretched_by_yarn_is_transformers_yarn(tmp_path, rng):
+    """``yarn_extended``: a Llama trained to 16 positions, stretched to 128, computes what transformers' Llama with
+    YaRN of factor 8 over an original 16 does, at 100 tokens; a hybrid's MLA YaRN takes the factor that reaches the
+    length from its own original; a config that reaches it comes back equal; ``llama3`` scaling is refused."""
+    from tests.helpers import MIXED
+    from tests.helpers import hybrid as hybrid_of
+    from zebrax import checkpoint
+    from zebrax.config import RopeScaling, yarn_extended
+
+    short = dict(LLAMA, max_position_embeddings=16)
+    hf = _tiny(transformers.LlamaForCausalLM, tmp_path / "hf", config=transformers.LlamaConfig(**short))
+    zebrax.convert(tmp_path / "hf", tmp_path / "zx")
+    trained = zebrax.load(tmp_path / "zx")
+    stretched = yarn_extended(trained.config, 128)
+    assert stretched.max_position_embeddings == 128 and stretched.rope_scaling.factor == 8.0
+    (tmp_path / "long").mkdir()
+    checkpoint.save(tmp_path / "long", stretched, trained.params)
+    yarn = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(short, max_position_embeddings=128,
+                                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                                          "original_max_position_embeddings": 16}))).eval()
+    yarn.load_state_dict(hf.state_dict())
+    assert_logits_match(zebrax.load(tmp_path / "long"), yarn, rng.integers(0, 101, (2, 100)), LOGIT_ATOL)
+
+    hybrid = yarn_extended(hybrid_of([0, 3], rope_factor=1.0, rope_original_max_position_embeddings=32), 128)
+    assert hybrid.mla.rope_scaling == RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32)
+    # its teacher's attention was trained to 128: plain RoPE reaches it
+    assert hybrid.max_position_embeddings == 128 and hybrid.attention.rope_scaling.rope_type == "default"
+    assert yarn_extended(hybrid, 64) == hybrid and yarn_extended(trained.config, 16) == trained.config
+    assert yarn_extended(MIXED, 4096).mla == MIXED.mla  # the recipe's YaRN of factor 32 reaches 32 × 8,192
+    llama3 = trained.config.replace(rope_scaling=RopeScaling("llama3", factor=8.0, original_max_position_embeddings=16))
+    with pytest.raises(ConfigError, match="'llama3' cannot be stretched by YaRN"):
+        yarn_extended(llama3, 256)
+
+
 def test_mamba2_conv_activation_and_deepseek_mlp_activation_match_transformers(tmp_path, rng):
     mamba = _tiny(transformers.Mamba2ForCausalLM, tmp_path / "m", config=transformers.Mamba2Config(
         vocab_size=77, hidden_size=32, expand=2, num_heads=4, head_dim=16, n_groups=2, state_size=8,

@@ -254,27 +254,37 @@ def test_an_ablation_leaves_out_ild_places_uniformly_and_starts_mla_at_random(ch
 
 @pytest.mark.training
 def test_a_context_extension_learns_from_long_documents_one_a_row(tmp_path, capsys):
-    """``kd_long`` on ``distill.long_data`` (chats of 400–512 byte tokens made by ``ledger_chats``): the run records
-    the file among its inputs and in the stage's settings, trains rows of 512 tokens and writes ``kd_long``."""
+    """``kd_long`` on ``distill.long_data`` (chats of 1,900–2,048 byte tokens made by ``ledger_chats``), past the
+    tiny teacher's 1,024 positions: the run records the file among its inputs and in the stage's settings, trains
+    rows of 2,048 tokens with the RoPE of the teacher and of the MLA layers stretched by YaRN of factor 2, and writes
+    ``kd_long`` with that YaRN and a context of 2,048."""
+    from zebrax.config import RopeScaling
     from zebrax.data import ByteCodec
     from zebrax.long_documents import ledger_chats
 
     chats = [[{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
-             for i in range(40)]
+             for i in range(100)]
     long = tmp_path / "long.jsonl"
-    docs = ledger_chats(chats, ByteCodec(), length=512, count=4, notes=1)
-    assert all(400 <= d["tokens"] <= 512 for d in docs)
+    docs = ledger_chats(chats, ByteCodec(), length=2048, count=4, notes=2)
+    assert all(1900 <= d["tokens"] <= 2048 for d in docs)
     long.write_text("".join(json.dumps(d) + "\n" for d in docs))
     workdir = tmp_path / "w"
+    student = "{'kv_lora_rank': 16, 'q_lora_rank': 32, 'qk_rope_head_dim': 8, 'rope_factor': 1.0, " \
+              "'rope_original_max_position_embeddings': 1024}"
     code, err = distill_cli(capsys, workdir, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', "
                                              "'kd_long')", "distill.kd_long = @kd_long/TrainConfig()",
-                            "kd_long/TrainConfig.steps = 2", "kd_long/TrainConfig.batch_size = 2",
-                            "distill.kd_long_seq_len = 512", f"distill.long_data = ('{long}',)")
+                            "kd_long/TrainConfig.steps = 1", "kd_long/TrainConfig.batch_size = 2",
+                            "distill.kd_long_seq_len = 2048", f"distill.long_data = ('{long}',)",
+                            f"distill.student = {student}")
     assert code == 0, err[-2000:]
-    assert "KD LONG: 2 steps of 2 × 512 tokens" in err and checkpoint.is_checkpoint(workdir / "kd_long")
+    assert "KD LONG: 1 steps of 2 × 2048 tokens" in err and "past the teacher's 1024: YaRN of factor 2" in err
     assert str(long) in json.loads((workdir / "data_sha256.json").read_text())
     stages = {s["stage"]: s for s in json.loads((workdir / "stages.json").read_text())}
     assert stages["kd_long"]["settings"]["long_data"] == [str(long)]
+    before, after = checkpoint.load_config(workdir / "kd"), checkpoint.load_config(workdir / "kd_long")
+    assert before.mla.rope_scaling.factor == 1.0 and before.max_position_embeddings == 1024
+    assert after.mla.rope_scaling == RopeScaling("yarn", factor=2.0, original_max_position_embeddings=1024)
+    assert after.max_position_embeddings == 2048
 
 
 def test_zebrax_ablate_runs_each_experiment_by_seed_shares_what_they_agree_on_and_tabulates(child_process, tmp_path):

@@ -31,7 +31,7 @@ from zebrax.mixers.mla.config import MLAConfig
 
 __all__ = ["DTYPES", "GATED_NORM_EPS", "AttentionConfig", "DeepseekV3Config", "GatedDeltaConfig", "HybridConfig",
            "LayerSpec", "LlamaConfig", "Mamba2Config", "Mamba2LMConfig", "MLAConfig", "ModelConfig", "RopeScaling",
-           "dtype_bytes"]
+           "dtype_bytes", "yarn_extended"]
 
 
 class ModelConfig:
@@ -443,3 +443,38 @@ class HybridConfig(ModelConfig):
             bos_token_id=teacher.bos_token_id, eos_token_id=teacher.eos_token_id, pad_token_id=teacher.pad_token_id,
             dtype=teacher.dtype, param_dtype=teacher.param_dtype,
         )
+
+
+def yarn_extended(config: LlamaConfig | HybridConfig, length: int) -> LlamaConfig | HybridConfig:
+    """``config`` (a Llama or a hybrid) with every rotation stretched by YaRN to reach ``length`` tokens, and
+    ``max_position_embeddings`` at least ``length``: the RoPE of each layer config that has one (GQA's heads, MLA's
+    shared key) whose reach is shorter takes YaRN of factor ``length / original``, where the reach of a YaRN config
+    is ``factor × original_max_position_embeddings`` (its other settings kept) and that of plain RoPE the model's
+    ``max_position_embeddings`` (its trained context, then the original). A config that reaches ``length`` already
+    comes back equal; a ``linear`` or ``llama3`` scaling is refused (YaRN over them is not defined here)."""
+    trained = config.max_position_embeddings
+
+    def stretched(scaling: RopeScaling) -> RopeScaling:
+        if scaling.rope_type == "yarn":
+            original = scaling.original_max_position_embeddings
+            reach = scaling.factor * original
+            return scaling if reach >= length else dataclasses.replace(scaling, factor=length / original)
+        if scaling.rope_type == "default":
+            return scaling if trained >= length else RopeScaling("yarn", factor=length / trained,
+                                                                 original_max_position_embeddings=trained)
+        raise ConfigError(f"yarn_extended: the RoPE scaling {scaling.rope_type!r} cannot be stretched by YaRN; "
+                          f"only plain RoPE and YaRN can")
+
+    def layer(cfg):
+        return dataclasses.replace(cfg, rope_scaling=stretched(cfg.rope_scaling)) if hasattr(cfg, "rope_scaling") \
+            else cfg
+
+    longest = max(trained, length)
+    if isinstance(config, LlamaConfig):
+        return config.replace(rope_scaling=stretched(config.rope_scaling), max_position_embeddings=longest)
+    if isinstance(config, HybridConfig):
+        return config.replace(attention=layer(config.attention),
+                              configs=tuple((n, layer(c)) for n, c in config.configs),
+                              layer_configs=tuple((i, layer(c)) for i, c in config.layer_configs),
+                              max_position_embeddings=longest)
+    raise ConfigError(f"yarn_extended: expected a LlamaConfig or a HybridConfig, got {type(config).__name__}")

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from zebrax import checkpoint, data, files
+from zebrax.config import yarn_extended
 from zebrax.distill.inputs import STUDENTS, calibration, documents, parts
 from zebrax.distill.objectives import counted, lm_objective, real_tokens, stage_objective
 from zebrax.distill.trainer import train
@@ -333,20 +334,21 @@ class KD(Stage):
     def work(self, run: Run) -> None:
         self.distil(run, run.exp, "hybrid", run.parts[2], run.exp.seed + 1)
 
-    def distil(self, run: Run, exp, source: str, kd_rows, seed: int) -> None:
+    def distil(self, run: Run, exp, source: str, kd_rows, seed: int, configs=lambda c: c) -> None:
         """KD of the model ``source`` of the work directory on ``kd_rows`` by ``exp``'s KD settings (``exp.kd``,
-        ``exp.seq_len``), written to ``self.name``."""
+        ``exp.seq_len``), written to ``self.name``; ``configs`` changes the student's and the teacher's configs
+        (RoPE stretched past the teacher's context)."""
         config, params = load(run.workdir / source, run.mesh)
+        config, t_config = configs(config), configs(run.inputs.t_config)
         stored = self.stored_logits(run, exp, kd_rows)
         say(f"{self.name.upper().replace('_', ' ')}: {exp.kd.steps} steps of {exp.kd.batch_size} × {exp.seq_len} "
             f"tokens" + (f", from the teacher's stored top-{exp.kd_top_k} logits" if stored else ""))
-        objective = stage_objective(exp, "kd", run.inputs.t_config, {"": config})
+        objective = stage_objective(exp, "kd", t_config, {"": config})
         kd_data = data.batches(kd_rows.with_teacher_topk(exp.kd_top_k) if stored else kd_rows, exp.kd.batch_size,
                                seed, **process_share())
         params = train(self.name, objective, params, None if stored else run.t_params, kd_data, exp.kd, run.workdir,
                        tokens_of=real_tokens, counted_of=counted,
-                       **sharded(run.mesh, {"": (config, params)},
-                                 None if stored else (run.inputs.t_config, run.t_params)))
+                       **sharded(run.mesh, {"": (config, params)}, None if stored else (t_config, run.t_params)))
         save(run.workdir, self.name, {"": (config, params)}, run.inputs.tokenizer)
         finished(run.workdir, self.name)
 
@@ -381,8 +383,9 @@ class KDLong(KD):
     """A second KD at a longer context: the KD model trained on rows of ``kd_long_seq_len`` tokens, by ``kd_long``'s
     settings (the KD loss settings are KD's): the documents of ``long_data``, one a row (``inputs.long_rows``, read
     and checked before any work), or without them the KD part's documents cut to, and packed into, such rows (short
-    documents packed side by side: no token sees further back than its own document). Evaluated on the same
-    held-out rows as every model."""
+    documents packed side by side: no token sees further back than its own document). Rows past the teacher's
+    context stretch the RoPE of the teacher and of the student by YaRN to their length (``config.yarn_extended``;
+    the student keeps it). Evaluated on the same held-out rows as every model."""
 
     name, reads, evaluates = "kd_long", ("teacher", "kd"), ("after_kd_long",)
     settings = (*KD.settings, "kd_long", "kd_long_seq_len", "data", "pack", "long_data")
@@ -396,7 +399,11 @@ class KDLong(KD):
             else:
                 rows = documents(exp, run.inputs.codec, run.inputs.files)
                 kd_rows = parts(exp, rows, run.inputs.files)[2]
-        self.distil(run, exp, "kd", kd_rows, exp.seed + 4)
+        length, trained = exp.seq_len, run.inputs.t_config.max_position_embeddings
+        if length > trained:
+            say(f"KD LONG: rows of {length} tokens, past the teacher's {trained}: YaRN of factor {length / trained:g} "
+                f"on the RoPE of the teacher and of the hybrid's layers that rotate (config.yarn_extended)")
+        self.distil(run, exp, "kd", kd_rows, exp.seed + 4, configs=lambda c: yarn_extended(c, length))
 
 
 class DPO(Stage):
