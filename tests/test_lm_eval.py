@@ -218,3 +218,28 @@ def test_bad_model_arguments_are_one_line_before_loading(tiny_llama, capsys, mon
     with pytest.raises(ConfigError, match="has no tokenizer"):  # lm-eval's device, max_batch_size, … go through
         ZebraxLM.create_from_arg_string(f"pretrained={ckpt}", {"batch_size": 1, "max_batch_size": None,
                                                                 "device": "cpu", "trust_remote_code": True})
+
+
+def test_a_task_that_is_not_there_or_needs_the_hub_is_one_line(tiny, tmp_path, capsys, monkeypatch,
+                                                                local_tasks_only):
+    """An unknown task name, and a task whose data is on the Hub (RULER's essay haystack, here offline): one line
+    each, naming the task or the dataset, and what runs here."""
+    from zebrax.app.cli import main
+
+    monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    (tmp_path / "tasks").mkdir()
+    qa = (TASKS / "zebrax_qa.yaml").read_text()  # the shipped task, its data on the Hub instead
+    head, tail = qa.split("dataset_path: json")
+    (tmp_path / "tasks" / "essays.yaml").write_text(head.replace("task: zebrax_qa", "task: essays") +
+                                                    "dataset_path: baber/paul_graham_essays\n" +
+                                                    "test_split:" + tail.split("test_split:")[1])
+    ckpt = tiny[1]
+    for task, needles in (("no_such_task", ["Tasks not found: no_such_task", "lm-eval ls tasks"]),
+                          ("essays", ["baber/paul_graham_essays", "cannot reach", "niah_single_1"])):
+        capsys.readouterr()
+        code = main(["lm-eval", "--model", "zebrax", "--model_args", f"pretrained={ckpt}", "--tasks", task,
+                     "--include_path", str(tmp_path / "tasks"), "--limit", "1"])
+        assert_one_line_error(code, capsys.readouterr().err, *needles)

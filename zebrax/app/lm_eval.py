@@ -41,6 +41,8 @@ DEFAULT_MAX_LENGTH = 2048  # lm-eval's hf model's, for a checkpoint that states 
 # what lm-eval hands every model besides its model_args: --device and --max_batch_size (simple_evaluate), and
 # trust_remote_code=True with --trust_remote_code (EvaluatorConfig); --batch_size is zebrax's own batch_size
 LM_EVAL_ARGS = ("device", "max_batch_size", "trust_remote_code")
+# RULER's tasks that build their samples on this machine (the others read essays, SQuAD or HotpotQA from the Hub)
+OFFLINE_RULER = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 
 
 def bucket(length: int) -> int:
@@ -333,9 +335,21 @@ def cli(argv: list[str]) -> int:
 
     from lm_eval.__main__ import cli_evaluate
 
+    from zebrax.data import DataError
+    from zebrax.errors import InvalidArgument
+
     saved, sys.argv = sys.argv, ["zebrax lm-eval", *with_tokenizer(argv)]
     try:
         cli_evaluate()
+    except ValueError as e:
+        if not str(e).startswith("Tasks not found"):
+            raise
+        raise InvalidArgument(f"lm-eval: {e} (lm-eval's task names, `lm-eval ls tasks`, or those of an "
+                              f"--include_path)") from None
+    except ConnectionError as e:  # ``datasets`` cannot reach the Hub for a task's data
+        raise DataError(f"lm-eval: {str(e).splitlines()[0]}: the task reads its data from the Hub, which this "
+                        f"machine cannot reach (give it the Hub, or its cache in HF_DATASETS_CACHE); RULER's tasks "
+                        f"that make their data here are {', '.join(OFFLINE_RULER)}") from None
     finally:
         sys.argv = saved
     return 0
