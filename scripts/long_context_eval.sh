@@ -10,13 +10,11 @@ cd "$(dirname "$0")/.."
 out=$1; shift
 mkdir -p "$out"
 PY=${PY:-.venv/bin/python}
-"$PY" - "$out/stdlib.jsonl" <<'PY'
-import json, pathlib, sys, sysconfig
-stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-largest = sorted(stdlib.glob("*.py"), key=lambda p: (-p.stat().st_size, p.name))[:int(__import__("os").environ.get("DOCS", 6))]
+"$PY" - "$out/stdlib.jsonl" "${DOCS:-6}" <<'PY'
+import json, sys
+from zebrax.long_context import stdlib_documents
 with open(sys.argv[1], "w") as f:
-    for p in largest:
-        f.write(json.dumps({"name": p.name, "text": p.read_text()}) + "\n")
+    f.writelines(json.dumps({"text": text}) + "\n" for text in stdlib_documents(int(sys.argv[2])))
 PY
 depths=${DEPTHS:-0 0.5 1}
 "$PY" -m zebrax long-eval needle "$@" --lengths ${LENGTHS:-1024 2048 4096 8192} --depths $depths \

@@ -94,7 +94,7 @@ def test_tiny_experiment_learns_and_resumes_after_kill_9_and_the_main_job_report
 
     # the main job's report: its plots, and the numbers of the run's own files
     report = (straight / "report.md").read_text()
-    for png in ("loss.png", "smart.png", "decode.png"):
+    for png in ("loss.png", "smart.png", "decode.png", "positions.png"):
         assert (straight / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
     assert f"**{evals['after_dpo']['kl']:.3f}** after dpo" in report
     assert f"| after kd | {evals['after_kd']['kl']:.4f} | {evals['after_kd']['perplexity']:,.2f} |" in report
@@ -109,12 +109,18 @@ def test_tiny_experiment_learns_and_resumes_after_kill_9_and_the_main_job_report
     assert str(smart["mla_layers"]) in report and "**teacher:**" in report and "**hybrid:**" in report
     assert "KL(teacher ‖ hybrid)" in job.stdout and f"report: {straight / 'report.md'}" in job.stdout
     steps = json.loads((straight / "job.json").read_text())["steps"]
-    assert set(steps) == {"distill", "bench", "answers"}
+    assert set(steps) == {"distill", "bench", "long_context", "answers"}
+    measured = json.loads((straight / "long_context.json").read_text())
+    assert measured["needle"] is None and set(measured["positions"]) == {"teacher", "hybrid"}  # bytes: no needle
+    curve = measured["positions"]["hybrid"]
+    assert curve["length"] == 512 and curve["documents"] == 2 and "## Long context" in report
+    assert f"| 256–511 | {measured['positions']['teacher']['nll'][-1]:.3f} | {curve['nll'][-1]:.3f} |" in report
 
     bench_mtime = (straight / "bench_decode.json").stat().st_mtime
     again = main_job(child_process, tmp_path)  # everything reused: no training, no benchmark
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "3/5 decode benchmark: " in again.stderr and "is there" in again.stderr
+    assert "3/6 decode benchmark: " in again.stderr and "is there" in again.stderr
+    assert "4/6 long context: " in again.stderr
     assert "ILD:" not in again.stderr and "KD:" not in again.stderr
     assert (straight / "bench_decode.json").stat().st_mtime == bench_mtime
     assert json.loads((straight / "job.json").read_text())["steps"]["distill"] == steps["distill"]
@@ -545,7 +551,7 @@ def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_
     def main_job() -> str:
         capsys.readouterr()
         job.run(pipeline.Experiment(), "tiny", str(tmp_path), bench_contexts=(16,), bench_batches=(2,),
-                bench_new_tokens=2, bench_repeats=1)
+                bench_new_tokens=2, bench_repeats=1, needle_lengths=(), positions_length=0)
         return capsys.readouterr().err
 
     err = main_job()
@@ -557,5 +563,22 @@ def test_the_main_job_measures_the_benchmark_again_when_its_settings_change(tmp_
     assert "| teacher | 16 | 2 |" in report and "| teacher | 8 | 1 |" not in report
     written = (workdir / "bench_decode.json").stat().st_mtime_ns
     err = main_job()  # the same settings: reused
-    assert f"3/5 decode benchmark: {workdir / 'bench_decode.json'} is there" in err, err
+    assert f"3/6 decode benchmark: {workdir / 'bench_decode.json'} is there" in err, err
     assert (workdir / "bench_decode.json").stat().st_mtime_ns == written
+
+
+def test_the_reports_long_context_section_reads_its_measurements(tmp_path):
+    """``long_context.json`` → the needle table (mean accuracy over the depths, the mean log-probability beside it)
+    and the loss table by bin; a run that measured none has no section."""
+    from zebrax.app.report import _long_context
+
+    assert _long_context(tmp_path) == []
+    maps = {name: {"lengths": [512, 1024], "depths": [0.0, 1.0], "samples": 1, "accuracy": acc,
+                   "logprob": [[-0.5, -1.5], [-2.0, -4.0]]}
+            for name, acc in (("teacher", [[1.0, 1.0], [1.0, 0.0]]), ("hybrid", [[0.0, 1.0], [0.0, 0.0]]))}
+    curves = {name: {"length": 8, "documents": 2, "edges": [1, 2, 4, 8], "nll": nll}
+              for name, nll in (("teacher", [5.0, 4.0, 3.0]), ("hybrid", [5.5, 4.5, 4.25]))}
+    (tmp_path / "long_context.json").write_text(json.dumps({"needle": maps, "positions": curves}))
+    text = "\n".join(_long_context(tmp_path))
+    assert "| 512 | 100% (-1.00) | 50% (-1.00) |" in text and "| 1,024 | 50% (-3.00) | 0% (-3.00) |" in text
+    assert "| 4–7 | 3.000 | 4.250 |" in text and "![needle maps](needle.png)" in text

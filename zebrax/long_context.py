@@ -247,4 +247,16 @@ def position_nll(model, documents: Sequence[Sequence[int]], *, length: int, batc
             "nll": [round(v, 5) for v in bins], "nll_by_position": per_position.round(5).tolist()}
 
 
-__all__ = ["ANSWER_TOKENS", "HAYSTACK", "NEEDLE", "QUESTION", "Haystack", "needle_map", "position_bins", "position_nll"]
+def stdlib_documents(count: int) -> list[str]:
+    """The texts of the ``count`` largest modules of this Python's standard library (code and docstrings): long
+    documents that are on every machine with the same Python, and in no training set or needle of zebrax."""
+    import pathlib
+    import sysconfig
+
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    largest = sorted(stdlib.glob("*.py"), key=lambda p: (-p.stat().st_size, p.name))[:count]
+    return [p.read_text(encoding="utf-8") for p in largest]
+
+
+__all__ = ["ANSWER_TOKENS", "HAYSTACK", "NEEDLE", "QUESTION", "Haystack", "needle_map", "position_bins", "position_nll",
+           "stdlib_documents"]

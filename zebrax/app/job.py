@@ -31,13 +31,44 @@ def answer(model, prompt: str, max_new_tokens: int) -> str:
     return codec.decode(out[len(tokens):]).strip()
 
 
+def long_context(teacher, hybrid, workdir: Path, *, needle_lengths, needle_depths, needle_samples: int,
+                 positions_length: int, positions_documents: int) -> dict:
+    """The job's long-context measurements of teacher and hybrid (``zebrax.long_context``), with their plots
+    ``needle.png`` and ``positions.png`` in ``workdir``: ``{"needle": {name: map} | None, "positions": {name: curve}
+    | None}``."""
+    from zebrax import long_context as lc
+    from zebrax.app.plots import plot_needles, plot_positions
+    from zebrax.data import codec_for
+
+    models = {"teacher": teacher, "hybrid": hybrid}
+    out = {"needle": None, "positions": None}
+    if needle_lengths and all(m.tokenizer is not None for m in models.values()):
+        out["needle"] = {name: lc.needle_map(m, lengths=needle_lengths, depths=needle_depths, samples=needle_samples)
+                         for name, m in models.items()}
+        plot_needles(out["needle"], workdir / "needle.png")
+    if positions_length:
+        codec = codec_for(teacher, "the teacher")
+        documents = [codec.encode(text) for text in lc.stdlib_documents(positions_documents)]
+        out["positions"] = {name: lc.position_nll(m, documents, length=positions_length)
+                            for name, m in models.items()}
+        for curve in out["positions"].values():
+            del curve["nll_by_position"]  # the bins are what the report reads
+        plot_positions(out["positions"], workdir / "positions.png")
+    return out
+
+
 def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None = None, *,
         prompt: str = "What is the capital of France?", max_new_tokens: int = 48,
         bench_contexts: tuple[int, ...] = (256, 1024, 4096), bench_batches: tuple[int, ...] = (1,),
-        bench_new_tokens: int = 16, bench_repeats: int = 2, config_text: str | None = None) -> Path:
+        bench_new_tokens: int = 16, bench_repeats: int = 2, needle_lengths: tuple[int, ...] = (512, 1024, 2048),
+        needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0), needle_samples: int = 1, positions_length: int = 2048,
+        positions_documents: int = 4, config_text: str | None = None) -> Path:
     """Run (or resume) the main job in ``ROOT/NAME`` on the experiment ``exp`` (a ``zebrax.distill.Experiment``);
     returns the report's path. ``convert_from``: the checkpoint the teacher is converted from when ``exp.teacher`` is
-    not a zebrax checkpoint yet (``None``: the embedded SmolLM2 GGUF)."""
+    not a zebrax checkpoint yet (``None``: the embedded SmolLM2 GGUF). The long-context step: the needle map at
+    ``needle_lengths`` × ``needle_depths`` (``needle_samples`` a cell; none: no map, as for a model without a
+    tokenizer) and the loss against position over the first ``positions_length`` tokens (0: none) of the
+    ``positions_documents`` largest modules of Python's standard library, teacher and hybrid."""
     from zebrax.api import convert, load
     from zebrax.app import bench_decode, report
     from zebrax.app.embedded import embedded_teacher
@@ -61,14 +92,14 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
 
     if exp.teacher != "tiny" and not checkpoint.is_checkpoint(exp.teacher):
         src = Path(convert_from) if convert_from else embedded_teacher()
-        _say(f"1/5 convert {src} → {exp.teacher}")
+        _say(f"1/6 convert {src} → {exp.teacher}")
         t = time.perf_counter()
         convert(src, exp.teacher)
         done("convert", t)
     else:
-        _say(f"1/5 convert: {exp.teacher} is there")
+        _say(f"1/6 convert: {exp.teacher} is there")
 
-    _say(f"2/5 distill → {workdir} ({' → '.join(exp.plan())}; finished stages are kept)")
+    _say(f"2/6 distill → {workdir} ({' → '.join(exp.plan())}; finished stages are kept)")
     t = time.perf_counter()
     evals = pipeline.run(exp, workdir, config_text=config_text)
     if not (job_path.exists() and "distill" in json.loads(job_path.read_text()).get("steps", {})):
@@ -82,15 +113,15 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
         bench_path = workdir / "bench_decode.json"
         recorded = json.loads(bench_path.read_text()).get("settings") if bench_path.exists() else None
         if recorded == settings:
-            _say(f"3/5 decode benchmark: {bench_path} is there")
+            _say(f"3/6 decode benchmark: {bench_path} is there")
         else:
             if bench_path.exists():
                 changed = [f"{k} {(recorded or {}).get(k)} there, {v} now" for k, v in settings.items()
                            if (recorded or {}).get(k) != v]
-                _say(f"3/5 decode benchmark: {bench_path} was measured with other settings ({'; '.join(changed)}); "
+                _say(f"3/6 decode benchmark: {bench_path} was measured with other settings ({'; '.join(changed)}); "
                      f"measuring again (the benchmark holds no training)")
             else:
-                _say(f"3/5 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")
+                _say(f"3/6 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")
             t = time.perf_counter()
             result = bench_decode.bench_decode(teacher, contexts=bench_contexts, batches=bench_batches,
                                                models=("teacher",), extra={"hybrid": hybrid},
@@ -99,12 +130,27 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
             files.write_text_atomic(bench_path, json.dumps({**result, "settings": settings}, indent=2))
             done("bench", t)
 
-        _say("4/5 the same chat prompt to teacher and hybrid")
+        long_settings = {"needle_lengths": list(needle_lengths), "needle_depths": list(needle_depths),
+                         "needle_samples": needle_samples, "positions_length": positions_length,
+                         "positions_documents": positions_documents}
+        long_path = workdir / "long_context.json"
+        recorded = json.loads(long_path.read_text()).get("settings") if long_path.exists() else None
+        if recorded == long_settings:
+            _say(f"4/6 long context: {long_path} is there")
+        else:
+            _say(f"4/6 long context: needles at {list(needle_lengths)} tokens, loss against position over "
+                 f"{positions_length}")
+            t = time.perf_counter()
+            measured = long_context(teacher, hybrid, workdir, **long_settings)
+            files.write_text_atomic(long_path, json.dumps({**measured, "settings": long_settings}, indent=2))
+            done("long_context", t)
+
+        _say("5/6 the same chat prompt to teacher and hybrid")
         t = time.perf_counter()
         answers = {"prompt": prompt, "teacher": answer(teacher, prompt, max_new_tokens),
                    "hybrid": answer(hybrid, prompt, max_new_tokens)}
         done("answers", t)
-        _say("5/5 report")
+        _say("6/6 report")
         path = report.write(workdir, teacher=teacher, hybrid=hybrid, answers=answers, machine=machine())
     wall = time.perf_counter() - start
     final = stages.final_evaluation(exp.plan(), evals)

@@ -49,6 +49,37 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def _long_context(w: Path) -> list[str]:
+    """The report's long-context section, from ``long_context.json`` (none when the run measured none)."""
+    path = w / "long_context.json"
+    if not path.exists():
+        return []
+    measured = json.loads(path.read_text())
+    needle, positions = measured.get("needle"), measured.get("positions")
+    lines = ["", "## Long context", ""]
+    if needle:
+        first = next(iter(needle.values()))
+        lines += [f"RULER's single needle on its noise haystack (`zebrax long-eval needle`): the value found in the "
+                  f"greedy continuation, {first['samples']} needle(s) a cell at depths {first['depths']}; in brackets "
+                  "the value's mean log-probability.", "", "![needle maps](needle.png)", "",
+                  "| context | " + " | ".join(needle) + " |", "|---|" + "---|" * len(needle)]
+        for i, n in enumerate(first["lengths"]):
+            cells = [f"{100 * sum(m['accuracy'][i]) / len(m['accuracy'][i]):.0f}% "
+                     f"({sum(m['logprob'][i]) / len(m['logprob'][i]):.2f})" for m in needle.values()]
+            lines += [f"| {n:,} | " + " | ".join(cells) + " |"]
+    if positions:
+        first = next(iter(positions.values()))
+        edges = first["edges"]
+        lines += ["", f"Loss against position (`zebrax long-eval positions`): mean NLL of each token of "
+                  f"{first['documents']} long documents (Python's standard library) over their first "
+                  f"{first['length']:,} tokens, by how many tokens precede it.", "", "![loss against position]"
+                  "(positions.png)", "", "| tokens before | " + " | ".join(positions) + " |",
+                  "|---|" + "---|" * len(positions)]
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            lines += [f"| {a:,}–{b - 1:,} | " + " | ".join(f"{c['nll'][i]:.3f}" for c in positions.values()) + " |"]
+    return lines
+
+
 def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict) -> Path:
     """``report.md`` (and ``loss.png``, ``smart.png``; ``decode.png`` comes with the benchmark) of a finished run.
     ``teacher``/``hybrid``: the ``zebrax.Model``s; ``answers``: ``{"prompt", "teacher", "hybrid"}``."""
@@ -114,6 +145,7 @@ def write(workdir: str | Path, *, teacher, hybrid, answers: dict, machine: dict)
         lines += [f"| {r['model']} | {r['context']:,} | {r['batch']} | {r['prefill_s']:.2f} | "
                   f"{_or_na(r['decode_tokens_per_s'], '.1f')} | {_or_na(r.get('decode_speedup_vs_teacher'), '.2f')}"
                   f" | {_or_na(r.get('bytes_limit_vs_teacher'), '.2f')} |" for r in bench["rows"]]
+    lines += _long_context(w)
     lines += ["", "## The same chat prompt", "", f"**user:** {answers['prompt']}", "",
               f"**teacher:** {_reply(answers['teacher'])}", "", f"**hybrid:** {_reply(answers['hybrid'])}", ""]
     if job.get("steps"):
