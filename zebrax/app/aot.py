@@ -287,11 +287,11 @@ def compile(program: str, *, topology: str, teacher=None, student=None, model=No
     teacher): ``teacher`` and ``student``, ``batch`` rows of ``seq_len`` tokens. Generation (``prefill``: ``seq_len``
     tokens at once, or a ``context``-token prompt ``chunk`` tokens at a time, the step that appends the last chunk
     with the whole prompt's cost; ``decode``: one step at a ``context``-token cache): ``model``, and ``impl`` the
-    ops' implementations as
-    ``models.build`` takes them ("pallas", ``{"attention": "pallas"}``; default "auto": what ``auto`` runs on a TPU;
-    a kernel that compiles is not one measured faster, and the cost model's time is an estimate). ``mesh``:
-    ``MeshConfig`` fields over every chip of the slice (default: all on fsdp for training and scoring,
-    ``serving_mesh`` for prefill and decode). A setting the program does not take is refused (``SETTINGS``)."""
+    ops' implementations as ``models.build`` takes them ("pallas", ``{"attention": "pallas"}``; default "auto": what
+    ``auto`` runs on a TPU; a kernel that compiles is not one measured faster, and the cost model's time is an
+    estimate). ``mesh``: ``MeshConfig`` fields over every chip of the slice (default: all on fsdp for training and
+    scoring, ``serving_mesh`` for prefill and decode). A setting the program does not take is refused
+    (``SETTINGS``)."""
     from zebrax.config import LlamaConfig
     from zebrax.distill.experiment import Experiment
 
