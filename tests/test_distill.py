@@ -581,4 +581,5 @@ def test_the_reports_long_context_section_reads_its_measurements(tmp_path):
     (tmp_path / "long_context.json").write_text(json.dumps({"needle": maps, "positions": curves}))
     text = "\n".join(_long_context(tmp_path))
     assert "| 512 | 100% (-1.00) | 50% (-1.00) |" in text and "| 1,024 | 50% (-3.00) | 0% (-3.00) |" in text
-    assert "| 4–7 | 3.000 | 4.250 |" in text and "![needle maps](needle.png)" in text
+    assert "| 4–7 | 3.000 | 4.250 |" in text and "| 1 | 5.000 | 5.500 |" in text and "1 needle a cell" in text
+    assert "![needle maps](needle.png)" in text

@@ -60,7 +60,8 @@ def _long_context(w: Path) -> list[str]:
     if needle:
         first = next(iter(needle.values()))
         lines += [f"RULER's single needle on its noise haystack (`zebrax long-eval needle`): the value found in the "
-                  f"greedy continuation, {first['samples']} needle(s) a cell at depths {first['depths']}; in brackets "
+                  f"greedy continuation, {first['samples']} needle{'s' * (first['samples'] > 1)} a cell at depths "
+                  f"{first['depths']}; in brackets "
                   "the value's mean log-probability.", "", "![needle maps](needle.png)", "",
                   "| context | " + " | ".join(needle) + " |", "|---|" + "---|" * len(needle)]
         for i, n in enumerate(first["lengths"]):
@@ -76,7 +77,8 @@ def _long_context(w: Path) -> list[str]:
                   "(positions.png)", "", "| tokens before | " + " | ".join(positions) + " |",
                   "|---|" + "---|" * len(positions)]
         for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-            lines += [f"| {a:,}–{b - 1:,} | " + " | ".join(f"{c['nll'][i]:.3f}" for c in positions.values()) + " |"]
+            span = f"{a:,}" if b - 1 == a else f"{a:,}–{b - 1:,}"
+            lines += [f"| {span} | " + " | ".join(f"{c['nll'][i]:.3f}" for c in positions.values()) + " |"]
     return lines
 
 
