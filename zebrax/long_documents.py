@@ -62,14 +62,14 @@ def ledger_chats(conversations: Sequence[Sequence[dict]], codec, *, length: int,
         picked: list[list[dict]] = []
         order = rng.permutation(len(turns)).tolist()
         for j in order:
-            if size([m for c in picked for m in c] + turns[j] + longest) > room:
+            if size(sum(picked, []) + turns[j] + longest) > room:
                 break
             picked.append(turns[j])
         # the notes go in at turns of the first half, so an answer is far from its note
         half = max(1, len(picked) // 2)
         at = sorted(rng.choice(half, size=min(notes, half), replace=False).tolist())
         chat, given = [], []
-        for i, conversation in enumerate(picked or [[]]):
+        for i, conversation in enumerate(picked):
             if i in at:
                 fact = facts[len(given)]
                 chat += pairs[len(given)]

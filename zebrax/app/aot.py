@@ -223,12 +223,13 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
     params = _params(config, mesh)
     settings = {"batch": batch, "context" if program == "decode" or chunk else "seq_len": length,
                 **({"chunk": chunk} if chunk else {}), "dtype": config.dtype}
+    attention = attention_flops(config, batch, length) / mesh.size  # a prefill's, a chip's share
     if program == "prefill" and chunk is None:
         _check_rows(program, batch, 1, mesh)
         args = (params, *_rows({"tokens": jnp.int32, "token_mask": bool}, batch, length, mesh).values())
         return compile_program(generator.prefill, args, static={"max_len": length}, program=program,
                                topology=topology, mesh=mesh, tokens=batch * length, settings=settings,
-                               attention_flops=attention_flops(config, batch, length) / mesh.size)
+                               attention_flops=attention)
     with compiling_for("tpu"):  # the caches as a TPU allocates them (``cache.KVCache``, ``cache.LatentCache``)
         cache = jax.eval_shape(lambda: type(generator.module).init_cache(config, batch, length))
     cache = _sharded(cache, cache_shardings(cache, mesh))
@@ -238,8 +239,7 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
                for k, dtype in (("tokens", jnp.int32), ("token_mask", bool))}
         return compile_program(generator.extend, (params, cache, new["tokens"], new["token_mask"]), program=program,
                                topology=topology, mesh=mesh, tokens=batch * length, settings=settings,
-                               repeats=length // chunk, attention_flops=attention_flops(config, batch, length)
-                               / mesh.size)
+                               repeats=length // chunk, attention_flops=attention)
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_rows(1))
     return compile_program(generator.decode_step, (params, cache, tokens), program=program, topology=topology,
                            mesh=mesh, tokens=batch, settings=settings, reads_arguments=True)

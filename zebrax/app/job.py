@@ -31,6 +31,26 @@ def answer(model, prompt: str, max_new_tokens: int) -> str:
     return codec.decode(out[len(tokens):]).strip()
 
 
+def measured(path: Path, step: str, name: str, what: str, settings: dict, starting: str, measure, done) -> None:
+    """``measure()``'s dict written to ``path`` with ``settings`` (the job's step ``name``, timed by ``done``),
+    unless ``path`` holds one measured with these settings already; other settings there are named and measured
+    again (``what`` holds no training)."""
+    recorded = json.loads(path.read_text()).get("settings") if path.exists() else None
+    if recorded == settings:
+        _say(f"{step}: {path} is there")
+        return
+    if path.exists():
+        changed = [f"{k} {(recorded or {}).get(k)} there, {v} now" for k, v in settings.items()
+                   if (recorded or {}).get(k) != v]
+        _say(f"{step}: {path} was measured with other settings ({'; '.join(changed)}); measuring again ({what} "
+             f"holds no training)")
+    else:
+        _say(f"{step}: {starting}")
+    t = time.perf_counter()
+    files.write_text_atomic(path, json.dumps({**measure(), "settings": settings}, indent=2))
+    done(name, t)
+
+
 def long_context(teacher, hybrid, workdir: Path, *, needle_lengths, needle_depths, needle_samples: int,
                  positions_length: int, positions_documents: int) -> dict:
     """The job's long-context measurements of teacher and hybrid (``zebrax.long_context``), with their plots
@@ -108,42 +128,23 @@ def run(exp, name: str = "smollm2", root: str = "runs", convert_from: str | None
     teacher = load(workdir / "teacher" if exp.teacher == "tiny" else exp.teacher)
     hybrid = load(workdir / stages.final_model(exp.plan()))
     with locked(workdir):  # one run at a time writes the benchmark and the report
-        settings = {"contexts": list(bench_contexts), "batches": list(bench_batches), "new_tokens": bench_new_tokens,
-                    "repeats": bench_repeats}
-        bench_path = workdir / "bench_decode.json"
-        recorded = json.loads(bench_path.read_text()).get("settings") if bench_path.exists() else None
-        if recorded == settings:
-            _say(f"3/6 decode benchmark: {bench_path} is there")
-        else:
-            if bench_path.exists():
-                changed = [f"{k} {(recorded or {}).get(k)} there, {v} now" for k, v in settings.items()
-                           if (recorded or {}).get(k) != v]
-                _say(f"3/6 decode benchmark: {bench_path} was measured with other settings ({'; '.join(changed)}); "
-                     f"measuring again (the benchmark holds no training)")
-            else:
-                _say(f"3/6 decode benchmark: contexts {list(bench_contexts)}, batches {list(bench_batches)}")
-            t = time.perf_counter()
+        def benchmark() -> dict:
             result = bench_decode.bench_decode(teacher, contexts=bench_contexts, batches=bench_batches,
                                                models=("teacher",), extra={"hybrid": hybrid},
                                                new_tokens=bench_new_tokens, repeats=bench_repeats)
             plot_decode(result, workdir / "decode.png")
-            files.write_text_atomic(bench_path, json.dumps({**result, "settings": settings}, indent=2))
-            done("bench", t)
+            return result
 
+        measured(workdir / "bench_decode.json", "3/6 decode benchmark", "bench", "the benchmark",
+                 {"contexts": list(bench_contexts), "batches": list(bench_batches), "new_tokens": bench_new_tokens,
+                  "repeats": bench_repeats},
+                 f"contexts {list(bench_contexts)}, batches {list(bench_batches)}", benchmark, done)
         long_settings = {"needle_lengths": list(needle_lengths), "needle_depths": list(needle_depths),
                          "needle_samples": needle_samples, "positions_length": positions_length,
                          "positions_documents": positions_documents}
-        long_path = workdir / "long_context.json"
-        recorded = json.loads(long_path.read_text()).get("settings") if long_path.exists() else None
-        if recorded == long_settings:
-            _say(f"4/6 long context: {long_path} is there")
-        else:
-            _say(f"4/6 long context: needles at {list(needle_lengths)} tokens, loss against position over "
-                 f"{positions_length}")
-            t = time.perf_counter()
-            measured = long_context(teacher, hybrid, workdir, **long_settings)
-            files.write_text_atomic(long_path, json.dumps({**measured, "settings": long_settings}, indent=2))
-            done("long_context", t)
+        measured(workdir / "long_context.json", "4/6 long context", "long_context", "the long-context step",
+                 long_settings, f"needles at {list(needle_lengths)} tokens, loss against position over "
+                 f"{positions_length}", lambda: long_context(teacher, hybrid, workdir, **long_settings), done)
 
         _say("5/6 the same chat prompt to teacher and hybrid")
         t = time.perf_counter()
