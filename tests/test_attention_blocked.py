@@ -14,7 +14,7 @@ import zebrax
 from kernels_pallas.flash_attention import attention_reference
 from kernels_pallas.mla_decode import latent_attention_reference
 from tests.helpers import assert_gradients_match, close, compiled
-from zebrax.ops import attention, latent_attention
+from zebrax.ops import attention, latent_attention, latent_prefill_attention
 from zebrax.ops.attention_blocked import Blocks, attention_blocked
 from zebrax.ops.auto import auto_choices, pallas_is_default
 
@@ -81,6 +81,35 @@ def test_latent_attention_blocked_with_gradients():
     blocked = lambda q, lat, **kw: latent_attention(q, lat, **kw, impl="blocked")  # noqa: E731
     for got, want in zip(grads(blocked), grads(latent_attention_reference), strict=True):
         close(got, want, 1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["left_padded", "packed"])
+def test_latent_cache_decompressed_a_block_at_a_time(packed):
+    """MLA's prefill chunk over its latent cache: keys and values decompressed one key block at a time inside the
+    loop equal decompressing the whole cache first (fp32, 1e-5), and no ``[B, S, G, D]`` array is ever made."""
+    rng = np.random.default_rng(3)
+    b, lq, s, h, g, r, rope, nope, dv, offset = 2, 9, 40, 6, 2, 12, 4, 8, 10, 23
+    arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    latent, w_kvb, q = arr(b, s, r + rope + 3), arr(r, g, nope + dv), arr(b, lq, h, nope + rope)
+
+    def expand(lat):
+        k_nope, v = jnp.split(jnp.einsum("bsc,cgd->bsgd", lat[..., :r], w_kvb), [nope], axis=-1)
+        return jnp.concatenate([k_nope, jnp.broadcast_to(lat[:, :, None, r:r + rope], (*k_nope.shape[:3], rope))],
+                               -1), v
+
+    mask = jnp.asarray(rng.random((b, s)) > 0.1) & (jnp.arange(s) < offset + lq)
+    kw = dict(kv_mask=mask.at[0, :3].set(False), q_offset=offset, scale=0.3,
+              segment_ids=jnp.asarray(np.repeat([[1] * 14 + [2] * 12 + [3] * 14], b, 0)) if packed else None)
+    want = compiled(lambda q, lat: attention_reference(q, *expand(lat), **kw), q, latent)
+    blocked = lambda q, lat: attention_blocked(q, lat[:, :, None], None, expand=lambda x: expand(x[:, :, 0]),  # noqa: E731
+                                               blocks=SMALL, **kw)
+    close(compiled(blocked, q, latent), want, 1e-5)
+    close(compiled(lambda q, lat: latent_prefill_attention(q, lat, expand, **kw, impl="blocked"), q, latent), want,
+          1e-5)
+    whole = [f"[{b},{n},{g},{nope + rope}]" for n in (s, 48)]  # 48: the cache padded to whole key blocks
+    assert any(x in str(jax.make_jaxpr(lambda q, lat: attention_reference(q, *expand(lat), **kw))(q, latent))
+               for x in whole)
+    assert not any(x in str(jax.make_jaxpr(blocked)(q, latent)) for x in whole)
 
 
 def test_auto_takes_no_unmeasured_kernel():

@@ -192,12 +192,18 @@ def _training(stage: str, exp, teacher, student, mesh, topology: str) -> Report:
                            tokens=tokens, settings=settings, advice=_advice(exp, stage, mesh))
 
 
-def attention_flops(config, batch: int, length: int) -> float:
-    """FLOPs of the causal attention of ``batch`` prompts of ``length`` tokens over every layer whose cache grows
-    (GQA, MLA materialised as its prefill runs it): the query at position i scores and weighs i + 1 keys, two FLOPs
-    a multiply-add, so a layer costs batch · length · (length + 1) · heads · (qk dim + v dim)."""
+def attention_flops(config, batch: int, length: int, chunk: int | None = None) -> float:
+    """FLOPs of the causal attention of ``batch`` prompts of ``length`` tokens (in chunks of ``chunk``) over every
+    layer whose cache grows: the query at position i scores and weighs i + 1 keys, two FLOPs a multiply-add, so a
+    layer costs batch · length · (length + 1) · heads · (qk dim + v dim). An MLA layer adds the decompression of
+    the keys it visits, ``[k_nope ; v] = W_kvb c_kv`` (2 · r · G · (nope + dv) a key), once a query block of
+    ``ops.latent_prefill_attention`` (a chunk, at most ``PREFILL_BLOCKS.block_q`` tokens): block i visits the keys
+    up to its end."""
     from zebrax.mixers import kind
+    from zebrax.ops.attention import PREFILL_BLOCKS
 
+    block = min(chunk or length, PREFILL_BLOCKS.block_q)
+    keys_visited = sum(min(end, length) for end in range(block, length + block, block))
     total = 0
     for spec in config.plan():
         if kind(spec.mixer).linear:
@@ -205,6 +211,8 @@ def attention_flops(config, batch: int, length: int) -> float:
         c = spec.config
         qk, v = getattr(c, "qk_head_dim", None) or c.head_dim, getattr(c, "v_head_dim", None) or c.head_dim
         total += batch * length * (length + 1) * c.n_heads * (qk + v)
+        if hasattr(c, "kv_lora_rank"):
+            total += batch * keys_visited * 2 * c.kv_lora_rank * c.kv_groups * (c.qk_nope_head_dim + c.v_head_dim)
     return float(total)
 
 
@@ -223,7 +231,7 @@ def _generation(program: str, config, mesh, topology: str, batch: int, length: i
     params = _params(config, mesh)
     settings = {"batch": batch, "context" if program == "decode" or chunk else "seq_len": length,
                 **({"chunk": chunk} if chunk else {}), "dtype": config.dtype}
-    attention = attention_flops(config, batch, length) / mesh.size  # a prefill's, a chip's share
+    attention = attention_flops(config, batch, length, chunk) / mesh.size  # a prefill's, a chip's share
     if program == "prefill" and chunk is None:
         _check_rows(program, batch, 1, mesh)
         args = (params, *_rows({"tokens": jnp.int32, "token_mask": bool}, batch, length, mesh).values())

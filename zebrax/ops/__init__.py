@@ -3,7 +3,8 @@ chunked XLA form, ``pallas``, ``auto``); ``zebrax.models.Impls`` chooses one for
 
 from __future__ import annotations
 
-from zebrax.ops.attention import AttentionImpl, attention, latent_attention
+from zebrax.ops.attention import AttentionImpl, attention, latent_attention, latent_prefill_attention
 from zebrax.ops.ssd import SSDImpl, ssd, ssd_decode_step
 
-__all__ = ["AttentionImpl", "SSDImpl", "attention", "latent_attention", "ssd", "ssd_decode_step"]
+__all__ = ["AttentionImpl", "SSDImpl", "attention", "latent_attention", "latent_prefill_attention", "ssd",
+           "ssd_decode_step"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,21 +36,28 @@ class Blocks:
 
 
 def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_dim=None, segment_ids=None,
-                      blocks: Blocks = Blocks()):
+                      expand=None, blocks: Blocks = Blocks()):
     """q ``[B, Lq, H, Dqk]``, k ``[B, Lk, G, Dqk]``, v ``[B, Lk, G, Dv]`` (or None with ``value_dim``:
     the value is ``k[..., :value_dim]``, MLA's latent) → ``[B, Lq, H, Dv]`` in v's (k's) dtype.
 
     kv_mask ``[B, Lk]`` bool (None: every key real); q_offset: the key slot of query 0 (int or traced);
     segment_ids ``[B, Lk]`` int (ids >= 1) or None: a query sees only keys of its own segment.
 
+    expand (v None): a key block's keys and values from what k stores, ``[B, bk, ...] → ([B, bk, G, Dqk],
+    [B, bk, G, Dv])``, called inside the loop on each block a query block visits: MLA's latent cache
+    decompressed a block of the sequence at a time, so no ``[B, Lk, G, D]`` array exists. Forward only.
+
     Inside, keys carry labels (the segment id of a real key, 1 without segments; 0 for a masked one) and, with
     segments, queries too: a key is visible to a query whose label it shares.
     """
     b, lq, h, dqk = q.shape
     lk, g = k.shape[1], k.shape[2]
+    bq, bk = min(blocks.block_q, lq), min(blocks.block_k, lk)
+    if expand is not None:
+        k_block, v_block = jax.eval_shape(expand, jax.ShapeDtypeStruct((b, bk, *k.shape[2:]), k.dtype))
+        g, value_dim = k_block.shape[2], v_block.shape[-1]
     scale = dqk ** -0.5 if scale is None else scale
     out_dtype = (k if v is None else v).dtype
-    bq, bk = min(blocks.block_q, lq), min(blocks.block_k, lk)
     nq, nk = -(-lq // bq), -(-lk // bk)
     kv_mask = jnp.ones((b, lk), bool) if kv_mask is None else kv_mask
     labels = (kv_mask.astype(jnp.int32) if segment_ids is None else jnp.where(kv_mask, segment_ids, 0), None)
@@ -69,8 +77,9 @@ def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_di
         q, scale = q * scale, 1.0
     qt = q.reshape(b, nq, bq, g, h // g, dqk).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b, g, bq * (h // g), dqk)
     geometry = _Geometry(bq=bq, bk=bk, nk=nk, r=h // g, scale=scale,
-                         value_dim=value_dim if v is None else v.shape[-1])
-    out = _blocked(geometry, qt, k, v, labels, jnp.asarray(q_offset, jnp.int32))
+                         value_dim=value_dim if v is None else v.shape[-1], expand=expand)
+    blocked = _blocked if expand is None else lambda *a: _forward(*a)[0]
+    out = blocked(geometry, qt, k, v, labels, jnp.asarray(q_offset, jnp.int32))
     dv = out.shape[-1]
     out = out.reshape(nq, b, g, bq, h // g, dv).transpose(1, 0, 3, 2, 4, 5).reshape(b, nq * bq, h, dv)
     return out[:, :lq].astype(out_dtype)
@@ -84,6 +93,7 @@ class _Geometry:
     r: int  # query heads per KV head
     scale: float
     value_dim: int
+    expand: Callable | None = None  # a stored key block → (keys, values): see ``attention_blocked``
 
 
 def _visible(geo: _Geometry, i, j, labels, q_offset, causal=True):
@@ -171,12 +181,16 @@ def _forward(geo: _Geometry, qt, k, v, labels, q_offset):
         def key_block(j, carry, causal):
             m, denom, acc = carry
             k_j = _block(geo, k, j)
+            if geo.expand is not None:
+                k_j, v_j = geo.expand(k_j)
             s = jnp.where(_visible(geo, i, j, labels, q_offset, causal), _scores(geo, q_i, k_j), -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
-            if v is None:  # the latent's value prefix, taken from the product (slicing the block first copies it)
+            if geo.expand is not None:
+                pv = _weighted_values(p, v_j)
+            elif v is None:  # the latent's value prefix, taken from the product (slicing the block first copies it)
                 pv = _weighted_values(p, k_j)[..., :geo.value_dim]
             else:
                 pv = _weighted_values(p, _block(geo, v, j))

@@ -1,7 +1,8 @@
 """Multi-head Latent Attention (DeepSeek-V3 form, with the options Zebra-Llama uses).
 
 Two paths, one set of weights. ``materialised`` (training and prefill): K and V are decompressed from the
-latent, ``[k_nope ; v] = W_kvb c_kv``, and a standard causal attention with qk dim ≠ v dim runs.
+latent, ``[k_nope ; v] = W_kvb c_kv``, and a standard causal attention with qk dim ≠ v dim runs; over a cache
+(a prefill chunk) the blocked path decompresses one block of the sequence at a time.
 ``absorbed`` (decode): ``W_kb`` is folded into the query, attention runs over the cached latent
 ``[c_kv ; k_pe]`` as one shared KV head, and ``W_vb`` is applied after, so the cache holds
 ``kv_lora_rank + qk_rope_head_dim`` values per token and layer.
@@ -80,10 +81,16 @@ class MLAttention(nn.Module):
             out_lat = ops.latent_attention(q_abs, latent, value_dim=r, **attend)  # [B, L, H, r]
             out = jnp.einsum("blgjc,cgv->blgjv", out_lat.reshape(b, length, g, h // g, r), w_vb)
         else:
-            c_all, k_pe_all = jnp.split(latent[..., :r + rope], [r], axis=-1)
-            k_nope, v = jnp.split(contract(c_all, w_kvb, 1), [nope], axis=-1)  # [B, S, G, nope + dv]
-            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe_all[:, :, None], (*k_nope.shape[:3], rope))], -1)
-            out = ops.attention(jnp.concatenate([q_nope, q_pe], axis=-1), k, v, **attend)
+            def expand(lat):  # [B, S, W] → k [B, S, G, nope + rope], v [B, S, G, dv]
+                c, pe = jnp.split(lat[..., :r + rope], [r], axis=-1)
+                k_nope, v = jnp.split(contract(c, w_kvb, 1), [nope], axis=-1)
+                return jnp.concatenate([k_nope, jnp.broadcast_to(pe[:, :, None], (*k_nope.shape[:3], rope))], -1), v
+
+            q = jnp.concatenate([q_nope, q_pe], axis=-1)
+            if cache is None:
+                out = ops.attention(q, *expand(latent), **attend)
+            else:  # a prefill chunk: the cache decompressed a block of the sequence at a time
+                out = ops.latent_prefill_attention(q, latent, expand, **attend)
         out = Linear((x.shape[-1],), ("heads", "head_dim"), ("embed",), use_bias=cfg.attention_bias,
                      name="o_proj", **kw)(out.reshape(b, length, h, dv))
         return out, cache
