@@ -441,10 +441,9 @@ def test_hbm_traffic_counts_what_each_instruction_moves():
 
 def test_a_chunked_prefill_holds_a_chunk_not_the_prompt(tpu_compiler):
     """The tiny hybrid's prompt of 2,048 tokens on v5e-8 (batch 8, data 8): fed 128 tokens at a time, the step that
-    appends the last chunk to the full cache has under 3/4 of the one-shot prefill's temporaries (measured 4.7
-    against 9.3 MB: a chunk's activations, and MLA's keys and values expanded from the whole latent cache, which a
-    model this small makes most of them), its cost is counted for the 16 chunks (tokens: the whole prompt), and it
-    donates the cache it updates."""
+    appends the last chunk to the full cache has under 3/4 of the one-shot prefill's temporaries (a chunk's
+    activations against the whole prompt's), its cost is counted for the 16 chunks (tokens: the whole prompt), and
+    it donates the cache it updates."""
     student = hybrid([0, 3], attention_layers=[2]).replace(dtype="bfloat16")
     kw = dict(topology="v5e-8", model=student, batch=8)
     whole = tpu_compiler.compile("prefill", seq_len=2048, **kw)

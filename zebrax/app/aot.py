@@ -197,12 +197,12 @@ def attention_flops(config, batch: int, length: int, chunk: int | None = None) -
     layer whose cache grows: the query at position i scores and weighs i + 1 keys, two FLOPs a multiply-add, so a
     layer costs batch · length · (length + 1) · heads · (qk dim + v dim). An MLA layer adds the decompression of
     the keys it visits, ``[k_nope ; v] = W_kvb c_kv`` (2 · r · G · (nope + dv) a key), once a query block of
-    ``ops.latent_prefill_attention`` (a chunk, at most ``PREFILL_BLOCKS.block_q`` tokens): block i visits the keys
-    up to its end."""
+    ``ops.latent_prefill_attention`` (``Blocks().block_q`` tokens, a chunk's at most): block i visits the keys up to
+    its end."""
     from zebrax.mixers import kind
-    from zebrax.ops.attention import PREFILL_BLOCKS
+    from zebrax.ops.attention_blocked import Blocks
 
-    block = min(chunk or length, PREFILL_BLOCKS.block_q)
+    block = min(chunk or length, Blocks().block_q)
     keys_visited = sum(min(end, length) for end in range(block, length + block, block))
     total = 0
     for spec in config.plan():
