@@ -486,8 +486,10 @@ def test_a_decode_cache_is_split_over_rows_and_kv_heads(tpu_compiler):
 def test_the_attention_a_prefill_report_adds_is_every_growing_cache_layers_causal_products():
     """Query i scores and weighs i + 1 keys, two FLOPs a multiply-add: the tiny teacher's 5 GQA layers of 4 heads of
     16, and of the MIXED hybrid (MLA, Mamba2, GQA, MLA, Mamba2) only its 2 MLA layers (4 heads, qk 16 = 8 + 8 rope,
-    v 16) and 1 GQA layer. Each MLA layer also decompresses (r 12, 2 groups, nope 8 + v 16) the keys each query
-    block visits: 8 keys for a prompt in one block, 2 + 4 + 6 + 8 in chunks of 2."""
+    v 16) and 1 GQA layer. Each MLA layer also decompresses (r 12, 2 groups, nope 8 + v 16) the whole key blocks
+    each query block visits: the cache of 8 slots is one block, so 8 keys for the prompt at once and 8 for each of
+    its 4 chunks of 2; and 1,024 tokens in chunks of 256 decompress, in blocks of 512, 512 keys for each of the first
+    two chunks and 1,024 for each of the last two."""
     from tests.helpers import MIXED
     from zebrax.app.aot import attention_flops
 
@@ -496,5 +498,7 @@ def test_the_attention_a_prefill_report_adds_is_every_growing_cache_layers_causa
     attention = 3 * 3 * 2 * pairs * 4 * (16 + 16)
     decompress = 3 * 2 * 2 * 12 * 2 * (8 + 16)  # a key, in both MLA layers of the 3 rows
     assert attention_flops(MIXED, 3, 8) == attention + decompress * 8
-    assert attention_flops(MIXED, 3, 8, chunk=2) == attention + decompress * (2 + 4 + 6 + 8)
+    assert attention_flops(MIXED, 3, 8, chunk=2) == attention + decompress * 4 * 8
     assert attention_flops(TEACHER, 3, 8, chunk=2) == attention_flops(TEACHER, 3, 8)
+    long = 3 * 3 * 1024 * 1025 * 4 * (16 + 16)
+    assert attention_flops(MIXED, 3, 1024, chunk=256) == long + decompress * (512 + 512 + 1024 + 1024)

@@ -196,14 +196,18 @@ def attention_flops(config, batch: int, length: int, chunk: int | None = None) -
     """FLOPs of the causal attention of ``batch`` prompts of ``length`` tokens (in chunks of ``chunk``) over every
     layer whose cache grows: the query at position i scores and weighs i + 1 keys, two FLOPs a multiply-add, so a
     layer costs batch · length · (length + 1) · heads · (qk dim + v dim). An MLA layer adds the decompression of
-    the keys it visits, ``[k_nope ; v] = W_kvb c_kv`` (2 · r · G · (nope + dv) a key), once a query block of
-    ``ops.latent_prefill_attention`` (``Blocks().block_q`` tokens, a chunk's at most): block i visits the keys up to
-    its end."""
+    the keys it visits, ``[k_nope ; v] = W_kvb c_kv`` (2 · r · G · (nope + dv) a key), as
+    ``ops.latent_prefill_attention`` does it over a cache of ``length`` slots: every query block (``Blocks``, a
+    chunk's at most) decompresses each whole key block up to its end's."""
     from zebrax.mixers import kind
     from zebrax.ops.attention_blocked import Blocks
 
-    block = min(chunk or length, Blocks().block_q)
-    keys_visited = sum(min(end, length) for end in range(block, length + block, block))
+    step = chunk or length
+    bq, bk = min(Blocks().block_q, step), min(Blocks().block_k, length)
+    key_blocks = -(-length // bk)
+    keys_visited = bk * sum(min(-(-(start + end) // bk), key_blocks)
+                            for start in range(0, length, step) for end in range(bq, step + bq, bq)
+                            if end - bq < min(step, length - start))
     total = 0
     for spec in config.plan():
         if kind(spec.mixer).linear:

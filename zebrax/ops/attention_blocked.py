@@ -10,7 +10,8 @@ group, never repeated per head. Masking is the reference's, slot for slot: query
 ``j <= q_offset + i`` marked real in ``kv_mask``; a query that sees no key outputs zeros.
 
 The gradient (``jax.custom_vjp``) is FlashAttention-2's: the forward keeps only the output and the
-per-row log-sum-exp, and the backward recomputes each block's probabilities.
+per-row log-sum-exp, and the backward recomputes each block's probabilities. With ``expand`` (keys and values made
+from each stored block inside the loop, MLA's prefill over its latent cache) there is a forward only.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas.flash_attention.reference import query_segments
+from zebrax.errors import InvalidArgument
 from zebrax.ops.auto import target_backend
 
 
@@ -38,14 +40,15 @@ class Blocks:
 def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_dim=None, segment_ids=None,
                       expand=None, blocks: Blocks = Blocks()):
     """q ``[B, Lq, H, Dqk]``, k ``[B, Lk, G, Dqk]``, v ``[B, Lk, G, Dv]`` (or None with ``value_dim``:
-    the value is ``k[..., :value_dim]``, MLA's latent) → ``[B, Lq, H, Dv]`` in v's (k's) dtype.
+    the value is ``k[..., :value_dim]``, MLA's latent) → ``[B, Lq, H, Dv]`` in v's dtype (k's; expand's values').
 
     kv_mask ``[B, Lk]`` bool (None: every key real); q_offset: the key slot of query 0 (int or traced);
     segment_ids ``[B, Lk]`` int (ids >= 1) or None: a query sees only keys of its own segment.
 
     expand (v None): a key block's keys and values from what k stores, ``[B, bk, ...] → ([B, bk, G, Dqk],
     [B, bk, G, Dv])``, called inside the loop on each block a query block visits: MLA's latent cache
-    decompressed a block of the sequence at a time, so no ``[B, Lk, G, D]`` array exists. Forward only.
+    decompressed a block of the sequence at a time, so no ``[B, Lk, G, D]`` array exists. Forward only: it never
+    reaches the custom VJP, and ``jax.grad`` through it stops at the loop's data-dependent trip count.
 
     Inside, keys carry labels (the segment id of a real key, 1 without segments; 0 for a masked one) and, with
     segments, queries too: a key is visible to a query whose label it shares.
@@ -53,11 +56,16 @@ def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_di
     b, lq, h, dqk = q.shape
     lk, g = k.shape[1], k.shape[2]
     bq, bk = min(blocks.block_q, lq), min(blocks.block_k, lk)
-    if expand is not None:
-        k_block, v_block = jax.eval_shape(expand, jax.ShapeDtypeStruct((b, bk, *k.shape[2:]), k.dtype))
-        g, value_dim = k_block.shape[2], v_block.shape[-1]
-    scale = dqk ** -0.5 if scale is None else scale
     out_dtype = (k if v is None else v).dtype
+    if expand is not None:
+        if v is not None or value_dim is not None:
+            raise InvalidArgument("attention_blocked: with expand, the values come from it: give v=None and no "
+                                  "value_dim")
+        k_block, v_block = jax.eval_shape(expand, jax.ShapeDtypeStruct((b, bk, *k.shape[2:]), k.dtype))
+        g, value_dim, out_dtype = k_block.shape[2], v_block.shape[-1], v_block.dtype
+    if h % g:
+        raise InvalidArgument(f"attention_blocked: {g} KV heads must divide {h} query heads")
+    scale = dqk ** -0.5 if scale is None else scale
     nq, nk = -(-lq // bq), -(-lk // bk)
     kv_mask = jnp.ones((b, lk), bool) if kv_mask is None else kv_mask
     labels = (kv_mask.astype(jnp.int32) if segment_ids is None else jnp.where(kv_mask, segment_ids, 0), None)
@@ -93,7 +101,7 @@ class _Geometry:
     r: int  # query heads per KV head
     scale: float
     value_dim: int
-    expand: Callable | None = None  # a stored key block → (keys, values): see ``attention_blocked``
+    expand: Callable | None = None  # a stored key block → (keys, values), forward only: never reaches ``_blocked``
 
 
 def _visible(geo: _Geometry, i, j, labels, q_offset, causal=True):
@@ -174,7 +182,8 @@ def _value_block(geo: _Geometry, k_j, v, j):
 
 
 def _forward(geo: _Geometry, qt, k, v, labels, q_offset):
-    """(out ``[nq, B, G, M, Dv]`` float32, lse ``[nq, B, G, M]``); v None: the value is k's prefix."""
+    """(out ``[nq, B, G, M, Dv]`` float32, lse ``[nq, B, G, M]``); v None: the value is k's prefix, or with
+    ``geo.expand`` the second of what it makes of each key block."""
     def query_block(args):
         i, q_i = args
 
