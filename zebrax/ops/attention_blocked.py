@@ -63,8 +63,6 @@ def attention_blocked(q, k, v, *, kv_mask=None, q_offset=0, scale=None, value_di
                                   "value_dim")
         k_block, v_block = jax.eval_shape(expand, jax.ShapeDtypeStruct((b, bk, *k.shape[2:]), k.dtype))
         g, value_dim, out_dtype = k_block.shape[2], v_block.shape[-1], v_block.dtype
-    if h % g:
-        raise InvalidArgument(f"attention_blocked: {g} KV heads must divide {h} query heads")
     scale = dqk ** -0.5 if scale is None else scale
     nq, nk = -(-lq // bq), -(-lk // bk)
     kv_mask = jnp.ones((b, lk), bool) if kv_mask is None else kv_mask
