@@ -130,10 +130,12 @@ def test_a_workdir_of_another_experiment_is_refused_and_left_alone(tmp_path, cap
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "experiment.json").write_text(json.dumps({"seq_len": 32}))
+    (workdir / "smart.json").write_text("{}")  # a stage of that experiment is begun
     before = {p.name: p.read_bytes() for p in workdir.iterdir()}
     assert main(["distill", "--gin_file", TINY, "--workdir", str(workdir)]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "written by a different experiment" in err, err
+    assert len(err.splitlines()) == 1 and "written by a different experiment (stage 'smart' is begun there" in err
+    assert "and data ([] there, ['configs/data/prompts.jsonl'] now) differs); use another --workdir" in err, err
     assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
     other = tmp_path / "other"
     other.mkdir()
@@ -141,6 +143,35 @@ def test_a_workdir_of_another_experiment_is_refused_and_left_alone(tmp_path, cap
     assert main(["distill", "--gin_file", TINY, "--workdir", str(other)]) == 1
     assert "is not a zebrax distill work directory" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_work_directory_takes_over_stages_added_after_those_begun(tmp_path):
+    """``stages.disagreement``: a begun stage (its artefact or its checkpoints there) must keep its settings, those of
+    the stages before it and the fields no stage claims; stages not begun, or added after, may change."""
+    from zebrax.distill.experiment import Experiment
+    from zebrax.distill.stages import disagreement
+
+    def fields(stages=("teacher", "students", "ild", "smart", "hybrid", "kd"), **changes):
+        return {**json.loads(Experiment(stages=stages).to_json()), **changes}
+
+    old = fields()
+    (tmp_path / "ild" / "mla").mkdir(parents=True)
+    (tmp_path / "smart.json").write_text("{}")
+    (tmp_path / "checkpoints" / "hybrid").mkdir(parents=True)
+    longer = json.loads(Experiment(stages=(*old["stages"], "kd_long"), kd_long_seq_len=512).to_json())
+    assert disagreement(tmp_path, old, longer) is None  # a stage added after
+    assert disagreement(tmp_path, old, fields(kd={**old["kd"], "steps": 7})) is None  # kd is not begun
+    assert disagreement(tmp_path, old, fields(num_mla=1)) == (
+        "stage 'smart' is begun there, and num_mla (2 there, 1 now) differs")
+    assert disagreement(tmp_path, old, fields(ild={**old["ild"], "steps": 7})).startswith(
+        "stage 'ild' is begun there, and ild (")
+    assert disagreement(tmp_path, old, fields(mesh={"data": 2})).startswith(
+        "stage 'ild' is begun there, and mesh (")  # no stage claims it: it decides every stage
+    assert disagreement(tmp_path, old, fields(stages=("teacher", "students", "smart", "hybrid", "kd"))) == (
+        "stage 'ild' is begun there, and not in distill.stages now")
+    (tmp_path / "kd").mkdir()
+    assert disagreement(tmp_path, old, fields(kd={**old["kd"], "steps": 7})).startswith(
+        "stage 'kd' is begun there, and kd (")
 
 
 @pytest.mark.parametrize("binding, message", [
@@ -234,17 +265,24 @@ def test_bad_settings_are_one_line_errors_before_any_work(tmp_path, capsys, bind
 def test_an_ablation_leaves_out_ild_places_uniformly_and_starts_mla_at_random(child_process, tmp_path):
     """The stage list and the ablation settings (``zebrax.distill.stages``): without ILD the hybrid is assembled from
     the initialised students (no ild/, no after_ild row), a uniform placement scores nothing, MLA starts at random;
-    stages.json records the list, each stage with its settings."""
+    stages.json records the list, each stage with its settings. The finished run then takes ``kd_long`` added
+    after its stages, from its KD model (``stages.disagreement``)."""
     workdir = tmp_path / "w"
     args = ["distill", "--gin_file", TINY, "--workdir", workdir]
-    for binding in (*FEW, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', 'kd_long')",
-                    "distill.placement = 'uniform'", "distill.random_init = ('mla',)",
+    for binding in (*FEW, "distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd')",
+                    "distill.placement = 'uniform'", "distill.random_init = ('mla',)"):
+        args += ["--gin_param", binding]
+    run = child_process.zebrax(*args)
+    assert run.returncode == 0, run.stderr[-2000:]
+    kd = (workdir / "kd" / "config.json").stat().st_mtime
+    for binding in ("distill.stages = ('teacher', 'students', 'smart', 'hybrid', 'kd', 'kd_long')",
                     "distill.kd_long = @kd_long/TrainConfig()", "kd_long/TrainConfig.steps = 1",
                     "kd_long/TrainConfig.batch_size = 2", "distill.kd_long_seq_len = 256"):
         args += ["--gin_param", binding]
     run = child_process.zebrax(*args)
     code, err = run.returncode, run.stderr
     assert code == 0, err[-2000:]
+    assert "KD:" not in err and (workdir / "kd" / "config.json").stat().st_mtime == kd
     assert not (workdir / "ild").exists() and not (workdir / "dpo").exists() and "ILD:" not in err
     assert json.loads((workdir / "smart.json").read_text()) == {"placement": "uniform", "mla_layers": [0, 2]}
     evals = json.loads((workdir / "eval.json").read_text())

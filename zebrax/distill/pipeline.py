@@ -7,7 +7,8 @@ fields (``experiment.py``), the teacher's config and tokenizer, the students' co
 and every data file (records, and the tokens their loss counts once cut to ``seq_len``: ``inputs.py``). Everything
 then lands in one work directory, which one run at a time holds (``workdir.py``):
 
-    experiment.json          the run's ``Experiment``; a different one is refused (config.gin: its gin form)
+    experiment.json          the run's ``Experiment`` (config.gin: its gin form); another is refused if it changes a
+                             stage begun (``stages.disagreement``), and takes over if it adds later stages
     data_sha256.json         the SHA-256 of every data file read; a file changed since is refused
     .lock                    held (``flock``) by the run in progress; it names the process
     teacher/                 the teacher made for ``teacher="tiny"`` (a random tiny Llama)
@@ -48,7 +49,7 @@ def run(exp: Experiment, workdir: str | os.PathLike, *, config_text: str | None 
     workdir = files.as_path(workdir)
     with files.warnings_after_success():  # a refused experiment says one thing, why
         inputs = prepare(exp)
-    with claimed(workdir, exp, inputs.hashes):
+    with claimed(workdir, exp, inputs.hashes, stage_list.disagreement):
         if config_text is not None:
             write_text(workdir / "config.gin", config_text)
         return stage_list.run_stages(stage_list.Run(exp, workdir, inputs, stage_list.plan(exp.plan()),

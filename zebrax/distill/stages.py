@@ -97,14 +97,11 @@ class Run:
         say(f"{name}: KL(teacher ‖ model) {row['kl']:.4f}, perplexity {row['perplexity']:.2f}")
 
     def key(self, stage: Stage) -> str:
-        """What decides ``stage``'s artefact: the settings of the stages up to it, the experiment's fields no stage
-        claims (mesh, …) and the content of every data file read (a path names no content), as a SHA-256."""
-        listed = self.stages[:self.stages.index(stage) + 1]
-        claimed = {f for s in STAGES.values() for f in s.settings}
-        common = {f.name: _plain(getattr(self.exp, f.name)) for f in dataclasses.fields(self.exp)
-                  if f.name not in claimed | {"stages"}}
-        text = json.dumps({"common": common, "data_sha256": self.inputs.hashes,
-                           "stages": [s.record(self.exp) for s in listed]}, sort_keys=True)
+        """What decides ``stage``'s artefact (``decision``) and the content of every data file read (a path names no
+        content), as a SHA-256."""
+        names = [s.name for s in self.stages[:self.stages.index(stage) + 1]]
+        text = json.dumps({**decision(json.loads(self.exp.to_json()), names), "data_sha256": self.inputs.hashes},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def reuse(self, stage: Stage) -> bool:
@@ -167,14 +164,55 @@ class Stage:
             run.share(self)
         self.after(run)
 
-    def record(self, exp) -> dict:
+    def record(self, fields: dict) -> dict:
+        """This stage of an experiment whose fields are ``fields`` (``experiment.json``'s plain form)."""
         return {"stage": self.name, "reads": list(self.reads), "writes": self.writes, "evaluates": list(self.evaluates),
-                "settings": {f: _plain(getattr(exp, f)) for f in self.settings}}
+                "settings": {f: fields[f] for f in self.settings}}
+
+    def begun(self, workdir: Path) -> bool:
+        """Its artefact, or a checkpoint of it in progress, is in ``workdir``."""
+        return files.committed(workdir / self.writes) or (workdir / "checkpoints" / self.name).exists()
 
 
-def _plain(value):
-    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value,
-                                 default=list))
+def decision(fields: dict, names) -> dict:
+    """What decides the artefact of the last of the stages ``names`` (the plan up to it) in an experiment whose fields
+    are ``fields``, besides the data's content: those stages' settings and the fields no stage claims (mesh, …)."""
+    claimed = {f for s in STAGES.values() for f in s.settings}
+    return {"common": {k: v for k, v in fields.items() if k not in claimed | {"stages"}},
+            "stages": [STAGES[n]().record(fields) for n in names]}
+
+
+def disagreement(workdir: Path, old: dict, new: dict) -> str | None:
+    """Why experiment ``new`` may not take over the work directory that experiment ``old`` (both as plain fields)
+    wrote: the first stage ``old`` has begun there that ``new`` does not list, or whose decision (its settings, an
+    earlier stage's, a field no stage claims) differs; None when none does: stages added after those begun, or
+    changes to stages not begun, take the work directory over."""
+    old_plan, new_plan = _names(old), _names(new)
+    for i, name in enumerate(old_plan):
+        if not STAGES[name]().begun(workdir):
+            continue
+        if name not in new_plan:
+            return f"stage {name!r} is begun there, and not in distill.stages now"
+        there, now = decision(old, old_plan[:i + 1]), decision(new, new_plan[:new_plan.index(name) + 1])
+        if there != now:
+            field = _first_difference(there, now)
+            return f"stage {name!r} is begun there, and {field} differs"
+    return None
+
+
+def _names(fields: dict) -> tuple[str, ...]:
+    return tuple(fields["stages"]) if fields["stages"] is not None else method(bool(fields["preferences"]))
+
+
+def _first_difference(there: dict, now: dict) -> str:
+    """The field whose value differs between two decisions, or the stages' order."""
+    a = {**there["common"], **{k: v for s in there["stages"] for k, v in s["settings"].items()}}
+    b = {**now["common"], **{k: v for s in now["stages"] for k, v in s["settings"].items()}}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            return f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)"
+    return f"the stages before it ({[s['stage'] for s in there['stages']]} there, " \
+           f"{[s['stage'] for s in now['stages']]} now)"
 
 
 class Teacher(Stage):
@@ -476,7 +514,8 @@ def run_stages(run: Run) -> dict:
     """Every stage of ``run.stages`` in order (``Stage.run``); returns ``eval.json``'s content."""
     path = run.workdir / "eval.json"
     run.evals = json.loads(path.read_text()) if path.exists() else {}
-    write_text(run.workdir / RECORD, json.dumps([s.record(run.exp) for s in run.stages], indent=2))
+    fields = json.loads(run.exp.to_json())
+    write_text(run.workdir / RECORD, json.dumps([s.record(fields) for s in run.stages], indent=2))
     for stage in run.stages:
         stage.run(run)
     return run.evals

@@ -102,36 +102,36 @@ def locked(workdir: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def claimed(workdir: Path, exp, hashes: dict[str, str]):
-    """The work directory, held (``locked``) for the block: it holds this experiment made from the same data, or
-    is new; anything else is refused and left untouched. Every process decides from the directory as it was;
-    process 0 decides again once it holds the lock, and writes the records."""
+def claimed(workdir: Path, exp, hashes: dict[str, str], disagreement):
+    """The work directory, held (``locked``) for the block: it is new, or holds this experiment, or one that this
+    one may take over (``disagreement(workdir, old fields, new fields)`` is None: e.g. stages added after those
+    begun), made from the same data; anything else is refused and left untouched. Every process decides from the
+    directory as it was; process 0 decides again once it holds the lock, and writes the records."""
     sync("claim")
-    _check_claim(workdir, exp, hashes)
+    _check_claim(workdir, exp, hashes, disagreement)
     sync("claimed")
     with locked(workdir):
         if jax.process_index() == 0:
-            if _check_claim(workdir, exp, hashes):
+            if _check_claim(workdir, exp, hashes, disagreement):
                 write_text(workdir / RECORD, exp.to_json())
             record_hashes(workdir, hashes)
         sync("recorded")
         yield
 
 
-def _check_claim(workdir: Path, exp, hashes: dict[str, str]) -> bool:
-    """True for a new work directory; ConfigError for another experiment's, one made from data that has changed
-    since, or a foreign one."""
+def _check_claim(workdir: Path, exp, hashes: dict[str, str], disagreement) -> bool:
+    """True for a new work directory or one this experiment takes over (its record is to be written); ConfigError
+    for another experiment's, one made from data that has changed since, or a foreign one."""
     record = workdir / RECORD
     if record.exists():
         experiment = type(exp)  # a field added since the record was written counts at its default
         old = {**json.loads(experiment().to_json()), **experiment.from_record(json.loads(record.read_text()))}
         new = json.loads(exp.to_json())
-        if old != new:
-            diff = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-            raise ConfigError(f"{workdir}: written by a different experiment ({diff}: {old.get(diff)!r} there, "
-                              f"{new.get(diff)!r} now); use another --workdir")
+        why = None if old == new else disagreement(workdir, old, new)
+        if why is not None:
+            raise ConfigError(f"{workdir}: written by a different experiment ({why}); use another --workdir")
         hashes_agree(workdir, hashes)
-        return False
+        return old != new
     if workdir.exists() and any(p.name != LOCK for p in workdir.iterdir()):
         raise ConfigError(f"{workdir}: exists and is not a zebrax distill work directory; use another --workdir")
     return True
