@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -159,3 +160,42 @@ def test_bad_long_context_input_is_one_line(models, tiny_chat, tmp_path, capsys)
                           (["needle", str(tiny_chat), "--lengths", "20"], ["length=20 is below"])):
         capsys.readouterr()
         assert_one_line_error(main(["long-eval", *args]), capsys.readouterr().err, *needles)
+
+
+def test_layer_retrieval_scores_the_teacher_with_each_layer_a_students(models, tiny_chat, tmp_path, capsys):
+    """``layer_retrieval`` on the tiny Llama and its all-GDN student: the teacher's row, each single swap and the
+    whole student (``together`` = every layer) equal the needle map's log-probabilities of those very models (its
+    cached prefill and stepwise scoring, 1e-4 in fp32, the same needles); the cost is the teacher's sum less the
+    swap's; the CLI writes the same JSON; bad input is one line."""
+    from zebrax.app.cli import main
+    from zebrax.long_context import layer_retrieval
+
+    zebrax.build(tiny_chat, tmp_path / "gdn", mla_layers=[], linear="gdn", gdn={"chunk_size": 8})
+    zebrax.build(tiny_chat, tmp_path / "gdn1", mla_layers=[], attention_layers=[0], linear="gdn",
+                 gdn={"chunk_size": 8})
+    teacher, student, swapped = (zebrax.load(p) for p in (tiny_chat, tmp_path / "gdn", tmp_path / "gdn1"))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(student.params["layers_1"]),
+                                                     jax.tree.leaves(swapped.params["layers_1"]), strict=True))
+    got = layer_retrieval(teacher, student, length=150, depths=[0, 1], samples=2, seed=3, together=[2])
+
+    def needles(model):
+        return needle_map(model, lengths=[150], depths=[0, 1], samples=2, seed=3)["logprob"][0]
+
+    np.testing.assert_allclose(got["teacher"], needles(teacher), atol=1e-4)
+    np.testing.assert_allclose(got["layers"][1], needles(swapped), atol=1e-4)
+    np.testing.assert_allclose(got["together"][0]["logprob"], needles(student), atol=1e-4)
+    assert got["together"][0]["swapped"] == [0, 1] and got["kind"] == "gdn" and len(got["layers"]) == 2
+    for row, cost in zip(got["layers"], got["cost"], strict=True):
+        assert cost == pytest.approx(sum(got["teacher"]) - sum(row), abs=1e-3)
+    assert got["layers"][0] != got["teacher"]  # a swap changes the scores
+
+    out = tmp_path / "layers.json"
+    capsys.readouterr()
+    assert main(["long-eval", "layers", str(tiny_chat), str(tmp_path / "gdn"), "--length", "150", "--depths", "0",
+                 "1", "--seed", "3", "--together", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"] == got == json.loads(capsys.readouterr().out)["results"]
+    for kwargs, needle in ((dict(student=models["hybrid"]), "must all be of one student kind, it has LD"),
+                           (dict(together=[3]), "together=3 must be a count of layers in 1..2"),
+                           (dict(length=20), "length=20 is below the")):
+        with pytest.raises(InvalidArgument, match=needle):
+            layer_retrieval(teacher, **{"student": student, **kwargs})

@@ -186,6 +186,76 @@ def _step_scores(logits, targets):
     return token_logprobs(logits[:, None], targets[:, None])[:, 0], jnp.argmax(logits, -1) == targets
 
 
+def layer_retrieval(teacher, student, *, length: int = 256, depths: Sequence[float] = (0.0, 0.5, 1.0),
+                    samples: int = 2, seed: int = 0, together: Sequence[int] = ()) -> dict:
+    """Which layers carry the teacher's retrieval, as a student's layers replace them. ``teacher``: a ``zebrax.Model``
+    with a tokenizer; ``student``: a model of its shape whose layers are one kind (an all-Gated-DeltaNet or all-MLA
+    student, ILD-trained or not). Scored: Σ log p(the needle's value), teacher-forced after a prompt of ``length``
+    tokens (the needle map's keys and values of ``seed``, ``samples`` a depth; mean over samples), of the teacher;
+    of the teacher with layer l the student's, for every l; and, for each k of ``together``, with the k layers whose
+    swap costs least the student's at once. → ``{"kind", "length", "depths", "samples", "seed", "teacher": [depth],
+    "layers": [l][depth], "cost": [l] (the teacher's Σ over depths less the swapped one's), "together": [{"k",
+    "swapped", "logprob": [depth]}]}``."""
+    import dataclasses
+
+    from zebrax.api import Model
+
+    kinds = set(student.config.mixers)
+    n = len(student.config.mixers)
+    if len(kinds) != 1 or "attention" in kinds:
+        raise InvalidArgument(f"layer retrieval: the student's layers must all be of one student kind, it has "
+                              f"{student.config.layer_map()}")
+    if teacher.tokenizer is None:
+        raise InvalidArgument("layer retrieval: the teacher has no tokenizer; a needle is text")
+    (kind,) = kinds
+    t_layers = sorted(k for k in teacher.params if k.startswith("layers_"))
+    if len(t_layers) != n or student.config.attention != _attention_of(teacher.config):
+        raise InvalidArgument(f"layer retrieval: the student ({n} layers) is not of the teacher's shape "
+                              f"({len(t_layers)} layers, its attention as the student's config holds it)")
+    bad = [k for k in together if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n]
+    if bad:
+        raise InvalidArgument(f"layer retrieval: together={bad[0]!r} must be a count of layers in 1..{n}")
+    require_counts("layer retrieval", samples=samples, length=length)
+    _check_depths(depths)
+    hay = Haystack(teacher.tokenizer)
+    if length < hay.minimum:
+        raise InvalidArgument(f"layer retrieval: length={length} is below the {hay.minimum} tokens a needle prompt "
+                              "needs (the needle, the question and one sentence of haystack)")
+    rng = np.random.default_rng(seed)
+    cells = [(d, f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}", str(rng.integers(1_000_000, 10_000_000)))
+             for d in depths for _ in range(samples)]
+    built = [hay.prompt(length, d, key, value) for d, key, value in cells]
+    width = length + max(len(a) for _, a, _ in built)
+    pad = teacher.config.pad_token_id or 0
+    tokens = np.asarray([p + a + [pad] * (width - length - len(a)) for p, a, _ in built], np.int32)
+    answer = np.zeros(tokens.shape, bool)
+    for i, (_, a, _) in enumerate(built):
+        answer[i, length:length + len(a)] = True  # right padding: no position before it sees it
+
+    def score(swapped) -> list[float]:
+        config = dataclasses.replace(student.config, mixers=tuple(kind if i in swapped else "attention"
+                                                                  for i in range(n)))
+        params = {**teacher.params, **{f"layers_{i}": student.params[f"layers_{i}"] for i in swapped}}
+        logits = Model(config, params).logits(tokens[:, :-1])
+        lp = np.asarray(token_logprobs(logits, tokens[:, 1:]), np.float64) * answer[:, 1:]
+        return np.round(lp.sum(-1).reshape(len(depths), samples).mean(-1), 4).tolist()
+
+    base = score(set())
+    layers = [score({i}) for i in range(n)]
+    cost = [round(sum(base) - sum(row), 4) for row in layers]
+    order = sorted(range(n), key=lambda i: cost[i])
+    return {"kind": kind, "length": length, "depths": [float(d) for d in depths], "samples": samples, "seed": seed,
+            "teacher": base, "layers": layers, "cost": cost,
+            "together": [{"k": k, "swapped": sorted(order[:k]), "logprob": score(set(order[:k]))} for k in together]}
+
+
+def _attention_of(config):
+    """The attention config a hybrid of ``config``'s teacher holds: a hybrid's own, or a Llama's."""
+    from zebrax.config import HybridConfig
+
+    return config.attention if isinstance(config, HybridConfig) else config.attention_config()
+
+
 def position_bins(length: int) -> list[int]:
     """Bin edges over token positions 1 … length - 1 (a position's token predicted from that many before it):
     1, 2, 4, 8, … doubling, then ``length``."""

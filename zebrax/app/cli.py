@@ -16,6 +16,7 @@
     zebrax eval CKPT --data FILE ... [--teacher T] [--seq-len L] [--out FILE]
     zebrax long-eval needle MODEL ... [--lengths N ...] [--depths D ...] [--samples N] [--out F] [--plot PNG]
     zebrax long-eval positions MODEL ... --data FILE ... --length N [--out F] [--plot PNG]
+    zebrax long-eval layers TEACHER STUDENT [--length N] [--together K ...] [--out F]
     zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax generate-data TEACHER --prompts FILE --out FILE
     zebrax tokenize DATA ... --out DIR --teacher T --seq-len L [--pack]
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     le = sub.add_parser("long-eval", help="does a model use its context: needle maps and loss against position "
                                           "(JSON; --plot PNG, models side by side)")
-    lesub = le.add_subparsers(dest="long_eval", required=True, metavar="needle|positions")
+    lesub = le.add_subparsers(dest="long_eval", required=True, metavar="needle|positions|layers")
     models_help = "checkpoints, each CKPT or NAME=CKPT (the name in the JSON and the plot)"
     ln = lesub.add_parser("needle", help="RULER's single needle on its noise haystack: retrieval accuracy and the "
                                          "value's log-probability over depth x context length")
@@ -299,9 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--batch-size", type=COUNT, default=1)
     lp.add_argument("--chunk", type=COUNT, default=PREFILL_CHUNK, help="tokens fed a step")
     lp.add_argument("--max-docs", type=INDEX, default=0, help="the first N documents long enough (0: all)")
-    for parser in (ln, lp):
+    ll = lesub.add_parser("layers", help="which layers carry the teacher's retrieval: the needle's value "
+                                         "log-probability with each layer in turn a student's")
+    ll.add_argument("teacher", metavar="TEACHER")
+    ll.add_argument("student", metavar="STUDENT", help="a student of one kind (all-GDN, all-MLA, …) of the teacher")
+    ll.add_argument("--length", type=COUNT, default=256, help="prompt length in tokens")
+    ll.add_argument("--depths", type=_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), nargs="+",
+                    default=[0.0, 0.5, 1.0], help="where the needle sits (0: first, 1: last)")
+    ll.add_argument("--samples", type=COUNT, default=2, help="needles a depth")
+    ll.add_argument("--seed", type=SEED, default=0)
+    ll.add_argument("--together", type=COUNT, nargs="*", default=[],
+                    help="also swap the K layers that cost least at once, for each K")
+    for parser in (ln, lp, ll):
         parser.add_argument("--out", type=_output_file, help="also write the JSON here")
-        parser.add_argument("--plot", type=_output_file, help="write the plot here (PNG)")
+        if parser is not ll:
+            parser.add_argument("--plot", type=_output_file, help="write the plot here (PNG)")
         parser.set_defaults(fn=commands.cmd_long_eval)
 
     sub.add_parser("lm-eval", add_help=False,

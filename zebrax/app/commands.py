@@ -232,6 +232,15 @@ def cmd_long_eval(args):
     from zebrax.app.plots import plot_needles, plot_positions
     from zebrax.data import codec_for, read_records
 
+    if args.long_eval == "layers":
+        from zebrax.api import load
+
+        result = long_context.layer_retrieval(load(args.teacher), load(args.student), length=args.length,
+                                              depths=args.depths, samples=args.samples, seed=args.seed,
+                                              together=args.together)
+        _print_json({"measure": "layers", "teacher": args.teacher, "student": args.student, "results": result},
+                    args.out)
+        return
     models = _named_models(args.models)
     progress = _progress(args.long_eval)
     if args.long_eval == "needle":
@@ -259,11 +268,16 @@ def cmd_long_eval(args):
     if args.plot:
         plot(results, args.plot)
         out["plot"] = str(args.plot)
+    _print_json(out, args.out)
+
+
+def _print_json(out: dict, path) -> None:
+    """``out`` as JSON on stdout, and written to ``path`` (atomically) when given."""
     text = json.dumps(out, indent=2)
-    if args.out:
+    if path:
         from zebrax.files import write_text_atomic
 
-        write_text_atomic(args.out, text + "\n")
+        write_text_atomic(path, text + "\n")
     print(text)
 
 
