@@ -1,6 +1,7 @@
 """Long training documents (``zebrax.long_documents``, ``zebrax long-docs``, ``distill.long_data``): chats of a
-teacher's conversations with notes handed over and a question on one last, as long as asked, the same for a seed,
-and apart from every long-context evaluation's text, keys and values."""
+teacher's conversations with notes handed over and a question on one last, or ending on earlier answers asked for
+and repeated word for word; as long as asked, the same for a seed, and apart from every long-context evaluation's
+text, keys and values."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.helpers import assert_one_line_error
 from zebrax import data
 from zebrax.errors import InvalidArgument
 from zebrax.long_context import ADJECTIVES, HAYSTACK, NOUNS
-from zebrax.long_documents import ASK, NOTE, ledger_chats
+from zebrax.long_documents import ASK, NOTE, RECALL, ledger_chats, recall_chats
 
 REPLIES = "configs/data/smollm2_replies.jsonl"
 
@@ -100,3 +101,36 @@ def test_long_docs_writes_them_and_refuses_a_length_too_short_in_one_line(smollm
     assert not (tmp_path / "short.jsonl").exists()
     with pytest.raises(InvalidArgument, match="no conversations"):
         ledger_chats([], None, length=100, count=1)
+    assert main(["long-docs", REPLIES, "--teacher", str(tiny_chat), "--kind", "recall", "--length", "512", "--count",
+                 "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["documents"] == 2 and all(r["asked"] and r["loss"] == "all" for r in records)
+
+
+def test_a_recall_chat_repeats_answers_of_its_first_half_word_for_word(codec, conversations):
+    """``recall_chats``: at most ``length`` tokens and at least half of it (what ``kd_long`` asks of a document);
+    the teacher's conversations once each, then for each asked one of the first half its question quoted and its
+    answer verbatim; the same for a seed; nothing of the needle map's; bad counts and a length too short in one
+    line."""
+    docs = recall_chats(conversations, codec, length=512, count=6, seed=5, recalls=2)
+    known = {json.dumps(c[:2]) for c in conversations}
+    for doc in docs:
+        messages, asked = doc["messages"], doc["asked"]
+        assert doc["tokens"] == len(codec.chat(messages, add_generation_prompt=False)) and doc["loss"] == "all"
+        assert 256 <= doc["tokens"] <= 512 and 1 <= len(asked) <= 2
+        body, tail = messages[:-2 * len(asked)], messages[-2 * len(asked):]
+        pairs = [body[i:i + 2] for i in range(0, len(body), 2)]
+        assert {json.dumps(p) for p in pairs} <= known and len(pairs) == len({json.dumps(p) for p in pairs})
+        for a, (question, answer) in zip(asked, zip(tail[::2], tail[1::2], strict=True), strict=True):
+            assert a < len(pairs) / 2
+            assert question["content"] == RECALL.format(question=pairs[a][0]["content"])
+            assert answer == {"role": "assistant", "content": pairs[a][1]["content"]}
+    assert recall_chats(conversations, codec, length=512, count=6, seed=5) == docs
+    assert recall_chats(conversations, codec, length=512, count=6, seed=6) != docs
+    text = " ".join(m["content"] for d in docs for m in d["messages"]).lower()
+    assert "special magic number" not in text and not re.search(r"\b\d{7}\b", text)
+    with pytest.raises(InvalidArgument, match="length=40 holds no two conversations"):
+        recall_chats(conversations, codec, length=40, count=1)
+    with pytest.raises(InvalidArgument, match="recalls=0 must be >= 1"):
+        recall_chats(conversations, codec, length=512, count=1, recalls=0)

@@ -5,7 +5,8 @@ the far past matters. ``ledger_chats`` makes them from a teacher's own short con
 of those conversations in a shuffled order, into which a user hands over notes ("Please keep this for later: the
 locker code of Marta in Lisbon is K-4821.") and which ends on a question about one of them, answered from the note.
 Every token counts in the loss (a chat record with ``"loss": "all"``), so KD teaches the student to track the whole
-chat, and the last answer can be copied only from far back.
+chat, and the last answer can be copied only from far back. ``recall_chats`` makes a denser copying signal of the
+same conversations: the chat ends by asking for earlier answers word for word, and repeats them.
 
 Kept apart from the evaluations by construction (``tests/test_long_documents.py``): no needle phrasing ("special
 magic number"), none of RULER's noise-haystack sentences, no key of the needle map (its adjective-noun pairs), and
@@ -24,6 +25,7 @@ NOTE = "Please keep this for later: the {item} of {person} in {city} is {code}."
 NOTED = "Noted: the {item} of {person} in {city} is {code}."
 ASK = "Earlier I gave you the {item} of {person} in {city}. What is it?"
 ANSWER = "The {item} of {person} in {city} is {code}."
+RECALL = 'Repeat, word for word, your answer to "{question}"'
 PEOPLE = ("Marta", "Tomasz", "Aiko", "Dmitri", "Leila", "Oscar", "Priya", "Henrik", "Chiara", "Kofi", "Ingrid",
           "Rafael", "Yusuf", "Elena", "Bram", "Noor", "Felix", "Sanna", "Mateo", "Grace")
 CITIES = ("Lisbon", "Krakow", "Osaka", "Tbilisi", "Accra", "Bergen", "Porto", "Quito", "Tallinn", "Lyon", "Hanoi",
@@ -92,4 +94,43 @@ def ledger_chats(conversations: Sequence[Sequence[dict]], codec, *, length: int,
     return out
 
 
-__all__ = ["ASK", "CITIES", "ITEMS", "NOTE", "PEOPLE", "ledger_chats"]
+def recall_chats(conversations: Sequence[Sequence[dict]], codec, *, length: int, count: int, seed: int = 0,
+                 recalls: int = 2) -> list[dict]:
+    """``count`` chat records (``{"messages", "loss": "all", "tokens", "asked"}``) of at most ``length`` tokens of
+    ``codec``'s chat template: the first question and answer of ``conversations`` in a shuffled order, then up to
+    ``recalls`` turns asking for an answer of the chat's first half word for word (``RECALL``), each answered by that
+    answer verbatim. Every token of a repeated answer can be copied from far back, so KD on them asks the student
+    for the teacher's copying on whole replies, where a ledger chat asks it once, for one code. ``asked``: the
+    indices, among the chat's conversations, of those repeated."""
+    if count < 1 or length < 1 or recalls < 1:
+        raise InvalidArgument(f"long documents: count={count}, length={length} and recalls={recalls} must be >= 1")
+    pairs = [list(c[:2]) for c in conversations
+             if len(c) >= 2 and c[0].get("role") == "user" and c[1].get("role") == "assistant"]
+    if not pairs:
+        raise InvalidArgument("long documents: no conversations (a user turn, then the assistant's) to make them of")
+    rng = np.random.default_rng(seed)
+    size = lambda messages: len(codec.chat(messages, add_generation_prompt=False))  # noqa: E731
+    out = []
+    for _ in range(count):
+        body: list[dict] = []
+        for j in rng.permutation(len(pairs)).tolist():
+            if size(body + pairs[j]) <= length:
+                body += pairs[j]
+        draws = rng.random(recalls)
+        while True:  # the last conversations give way to the repetitions
+            if len(body) < 4:
+                raise InvalidArgument(f"long documents: length={length} holds no two conversations beside the "
+                                      f"repetition of one; give a longer length or shorter conversations")
+            half = len(body) // 4  # conversations in the chat's first half
+            asked = sorted({int(u * half) for u in draws})
+            tail = [m for a in asked for m in (
+                {"role": "user", "content": RECALL.format(question=body[2 * a]["content"])},
+                {"role": "assistant", "content": body[2 * a + 1]["content"]})]
+            if size(body + tail) <= length:
+                break
+            body = body[:-2]
+        chat = body + tail
+        out.append({"messages": chat, "loss": "all", "tokens": size(chat), "asked": asked})
+    return out
+
+__all__ = ["ASK", "CITIES", "ITEMS", "NOTE", "PEOPLE", "RECALL", "ledger_chats", "recall_chats"]

@@ -20,7 +20,7 @@
     zebrax lm-eval --model zebrax --model_args pretrained=CKPT[,batch_size=B] --tasks … [lm_eval's arguments]
     zebrax generate-data TEACHER --prompts FILE --out FILE
     zebrax tokenize DATA ... --out DIR --teacher T --seq-len L [--pack]
-    zebrax long-docs CONVERSATIONS ... --teacher T --length N --count K --out FILE [--notes N] [--seed S]
+    zebrax long-docs CONVERSATIONS ... --teacher T --length N --count K --out FILE [--kind ledger|recall] [--seed S]
     zebrax teacher-logits CORPUS --teacher T --top-k K
     zebrax distill --gin_file FILE ... [--gin_param BINDING ...] --workdir DIR
     zebrax ablate GIN_FILE ... [--seeds N] [--root DIR] [--baseline NAME] [--gin_param BINDING ...]
@@ -353,7 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--length", type=_number(int, lambda v: v >= 64, "an integer >= 64"), required=True,
                     help="tokens a document at most (distill.kd_long_seq_len)")
     ld.add_argument("--count", type=COUNT, required=True, help="documents")
-    ld.add_argument("--notes", type=COUNT, default=8, help="notes handed over a document, at most")
+    ld.add_argument("--kind", choices=("ledger", "recall"), default="ledger",
+                    help="ledger: notes handed over, a question on one last; recall: earlier answers asked for word "
+                         "for word, and repeated")
+    ld.add_argument("--notes", type=COUNT, default=8, help="notes handed over a document, at most (ledger)")
+    ld.add_argument("--recalls", type=COUNT, default=2, help="answers repeated a document, at most (recall)")
     ld.add_argument("--seed", type=SEED, default=0)
     ld.add_argument("--out", required=True, help="the jsonl file to write")
     ld.set_defaults(fn=commands.cmd_long_docs)

@@ -330,7 +330,7 @@ def cmd_long_docs(args):
     from zebrax import data
     from zebrax.api import load_tokenizer
     from zebrax.files import write_text_atomic
-    from zebrax.long_documents import ledger_chats
+    from zebrax.long_documents import ledger_chats, recall_chats
 
     tokenizer = load_tokenizer(args.teacher)
     if tokenizer is None:
@@ -342,8 +342,13 @@ def cmd_long_docs(args):
             if "messages" not in record:
                 raise data.DataError(f"{where}: a conversation needs 'messages', it has {sorted(record)}")
             conversations.append(record["messages"])
-    docs = ledger_chats(conversations, data.TokenizerCodec(tokenizer), length=args.length, count=args.count,
-                        seed=args.seed, notes=args.notes)
+    codec = data.TokenizerCodec(tokenizer)
+    if args.kind == "ledger":
+        docs = ledger_chats(conversations, codec, length=args.length, count=args.count, seed=args.seed,
+                            notes=args.notes)
+    else:
+        docs = recall_chats(conversations, codec, length=args.length, count=args.count, seed=args.seed,
+                            recalls=args.recalls)
     write_text_atomic(args.out, "".join(json.dumps(d) + "\n" for d in docs))
     tokens = [d["tokens"] for d in docs]
     print(json.dumps({"out": str(args.out), "documents": len(docs), "conversations": len(conversations),
