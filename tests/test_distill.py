@@ -172,6 +172,16 @@ def test_a_work_directory_takes_over_stages_added_after_those_begun(tmp_path):
     (tmp_path / "kd").mkdir()
     assert disagreement(tmp_path, old, fields(kd={**old["kd"], "steps": 7})).startswith(
         "stage 'kd' is begun there, and kd (")
+    fresh = tmp_path / "fresh"  # a row of eval.json counts: the teacher's is written before any artefact
+    fresh.mkdir()
+    (fresh / "eval.json").write_text(json.dumps({"teacher": {"kl": 0.0}}))
+    assert disagreement(fresh, old, fields(seq_len=64)) == (
+        "stage 'teacher' is begun there, and seq_len (128 there, 64 now) differs")
+    no_ild = fields(stages=("teacher", "students", "smart", "hybrid", "kd"))
+    (fresh / "smart.json").write_text("{}")
+    assert disagreement(fresh, no_ild, old) == (
+        "stage 'smart' is begun there, and the stages up to it (['teacher', 'students', 'smart'] there, "
+        "['teacher', 'students', 'ild', 'smart'] now) differs")
 
 
 @pytest.mark.parametrize("binding, message", [

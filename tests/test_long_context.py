@@ -194,6 +194,10 @@ def test_layer_retrieval_scores_the_teacher_with_each_layer_a_students(models, t
     assert main(["long-eval", "layers", str(tiny_chat), str(tmp_path / "gdn"), "--length", "150", "--depths", "0",
                  "1", "--seed", "3", "--together", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["results"] == got == json.loads(capsys.readouterr().out)["results"]
+    with pytest.raises(InvalidArgument, match="the student must be a hybrid of one student kind .* LlamaConfig"):
+        layer_retrieval(student, teacher)  # swapped
+    with pytest.raises(InvalidArgument, match="the teacher must be a Llama .* it is a HybridConfig of layers LD"):
+        layer_retrieval(models["hybrid"], student)
     for kwargs, needle in ((dict(student=models["hybrid"]), "must all be of one student kind, it has LD"),
                            (dict(together=[3]), "together=3 must be a count of layers in 1..2"),
                            (dict(length=20), "length=20 is below the")):

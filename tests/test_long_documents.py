@@ -132,5 +132,7 @@ def test_a_recall_chat_repeats_answers_of_its_first_half_word_for_word(codec, co
     assert "special magic number" not in text and not re.search(r"\b\d{7}\b", text)
     with pytest.raises(InvalidArgument, match="length=40 holds no two conversations"):
         recall_chats(conversations, codec, length=40, count=1)
+    with pytest.raises(InvalidArgument, match="tokens, under half of length=4000 once its repetitions fit"):
+        recall_chats(conversations[:3], codec, length=4000, count=1)  # kd_long would refuse such a document
     with pytest.raises(InvalidArgument, match="recalls=0 must be >= 1"):
         recall_chats(conversations, codec, length=512, count=1, recalls=0)

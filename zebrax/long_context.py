@@ -199,7 +199,16 @@ def layer_retrieval(teacher, student, *, length: int = 256, depths: Sequence[flo
     import dataclasses
 
     from zebrax.api import Model
+    from zebrax.config import HybridConfig, LlamaConfig
 
+    if not isinstance(student.config, HybridConfig):
+        raise InvalidArgument(f"layer retrieval: the student must be a hybrid of one student kind (an all-GDN or "
+                              f"all-MLA student), it is a {type(student.config).__name__}")
+    if not (isinstance(teacher.config, LlamaConfig) or (isinstance(teacher.config, HybridConfig)
+                                                        and set(teacher.config.mixers) == {"attention"})):
+        raise InvalidArgument(f"layer retrieval: the teacher must be a Llama (attention in every layer), it is a "
+                              f"{type(teacher.config).__name__} of layers "
+                              f"{teacher.config.layer_map()}")
     kinds = set(student.config.mixers)
     n = len(student.config.mixers)
     if len(kinds) != 1 or "attention" in kinds:
@@ -251,9 +260,7 @@ def layer_retrieval(teacher, student, *, length: int = 256, depths: Sequence[flo
 
 def _attention_of(config):
     """The attention config a hybrid of ``config``'s teacher holds: a hybrid's own, or a Llama's."""
-    from zebrax.config import HybridConfig
-
-    return config.attention if isinstance(config, HybridConfig) else config.attention_config()
+    return config.attention_config() if hasattr(config, "attention_config") else config.attention
 
 
 def position_bins(length: int) -> list[int]:

@@ -130,7 +130,11 @@ def recall_chats(conversations: Sequence[Sequence[dict]], codec, *, length: int,
                 break
             body = body[:-2]
         chat = body + tail
-        out.append({"messages": chat, "loss": "all", "tokens": size(chat), "asked": asked})
+        tokens = size(chat)
+        if 2 * tokens < length:  # what a context-extension stage asks of a document (inputs.long_rows)
+            raise InvalidArgument(f"long documents: a chat came to {tokens} tokens, under half of length={length} "
+                                  f"once its repetitions fit; give a longer length or shorter conversations")
+        out.append({"messages": chat, "loss": "all", "tokens": tokens, "asked": asked})
     return out
 
 __all__ = ["ASK", "CITIES", "ITEMS", "NOTE", "PEOPLE", "RECALL", "ledger_chats", "recall_chats"]

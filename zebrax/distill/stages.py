@@ -169,9 +169,11 @@ class Stage:
         return {"stage": self.name, "reads": list(self.reads), "writes": self.writes, "evaluates": list(self.evaluates),
                 "settings": {f: fields[f] for f in self.settings}}
 
-    def begun(self, workdir: Path) -> bool:
-        """Its artefact, or a checkpoint of it in progress, is in ``workdir``."""
-        return files.committed(workdir / self.writes) or (workdir / "checkpoints" / self.name).exists()
+    def begun(self, workdir: Path, rows) -> bool:
+        """Something of it is in ``workdir``: its artefact (whole or, on an object store, not yet committed), a
+        checkpoint of it in progress, or one of its rows among ``rows`` (``eval.json``'s)."""
+        return ((workdir / self.writes).exists() or (workdir / "checkpoints" / self.name).exists()
+                or any(r in rows for r in self.evaluates))
 
 
 def decision(fields: dict, names) -> dict:
@@ -188,8 +190,9 @@ def disagreement(workdir: Path, old: dict, new: dict) -> str | None:
     earlier stage's, a field no stage claims) differs; None when none does: stages added after those begun, or
     changes to stages not begun, take the work directory over."""
     old_plan, new_plan = _names(old), _names(new)
+    rows = json.loads((workdir / "eval.json").read_text()) if (workdir / "eval.json").exists() else {}
     for i, name in enumerate(old_plan):
-        if not STAGES[name]().begun(workdir):
+        if not STAGES[name]().begun(workdir, rows):
             continue
         if name not in new_plan:
             return f"stage {name!r} is begun there, and not in distill.stages now"
@@ -205,14 +208,13 @@ def _names(fields: dict) -> tuple[str, ...]:
 
 
 def _first_difference(there: dict, now: dict) -> str:
-    """The field whose value differs between two decisions, or the stages' order."""
+    """The stages before it, if they differ, else the field whose value differs between two decisions."""
+    if [s["stage"] for s in there["stages"]] != [s["stage"] for s in now["stages"]]:
+        return (f"the stages up to it ({[s['stage'] for s in there['stages']]} there, "
+                f"{[s['stage'] for s in now['stages']]} now)")
     a = {**there["common"], **{k: v for s in there["stages"] for k, v in s["settings"].items()}}
     b = {**now["common"], **{k: v for s in now["stages"] for k, v in s["settings"].items()}}
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            return f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)"
-    return f"the stages before it ({[s['stage'] for s in there['stages']]} there, " \
-           f"{[s['stage'] for s in now['stages']]} now)"
+    return next(f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 class Teacher(Stage):
