@@ -71,6 +71,13 @@ class Haystack:
         longest = max(sum(map(len, self.needle(f"{a} {n}", "9999999")[:2])) for a in ADJECTIVES for n in NOUNS)
         return len(self.prefix) + len(self.sentences[0]) + longest
 
+    def require(self, lengths: Sequence[int], what: str) -> None:
+        """InvalidArgument naming the first of ``lengths`` below ``minimum``."""
+        short = [n for n in lengths if n < self.minimum]
+        if short:
+            raise InvalidArgument(f"{what}: length={short[0]} is below the {self.minimum} tokens a needle prompt needs "
+                                  "(the needle, the question and one sentence of haystack)")
+
     def prompt(self, length: int, depth: float, key: str, value: str) -> tuple[list[int], list[int], int]:
         """(prompt ids of exactly ``length`` tokens, answer ids, the needle's first token index): the haystack's
         sentences in a cycle, cut to fit, the needle between two sentences at ``depth`` of them, the question last."""
@@ -90,6 +97,11 @@ class Haystack:
         at = cuts[round(depth * (len(cuts) - 1))]
         ids = self.prefix + hay[:at] + needle + hay[at:] + question
         return ids, answer, len(self.prefix) + at
+
+
+def _draw_needle(rng: np.random.Generator) -> tuple[str, str]:
+    """A needle's key (an adjective-noun pair) and value (7 digits), drawn from ``rng``."""
+    return f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}", str(rng.integers(1_000_000, 10_000_000))
 
 
 def _check_depths(depths: Sequence[float]) -> None:
@@ -117,13 +129,10 @@ def needle_map(model, *, lengths: Sequence[int], depths: Sequence[float] = (0.0,
                    lengths=list(lengths))
     _check_depths(depths)
     hay = Haystack(model.tokenizer)
-    short = [n for n in lengths if n < hay.minimum]
-    if short:
-        raise InvalidArgument(f"needle: length={short[0]} is below the {hay.minimum} tokens a needle prompt needs "
-                              "(the needle, the question and one sentence of haystack)")
+    hay.require(lengths, "needle")
     rng = np.random.default_rng(seed)
-    cells = [(li, di, f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}", str(rng.integers(1_000_000, 10_000_000)))
-             for li in range(len(lengths)) for di in range(len(depths)) for _ in range(samples)]
+    cells = [(li, di, *_draw_needle(rng)) for li in range(len(lengths)) for di in range(len(depths))
+             for _ in range(samples)]
     # passes of one length each: a batch never pads a short prompt to a longer one's length
     passes = [part[s:s + batch_size] for li in range(len(lengths)) for part in [[c for c in cells if c[0] == li]]
               for s in range(0, len(part), batch_size)]
@@ -218,7 +227,9 @@ def layer_retrieval(teacher, student, *, length: int = 256, depths: Sequence[flo
         raise InvalidArgument("layer retrieval: the teacher has no tokenizer; a needle is text")
     (kind,) = kinds
     t_layers = sorted(k for k in teacher.params if k.startswith("layers_"))
-    if len(t_layers) != n or student.config.attention != _attention_of(teacher.config):
+    attention = (teacher.config.attention_config() if isinstance(teacher.config, LlamaConfig)
+                 else teacher.config.attention)
+    if len(t_layers) != n or student.config.attention != attention:
         raise InvalidArgument(f"layer retrieval: the student ({n} layers) is not of the teacher's shape "
                               f"({len(t_layers)} layers, its attention as the student's config holds it)")
     bad = [k for k in together if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n]
@@ -227,12 +238,9 @@ def layer_retrieval(teacher, student, *, length: int = 256, depths: Sequence[flo
     require_counts("layer retrieval", samples=samples, length=length)
     _check_depths(depths)
     hay = Haystack(teacher.tokenizer)
-    if length < hay.minimum:
-        raise InvalidArgument(f"layer retrieval: length={length} is below the {hay.minimum} tokens a needle prompt "
-                              "needs (the needle, the question and one sentence of haystack)")
+    hay.require([length], "layer retrieval")
     rng = np.random.default_rng(seed)
-    cells = [(d, f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}", str(rng.integers(1_000_000, 10_000_000)))
-             for d in depths for _ in range(samples)]
+    cells = [(d, *_draw_needle(rng)) for d in depths for _ in range(samples)]
     built = [hay.prompt(length, d, key, value) for d, key, value in cells]
     width = length + max(len(a) for _, a, _ in built)
     pad = teacher.config.pad_token_id or 0
@@ -256,11 +264,6 @@ def layer_retrieval(teacher, student, *, length: int = 256, depths: Sequence[flo
     return {"kind": kind, "length": length, "depths": [float(d) for d in depths], "samples": samples, "seed": seed,
             "teacher": base, "layers": layers, "cost": cost,
             "together": [{"k": k, "swapped": sorted(order[:k]), "logprob": score(set(order[:k]))} for k in together]}
-
-
-def _attention_of(config):
-    """The attention config a hybrid of ``config``'s teacher holds: a hybrid's own, or a Llama's."""
-    return config.attention_config() if hasattr(config, "attention_config") else config.attention
 
 
 def position_bins(length: int) -> list[int]:
